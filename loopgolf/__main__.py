@@ -1,0 +1,3 @@
+from loopgolf.cli import main
+
+raise SystemExit(main())
