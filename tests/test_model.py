@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from loopgolf.model.gpt import GPT, ModelConfig, effective_params, forward_flops_per_token, unique_params, unique_params_formula
+from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
+
+TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+
+
+def tiny(plan: PlanSpec, **kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw}, plan=plan)
+
+
+def test_baseline_param_count_matches_official():
+    # REFERENCE.md: the naive baseline (9 x 512, 8/4 heads, vocab 1024, tied) has 17,059,912 params.
+    with torch.device("meta"):
+        model = GPT(ModelConfig())
+    assert unique_params(model) == 17_059_912
+    assert effective_params(model) == 17_059_912
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        PlanSpec("vanilla", layers=3),
+        PlanSpec("cycle", layers=2, loops=3),
+        PlanSpec("cycle", layers=1, loops=4),
+        PlanSpec("explicit", layers=2, attn_of=(0, 1, 1, 0), mlp_of=(0, 0, 0, 0)),
+    ],
+)
+@pytest.mark.parametrize("per_layer_controls", [False, True])
+@pytest.mark.parametrize("tie", [True, False])
+def test_unique_params_formula(plan, per_layer_controls, tie):
+    cfg = tiny(plan, per_layer_controls=per_layer_controls, tie_embeddings=tie)
+    model = GPT(cfg)
+    assert unique_params(model) == unique_params_formula(cfg)
+    # model.parameters() holds each shared tensor once
+    ids = [id(p) for p in model.parameters()]
+    assert len(ids) == len(set(ids))
+    assert sum(p.numel() for _, p in model.state_dict().items()) >= unique_params(model)
+
+
+def test_cycle_stores_exactly_k_blocks():
+    k, b = 3, 4
+    cfg = tiny(PlanSpec("cycle", layers=k, loops=b))
+    model = GPT(cfg)
+    assert len(model.attn) == k and len(model.mlps) == k
+    assert model.plan.num_virtual == k * b
+    assert model.plan.attn_of == tuple(list(range(k)) * b)
+    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+    per_block = 2 * d * d + 2 * d * kv + 2 * d * cfg.mlp_mult * d + 3 * d + d + cfg.num_heads
+    skips = (k * b // 2) * d
+    assert unique_params(model) == cfg.vocab_size * d + k * per_block + skips
+
+
+def test_effective_params_equal_unrolled_vanilla():
+    cyc = GPT(tiny(PlanSpec("cycle", layers=2, loops=3)))
+    flat = GPT(tiny(PlanSpec("vanilla", layers=6)))
+    assert effective_params(cyc) == unique_params(flat) == effective_params(flat)
+
+
+def test_one_loop_plan_equals_plain_stack():
+    torch.manual_seed(0)
+    plain = GPT(tiny(PlanSpec("vanilla", layers=3)))
+    # Non-zero output projections so every layer matters.
+    with torch.no_grad():
+        for p in plain.parameters():
+            if p.ndim == 2 and p.shape[0] > 4:
+                p.normal_(0, 0.2)
+    for plan in (PlanSpec("cycle", layers=3, loops=1), PlanSpec("explicit", layers=3, attn_of=(0, 1, 2), mlp_of=(0, 1, 2))):
+        other = GPT(tiny(plan))
+        other.load_state_dict(plain.state_dict(), strict=True)
+        x = torch.randint(0, 64, (2, 12))
+        torch.testing.assert_close(other(x), plain(x), rtol=0, atol=0)
+
+
+def _unroll(cyc: GPT) -> GPT:
+    """An untied copy: one private set of weights per virtual layer."""
+    plan = cyc.plan
+    flat = GPT(tiny(PlanSpec("vanilla", layers=plan.num_virtual)))
+    with torch.no_grad():
+        flat.tok_emb.weight.copy_(cyc.tok_emb.weight)
+        flat.skip_weight.copy_(cyc.skip_weight)
+        for v in range(plan.num_virtual):
+            a, m = plan.attn_of[v], plan.mlp_of[v]
+            flat.attn[v].load_state_dict(cyc.attn[a].state_dict())
+            flat.mlps[v].load_state_dict(cyc.mlps[m].state_dict())
+            flat.attn_scale[v].copy_(cyc.attn_scale[a])
+            flat.resid_mix[v].copy_(cyc.resid_mix[a])
+            flat.q_gain[v].copy_(cyc.q_gain[a])
+            flat.mlp_scale[v].copy_(cyc.mlp_scale[m])
+    return flat
+
+
+def test_shared_gradient_is_sum_of_per_use_gradients():
+    torch.manual_seed(1)
+    cyc = GPT(tiny(PlanSpec("cycle", layers=2, loops=3)))
+    with torch.no_grad():
+        for p in cyc.parameters():
+            if p.ndim == 2 and p.shape[0] >= 32:
+                p.normal_(0, 0.1)
+    flat = _unroll(cyc)
+    x = torch.randint(0, 64, (2, 10))
+    y = torch.randint(0, 64, (2, 10))
+    loss_c, loss_f = cyc(x, y), flat(x, y)
+    torch.testing.assert_close(loss_c, loss_f)
+    loss_c.backward()
+    loss_f.backward()
+    plan = cyc.plan
+    for k in range(plan.num_attn):
+        uses = [v for v in range(plan.num_virtual) if plan.attn_of[v] == k]
+        for name, p in cyc.attn[k].named_parameters():
+            expected = sum(dict(flat.attn[v].named_parameters())[name].grad for v in uses)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
+    for k in range(plan.num_mlp):
+        uses = [v for v in range(plan.num_virtual) if plan.mlp_of[v] == k]
+        for name, p in cyc.mlps[k].named_parameters():
+            expected = sum(dict(flat.mlps[v].named_parameters())[name].grad for v in uses)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cyc.tok_emb.weight.grad, flat.tok_emb.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_plan_validation_and_parsing():
+    assert parse_plan("cycle:3x2") == PlanSpec("cycle", layers=3, loops=2)
+    assert parse_plan("vanilla:5") == PlanSpec("vanilla", layers=5)
+    assert build_plan(parse_plan("explicit:0,1,0/0,0,0")).mlp_of == (0, 0, 0)
+    with pytest.raises(ValueError, match="never uses"):
+        build_plan(PlanSpec("explicit", attn_of=(0, 2), mlp_of=(0, 0)))
+    with pytest.raises(ValueError, match="unknown plan kind"):
+        build_plan(PlanSpec("spiral"))
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_plan("cycle:three")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(model_dim=30, num_heads=4)
+
+
+def test_config_roundtrip_and_flops():
+    cfg = tiny(PlanSpec("cycle", layers=2, loops=2), per_layer_controls=True)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    # Recursion costs its FLOPs: a B-loop plan executes B times the block matmuls.
+    f1 = forward_flops_per_token(tiny(PlanSpec("cycle", layers=2, loops=1)), 64)
+    f3 = forward_flops_per_token(tiny(PlanSpec("cycle", layers=2, loops=3)), 64)
+    head = 2 * TINY["model_dim"] * TINY["vocab_size"]
+    assert f3 - head == 3 * (f1 - head)
