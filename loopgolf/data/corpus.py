@@ -1,0 +1,482 @@
+"""Text corpora -> datasets in the official shard format.
+
+A dataset directory built here looks like the official FineWeb one (`fineweb_train_000000.bin`,
+`fineweb_val_000000.bin`, ...), so every loader and scorer works on it unchanged, plus
+`tokenizer.model` (+ `tokenizer.vocab`) and a `manifest.json` that records what went in and the
+size and sha256 of every shard.
+
+Inputs: `.txt` files (one document each), `.jsonl` files (one JSON object per line with a string
+"text" field) and folders of them. Validation documents are held out by a seeded random choice
+before the tokenizer is trained, so the tokenizer never sees validation text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from loopgolf import __version__
+from loopgolf.data.shards import BOS_ID, ShardError, find_shards, load_tokens, read_shard_header, write_shard
+from loopgolf.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from loopgolf.util import atomic_directory, atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "loopgolf-dataset"
+MANIFEST_VERSION = 1
+TOKENIZER_NAME = "tokenizer.model"
+SUPPORTED_SUFFIXES = (".txt", ".jsonl")
+DEFAULT_VAL_FRACTION = 0.05
+MAX_VOCAB = 1 << 16  # shard bodies are uint16
+_ENCODE_BATCH = 256  # documents per SentencePiece call: amortizes call overhead, bounded memory
+_XZ_PRESET = 9
+
+
+class CorpusError(ValueError):
+    """Bad corpus input (missing file, bad encoding or JSON) or a bad/corrupt dataset directory."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # where it came from, e.g. "path/a.jsonl:17", for error messages and provenance
+
+
+# --------------------------------------------------------------------------------------------
+# Reading documents
+# --------------------------------------------------------------------------------------------
+
+
+def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input paths -> the files to read, in order. Folders are walked recursively, sorted."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # a lone path is a common slip; a str would otherwise iterate by char
+    files: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise CorpusError(f"corpus input {path} does not exist")
+        if path.is_dir():
+            found = [
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in SUPPORTED_SUFFIXES
+                # hidden files and folders (.git, .ipynb_checkpoints) are not corpus text
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
+            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
+        elif path.suffix.lower() in SUPPORTED_SUFFIXES:
+            files.append(path)
+        else:
+            raise CorpusError(
+                f"corpus input {path}: unsupported file type {path.suffix or '(no extension)'!r}; "
+                f"expected one of {', '.join(SUPPORTED_SUFFIXES)} or a folder"
+            )
+    return files
+
+
+def _decode(data: bytes, path: Path, base_offset: int = 0, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise CorpusError(
+            f"{where}: invalid UTF-8 at byte offset {base_offset + e.start} of the file "
+            f"({e.reason}); convert the file to UTF-8"
+        ) from None
+
+
+def _read_txt(path: Path) -> Iterator[Document]:
+    text = _decode(path.read_bytes(), path)
+    text = text.removeprefix("\ufeff")  # a BOM is an encoding marker, not text
+    if text.strip():
+        yield Document(text=text, source=str(path))
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line_offset, offset = offset, offset + len(raw)
+            line = _decode(raw, path, line_offset, lineno)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise CorpusError(
+                    f"{path}:{lineno}: expected a JSON object with a \"text\" field, "
+                    f"got {type(obj).__name__}"
+                )
+            if "text" not in obj:
+                keys = ", ".join(sorted(obj)[:8]) or "none"
+                raise CorpusError(f"{path}:{lineno}: missing \"text\" field (fields: {keys})")
+            text = obj["text"]
+            if not isinstance(text, str):
+                raise CorpusError(
+                    f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}"
+                )
+            if text.strip():
+                yield Document(text=text, source=f"{path}:{lineno}")
+
+
+def iter_documents(inputs: Sequence[str | os.PathLike]) -> Iterator[Document]:
+    """Yield the non-empty documents of `inputs` (files and folders), in order.
+
+    All paths are checked before the first document is yielded, so a typo in the last input fails
+    at once rather than after reading everything else.
+    """
+    for path in _expand_inputs(inputs):
+        if path.suffix.lower() == ".txt":
+            yield from _read_txt(path)
+        else:
+            yield from _read_jsonl(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a dataset
+# --------------------------------------------------------------------------------------------
+
+
+def _shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Accumulates token arrays and writes shards of exactly `shard_tokens` (the last: fewer).
+
+    Documents may straddle shard boundaries, as in the official export: the stream is what counts.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int) -> None:
+        self.out_dir, self.split = out_dir, split
+        self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        while self.pending_tokens >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> list[dict]:
+        if self.pending_tokens:
+            self._flush(self.pending_tokens)
+        return self.shards
+
+    def _flush(self, n: int) -> None:
+        flat = np.concatenate(self.pending)
+        body, rest = flat[:n], flat[n:]
+        self.pending = [rest] if len(rest) else []
+        self.pending_tokens = len(rest)
+        path = self.out_dir / _shard_name(self.split, len(self.shards))
+        write_shard(path, body, vocab_size=self.vocab_size)
+        self.shards.append(
+            {"file": path.name, "tokens": int(n), "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+        )
+
+
+def _write_split(
+    sp, docs: list[Document], out_dir: Path, split: str, shard_tokens: int, vocab_size: int, progress: bool
+) -> dict:
+    writer = _ShardWriter(out_dir, split, shard_tokens, vocab_size)
+    total = 0
+    with tqdm(total=len(docs), desc=f"encode {split}", unit="doc", disable=not progress) as bar:
+        for start in range(0, len(docs), _ENCODE_BATCH):
+            batch = docs[start : start + _ENCODE_BATCH]
+            for doc, ids in zip(batch, sp.encode([d.text for d in batch], out_type=int)):
+                arr = np.empty(len(ids) + 1, dtype=np.int64)
+                arr[0] = BOS_ID
+                arr[1:] = ids
+                if len(ids) and (arr.max() >= vocab_size or arr.min() < 0):
+                    raise CorpusError(
+                        f"{doc.source}: token id {int(arr.max())} does not fit vocab_size {vocab_size}"
+                    )
+                writer.add(arr.astype(np.uint16))
+                total += len(arr)
+            bar.update(len(batch))
+    shards = writer.close()
+    assert sum(s["tokens"] for s in shards) == total
+    return {
+        "documents": len(docs),
+        "tokens": total,
+        "text_bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+        "shards": shards,
+    }
+
+
+def _val_count(n: int, val_docs: int | None, val_fraction: float | None) -> int:
+    if val_docs is not None and val_fraction is not None:
+        raise CorpusError("give val_docs or val_fraction, not both")
+    if val_docs is not None:
+        if val_docs < 1:
+            raise CorpusError(f"val_docs must be at least 1, got {val_docs}")
+        n_val = int(val_docs)
+    else:
+        frac = DEFAULT_VAL_FRACTION if val_fraction is None else float(val_fraction)
+        if not 0.0 < frac < 1.0:
+            raise CorpusError(f"val_fraction must be in (0, 1), got {frac}")
+        n_val = max(1, round(n * frac))
+    if n_val >= n:
+        raise CorpusError(
+            f"the corpus has {n} document(s) and {n_val} would go to validation; at least one "
+            "validation and one training document are needed (add documents or lower val_docs/val_fraction)"
+        )
+    return n_val
+
+
+def _copy_tokenizer(src: Path, dest_dir: Path) -> None:
+    shutil.copyfile(src, dest_dir / TOKENIZER_NAME)
+    vocab = src.with_suffix(".vocab")
+    if vocab.is_file():
+        shutil.copyfile(vocab, dest_dir / "tokenizer.vocab")
+
+
+def build_dataset(
+    inputs: Sequence[str | os.PathLike] | None,
+    out_dir: str | os.PathLike,
+    *,
+    documents: Iterable[Document] | None = None,
+    vocab_size: int = 1024,
+    tokenizer: str | os.PathLike | None = None,
+    val_docs: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 1337,
+    shard_tokens: int = 100_000_000,
+    byte_fallback: bool = True,
+    force: bool = False,
+    progress: bool = True,
+    source_names: list[str] | None = None,
+) -> dict:
+    """Build an official-format dataset in `out_dir` from text; return its manifest.
+
+    Either `inputs` (paths) or `documents` is given. With `tokenizer`, that SentencePiece model is
+    used (and copied in; its size overrides `vocab_size`); otherwise one is trained on the train
+    documents only. The directory appears complete or not at all.
+    """
+    out_dir = Path(out_dir)
+    # Cheap checks first: a bad argument should not cost a pass over a large corpus.
+    if (inputs is None) == (documents is None):
+        raise CorpusError("give either inputs (paths) or documents, exactly one of them")
+    if shard_tokens < 1:
+        raise CorpusError(f"shard_tokens must be positive, got {shard_tokens}")
+    if val_docs is not None and val_fraction is not None:
+        raise CorpusError("give val_docs or val_fraction, not both")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CorpusError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise CorpusError(f"output directory {out_dir} exists and is not empty; pass force=True (--force) to replace it")
+    tokenizer_path = Path(tokenizer) if tokenizer is not None else None
+    if tokenizer_path is not None:
+        try:
+            sp_given = load_tokenizer(tokenizer_path)  # fails fast on a missing or invalid model
+        except TokenizerError as e:
+            raise CorpusError(str(e)) from e
+        vocab_size = int(sp_given.get_piece_size())
+    elif not 0 < vocab_size <= MAX_VOCAB:
+        raise CorpusError(f"vocab_size must be in [1, {MAX_VOCAB}] (shards store uint16), got {vocab_size}")
+
+    if inputs is not None:
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        _expand_inputs(inputs)  # path errors before any reading
+        docs = list(tqdm(iter_documents(inputs), desc="read", unit="doc", disable=not progress))
+        sources = list(source_names) if source_names is not None else [str(p) for p in inputs]
+    else:
+        docs = [d for d in documents if d.text.strip()]  # type: ignore[union-attr]
+        sources = list(source_names) if source_names is not None else []
+    if not docs:
+        raise CorpusError(f"empty corpus: no non-empty documents in {', '.join(sources) or 'the given documents'}")
+
+    n_val = _val_count(len(docs), val_docs, val_fraction)
+    val_idx = set(random.Random(seed).sample(range(len(docs)), n_val))
+    train = [d for i, d in enumerate(docs) if i not in val_idx]  # original order kept
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+
+    tmp_name = None
+    try:
+        with atomic_directory(out_dir, overwrite=force) as tmp:
+            tmp_name = str(tmp)
+            if tokenizer_path is not None:
+                _copy_tokenizer(tokenizer_path, tmp)
+            else:
+                train_tokenizer(
+                    (d.text for d in train), vocab_size, tmp / "tokenizer", byte_fallback=byte_fallback, seed=seed
+                )
+            sp = load_tokenizer(tmp / TOKENIZER_NAME)
+            vocab_size = int(sp.get_piece_size())  # the trainer may not reach the requested size
+            if vocab_size > MAX_VOCAB:
+                raise CorpusError(f"tokenizer has {vocab_size} pieces; shards store uint16 ids (max {MAX_VOCAB})")
+            splits = {
+                "train": _write_split(sp, train, tmp, "train", shard_tokens, vocab_size, progress),
+                "val": _write_split(sp, val, tmp, "val", shard_tokens, vocab_size, progress),
+            }
+            val_text = "\n".join(d.text for d in val).encode("utf-8")
+            splits["val"]["text_xz_bytes"] = len(lzma.compress(val_text, preset=_XZ_PRESET))
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "loopgolf_version": __version__,
+                "sources": sources,
+                "tokenizer": TOKENIZER_NAME,
+                "tokenizer_trained": tokenizer_path is None,
+                "vocab_size": vocab_size,
+                "seed": seed,
+                "shard_tokens": shard_tokens,
+                "splits": splits,
+            }
+            atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    except (ShardError, TokenizerError) as e:
+        # Name the output directory, not the temporary one that no longer exists.
+        msg = str(e).replace(tmp_name, str(out_dir)) if tmp_name else str(e)
+        raise CorpusError(msg) from e
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Reading, verifying and scoring a dataset
+# --------------------------------------------------------------------------------------------
+
+
+def load_manifest(data_dir: str | os.PathLike) -> dict | None:
+    """The dataset's manifest, or None when it has none (e.g. an official FineWeb download)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CorpusError(f"{path}: not a loopgolf dataset manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise CorpusError(f"{path}: unsupported manifest version {manifest.get('version')!r} (expected {MANIFEST_VERSION})")
+    return manifest
+
+
+def verify_dataset(data_dir: str | os.PathLike) -> None:
+    """Check every shard the manifest lists (size and sha256), and that no unlisted shard lies around.
+
+    Without a manifest, only the shard headers can be checked (official downloads have none).
+    Raises CorpusError naming the first bad file.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise CorpusError(f"dataset directory {data_dir} does not exist")
+    manifest = load_manifest(data_dir)
+    if manifest is None:
+        found = sorted(data_dir.glob("fineweb_*_*.bin"))
+        if not found:
+            raise CorpusError(f"{data_dir} has neither {MANIFEST_NAME} nor fineweb_*.bin shards")
+        for path in found:
+            try:
+                read_shard_header(path)
+            except ShardError as e:
+                raise CorpusError(str(e)) from e
+        return
+    tok = data_dir / manifest.get("tokenizer", TOKENIZER_NAME)
+    if not tok.is_file():
+        raise CorpusError(f"{tok}: tokenizer listed in {data_dir / MANIFEST_NAME} is missing")
+    try:
+        _verify_shards(data_dir, manifest)
+    except (KeyError, TypeError) as e:
+        raise CorpusError(f"{data_dir / MANIFEST_NAME}: malformed shard list ({e!r})") from None
+
+
+def _verify_shards(data_dir: Path, manifest: dict) -> None:
+    for split in ("train", "val"):
+        entries = manifest["splits"][split]["shards"]
+        listed = {e["file"] for e in entries}
+        # A stray shard would be picked up by find_shards and silently change the data.
+        extra = sorted(p.name for p in data_dir.glob(f"fineweb_{split}_*.bin") if p.name not in listed)
+        if extra:
+            raise CorpusError(f"{data_dir / extra[0]}: shard not listed in {MANIFEST_NAME}")
+        for entry in entries:
+            path = data_dir / entry["file"]
+            if not path.is_file():
+                raise CorpusError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise CorpusError(f"{path}: {size} bytes, manifest says {entry['bytes']}")
+            digest = _file_sha256(path)
+            if digest != entry["sha256"]:
+                raise CorpusError(f"{path}: sha256 {digest[:16]}... does not match the manifest ({entry['sha256'][:16]}...)")
+
+
+def _official_tokenizer_guess(data_dir: Path) -> Path | None:
+    """Official layout: OUT/datasets/fineweb10B_sp1024 -> OUT/tokenizers/fineweb_1024_bpe.model."""
+    m = re.search(r"_sp(\d+)$", data_dir.resolve().name)
+    if not m:
+        return None
+    path = data_dir.resolve().parent.parent / "tokenizers" / f"fineweb_{m.group(1)}_bpe.model"
+    return path if path.is_file() else None
+
+
+def baseline_xz_bpb(
+    data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None, progress: bool = False
+) -> float:
+    """Bits per byte of xz (preset 9) on the validation text: the score any model should beat.
+
+    Read from the manifest when it has the numbers; otherwise the val shards are decoded with the
+    dataset's tokenizer (documents split at BOS, joined by newlines). Decoding returns the
+    tokenizer-normalized text, so that path is close to, not exactly, the manifest's number.
+    """
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    if manifest is not None:
+        val = manifest["splits"]["val"]
+        if val.get("text_xz_bytes") and val.get("text_bytes"):
+            return 8.0 * val["text_xz_bytes"] / val["text_bytes"]
+    if tokenizer is None:
+        own = data_dir / (manifest or {}).get("tokenizer", TOKENIZER_NAME)
+        tokenizer = own if own.is_file() else _official_tokenizer_guess(data_dir)
+        if tokenizer is None:
+            raise CorpusError(f"{data_dir}: no tokenizer found to decode the validation shards; pass one")
+    sp = load_tokenizer(tokenizer)
+    try:
+        paths = find_shards(data_dir, "val")
+    except ValueError as e:
+        raise CorpusError(str(e)) from e
+    # Concatenated first: a document may straddle a shard boundary.
+    tokens = load_tokens(paths)
+    starts = np.flatnonzero(tokens == BOS_ID).tolist()
+    bounds = sorted({0, *starts, len(tokens)})
+    compressor = lzma.LZMACompressor(preset=_XZ_PRESET)
+    xz_bytes = text_bytes = 0
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    for k, (a, b) in enumerate(tqdm(segments, desc="decode val", unit="doc", disable=not progress)):
+        ids = tokens[a:b].tolist()
+        if ids[0] == BOS_ID:
+            ids = ids[1:]
+        data = (("\n" if k else "") + sp.decode(ids)).encode("utf-8")
+        text_bytes += len(data)
+        xz_bytes += len(compressor.compress(data))
+    xz_bytes += len(compressor.flush())
+    if text_bytes == 0:
+        raise CorpusError(f"{data_dir}: validation shards decode to no text")
+    return 8.0 * xz_bytes / text_bytes
