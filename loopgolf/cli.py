@@ -1,0 +1,331 @@
+"""The `loopgolf` command: one entry point, a subcommand table, each subcommand a plain function.
+
+Tests call the ``cmd_*`` functions (or :func:`main` with an argv list) directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from loopgolf.export.budget import DEFAULT_CAP_BYTES
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    """Parse KEY=VALUE with a JSON value (bare words stay strings)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+# ------------------------------------------------------------------------- run
+
+
+def add_model_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model overrides (on top of the preset)")
+    g.add_argument("--plan", help="depth plan: vanilla:L, cycle:KxB (K blocks looped B times), explicit:0,1,0,1[/0,0,1,1]")
+    g.add_argument("--dim", type=_positive_int, help="model width")
+    g.add_argument("--heads", type=_positive_int, help="attention heads")
+    g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA)")
+    g.add_argument("--mlp-mult", type=_positive_int, help="MLP hidden = mlp_mult * width")
+    g.add_argument("--per-layer-controls", action="store_true", default=None, help="unshared scales/mixes/q gains per virtual layer")
+    g.add_argument("--model", dest="model_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any ModelConfig field")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from loopgolf.model.plan import parse_plan
+
+    out: dict[str, Any] = dict(args.model_set)
+    if args.plan:
+        out["plan"] = parse_plan(args.plan).to_dict()
+    for flag, key in (("dim", "model_dim"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp_mult", "mlp_mult"), ("per_layer_controls", "per_layer_controls")):
+        if getattr(args, flag) is not None:
+            out[key] = getattr(args, flag)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loopgolf.run import RunOptions, format_summary, run, summary_json
+
+    train_set: dict[str, Any] = dict(args.train_set)
+    if args.seq_len is not None:
+        train_set["seq_len"] = args.seq_len
+    if args.batch_tokens is not None:
+        train_set["batch_tokens"] = args.batch_tokens
+    opts = RunOptions(
+        preset=args.preset,
+        data=Path(args.data) if args.data else None,
+        out=Path(args.out) if args.out else None,
+        cap_bytes=args.cap,
+        seed=args.seed,
+        time_budget=args.time,
+        max_steps=args.steps,
+        codec=args.codec,
+        stride=args.stride,
+        device=args.device,
+        model_overrides=model_overrides(args),
+        train_overrides=train_set,
+        progress=not args.json and not args.quiet,
+        force=args.force,
+    )
+    summary = run(opts)
+    if args.json:
+        print(summary_json(summary))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    from loopgolf.config import DEFAULT_PRESET, PRESETS
+
+    p = sub.add_parser("run", help="data -> train -> export -> roundtrip eval -> summary", description="Train a model, export it under the byte cap and score it before and after the roundtrip.")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"configuration to start from (default {DEFAULT_PRESET})")
+    p.add_argument("--data", help="dataset directory (shards + tokenizer); default: the embedded Python-docs corpus")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
+    p.add_argument("--cap", type=int, default=DEFAULT_CAP_BYTES, help="artifact byte cap (default 16,000,000)")
+    p.add_argument("--time", type=float, help="training wallclock budget in seconds")
+    p.add_argument("--steps", type=_positive_int, help="training step budget")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seq-len", type=_positive_int, help="training/eval sequence length")
+    p.add_argument("--batch-tokens", type=_positive_int, help="global tokens per optimizer step")
+    p.add_argument("--codec", default="auto", help="artifact compression: auto (smallest), zlib, lzma, zstd")
+    p.add_argument("--stride", type=_positive_int, help="sliding-window stride for the final scores (default: non-overlapping)")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--train", dest="train_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
+    add_model_overrides(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bars)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
+    p.set_defaults(func=cmd_run)
+
+
+# ------------------------------------------------------------------------ eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopgolf.evaluate import evaluate_bpb
+    from loopgolf.export.pack import load_model
+    from loopgolf.run import Dataset
+    from loopgolf.train.trainer import resolve_device
+
+    device = resolve_device(args.device or "auto")
+    model, loaded = load_model(Path(args.artifact), device=device)
+    ds = Dataset.open(Path(args.data), tokenizer=Path(args.tokenizer) if args.tokenizer else None)
+    if ds.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {ds.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}")
+    seq_len = args.seq_len or int(loaded.meta.get("seq_len", 1024))
+    with torch.no_grad():
+        r = evaluate_bpb(model, ds.val_tokens(), ds.tables, seq_len, stride=args.stride, batch_size=args.batch_size, device=device, progress=not args.json)
+    out = {**r.to_dict(), "artifact": str(args.artifact), "artifact_file_bytes": loaded.info.total_bytes, "codec": loaded.codec, "data": str(args.data)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  targets {r.num_targets:,}  bytes {r.target_bytes:,}  (seq_len {r.seq_len}, stride {r.stride})")
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score an artifact on a dataset's validation split (official val_bpb)")
+    p.add_argument("artifact", help="artifact file written by `loopgolf run`")
+    p.add_argument("--data", required=True, help="dataset directory with fineweb_val_*.bin")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: found next to the data)")
+    p.add_argument("--seq-len", type=_positive_int, help="evaluation window (default: the training seq_len stored in the artifact)")
+    p.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: non-overlapping windows)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+# ------------------------------------------------------------------------ data
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from loopgolf.data.corpus import build_dataset
+
+    manifest = build_dataset(
+        args.input, Path(args.out), vocab_size=args.vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
+        val_fraction=args.val_fraction, seed=args.seed, byte_fallback=not args.no_byte_fallback, force=args.force, progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        for split, s in manifest["splits"].items():
+            print(f"{split:5s}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['text_bytes']:,} text bytes, {len(s['shards'])} shard(s)")
+        print(f"wrote {args.out} (vocab {manifest['vocab_size']}, tokenizer {manifest['tokenizer']})")
+    return 0
+
+
+def cmd_data_fineweb(args: argparse.Namespace) -> int:
+    from loopgolf.data.fineweb import download_fineweb
+
+    path = download_fineweb(Path(args.out), variant=args.variant, train_shards=args.train_shards, endpoint=args.endpoint, progress=True)
+    print(f"FineWeb {args.variant} ready in {path}")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from loopgolf.data.stats import dataset_stats, format_stats
+
+    paths = [Path(p) for p in args.paths]
+    stats = dataset_stats(paths if len(paths) > 1 else paths[0], tokenizer=args.tokenizer)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_data_default(args: argparse.Namespace) -> int:
+    from loopgolf.data.default_corpus import default_corpus_description, ensure_default_dataset
+
+    path = ensure_default_dataset(vocab_size=args.vocab_size, progress=True)
+    print(default_corpus_description())
+    print(path)
+    return 0
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build, fetch and inspect datasets (official shard format)")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{build,fineweb,stats,default}")
+
+    b = dsub.add_parser("build", help="text/jsonl files or folders -> tokenizer + train/val shards + manifest")
+    b.add_argument("--input", nargs="+", required=True, help=".txt files (one document each), .jsonl files ({\"text\": ...} per line) or folders")
+    b.add_argument("--out", required=True, help="output dataset directory")
+    tok = b.add_mutually_exclusive_group()
+    tok.add_argument("--vocab-size", type=_positive_int, default=1024, help="train a SentencePiece BPE tokenizer of this size (default 1024)")
+    tok.add_argument("--tokenizer", help="use this SentencePiece model instead of training one")
+    val = b.add_mutually_exclusive_group()
+    val.add_argument("--val-docs", type=_positive_int, help="hold out this many documents for validation")
+    val.add_argument("--val-fraction", type=float, help="hold out this fraction of documents (default 0.05)")
+    b.add_argument("--seed", type=int, default=1337)
+    b.add_argument("--no-byte-fallback", action="store_true", help="train the tokenizer without byte-fallback pieces")
+    b.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    b.add_argument("--json", action="store_true", help="print the manifest")
+    b.set_defaults(func=cmd_data_build)
+
+    f = dsub.add_parser("fineweb", help="fetch the official cached FineWeb shards + tokenizer (resumable)")
+    f.add_argument("--variant", default="sp1024", help="tokenizer variant (default sp1024)")
+    f.add_argument("--train-shards", type=int, default=1, help="number of 100M-token train shards (default 1)")
+    f.add_argument("--out", required=True, help="output root; data lands in OUT/datasets/fineweb10B_<variant> and OUT/tokenizers")
+    f.add_argument("--endpoint", help="hub base URL (default https://huggingface.co or $LOOPGOLF_HF_ENDPOINT)")
+    f.set_defaults(func=cmd_data_fineweb)
+
+    s = dsub.add_parser("stats", help="documents, tokens, target bytes and bytes/token per shard")
+    s.add_argument("paths", nargs="+", help="shard files or a dataset directory")
+    s.add_argument("--tokenizer", help="SentencePiece model for byte counts (default: found next to the data)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_data_stats)
+
+    d = dsub.add_parser("default", help="prepare (once) and locate the embedded default dataset")
+    d.add_argument("--vocab-size", type=_positive_int, default=1024)
+    d.set_defaults(func=cmd_data_default)
+
+
+# --------------------------------------------------------------- params, presets
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopgolf.config import get_preset
+    from loopgolf.model.gpt import GPT, ModelConfig, effective_params, forward_flops_per_token, unique_params
+
+    preset = get_preset(args.preset)
+    cfg = ModelConfig.from_dict({**preset.model.to_dict(), **model_overrides(args)})
+    with torch.device("meta"):
+        model = GPT(cfg)
+    seq_len = args.seq_len or preset.train.seq_len
+    tensors = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in model.named_parameters()]
+    out = {
+        "preset": preset.name,
+        "unique_params": unique_params(model),
+        "effective_params": effective_params(model),
+        "forward_flops_per_token": forward_flops_per_token(cfg, seq_len),
+        "seq_len": seq_len,
+        "plan": model.plan.to_dict(),
+        "tensors": tensors,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"preset {preset.name}: {model.plan.describe()}")
+    print(f"unique params {out['unique_params']:,} | effective params {out['effective_params']:,} | forward FLOPs/token {out['forward_flops_per_token']:,} (seq {seq_len})")
+    print(f"virtual layer -> (attn, mlp): " + " ".join(f"{v}:({a},{m})" for v, (a, m) in enumerate(zip(model.plan.attn_of, model.plan.mlp_of))))
+    width = max(len(t["name"]) for t in tensors)
+    for t in tensors:
+        print(f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<16} {t['numel']:>12,}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from loopgolf.config import PRESETS
+
+    if args.json:
+        print(json.dumps({n: {"description": p.description, "model": p.model.to_dict()} for n, p in PRESETS.items()}, indent=2))
+    else:
+        width = max(len(n) for n in PRESETS)
+        for n, p in PRESETS.items():
+            print(f"{n:<{width}}  {p.description}")
+    return 0
+
+
+def add_info_parsers(sub: argparse._SubParsersAction) -> None:
+    from loopgolf.config import DEFAULT_PRESET, PRESETS
+
+    p = sub.add_parser("params", help="unique/effective params, FLOPs/token and the virtual-layer map (no training)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--seq-len", type=_positive_int, help="sequence length for the attention FLOPs")
+    add_model_overrides(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_params)
+
+    q = sub.add_parser("presets", help="list the named presets")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_presets)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loopgolf import __version__
+
+    parser = argparse.ArgumentParser(prog="loopgolf", description="Build, train, compress and score the best language model per stored byte.")
+    parser.add_argument("--version", action="version", version=f"loopgolf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # User mistakes (bad input, missing files, over-cap artifacts): a clear message, no traceback.
+        print(f"loopgolf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

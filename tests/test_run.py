@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from loopgolf.cli import main
+from loopgolf.export.pack import load_model
+
+CONTRACT = [
+    "val_bpb_pre", "val_bpb_post", "val_loss_post", "artifact_bytes", "model_bytes", "code_bytes", "cap_bytes",
+    "unique_params", "effective_params", "train_tokens", "train_seconds", "tokens_per_second", "steps", "device",
+    "preset", "seed", "plan", "baseline_xz_bpb",
+]
+
+
+def test_tiny_run_writes_complete_summary(text_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(out), "--plan", "cycle:2x2", "--seed", "3", "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in CONTRACT:
+        assert key in summary, key
+    assert printed["val_bpb_post"] == summary["val_bpb_post"]
+    assert summary["steps"] == 8 and summary["seed"] == 3 and summary["preset"] == "debug"
+    assert summary["plan"]["attn_of"] == [0, 1, 0, 1]
+    assert summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    assert summary["model_bytes"] == (out / "artifact.lgz").stat().st_size
+    assert summary["unique_params"] < summary["effective_params"]
+    assert 0 < summary["val_bpb_pre"] < 20 and abs(summary["val_bpb_post"] - summary["val_bpb_pre"]) < 0.05
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["plan"]["kind"] == "cycle" and config["model"]["vocab_size"] == 384
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and {"train", "val", "eval_pre", "export", "eval_post"} <= set(events)
+
+    # `loopgolf eval` scores the artifact alone and agrees with the run's roundtrip number.
+    assert main(["eval", str(out / "artifact.lgz"), "--data", str(text_dataset), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["val_bpb"] == pytest.approx(summary["val_bpb_post"], rel=1e-9)
+    model, _ = load_model(out / "artifact.lgz")
+    assert model.plan.num_virtual == 4
+
+
+def test_run_refuses_nonempty_dir_and_bad_data(text_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+    assert main(["run", "--preset", "debug", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(tmp_path / "r3"), "--model", "vocab_size=100"]) == 2
+    assert "must match" in capsys.readouterr().err
+
+
+def test_params_and_presets_commands(capsys):
+    assert main(["params", "--preset", "baseline", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["unique_params"] == 17_059_912
+    assert main(["params", "--preset", "baseline", "--plan", "cycle:3x3", "--json"]) == 0
+    cyc = json.loads(capsys.readouterr().out)
+    assert cyc["effective_params"] == 17_059_912 and cyc["unique_params"] < 6_500_000
+    assert main(["presets"]) == 0
+    assert "cpu" in capsys.readouterr().out
