@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
-from loopgolf.model.gpt import ModelConfig
-from loopgolf.model.plan import PlanSpec
+from loopgolf.model.gpt import ModelConfig, unique_params_formula
+from loopgolf.model.plan import PlanSpec, build_plan
 from loopgolf.train.optim import OptimizerConfig
 
 
@@ -27,6 +27,7 @@ class TrainConfig:
     warmdown_frac: float = 0.1  # linear decay to zero over the last fraction of the budget
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_clip: float = 0.0
+    recurrence_stages: list[float] = field(default_factory=list)  # progressive recurrence: training fraction at which each extra pass switches on
     val_every: int = 0  # steps between periodic validations (0 = only at the end)
     val_max_tokens: int | None = 65_536  # periodic validation scores a prefix this long
     log_every: int = 10
@@ -47,6 +48,9 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget must be positive seconds, got {self.time_budget}")
+        self.recurrence_stages = [float(f) for f in self.recurrence_stages]
+        if any(not 0.0 <= f < 1.0 for f in self.recurrence_stages) or self.recurrence_stages != sorted(self.recurrence_stages):
+            raise ValueError(f"recurrence_stages must be increasing fractions in [0, 1), got {self.recurrence_stages}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ValueError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
 
@@ -62,12 +66,12 @@ class Preset:
 
 def _cpu_train(**kw: Any) -> TrainConfig:
     base = dict(
-        seq_len=256,
-        batch_tokens=8_192,
+        seq_len=128,
+        batch_tokens=4_096,
         max_steps=None,
         time_budget=150.0,
         warmdown_frac=0.3,
-        val_every=100,
+        val_every=200,
         val_max_tokens=16_384,
         log_every=10,
         optim=OptimizerConfig(muon_momentum_warmup_steps=100),
@@ -76,10 +80,102 @@ def _cpu_train(**kw: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _cpu_model(**kw: Any) -> ModelConfig:
-    base = dict(model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=2, plan=PlanSpec("vanilla", layers=4))
+def _pg_train(**kw: Any) -> TrainConfig:
+    base = dict(warmdown_frac=0.087, val_every=1000, log_every=50)
     base.update(kw)
-    return ModelConfig(**base)
+    return TrainConfig(**base)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One size of the preset family: the vanilla model every variant is compared with."""
+
+    prefix: str
+    width: int
+    depth: int  # virtual layers of the vanilla model (and of the shared variants)
+    loops: int  # B for the shared variants (K = depth // loops)
+    heads: int
+    kv_heads: int
+    train: Callable[..., TrainConfig]
+    note: str
+    eval_batch_size: int
+    mini_loop: PlanSpec
+    mini_stages: list[float]
+
+
+SCALES = (
+    Scale(
+        "cpu", 256, 6, 3, 4, 2, lambda: _cpu_train(time_budget=600.0), "CPU scale, 600 s on 2 cores", 8,
+        PlanSpec("mini-loop", layers=4, loops=1, loop_start=1, loop_end=2), [0.35],
+    ),
+    Scale(
+        "pg", 512, 9, 3, 8, 4, _pg_train, "Parameter Golf scale, 600 s on one GPU", 32,
+        PlanSpec("mini-loop", layers=9, loops=2, loop_start=3, loop_end=5), [0.35, 0.5],
+    ),
+)
+
+
+def widest_matching(base: ModelConfig, plan: PlanSpec, step: int = 128, **kw: Any) -> ModelConfig:
+    """The widest model (width a multiple of ``step``, 64-wide heads, half as many KV heads)
+    on ``plan`` whose unique parameters do not exceed ``base``'s: the bytes saved by sharing
+    reinvested in width."""
+    budget = unique_params_formula(base)
+    best = None
+    width = step
+    while True:
+        heads = width // 64
+        cfg = ModelConfig(**{**base.to_dict(), "model_dim": width, "num_heads": heads, "num_kv_heads": max(1, heads // 2), "plan": plan.to_dict(), **kw})
+        if unique_params_formula(cfg) > budget:
+            break
+        best, width = cfg, width + step
+    if best is None:
+        raise ValueError(f"no width fits the budget of {budget:,} parameters on {plan}")
+    return best
+
+
+def _family(scale: Scale) -> list[Preset]:
+    """The seed hypothesis's variants at one scale, all with the vanilla model's virtual depth."""
+    base = ModelConfig(model_dim=scale.width, num_heads=scale.heads, num_kv_heads=scale.kv_heads, plan=PlanSpec("vanilla", layers=scale.depth))
+    k, b = scale.depth // scale.loops, scale.loops
+
+    def model(plan: PlanSpec, **kw: Any) -> ModelConfig:
+        return ModelConfig(**{**base.to_dict(), "plan": plan.to_dict(), **kw})
+
+    shared = PlanSpec("cycle", layers=k, loops=b)
+    all_lora = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+    variants: list[tuple[str, str, ModelConfig, dict[str, Any]]] = [
+        ("vanilla", f"{scale.depth} x {scale.width} unique layers", base, {}),
+        ("shared", f"strict full-block sharing: {k} blocks x {b} loops (CYCLE)", model(shared), {}),
+        ("shared-scales", f"{k} blocks x {b} loops + unshared per-layer scales, mixes and q gains (the K={k} few-block point)", model(shared, per_layer_controls=True), {}),
+        ("shared-depth", f"{k} blocks x {b} loops + per-layer scales + depth embeddings", model(shared, per_layer_controls=True, depth_embeddings=True), {}),
+        ("shared-lora4", f"{k} blocks x {b} loops + per-layer scales + rank-4 LoRA on every projection", model(shared, per_layer_controls=True, lora_ranks={t: 4 for t in all_lora}), {}),
+        ("shared-lora16", f"{k} blocks x {b} loops + per-layer scales + rank-16 LoRA on every projection", model(shared, per_layer_controls=True, lora_ranks={t: 16 for t in all_lora}), {}),
+        ("mlp-share", f"MLP-heavy sharing: {k} MLPs x {b} loops, attention unique per layer", model(PlanSpec("cycle", layers=k, loops=b, share="mlp"), per_layer_controls=True), {}),
+        ("attn-share", f"attention sharing: {k} attention sublayers x {b} loops, MLPs unique per layer", model(PlanSpec("cycle", layers=k, loops=b, share="attn"), per_layer_controls=True), {}),
+        *[
+            (
+                f"k{n}",
+                f"{'single' if n == 1 else 'few'}-block recurrence: {n} block(s) x {scale.depth // n} loops + per-layer scales",
+                model(PlanSpec("cycle", layers=n, loops=scale.depth // n), per_layer_controls=True),
+                {},
+            )
+            for n in (1, 2, 3)
+            if n != k  # K = k is the shared-scales preset
+        ],
+        (
+            "mini-loop",
+            f"mini-loop: {build_plan(scale.mini_loop).describe()}, extra passes switched on at {scale.mini_stages} of training",
+            model(scale.mini_loop, per_layer_controls=True),
+            {"recurrence_stages": scale.mini_stages},
+        ),
+    ]
+    wide = widest_matching(base, shared, per_layer_controls=True)
+    variants.append(("wide", f"wide recurrent: {k} blocks x {b} loops at width {wide.model_dim}, unique params matched to vanilla's", wide, {}))
+    presets = []
+    for name, desc, cfg, train_kw in variants:
+        train = scale.train()
+        presets.append(Preset(f"{scale.prefix}-{name}", f"{desc} ({scale.note})", cfg, TrainConfig(**{**asdict(train), **train_kw}), scale.eval_batch_size))
+    return presets
 
 
 PRESETS: dict[str, Preset] = {
@@ -87,14 +183,8 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "cpu",
-            "default: 4 x 256 vanilla, seq 256, 150 s of training on CPU (the `loopgolf run` default)",
-            _cpu_model(),
-            _cpu_train(),
-        ),
-        Preset(
-            "cpu-cycle",
-            "2 unique 256-wide blocks looped 2 times (CYCLE K=2 B=2), same compute as `cpu`",
-            _cpu_model(plan=PlanSpec("cycle", layers=2, loops=2)),
+            "default: 4 x 256 vanilla, seq 128, 150 s of training on CPU (the `loopgolf run` default)",
+            ModelConfig(model_dim=256, num_heads=4, num_kv_heads=2, plan=PlanSpec("vanilla", layers=4)),
             _cpu_train(),
         ),
         Preset(
@@ -108,18 +198,12 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "baseline",
-            "the official Parameter Golf baseline: 9 x 512, 8/4 heads, seq 1024, 524,288 tokens/step, 600 s (GPU)",
+            "the official Parameter Golf baseline: 9 x 512, 8/4 heads, seq 1024, 524,288 tokens/step, 600 s (GPU); same as pg-vanilla",
             ModelConfig(),
-            TrainConfig(warmdown_frac=0.087, val_every=1000, log_every=50),
+            _pg_train(),
             eval_batch_size=32,
         ),
-        Preset(
-            "baseline-cycle",
-            "the baseline shape with 3 unique blocks looped 3 times (CYCLE K=3 B=3, 9 virtual layers), 600 s (GPU)",
-            ModelConfig(plan=PlanSpec("cycle", layers=3, loops=3)),
-            TrainConfig(warmdown_frac=0.087, val_every=1000, log_every=50),
-            eval_batch_size=32,
-        ),
+        *[p for scale in SCALES for p in _family(scale)],
     ]
 }
 

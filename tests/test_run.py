@@ -57,7 +57,7 @@ def test_params_and_presets_commands(capsys):
     assert main(["params", "--preset", "baseline", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["unique_params"] == 17_059_912
-    assert main(["params", "--preset", "baseline", "--plan", "cycle:3x3", "--json"]) == 0
+    assert main(["params", "--preset", "pg-vanilla", "--plan", "cycle:3x3", "--json"]) == 0
     cyc = json.loads(capsys.readouterr().out)
     assert cyc["effective_params"] == 17_059_912 and cyc["unique_params"] < 6_500_000
     assert main(["presets"]) == 0

@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from loopgolf.model.plan import DepthPlan, PlanSpec, build_plan
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 1024
@@ -35,7 +38,10 @@ class ModelConfig:
     mlp_mult: int = 2
     plan: PlanSpec = field(default_factory=PlanSpec)
     tie_embeddings: bool = True
-    per_layer_controls: bool = False
+    per_layer_controls: bool = False  # unshared attn/mlp scales, residual mixes and q gains per virtual layer
+    depth_embeddings: bool = False  # a learned vector added at the start of each virtual layer
+    lora_ranks: dict[str, int] = field(default_factory=dict)  # per-virtual-layer LoRA: projection -> rank
+    lora_alpha: float | None = None  # LoRA scale alpha / r (None: alpha = r, scale 1)
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
@@ -57,6 +63,14 @@ class ModelConfig:
         if self.vocab_size > 65536:
             raise ValueError(f"vocab_size {self.vocab_size} does not fit the uint16 shard format (max 65536)")
         build_plan(self.plan)  # validate early
+        self.lora_ranks = {str(k): v for k, v in dict(self.lora_ranks).items()}
+        for name, rank in self.lora_ranks.items():
+            if name not in LORA_TARGETS:
+                raise ValueError(f"unknown LoRA target {name!r}; valid: {', '.join(LORA_TARGETS)}")
+            if not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"LoRA rank for {name!r} must be a positive integer, got {rank!r}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +79,15 @@ class ModelConfig:
     @property
     def depth_plan(self) -> DepthPlan:
         return build_plan(self.plan)
+
+    def lora_shape(self, target: str) -> tuple[int, int]:
+        """(in, out) features of a LoRA target projection."""
+        d, kv, h = self.model_dim, self.num_kv_heads * self.head_dim, self.mlp_mult * self.model_dim
+        return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp_in": (d, h), "mlp_out": (h, d)}[target]
+
+    def lora_scale(self, target: str) -> float:
+        r = self.lora_ranks[target]
+        return 1.0 if self.lora_alpha is None else self.lora_alpha / r
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,6 +139,38 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+class LoRABank(nn.Module):
+    """One projection's low-rank adapters, one pair per virtual layer:
+    ``delta_v(x) = s * ((x @ A_v) @ B_v)``, never materialising ``W + s * A_v B_v``.
+    B starts at zero so a fresh adapter changes nothing; A is scaled so x @ A is O(1)."""
+
+    def __init__(self, num_virtual: int, d_in: int, d_out: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.A = nn.ParameterList(nn.Parameter(torch.randn(d_in, rank) / d_in**0.5) for _ in range(num_virtual))
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(rank, d_out)) for _ in range(num_virtual))
+
+    def delta(self, v: int, x: Tensor) -> Tensor:
+        return self.scale * ((x @ self.A[v].to(x.dtype)) @ self.B[v].to(x.dtype))
+
+
+class Adapters:
+    """The adapters of one virtual layer, handed to the stored sublayers it runs."""
+
+    def __init__(self, banks: nn.ModuleDict, v: int) -> None:
+        self.banks, self.v = banks, v
+
+    def __call__(self, target: str, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` (the shared projection of ``x``) plus this layer's adapter for ``target``, if any."""
+        if target in self.banks:
+            return y + self.banks[target].delta(self.v, x)
+        return y
+
+
+def _no_adapter(target: str, x: Tensor, y: Tensor) -> Tensor:
+    return y
+
+
 class Attention(nn.Module):
     """Causal GQA self-attention with QK-norm and RoPE. The q gain is applied by the caller
     because it may belong to the virtual layer rather than to this stored sublayer."""
@@ -129,11 +184,11 @@ class Attention(nn.Module):
         self.c_v = Linear(d, kv)
         self.proj = Linear(d, d, zero_init=True)
 
-    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, adapt=_no_adapter) -> Tensor:
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = adapt("q", x, self.c_q(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = adapt("k", x, self.c_k(x)).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = adapt("v", x, self.c_v(x)).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(rms_norm(q), cos, sin) * q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), cos, sin)
         if self.num_kv_heads != self.num_heads:
@@ -141,7 +196,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return adapt("o", y, self.proj(y))
 
 
 class MLP(nn.Module):
@@ -151,8 +207,9 @@ class MLP(nn.Module):
         self.fc = Linear(cfg.model_dim, hidden)
         self.proj = Linear(hidden, cfg.model_dim, zero_init=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+    def forward(self, x: Tensor, adapt=_no_adapter) -> Tensor:
+        h = F.relu(adapt("mlp_in", x, self.fc(x))).square()
+        return adapt("mlp_out", h, self.proj(h))
 
 
 class GPT(nn.Module):
@@ -171,13 +228,28 @@ class GPT(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(n_mlp_ctrl, d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(n_attn_ctrl, d), torch.zeros(n_attn_ctrl, d)], dim=1))
         self.q_gain = nn.Parameter(torch.full((n_attn_ctrl, cfg.num_heads), cfg.qk_gain_init))
-        self.num_encoder = v_layers // 2
-        self.num_decoder = v_layers - self.num_encoder
-        self.skip_weight = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), d))
+        # U-Net skips pair the first half of the running virtual layers with the second half.
+        self.skip_weight = nn.Parameter(torch.ones(v_layers // 2, d))
+        self.depth_emb = nn.Parameter(torch.zeros(v_layers, d)) if cfg.depth_embeddings else None
+        self.lora = nn.ModuleDict(
+            {t: LoRABank(v_layers, *cfg.lora_shape(t), cfg.lora_ranks[t], cfg.lora_scale(t)) for t in LORA_TARGETS if t in cfg.lora_ranks}
+        )
         self.lm_head = None if cfg.tie_embeddings else Linear(d, cfg.vocab_size, zero_init=True)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        self.stage: int | None = None  # progressive recurrence: None runs every virtual layer
+
+    @property
+    def active_layers(self) -> tuple[int, ...]:
+        """The virtual layers the forward pass runs at the current stage."""
+        return self.plan.active_layers(self.stage)
+
+    def set_stage(self, stage: int | None) -> None:
+        """Run only passes 0..stage of the plan (progressive recurrence); None runs all."""
+        if stage is not None and not 0 <= stage < self.plan.num_loops:
+            raise ValueError(f"stage {stage} is outside this plan's {self.plan.num_loops} passes")
+        self.stage = None if stage is None or stage == self.plan.num_loops - 1 else stage
 
     def _ctrl_index(self, v: int) -> tuple[int, int]:
         if self.config.per_layer_controls:
@@ -187,24 +259,30 @@ class GPT(nn.Module):
     def layer(self, v: int, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Run virtual layer ``v``."""
         a, m = self._ctrl_index(v)
+        adapt = Adapters(self.lora, v) if len(self.lora) else _no_adapter
+        if self.depth_emb is not None:
+            x = x + self.depth_emb[v].to(x.dtype)
         mix = self.resid_mix[a].to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale[a].to(x.dtype) * self.attn[self.plan.attn_of[v]](rms_norm(x), self.q_gain[a], cos, sin)
-        x = x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](rms_norm(x))
+        attn = self.attn[self.plan.attn_of[v]](rms_norm(x), self.q_gain[a], cos, sin, adapt)
+        x = x + self.attn_scale[a].to(x.dtype) * attn
+        x = x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](rms_norm(x), adapt)
         return x
 
     def hidden(self, idx: Tensor) -> Tensor:
         """Final normalized hidden states (B, T, D)."""
         cos, sin = self.rotary(idx.size(1), idx.device)
         x = rms_norm(self.tok_emb(idx))
+        layers = self.active_layers
+        n_enc = len(layers) // 2
         x0, skips = x, []
-        for v in range(self.num_encoder):
+        for v in layers[:n_enc]:
             x = self.layer(v, x, x0, cos, sin)
             skips.append(x)
-        for i in range(self.num_decoder):
-            if i < self.skip_weight.size(0):
+        for i, v in enumerate(layers[n_enc:]):
+            if skips:
                 x = x + self.skip_weight[i].to(x.dtype) * skips.pop()
-            x = self.layer(self.num_encoder + i, x, x0, cos, sin)
+            x = self.layer(v, x, x0, cos, sin)
         return rms_norm(x)
 
     def logits(self, idx: Tensor) -> Tensor:
@@ -232,17 +310,25 @@ def unique_params(model: nn.Module) -> int:
 
 def effective_params(model: GPT) -> int:
     """Executed parameters: what an unrolled copy with one private set of weights per virtual
-    layer would hold (the count a vanilla model of the same virtual depth would have)."""
-    plan = model.plan
+    layer would hold (the count a vanilla model of the same virtual depth would have), plus the
+    relaxation parameters, each of which runs once."""
+    plan, cfg = model.plan, model.config
     per_attn = sum(p.numel() for p in model.attn[0].parameters())
     per_mlp = sum(p.numel() for p in model.mlps[0].parameters())
-    d, v_layers = model.config.model_dim, plan.num_virtual
-    controls = v_layers * (3 * d + d + model.config.num_heads)  # attn/mlp scale, 2-row mix, q gain
+    d, v_layers = cfg.model_dim, plan.num_virtual
+    controls = v_layers * (3 * d + d + cfg.num_heads)  # attn/mlp scale, 2-row mix, q gain
     total = model.tok_emb.weight.numel() + v_layers * (per_attn + per_mlp) + controls
-    total += model.skip_weight.numel()
+    total += model.skip_weight.numel() + sum(p.numel() for p in model.lora.parameters())
+    if model.depth_emb is not None:
+        total += model.depth_emb.numel()
     if model.lm_head is not None:
         total += model.lm_head.weight.numel()
     return total
+
+
+def lora_params(cfg: ModelConfig) -> int:
+    v_layers = cfg.depth_plan.num_virtual
+    return sum(v_layers * r * sum(cfg.lora_shape(t)) for t, r in cfg.lora_ranks.items())
 
 
 def unique_params_formula(cfg: ModelConfig) -> int:
@@ -254,18 +340,23 @@ def unique_params_formula(cfg: ModelConfig) -> int:
     n_a = plan.num_virtual if cfg.per_layer_controls else plan.num_attn
     n_m = plan.num_virtual if cfg.per_layer_controls else plan.num_mlp
     controls = n_a * (3 * d + cfg.num_heads) + n_m * d
-    skips = min(plan.num_virtual // 2, plan.num_virtual - plan.num_virtual // 2) * d
+    skips = (plan.num_virtual // 2) * d
+    depth = plan.num_virtual * d if cfg.depth_embeddings else 0
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    return cfg.vocab_size * d + plan.num_attn * attn + plan.num_mlp * mlp + controls + skips + head
+    return cfg.vocab_size * d + plan.num_attn * attn + plan.num_mlp * mlp + controls + skips + depth + lora_params(cfg) + head
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs per token from the plan: 2 per multiply-add of every executed matrix, plus
-    causal attention scores and values (average context (seq_len + 1) / 2)."""
-    plan = cfg.depth_plan
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, num_layers: int | None = None) -> int:
+    """Forward FLOPs per token from the plan: 2 per multiply-add of every executed matrix
+    (adapters included, as two thin matmuls), plus causal attention scores and values (average
+    context (seq_len + 1) / 2). ``num_layers`` counts only that many virtual layers (a
+    progressive-recurrence stage)."""
+    v_layers = cfg.depth_plan.num_virtual if num_layers is None else num_layers
     d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
-    matmul = plan.num_virtual * (2 * d * d + 2 * d * kv + 2 * d * cfg.mlp_mult * d) + d * cfg.vocab_size
-    attention = plan.num_virtual * 2 * d * (seq_len + 1) / 2
+    per_layer = 2 * d * d + 2 * d * kv + 2 * d * cfg.mlp_mult * d
+    per_layer += sum(r * sum(cfg.lora_shape(t)) for t, r in cfg.lora_ranks.items())
+    matmul = v_layers * per_layer + d * cfg.vocab_size
+    attention = v_layers * 2 * d * (seq_len + 1) / 2
     return int(2 * matmul + 2 * attention)
 
 

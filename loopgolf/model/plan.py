@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PLAN_KINDS = ("vanilla", "cycle", "explicit")
+PLAN_KINDS = ("vanilla", "cycle", "sequence", "cycle-rev", "middle-cycle", "middle-sequence", "mini-loop", "explicit")
+SHARE_MODES = ("block", "mlp", "attn")
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,28 @@ class PlanSpec:
 
     kind:
       - ``vanilla``: ``layers`` unique blocks, each run once (the identity plan).
-      - ``cycle``: ``layers`` (K) unique blocks run ``loops`` (B) times as 0..K-1, 0..K-1, ...
+      - ``cycle``: ``layers`` (K) unique blocks run ``loops`` (B) times: 0..K-1, 0..K-1, ...
+      - ``sequence``: each of the K blocks repeated B times in place: 0,0,1,1,2,2.
+      - ``cycle-rev``: the block order alternates forward and reversed: 0,1,2,2,1,0,0,1,2.
+      - ``middle-cycle`` / ``middle-sequence``: ``first`` unique layers, then K shared blocks
+        in cycle / sequence order B times, then ``last`` unique layers.
+      - ``mini-loop``: an L-layer stack (``layers``) whose slice ``loop_start..loop_end``
+        (inclusive) runs ``loops`` extra times after its first pass; 11 layers with 3..5 looped
+        twice is 0..5, 3,4,5, 3,4,5, 6..10 = 17 virtual layers.
       - ``explicit``: the lists ``attn_of`` and ``mlp_of`` (one entry per virtual layer).
+
+    share: which sublayers follow the plan. ``block`` (both), ``mlp`` (MLPs shared by the plan,
+    attention unique per virtual layer) or ``attn`` (attention shared, MLPs unique).
     """
 
     kind: str = "vanilla"
     layers: int = 9
     loops: int = 1
+    first: int = 1
+    last: int = 1
+    loop_start: int = 0
+    loop_end: int = 0
+    share: str = "block"
     attn_of: tuple[int, ...] | None = None
     mlp_of: tuple[int, ...] | None = None
 
@@ -55,11 +71,21 @@ class PlanSpec:
 
 @dataclass(frozen=True)
 class DepthPlan:
-    """The explicit virtual-layer map built from a :class:`PlanSpec`."""
+    """The explicit virtual-layer map built from a :class:`PlanSpec`.
+
+    ``loop_of[v]`` is the pass a virtual layer belongs to: 0 for the first pass over the stored
+    blocks, k for the k-th repetition. Progressive recurrence runs only the virtual layers whose
+    pass is at most the current stage.
+    """
 
     attn_of: tuple[int, ...]
     mlp_of: tuple[int, ...]
     spec: PlanSpec = field(default_factory=PlanSpec)
+    loop_of: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.loop_of:
+            object.__setattr__(self, "loop_of", (0,) * len(self.attn_of))
 
     @property
     def num_virtual(self) -> int:
@@ -73,6 +99,17 @@ class DepthPlan:
     def num_mlp(self) -> int:
         return max(self.mlp_of) + 1
 
+    @property
+    def num_loops(self) -> int:
+        """Number of passes (1 + the extra loops that progressive recurrence can stage)."""
+        return max(self.loop_of) + 1
+
+    def active_layers(self, stage: int | None = None) -> tuple[int, ...]:
+        """Virtual layers that run at a progressive-recurrence stage (None: all of them)."""
+        if stage is None:
+            return tuple(range(self.num_virtual))
+        return tuple(v for v in range(self.num_virtual) if self.loop_of[v] <= stage)
+
     def attn_uses(self, i: int) -> int:
         """How many virtual layers run stored attention sublayer ``i``."""
         return self.attn_of.count(i)
@@ -82,13 +119,18 @@ class DepthPlan:
 
     def describe(self) -> str:
         s = self.spec
-        if s.kind == "vanilla":
-            head = f"vanilla L={s.layers}"
-        elif s.kind == "cycle":
-            head = f"cycle K={s.layers} B={s.loops}"
-        else:
-            head = "explicit"
-        return f"{head}: V={self.num_virtual} virtual layers over {self.num_attn} attn / {self.num_mlp} mlp stored"
+        heads = {
+            "vanilla": f"vanilla L={s.layers}",
+            "cycle": f"cycle K={s.layers} B={s.loops}",
+            "sequence": f"sequence K={s.layers} B={s.loops}",
+            "cycle-rev": f"cycle-rev K={s.layers} B={s.loops}",
+            "middle-cycle": f"middle-cycle {s.first}+K={s.layers}xB={s.loops}+{s.last}",
+            "middle-sequence": f"middle-sequence {s.first}+K={s.layers}xB={s.loops}+{s.last}",
+            "mini-loop": f"mini-loop L={s.layers} layers {s.loop_start}-{s.loop_end} +{s.loops} loops",
+            "explicit": "explicit",
+        }
+        share = "" if s.share == "block" else f", {s.share}-only sharing"
+        return f"{heads[s.kind]}{share}: V={self.num_virtual} virtual layers over {self.num_attn} attn / {self.num_mlp} mlp stored"
 
     def to_dict(self) -> dict[str, Any]:
         """The virtual-layer map as printed in every summary."""
@@ -99,6 +141,7 @@ class DepthPlan:
             "unique_mlp": self.num_mlp,
             "attn_of": list(self.attn_of),
             "mlp_of": list(self.mlp_of),
+            "loop_of": list(self.loop_of),
         }
 
 
@@ -118,43 +161,100 @@ def _check_map(name: str, ids: tuple[int, ...]) -> None:
         raise ValueError(f"plan {name} never uses stored sublayer(s) {missing}: {list(ids)}")
 
 
+def _block_order(spec: PlanSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(block index, pass index) per virtual layer for the shared-block kinds, before sharing
+    modes are applied."""
+    k, b = spec.layers, spec.loops
+    if spec.kind == "vanilla":
+        if b != 1:
+            raise ValueError(f"a vanilla plan runs each layer once (loops=1), got loops={b}; use kind='cycle'")
+        return tuple(range(k)), (0,) * k
+    if spec.kind in ("cycle", "middle-cycle"):
+        order = [(i, loop) for loop in range(b) for i in range(k)]
+    elif spec.kind in ("sequence", "middle-sequence"):
+        order = [(i, r) for i in range(k) for r in range(b)]
+    elif spec.kind == "cycle-rev":
+        order = [(i if loop % 2 == 0 else k - 1 - i, loop) for loop in range(b) for i in range(k)]
+    elif spec.kind == "mini-loop":
+        a, e = spec.loop_start, spec.loop_end
+        if not 0 <= a <= e < k:
+            raise ValueError(f"mini-loop slice {a}..{e} must lie inside the {k}-layer stack (0 <= start <= end < {k})")
+        if b < 1:
+            raise ValueError(f"mini-loop needs loops >= 1 extra passes over the slice, got {b}")
+        order = [(i, 0) for i in range(e + 1)]
+        order += [(i, loop) for loop in range(1, b + 1) for i in range(a, e + 1)]
+        order += [(i, 0) for i in range(e + 1, k)]
+    else:  # pragma: no cover - kinds are checked by the caller
+        raise AssertionError(spec.kind)
+    if spec.kind.startswith("middle-"):
+        for name in ("first", "last"):
+            if getattr(spec, name) < 0:
+                raise ValueError(f"plan {name} must be >= 0, got {getattr(spec, name)}")
+        f, n = spec.first, spec.last
+        order = [(i, 0) for i in range(f)] + [(f + i, loop) for i, loop in order] + [(f + k + i, 0) for i in range(n)]
+    return tuple(i for i, _ in order), tuple(loop for _, loop in order)
+
+
 def build_plan(spec: PlanSpec) -> DepthPlan:
     """Turn a spec into the explicit map, validating it."""
     if spec.kind not in PLAN_KINDS:
         raise ValueError(f"unknown plan kind {spec.kind!r}; valid kinds: {', '.join(PLAN_KINDS)}")
-    if spec.kind == "vanilla":
-        _check_positive("layers", spec.layers)
-        if spec.loops != 1:
-            raise ValueError(f"a vanilla plan runs each layer once (loops=1), got loops={spec.loops}; use kind='cycle'")
-        ids = tuple(range(spec.layers))
-        return DepthPlan(ids, ids, spec)
-    if spec.kind == "cycle":
-        _check_positive("layers", spec.layers)
-        _check_positive("loops", spec.loops)
-        ids = tuple(i for _ in range(spec.loops) for i in range(spec.layers))
-        return DepthPlan(ids, ids, spec)
-    # explicit
-    if spec.attn_of is None or spec.mlp_of is None:
-        raise ValueError("an explicit plan needs both attn_of and mlp_of lists")
-    attn_of, mlp_of = tuple(spec.attn_of), tuple(spec.mlp_of)
-    if len(attn_of) != len(mlp_of):
-        raise ValueError(f"explicit plan: attn_of has {len(attn_of)} entries but mlp_of has {len(mlp_of)}")
-    _check_map("attn_of", attn_of)
-    _check_map("mlp_of", mlp_of)
-    return DepthPlan(attn_of, mlp_of, spec)
+    if spec.share not in SHARE_MODES:
+        raise ValueError(f"unknown share mode {spec.share!r}; valid: {', '.join(SHARE_MODES)}")
+    if spec.kind == "explicit":
+        if spec.attn_of is None or spec.mlp_of is None:
+            raise ValueError("an explicit plan needs both attn_of and mlp_of lists")
+        attn_of, mlp_of = tuple(spec.attn_of), tuple(spec.mlp_of)
+        if len(attn_of) != len(mlp_of):
+            raise ValueError(f"explicit plan: attn_of has {len(attn_of)} entries but mlp_of has {len(mlp_of)}")
+        _check_map("attn_of", attn_of)
+        _check_map("mlp_of", mlp_of)
+        return DepthPlan(attn_of, mlp_of, spec)
+    _check_positive("layers", spec.layers)
+    _check_positive("loops", spec.loops)
+    blocks, loop_of = _block_order(spec)
+    unique = tuple(range(len(blocks)))
+    attn_of = unique if spec.share == "mlp" else blocks
+    mlp_of = unique if spec.share == "attn" else blocks
+    return DepthPlan(attn_of, mlp_of, spec, loop_of)
+
+
+PLAN_SYNTAX = (
+    "vanilla:L | cycle:KxB | sequence:KxB | cycle-rev:KxB | middle-cycle:F+KxB+L | "
+    "middle-sequence:F+KxB+L | mini-loop:L:A-BxN | explicit:0,1,0,1[/0,0,1,1], optionally followed by "
+    "@mlp (share only MLPs) or @attn (share only attention)"
+)
+
+
+def _kxb(text: str) -> tuple[int, int]:
+    k, sep, b = text.lower().partition("x")
+    if not sep:
+        raise ValueError(text)
+    return int(k), int(b)
 
 
 def parse_plan(text: str) -> PlanSpec:
-    """Parse a command-line plan: ``vanilla:9``, ``cycle:3x3`` (K x B), or ``explicit:0,1,0,1``
-    (the same list for attention and MLP) / ``explicit:0,1,0,1/0,0,1,1`` (attention/MLP)."""
-    kind, _, arg = text.strip().partition(":")
+    """Parse a command-line plan (see PLAN_SYNTAX), e.g. ``cycle:3x2``, ``mini-loop:11:3-5x2``,
+    ``middle-cycle:1+2x3+1``, ``cycle:2x3@mlp``."""
+    body, _, share = text.strip().partition("@")
+    kind, _, arg = body.partition(":")
     kind = kind.strip().lower()
+    share = share.strip().lower() or "block"
     try:
         if kind == "vanilla":
-            return PlanSpec(kind="vanilla", layers=int(arg))
-        if kind == "cycle":
-            k, _, b = arg.lower().partition("x")
-            return PlanSpec(kind="cycle", layers=int(k), loops=int(b))
+            return PlanSpec(kind="vanilla", layers=int(arg), share=share)
+        if kind in ("cycle", "sequence", "cycle-rev"):
+            k, b = _kxb(arg)
+            return PlanSpec(kind=kind, layers=k, loops=b, share=share)
+        if kind in ("middle-cycle", "middle-sequence"):
+            first, mid, last = arg.split("+")
+            k, b = _kxb(mid)
+            return PlanSpec(kind=kind, layers=k, loops=b, first=int(first), last=int(last), share=share)
+        if kind == "mini-loop":
+            layers, span = arg.split(":")
+            rng, _, n = span.lower().partition("x")
+            a, _, e = rng.partition("-")
+            return PlanSpec(kind=kind, layers=int(layers), loops=int(n), loop_start=int(a), loop_end=int(e), share=share)
         if kind == "explicit":
             attn, _, mlp = arg.partition("/")
             attn_of = tuple(int(i) for i in attn.split(","))
@@ -162,6 +262,4 @@ def parse_plan(text: str) -> PlanSpec:
             return PlanSpec(kind="explicit", layers=max(attn_of) + 1, attn_of=attn_of, mlp_of=mlp_of)
     except ValueError:
         pass
-    raise ValueError(
-        f"cannot parse plan {text!r}: expected 'vanilla:L', 'cycle:KxB' or 'explicit:0,1,0,1[/0,0,1,1]'"
-    )
+    raise ValueError(f"cannot parse plan {text!r}: expected {PLAN_SYNTAX}")

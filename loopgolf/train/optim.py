@@ -74,6 +74,8 @@ class OptimizerConfig:
     embed_lr: float = 0.05  # tied embedding (it is also the output head)
     head_lr: float = 0.008  # untied output head
     untied_embed_lr: float = 0.6
+    adapter_lr: float = 0.01  # per-virtual-layer LoRA factors (Adam)
+    adapter_optimizer: str = "adam"  # "adam" or "muon": per-depth LoRA diverged under Muon in a public report
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -81,6 +83,10 @@ class OptimizerConfig:
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.adapter_optimizer not in ("adam", "muon"):
+            raise ValueError(f"adapter_optimizer must be 'adam' or 'muon', got {self.adapter_optimizer!r}")
 
 
 MATRIX_PREFIXES = ("attn.", "mlps.")
@@ -90,13 +96,16 @@ def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     """Assign every parameter to exactly one optimizer role by name.
 
     matrix: 2-D weights of the stored attention/MLP sublayers (Muon); embed: token embedding;
-    head: an untied output head; scalar: everything else (scales, mixes, gains, skip weights)."""
-    roles: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    head: an untied output head; adapter: per-virtual-layer LoRA factors; scalar: everything else
+    (scales, mixes, gains, skip weights, depth embeddings)."""
+    roles: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "adapter": [], "scalar": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith(MATRIX_PREFIXES) and p.ndim == 2:
             roles["matrix"].append((name, p))
+        elif name.startswith("lora."):
+            roles["adapter"].append((name, p))
         elif name.startswith("tok_emb."):
             roles["embed"].append((name, p))
         elif name.startswith("lm_head."):
@@ -121,12 +130,17 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
         adam_groups.append({"params": [p for _, p in roles["head"]], "lr": cfg.head_lr})
     if roles["scalar"]:
         adam_groups.append({"params": [p for _, p in roles["scalar"]], "lr": cfg.scalar_lr})
+    muon_params = [p for _, p in roles["matrix"]]
+    if roles["adapter"] and cfg.adapter_optimizer == "adam":
+        adam_groups.append({"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr})
+    elif roles["adapter"]:
+        muon_params += [p for _, p in roles["adapter"]]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
     ]
-    if roles["matrix"]:
+    if muon_params:
         optimizers.append(
-            Muon([p for _, p in roles["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
+            Muon(muon_params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
         )
     for opt in optimizers:
         for group in opt.param_groups:

@@ -30,18 +30,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def lr_multiplier(step: int, elapsed: float, cfg: TrainConfig) -> float:
-    """1 until the last ``warmdown_frac`` of the budget, then linear to 0. Progress is the larger
-    of the step fraction and the wallclock fraction, so whichever budget binds times the decay."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+def training_progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    """Fraction of the budget used: the larger of the step fraction and the wallclock fraction,
+    so whichever budget binds times the schedules."""
     progress = 0.0
     if cfg.max_steps is not None:
         progress = max(progress, step / cfg.max_steps)
     if cfg.time_budget is not None:
         progress = max(progress, elapsed / cfg.time_budget)
+    return progress
+
+
+def lr_multiplier(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    """1 until the last ``warmdown_frac`` of the budget, then linear to 0 (after an optional
+    linear warmup)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     if cfg.warmdown_frac <= 0:
         return warm
-    return warm * max(0.0, min(1.0, (1.0 - progress) / cfg.warmdown_frac))
+    return warm * max(0.0, min(1.0, (1.0 - training_progress(step, elapsed, cfg)) / cfg.warmdown_frac))
+
+
+def recurrence_stage(step: int, elapsed: float, cfg: TrainConfig) -> int:
+    """Progressive recurrence: stage k (passes 0..k of the plan) starts at ``recurrence_stages[k-1]``."""
+    progress = training_progress(step, elapsed, cfg)
+    return sum(1 for start in cfg.recurrence_stages if progress >= start)
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -67,6 +79,7 @@ class TrainResult:
     final_train_loss: float
     losses: list[float] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
+    stage_steps: list[int] = field(default_factory=list)  # step at which each recurrence stage began
 
 
 def train(
@@ -83,6 +96,14 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place until the step or time budget runs out."""
     model.train()
+    staged = bool(cfg.recurrence_stages)
+    if staged:
+        loops = model.plan.num_loops
+        if len(cfg.recurrence_stages) != loops - 1:
+            raise ValueError(
+                f"recurrence_stages has {len(cfg.recurrence_stages)} start fractions but the plan has "
+                f"{loops - 1} extra pass(es) to switch on ({model.plan.describe()})"
+            )
     optimizers = build_optimizers(model, cfg.optim, tied=tied_embeddings)
     accum, micro_tokens = accumulation_steps(cfg, world_size)
     step_fn: nn.Module = model
@@ -109,12 +130,19 @@ def train(
     step = 0
     tokens = 0
     loss_value = float("nan")
+    stage_steps: list[int] = []
     try:
         while True:
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
             if cfg.time_budget is not None and elapsed >= cfg.time_budget:
                 break
+            if staged:
+                stage = recurrence_stage(step, elapsed, cfg)
+                while len(stage_steps) <= stage:  # a stage can be skipped if a step jumps past it
+                    stage_steps.append(step)
+                    model.set_stage(len(stage_steps) - 1)
+                    log({"event": "stage", "stage": len(stage_steps) - 1, "step": step, "virtual_layers": len(model.active_layers)})
             t0 = time.perf_counter()
             mul = lr_multiplier(step, elapsed, cfg)
             for opt in optimizers:
@@ -161,6 +189,11 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if staged:
+            # The exported model runs every pass; say so if training ended before the last stage.
+            if len(stage_steps) < model.plan.num_loops:
+                log({"event": "warning", "message": f"training ended in recurrence stage {len(stage_steps) - 1}; later passes are untrained"})
+            model.set_stage(None)
     return TrainResult(
         steps=step,
         train_tokens=tokens,
@@ -169,6 +202,7 @@ def train(
         final_train_loss=loss_value,
         losses=losses,
         val_history=val_history,
+        stage_steps=stage_steps,
     )
 
 

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params, unique_params_formula
+from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
+
+TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+
+EXPECTED = [
+    ("vanilla:3", [0, 1, 2], [0, 1, 2], [0, 0, 0]),
+    ("cycle:3x2", [0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]),
+    ("sequence:3x2", [0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1]),
+    ("cycle-rev:3x3", [0, 1, 2, 2, 1, 0, 0, 1, 2], [0, 1, 2, 2, 1, 0, 0, 1, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2]),
+    ("middle-cycle:1+2x3+1", [0, 1, 2, 1, 2, 1, 2, 3], [0, 1, 2, 1, 2, 1, 2, 3], [0, 0, 0, 1, 1, 2, 2, 0]),
+    ("middle-sequence:1+2x2+2", [0, 1, 1, 2, 2, 3, 4], [0, 1, 1, 2, 2, 3, 4], [0, 0, 1, 0, 1, 0, 0]),
+    ("mini-loop:6:2-3x2", [0, 1, 2, 3, 2, 3, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 2, 3, 4, 5], [0, 0, 0, 0, 1, 1, 2, 2, 0, 0]),
+    ("cycle:2x3@mlp", [0, 1, 2, 3, 4, 5], [0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 2, 2]),
+    ("cycle:2x3@attn", [0, 1, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2]),
+    ("explicit:0,1,1,0/0,0,1,1", [0, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("text,attn_of,mlp_of,loop_of", EXPECTED)
+def test_plan_maps(text, attn_of, mlp_of, loop_of):
+    plan = build_plan(parse_plan(text))
+    assert list(plan.attn_of) == attn_of and list(plan.mlp_of) == mlp_of and list(plan.loop_of) == loop_of
+    assert PlanSpec.from_dict(plan.spec.to_dict()) == plan.spec
+
+
+def test_mini_loop_matches_the_parameter_golf_records():
+    plan = build_plan(PlanSpec("mini-loop", layers=11, loops=2, loop_start=3, loop_end=5))
+    assert plan.num_virtual == 17 and plan.num_attn == 11
+    assert plan.active_layers(0) == tuple(range(6)) + tuple(range(12, 17))
+    assert len(plan.active_layers(1)) == 14 and len(plan.active_layers(2)) == 17
+
+
+RELAX = [
+    {},
+    {"per_layer_controls": True},
+    {"depth_embeddings": True},
+    {"lora_ranks": {"q": 2, "mlp_out": 3}},
+    {"per_layer_controls": True, "depth_embeddings": True, "lora_ranks": {t: 2 for t in ("q", "k", "v", "o", "mlp_in", "mlp_out")}, "tie_embeddings": False},
+]
+
+
+@pytest.mark.parametrize("text", [e[0] for e in EXPECTED])
+@pytest.mark.parametrize("relax", RELAX, ids=lambda r: "+".join(r) or "strict")
+def test_unique_params_formula_every_plan(text, relax):
+    cfg = ModelConfig(**TINY, plan=parse_plan(text), **relax)
+    model = GPT(cfg)
+    assert unique_params(model) == unique_params_formula(cfg)
+    ids = [id(p) for p in model.parameters()]
+    assert len(ids) == len(set(ids))
+    assert effective_params(model) >= unique_params(model) - (cfg.vocab_size * cfg.model_dim if not cfg.tie_embeddings else 0)
+
+
+def test_closed_form_cycle_with_lora():
+    # Hand-written formula for CYCLE K x B with rank-r LoRA on q and per-layer controls.
+    k, b, r, d = 2, 3, 4, 32
+    cfg = ModelConfig(**TINY, plan=PlanSpec("cycle", layers=k, loops=b), per_layer_controls=True, lora_ranks={"q": r})
+    v = k * b
+    kv = 2 * (d // 4)
+    block = 2 * d * d + 2 * d * kv + 2 * d * 2 * d
+    controls = v * (4 * d + 4)
+    expected = 64 * d + k * block + controls + (v // 2) * d + v * r * (d + d)
+    assert unique_params(GPT(cfg)) == expected
+
+
+def test_stage_runs_only_the_enabled_passes():
+    model = GPT(ModelConfig(**TINY, plan=PlanSpec("cycle", layers=2, loops=3)))
+    assert model.active_layers == tuple(range(6))
+    model.set_stage(0)
+    assert model.active_layers == (0, 1)
+    model.set_stage(1)
+    assert model.active_layers == (0, 1, 2, 3)
+    model.set_stage(2)
+    assert model.stage is None and len(model.active_layers) == 6
+    with pytest.raises(ValueError, match="outside"):
+        model.set_stage(3)
+    # stage 0 of a CYCLE plan is the K-block vanilla stack
+    flat = GPT(ModelConfig(**TINY, plan=PlanSpec("vanilla", layers=2)))
+    model.set_stage(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("skip_weight")}
+    flat.load_state_dict({**state, "skip_weight": model.skip_weight[:1]}, strict=True)
+    x = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(model(x), flat(x), rtol=0, atol=0)
