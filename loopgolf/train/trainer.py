@@ -91,10 +91,15 @@ def train(
     tied_embeddings: bool = True,
     log_path: Path | None = None,
     validate: Callable[[nn.Module], dict] | None = None,
+    on_step: Callable[[int, float, nn.Module], None] | None = None,
     progress: bool = True,
     world_size: int = 1,
 ) -> TrainResult:
-    """Train ``model`` in place until the step or time budget runs out."""
+    """Train ``model`` in place until the step or time budget runs out.
+
+    ``on_step(step, progress, model)`` runs before every optimizer step (``progress`` is the
+    fraction of the budget used); schedules that change the model during training, such as
+    quantization-aware training over the last part of the budget, hook in here."""
     model.train()
     staged = bool(cfg.recurrence_stages)
     if staged:
@@ -143,6 +148,8 @@ def train(
                     stage_steps.append(step)
                     model.set_stage(len(stage_steps) - 1)
                     log({"event": "stage", "stage": len(stage_steps) - 1, "step": step, "virtual_layers": len(model.active_layers)})
+            if on_step is not None:
+                on_step(step, training_progress(step, elapsed, cfg), model)
             t0 = time.perf_counter()
             mul = lr_multiplier(step, elapsed, cfg)
             for opt in optimizers:
