@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loopgolf.export.budget import DEFAULT_CAP_BYTES
+from loopgolf.model.plan import PLAN_SYNTAX
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -32,17 +33,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lora_ranks(text: str) -> dict[str, int]:
+    """'all=8' or 'q=4,v=4' -> {target: rank}."""
+    from loopgolf.model.gpt import LORA_TARGETS
+
+    ranks: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected TARGET=RANK items, got {item!r}")
+        targets = LORA_TARGETS if name == "all" else (name,)
+        for t in targets:
+            if t not in LORA_TARGETS:
+                raise argparse.ArgumentTypeError(f"unknown LoRA target {t!r}; valid: all, {', '.join(LORA_TARGETS)}")
+            ranks[t] = int(value)
+    return ranks
+
+
 # ------------------------------------------------------------------------- run
 
 
 def add_model_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model overrides (on top of the preset)")
-    g.add_argument("--plan", help="depth plan: vanilla:L, cycle:KxB (K blocks looped B times), explicit:0,1,0,1[/0,0,1,1]")
+    g.add_argument("--plan", help="depth plan: " + PLAN_SYNTAX)
     g.add_argument("--dim", type=_positive_int, help="model width")
     g.add_argument("--heads", type=_positive_int, help="attention heads")
     g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA)")
     g.add_argument("--mlp-mult", type=_positive_int, help="MLP hidden = mlp_mult * width")
     g.add_argument("--per-layer-controls", action="store_true", default=None, help="unshared scales/mixes/q gains per virtual layer")
+    g.add_argument("--depth-emb", action="store_true", default=None, help="a learned embedding added at the start of each virtual layer")
+    g.add_argument("--lora", type=_lora_ranks, metavar="RANKS", help="per-virtual-layer LoRA: 'all=8' or 'q=4,v=4,mlp_in=16' (targets q,k,v,o,mlp_in,mlp_out)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scale alpha/r (default: alpha = r)")
     g.add_argument("--model", dest="model_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any ModelConfig field")
 
 
@@ -52,7 +74,10 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = dict(args.model_set)
     if args.plan:
         out["plan"] = parse_plan(args.plan).to_dict()
-    for flag, key in (("dim", "model_dim"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp_mult", "mlp_mult"), ("per_layer_controls", "per_layer_controls")):
+    for flag, key in (
+        ("dim", "model_dim"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp_mult", "mlp_mult"),
+        ("per_layer_controls", "per_layer_controls"), ("depth_emb", "depth_embeddings"), ("lora", "lora_ranks"), ("lora_alpha", "lora_alpha"),
+    ):
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)
     return out

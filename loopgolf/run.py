@@ -205,6 +205,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
         "tokens_per_second": result.tokens_per_second,
         "steps": result.steps,
+        "stage_steps": result.stage_steps,
         "final_train_loss": result.final_train_loss,
         "val_targets": post.num_targets,
         "val_target_bytes": post.target_bytes,

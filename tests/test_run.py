@@ -62,3 +62,23 @@ def test_params_and_presets_commands(capsys):
     assert cyc["effective_params"] == 17_059_912 and cyc["unique_params"] < 6_500_000
     assert main(["presets"]) == 0
     assert "cpu" in capsys.readouterr().out
+
+
+def test_params_with_relaxation_flags(capsys):
+    from loopgolf.config import get_preset
+    from loopgolf.model.gpt import ModelConfig, unique_params_formula
+
+    assert main(["params", "--preset", "cpu-shared", "--lora", "all=4", "--depth-emb", "--per-layer-controls", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = ModelConfig.from_dict(
+        {**get_preset("cpu-shared").model.to_dict(), "lora_ranks": {t: 4 for t in ("q", "k", "v", "o", "mlp_in", "mlp_out")}, "depth_embeddings": True, "per_layer_controls": True}
+    )
+    assert info["unique_params"] == unique_params_formula(cfg)
+    assert any(t["name"].startswith("lora.mlp_out.B.5") for t in info["tensors"])
+    assert main(["params", "--plan", "mini-loop:6:2-3x2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["virtual_layers"] == 10
+    with pytest.raises(SystemExit):
+        main(["params", "--lora", "gate=4"])
+    assert main(["presets", "--json"]) == 0
+    presets = json.loads(capsys.readouterr().out)
+    assert {"cpu-shared-lora4", "pg-mini-loop", "cpu-wide"} <= set(presets)
