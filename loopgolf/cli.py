@@ -9,10 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from loopgolf.export.budget import DEFAULT_CAP_BYTES
 from loopgolf.model.plan import PLAN_SYNTAX
+
+if TYPE_CHECKING:
+    from loopgolf.run import RunOptions
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -30,6 +33,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
 
 
@@ -83,60 +93,107 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from loopgolf.run import RunOptions, format_summary, run, summary_json
+# Flags that shape the model, data order or export: a resumed run takes them from its
+# config.json, so giving them with --resume is a mistake worth reporting.
+_RESUME_FIXED = (
+    ("preset", "--preset"), ("out", "--out"), ("cap", "--cap"), ("seed", "--seed"), ("seq_len", "--seq-len"),
+    ("batch_tokens", "--batch-tokens"), ("codec", "--codec"), ("stride", "--stride"), ("train_set", "--train"),
+    ("plan", "--plan"), ("dim", "--dim"), ("heads", "--heads"), ("kv_heads", "--kv-heads"), ("mlp_mult", "--mlp-mult"),
+    ("per_layer_controls", "--per-layer-controls"), ("depth_emb", "--depth-emb"), ("lora", "--lora"),
+    ("lora_alpha", "--lora-alpha"), ("model_set", "--model"), ("force", "--force"),
+)
 
+
+def run_options(args: argparse.Namespace, train_only: bool = False) -> RunOptions:
+    from loopgolf.config import DEFAULT_PRESET
+    from loopgolf.run import RunOptions
+
+    if args.resume:
+        given = [flag for dest, flag in _RESUME_FIXED if getattr(args, dest) not in (None, [], False)]
+        if given:
+            raise ValueError(
+                f"--resume continues the run with its stored config.json; drop {', '.join(given)} "
+                "(only --steps, --time, --device, --data and --checkpoint-every may change)"
+            )
     train_set: dict[str, Any] = dict(args.train_set)
     if args.seq_len is not None:
         train_set["seq_len"] = args.seq_len
     if args.batch_tokens is not None:
         train_set["batch_tokens"] = args.batch_tokens
-    opts = RunOptions(
-        preset=args.preset,
+    return RunOptions(
+        preset=args.preset or DEFAULT_PRESET,
         data=Path(args.data) if args.data else None,
         out=Path(args.out) if args.out else None,
-        cap_bytes=args.cap,
+        cap_bytes=DEFAULT_CAP_BYTES if args.cap is None else args.cap,
         seed=args.seed,
         time_budget=args.time,
         max_steps=args.steps,
-        codec=args.codec,
+        codec=args.codec or "auto",
         stride=args.stride,
         device=args.device,
         model_overrides=model_overrides(args),
         train_overrides=train_set,
         progress=not args.json and not args.quiet,
         force=args.force,
+        checkpoint_every=args.checkpoint_every,
+        resume=Path(args.resume) if args.resume else None,
+        train_only=train_only,
     )
-    summary = run(opts)
-    if args.json:
-        print(summary_json(summary))
-    else:
-        print(format_summary(summary))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loopgolf.run import format_summary, run, summary_json
+
+    summary = run(run_options(args))
+    if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
+        return 0
+    print(summary_json(summary) if args.json else format_summary(summary))
     return 0
 
 
-def add_run_parser(sub: argparse._SubParsersAction) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
+    from loopgolf.run import format_train_summary, run, summary_json
+
+    summary = run(run_options(args, train_only=True))
+    if summary.get("rank", 0) != 0:
+        return 0
+    print(summary_json(summary) if args.json else format_train_summary(summary))
+    return 0
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options `run` and `train` share."""
     from loopgolf.config import DEFAULT_PRESET, PRESETS
 
-    p = sub.add_parser("run", help="data -> train -> export -> roundtrip eval -> summary", description="Train a model, export it under the byte cap and score it before and after the roundtrip.")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"configuration to start from (default {DEFAULT_PRESET})")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"configuration to start from (default {DEFAULT_PRESET})")
     p.add_argument("--data", help="dataset directory (shards + tokenizer); default: the embedded Python-docs corpus")
     p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
-    p.add_argument("--cap", type=int, default=DEFAULT_CAP_BYTES, help="artifact byte cap (default 16,000,000)")
+    p.add_argument("--cap", type=int, help="artifact byte cap (default 16,000,000)")
     p.add_argument("--time", type=float, help="training wallclock budget in seconds")
     p.add_argument("--steps", type=_positive_int, help="training step budget")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--seq-len", type=_positive_int, help="training/eval sequence length")
     p.add_argument("--batch-tokens", type=_positive_int, help="global tokens per optimizer step")
-    p.add_argument("--codec", default="auto", help="artifact compression: auto (smallest), zlib, lzma, zstd")
+    p.add_argument("--codec", help="artifact compression: auto (smallest, default), zlib, lzma, zstd")
     p.add_argument("--stride", type=_positive_int, help="sliding-window stride for the final scores (default: non-overlapping)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--train", dest="train_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     add_model_overrides(p)
+    g = p.add_argument_group("checkpoints and resume")
+    g.add_argument("--checkpoint-every", type=_non_negative_int, metavar="N", help="write DIR/checkpoint.pt every N steps and when the budget ends (0: none; `train` always writes the final one)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with its config.json (--steps/--time extend the budget)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bars)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="data -> train -> export -> roundtrip eval -> summary", description="Train a model, export it under the byte cap and score it before and after the roundtrip. Under torchrun, trains data-parallel on every rank.")
+    _add_run_arguments(p)
     p.set_defaults(func=cmd_run)
+    t = sub.add_parser("train", help="data -> train -> checkpoint (no export); resume or finish with `run --resume`", description="Train only: the options of `run`, stopping after training with DIR/checkpoint.pt. `loopgolf run --resume DIR` then exports and scores it (or trains on with --steps/--time).")
+    _add_run_arguments(t)
+    t.set_defaults(func=cmd_train)
 
 
 # ------------------------------------------------------------------------ eval
@@ -324,7 +381,54 @@ def add_info_parsers(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_presets)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers)
+# ----------------------------------------------------------------------- bench
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from loopgolf.bench import bench_json, bench_train, format_bench
+
+    train_set: dict[str, Any] = dict(args.train_set)
+    for flag, key in (("seq_len", "seq_len"), ("batch_tokens", "batch_tokens"), ("micro_batch_tokens", "micro_batch_tokens")):
+        if getattr(args, flag) is not None:
+            train_set[key] = getattr(args, flag)
+    if args.compile:
+        train_set["compile"] = True
+    result = bench_train(
+        args.preset, model_overrides=model_overrides(args), train_overrides=train_set, steps=args.steps,
+        warmup=args.warmup, device=args.device, peak_size=args.peak_size, threads=args.threads,
+    )
+    print(bench_json(result) if args.json else format_bench(result))
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from loopgolf.config import DEFAULT_PRESET, PRESETS
+
+    p = sub.add_parser("bench", help="benchmarks: training throughput and MFU")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="{train}")
+    t = bsub.add_parser(
+        "train", help="tokens/s, step time, memory and MFU of the training step on synthetic tokens",
+        description="Run the trainer on synthetic tokens (warm-up steps, then measured steps) and report tokens/s, step time, "
+        "memory and MFU = 3 x forward FLOPs/token (from the plan) x tokens/s / the matmul peak measured in the same process "
+        "(float32 on CPU, bf16 on CUDA). With --json the result is one JSON line.",
+    )
+    t.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"configuration to measure (default {DEFAULT_PRESET})")
+    t.add_argument("--steps", type=_positive_int, default=10, help="measured steps (default 10)")
+    t.add_argument("--warmup", type=_non_negative_int, default=3, help="unmeasured steps first (default 3)")
+    t.add_argument("--device", help="auto, cpu or cuda")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; on CPU it needs a C++ compiler)")
+    t.add_argument("--seq-len", type=_positive_int, help="training sequence length")
+    t.add_argument("--batch-tokens", type=_positive_int, help="global tokens per optimizer step")
+    t.add_argument("--micro-batch-tokens", type=_positive_int, help="tokens per forward (gradient accumulation)")
+    t.add_argument("--peak-size", type=_positive_int, help="n of the n x n peak matmul (default 2048 on CPU, 8192 on CUDA)")
+    t.add_argument("--threads", type=_positive_int, help="CPU threads for training and the peak (default: torch's)")
+    t.add_argument("--train", dest="train_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
+    add_model_overrides(t)
+    t.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    t.set_defaults(func=cmd_bench_train)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers, add_bench_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

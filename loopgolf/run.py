@@ -1,7 +1,13 @@
-"""`loopgolf run`: data -> train -> export -> roundtrip eval -> summary.
+"""`loopgolf run`: data -> train -> export -> roundtrip eval -> summary (and `loopgolf train`:
+data -> train -> checkpoint).
 
 Every run directory holds ``config.json`` (model + run config), ``log.jsonl`` (starting with
-versions, config and hardware), the artifact and ``summary.json`` (the contract in DESIGN.md).
+versions, config and hardware), the artifact and ``summary.json`` (the contract in DESIGN.md),
+and ``checkpoint.pt`` when checkpoints were asked for. ``resume`` continues a run directory
+from its checkpoint with the configuration stored in its ``config.json``.
+
+Under torchrun every rank executes :func:`run`; rank 0 alone writes files and prints, and only
+rank 0 exports and evaluates after training.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from loopgolf.evaluate import EvalResult, evaluate_bpb
 from loopgolf.export.budget import DEFAULT_CAP_BYTES, CapReport, code_bytes
 from loopgolf.export.pack import export_model, load_model
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
-from loopgolf.train.trainer import resolve_device, train
+from loopgolf.train.checkpoint import CHECKPOINT_NAME, CheckpointPolicy, check_resumable, read_checkpoint
+from loopgolf.train.distributed import DistContext, barrier, broadcast_object, context_from_env, init_distributed, shutdown_distributed
+from loopgolf.train.trainer import TrainResult, resolve_device, train
 from loopgolf.util import append_jsonl, atomic_write_json
 
 ARTIFACT_NAME = "artifact.lgz"
@@ -50,6 +58,13 @@ class RunOptions:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     force: bool = False
+    checkpoint_every: int | None = None  # steps between checkpoints; None: 0 (none), or the resumed run's setting
+    resume: Path | None = None  # run directory to continue from its checkpoint
+    train_only: bool = False  # `loopgolf train`: stop after training and the final checkpoint
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -124,42 +139,142 @@ def score(model: torch.nn.Module, ds: Dataset, tokens: np.ndarray, seq_len: int,
     return evaluate_bpb(model, tokens, ds.tables, seq_len, stride=stride, batch_size=batch_size, device=device, progress=progress)
 
 
-def run(opts: RunOptions) -> dict[str, Any]:
-    """Execute one run and return its summary (also written to ``summary.json``)."""
-    t_start = time.perf_counter()
+@dataclass
+class RunSetup:
+    """A run with its configuration fixed: what training and the finish need."""
+
+    preset: Preset  # model and train configs as this run uses them
+    config: dict[str, Any]  # what config.json holds
+    out: Path
+    data_dir: Path
+    data_name: str
+    ds: Dataset
+    device: torch.device
+    dist: DistContext
+    resume: dict[str, Any] | None  # the checkpoint to continue from
+
+
+def _fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     preset = build_configs(opts)
-    data_dir, data_name = resolve_data(opts, preset.model.vocab_size)
+    config = {
+        "preset": preset.name, "model": preset.model.to_dict(), "train": asdict(preset.train), "cap_bytes": opts.cap_bytes,
+        "codec": opts.codec, "bits": opts.bits, "eval_stride": opts.stride, "eval_batch_size": preset.eval_batch_size,
+        "checkpoint_every": opts.checkpoint_every or 0,
+    }
+    return preset, config
+
+
+def _resumed_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
+    """The stored configuration of the run in ``opts.resume``, with the changes a resume may make:
+    the budget (to train longer), the device, the data location and the checkpoint interval."""
+    run_dir = Path(opts.resume)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no config.json: --resume takes a run directory written by `loopgolf run` or `loopgolf train`")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    train_kw = dict(config["train"])
+    for key, value in (("time_budget", opts.time_budget), ("max_steps", opts.max_steps), ("device", opts.device)):
+        if value is not None:
+            train_kw[key] = value
+    train_cfg = TrainConfig(**train_kw)
+    model_cfg = ModelConfig.from_dict(config["model"])
+    eval_bs = config.get("eval_batch_size") or get_preset(config["preset"]).eval_batch_size
+    config["train"] = asdict(train_cfg)
+    if opts.checkpoint_every is not None:
+        config["checkpoint_every"] = opts.checkpoint_every
+    return Preset(config["preset"], "", model_cfg, train_cfg, eval_bs), config
+
+
+def _data_location(opts: RunOptions, config: dict[str, Any], vocab_size: int, ctx: DistContext) -> tuple[Path, str]:
+    """Where the data is. A resumed run reuses its stored directory unless --data moves it (the
+    embedded corpus is rebuilt if its cache is gone). Under torchrun the first rank of each node
+    builds a missing default dataset while the others wait, then they find it cached."""
+    if opts.resume is not None and opts.data is None and not str(config["data"]).startswith("embedded:"):
+        return Path(config["data_dir"]), config["data"]
+    if ctx.enabled and ctx.local_rank != 0:
+        barrier()
+    try:
+        return resolve_data(opts, vocab_size)
+    finally:
+        if ctx.enabled and ctx.local_rank == 0:
+            barrier()
+
+
+def _run_dir(opts: RunOptions, preset_name: str, ctx: DistContext) -> Path:
+    """Rank 0 names and checks the run directory; every rank gets the same answer (or error)."""
+    error = None
+    if opts.resume is not None:
+        out = Path(opts.resume)
+    else:
+        out = Path(opts.out) if opts.out else Path("runs") / f"{preset_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if ctx.is_main and out.exists() and any(out.iterdir()) and not opts.force:
+            error = f"run directory {out} exists and is not empty (pass --force to overwrite, or --resume to continue it)"
+    if ctx.enabled:
+        out, error = broadcast_object((out, error))
+    if error:
+        raise ValueError(error)
+    return out
+
+
+def setup(opts: RunOptions) -> RunSetup:
+    """Fix a run's configuration, join the process group under torchrun, open the data and
+    (rank 0) create the run directory with ``config.json`` and the first log record."""
+    preset, config = _resumed_config(opts) if opts.resume is not None else _fresh_config(opts)
+    ctx, device = init_distributed(resolve_device(preset.train.device))
+    data_dir, data_name = _data_location(opts, config, preset.model.vocab_size, ctx)
     ds = Dataset.open(data_dir)
-    model_cfg = preset.model
-    if ds.vocab_size != model_cfg.vocab_size:
-        if "vocab_size" in opts.model_overrides:
+    if ds.vocab_size != preset.model.vocab_size:
+        if "vocab_size" in opts.model_overrides or opts.resume is not None:
             raise ValueError(
                 f"tokenizer {ds.tokenizer_path} has {ds.vocab_size} pieces but the model was asked for vocab_size "
-                f"{model_cfg.vocab_size}: they must match"
+                f"{preset.model.vocab_size}: they must match"
             )
-        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": ds.vocab_size})
-    train_cfg = preset.train
-    device = resolve_device(train_cfg.device)
+        preset.model = ModelConfig.from_dict({**preset.model.to_dict(), "vocab_size": ds.vocab_size})
+    config.update(data=data_name, data_dir=str(data_dir), model=preset.model.to_dict())
+    out = _run_dir(opts, preset.name, ctx)
+    resume = None
+    if opts.resume is not None:
+        resume = read_checkpoint(out / CHECKPOINT_NAME)
+        check_resumable(resume, preset.model.to_dict(), asdict(preset.train))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", config)
+        if resume is None:
+            log_path = out / "log.jsonl"
+            log_path.unlink(missing_ok=True)
+            append_jsonl(log_path, {"event": "start", "time": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "env": environment(), "world_size": ctx.world_size, "config": config})
+    return RunSetup(preset, config, out, data_dir, data_name, ds, device, ctx, resume)
 
-    out = Path(opts.out) if opts.out else Path("runs") / f"{preset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()) and not opts.force:
-        raise ValueError(f"run directory {out} exists and is not empty (pass --force to overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
+
+def run(opts: RunOptions) -> dict[str, Any]:
+    """Execute one run and return its summary (also written to ``summary.json``). With
+    ``opts.train_only`` stop after training and return the training summary. Under torchrun,
+    ranks other than 0 return ``{"rank": r, ...}`` after training."""
+    t_start = time.perf_counter()
+    try:
+        rs = setup(opts)  # joins the process group under torchrun
+        return _execute(opts, rs, t_start)
+    finally:
+        shutdown_distributed()
+
+
+def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
+    preset, config, out, device, ds = rs.preset, rs.config, rs.out, rs.device, rs.ds
+    model_cfg, train_cfg = preset.model, preset.train
     log_path = out / "log.jsonl"
-    log_path.unlink(missing_ok=True)
-    config = {"preset": preset.name, "data": data_name, "data_dir": str(data_dir), "model": model_cfg.to_dict(), "train": asdict(train_cfg), "cap_bytes": opts.cap_bytes, "codec": opts.codec, "bits": opts.bits, "eval_stride": opts.stride}
-    atomic_write_json(out / "config.json", config)
-    append_jsonl(log_path, {"event": "start", "time": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "env": environment(), "config": config})
 
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed % 2**32)
     model = GPT(model_cfg).to(device)
     n_unique, n_effective = unique_params(model), effective_params(model)
-    say = print if opts.progress else (lambda *a, **k: None)
-    say(f"loopgolf run: preset {preset.name} | {model.plan.describe()} | {n_unique:,} unique / {n_effective:,} effective params")
-    say(f"data: {data_name} ({ds.root}) | device {device} | budget {train_cfg.time_budget}s / {train_cfg.max_steps} steps")
+    say = print if opts.progress and rs.dist.is_main else (lambda *a, **k: None)
+    verb = "train" if opts.train_only else "run"
+    say(f"loopgolf {verb}: preset {preset.name} | {model.plan.describe()} | {n_unique:,} unique / {n_effective:,} effective params")
+    say(f"data: {rs.data_name} ({ds.root}) | device {device} x {rs.dist.world_size} | budget {train_cfg.time_budget}s / {train_cfg.max_steps} steps")
+    if rs.resume is not None:
+        say(f"resuming {out} from step {rs.resume['train']['step']} ({rs.resume['train']['elapsed']:.1f} s of training used)")
 
-    loader = TokenLoader(ds.train_shards, train_cfg.seq_len, seed=train_cfg.seed, vocab_size=ds.vocab_size)
+    loader = TokenLoader(ds.train_shards, train_cfg.seq_len, rank=rs.dist.rank, world_size=rs.dist.world_size, seed=train_cfg.seed, vocab_size=ds.vocab_size)
     val_tokens = ds.val_tokens()
     eval_bs = preset.eval_batch_size
 
@@ -167,19 +282,31 @@ def run(opts: RunOptions) -> dict[str, Any]:
         r = evaluate_bpb(m, val_tokens, ds.tables, train_cfg.seq_len, batch_size=eval_bs, max_tokens=train_cfg.val_max_tokens, device=device)
         return {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "tokens": r.num_targets}
 
-    result = train(model, loader, train_cfg, device=device, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path, validate=validate, progress=opts.progress)
+    every = int(config.get("checkpoint_every") or 0)
+    policy = None
+    if every or opts.train_only:
+        policy = CheckpointPolicy(out / CHECKPOINT_NAME, every=every, config={"model": model_cfg.to_dict(), "train": asdict(train_cfg)})
+    result = train(
+        model, loader, train_cfg, device=device, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path,
+        validate=validate, progress=opts.progress, checkpoint=policy, resume=rs.resume,
+    )
+    if opts.train_only or not rs.dist.is_main:
+        summary = _train_summary(result, rs, policy, t_start)
+        if rs.dist.is_main:
+            append_jsonl(log_path, {"event": "train_end", **{k: summary[k] for k in ("steps", "train_seconds", "tokens_per_second")}})
+        return summary
 
-    pre = score(model, ds, val_tokens, train_cfg.seq_len, device, stride=opts.stride, batch_size=eval_bs, progress=opts.progress)
+    pre = score(model, ds, val_tokens, train_cfg.seq_len, device, stride=config["eval_stride"], batch_size=eval_bs, progress=opts.progress)
     append_jsonl(log_path, {"event": "eval_pre", **pre.to_dict()})
 
     n_code = code_bytes()
     artifact_path = out / ARTIFACT_NAME
-    info = export_model(model, artifact_path, codec=opts.codec, bits=opts.bits, meta={"preset": preset.name, "seed": train_cfg.seed, "steps": result.steps, "seq_len": train_cfg.seq_len})
-    cap = CapReport(model_bytes=info.total_bytes, code_bytes=n_code, cap_bytes=opts.cap_bytes)
+    info = export_model(model, artifact_path, codec=config["codec"], bits=config["bits"], meta={"preset": preset.name, "seed": train_cfg.seed, "steps": result.steps, "seq_len": train_cfg.seq_len})
+    cap = CapReport(model_bytes=info.total_bytes, code_bytes=n_code, cap_bytes=config["cap_bytes"])
     append_jsonl(log_path, {"event": "export", "codec": info.codec, **cap.to_dict()})
 
     reloaded, _ = load_model(artifact_path, device=device)
-    post = score(reloaded, ds, val_tokens, train_cfg.seq_len, device, stride=opts.stride, batch_size=eval_bs, progress=opts.progress)
+    post = score(reloaded, ds, val_tokens, train_cfg.seq_len, device, stride=config["eval_stride"], batch_size=eval_bs, progress=opts.progress)
     append_jsonl(log_path, {"event": "eval_post", **post.to_dict()})
 
     from loopgolf.data.corpus import baseline_xz_bpb
@@ -190,7 +317,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         "val_loss_pre": pre.val_loss,
         "val_loss_post": post.val_loss,
         "quant_gap_bpb": post.val_bpb - pre.val_bpb,
-        "baseline_xz_bpb": baseline_xz_bpb(data_dir),
+        "baseline_xz_bpb": baseline_xz_bpb(rs.data_dir),
         "artifact_bytes": cap.artifact_bytes,
         "model_bytes": cap.model_bytes,
         "code_bytes": cap.code_bytes,
@@ -198,7 +325,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         "headroom_bytes": cap.headroom,
         "fits": cap.fits,
         "codec": info.codec,
-        "bits": opts.bits,
+        "bits": config["bits"],
         "unique_params": n_unique,
         "effective_params": n_effective,
         "train_tokens": result.train_tokens,
@@ -212,10 +339,12 @@ def run(opts: RunOptions) -> dict[str, Any]:
         "eval_seq_len": post.seq_len,
         "eval_stride": post.stride,
         "device": str(device),
+        "world_size": rs.dist.world_size,
+        "resumed_from": result.resumed_from,
         "preset": preset.name,
         "seed": train_cfg.seed,
         "plan": model.plan.to_dict(),
-        "data": data_name,
+        "data": rs.data_name,
         "artifact": str(artifact_path),
         "total_seconds": time.perf_counter() - t_start,
         "loopgolf_version": loopgolf.__version__,
@@ -225,6 +354,41 @@ def run(opts: RunOptions) -> dict[str, Any]:
     append_jsonl(log_path, {"event": "end", "total_seconds": summary["total_seconds"]})
     summary["run_dir"] = str(out)
     return summary
+
+
+def _train_summary(result: TrainResult, rs: RunSetup, policy: CheckpointPolicy | None, t_start: float) -> dict[str, Any]:
+    return {
+        "rank": rs.dist.rank,
+        "world_size": rs.dist.world_size,
+        "preset": rs.preset.name,
+        "seed": rs.preset.train.seed,
+        "steps": result.steps,
+        "train_tokens": result.train_tokens,
+        "train_seconds": result.train_seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "final_train_loss": result.final_train_loss,
+        "stage_steps": result.stage_steps,
+        "resumed_from": result.resumed_from,
+        "checkpoint": str(policy.path) if policy is not None else None,
+        "device": str(rs.device),
+        "total_seconds": time.perf_counter() - t_start,
+        "run_dir": str(rs.out),
+    }
+
+
+def format_train_summary(s: dict[str, Any]) -> str:
+    """The table printed at the end of `loopgolf train`."""
+    rows = [
+        ("preset", s["preset"]),
+        ("steps / train tokens", f"{s['steps']:,} / {s['train_tokens']:,}" + (f"  (resumed from step {s['resumed_from']:,})" if s["resumed_from"] is not None else "")),
+        ("train time / tokens per s", f"{s['train_seconds']:.1f} s / {s['tokens_per_second']:,.0f}"),
+        ("final train loss", f"{s['final_train_loss']:.4f}"),
+        ("checkpoint", s["checkpoint"]),
+        ("device / ranks", f"{s['device']} x {s['world_size']}"),
+        ("next", f"loopgolf run --resume {s['run_dir']}  (export + roundtrip eval; add --steps/--time to train longer)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -182,7 +182,7 @@ CORRUPTIONS = {
     "trailing bytes": (lambda b: b + b"\x00", "trailing"),
     "flipped payload byte": (lambda b: b[:60] + bytes([b[60] ^ 1]) + b[61:], "checksum"),
     "flipped checksum byte": (lambda b: b[:-1] + bytes([b[-1] ^ 0x80]), "checksum"),
-    "future version": (lambda b: b[:8] + struct.pack("<H", 2) + b[10:], "unsupported artifact format version 2"),
+    "future version": (lambda b: b[:8] + struct.pack("<H", 3) + b[10:], "unsupported artifact format version 3"),
 }
 
 

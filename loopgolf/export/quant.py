@@ -3,8 +3,16 @@
 The scheme follows the Parameter Golf baseline export (REFERENCE.md, "Baseline export"), with the
 bit width generalised: small tensors stay float (fp32 for control tensors, whose exact values steer
 the residual stream, fp16 otherwise); larger 2-D tensors get one fp16 scale per row and integer
-codes in [-(2**(bits-1)-1), 2**(bits-1)-1], stored one per int8 (packing below a byte is left to the
-compressor). Works on plain `dict[str, torch.Tensor]` state dicts; knows nothing about models.
+codes in [-(2**(bits-1)-1), 2**(bits-1)-1], stored one per int8. Bit-packing was measured on a
+trained model and loses after brotli/lzma/zstd: one code per byte is 7-12% smaller at 5-7 bits
+(the entropy coders model whole bytes); only at 4 bits would packing save 0.8% with brotli
+(docs/LOG.md, 2026-11-23), not worth a second layout.
+
+An intN tensor may carry two optional corrections, both applied at dequantization: a sparse set of
+outliers kept exactly in fp16 (sorted flat int32 indices and their values, which replace the coded
+entries) and a low-rank term ``u @ v`` (fp16 factors) added to ``codes * scale``. How they are chosen
+lives outside the scoring path (``export.encode``); this module only defines and checks the format.
+Works on plain `dict[str, torch.Tensor]` state dicts; knows nothing about models.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ DEFAULT_CLIP_PERCENTILE = 99.99984
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 _INT_ROW_RE = re.compile(r"^int([0-9]+)_row$")
+PART_NAMES: tuple[str, ...] = ("data", "scale", "outlier_idx", "outlier_val", "lowrank_u", "lowrank_v")
 
 
 class QuantError(ValueError):
@@ -41,18 +50,26 @@ class QuantizedTensor:
     data: torch.Tensor  # float32/float16 values, or int8 codes (rows, cols) for intN_row
     scale: torch.Tensor | None  # float16 per-row scale for intN_row, else None
     bits: int | None  # N for intN_row, else None
+    outlier_idx: torch.Tensor | None = None  # int32 sorted flat indices kept exactly (intN_row only)
+    outlier_val: torch.Tensor | None = None  # float16 values at outlier_idx
+    lowrank_u: torch.Tensor | None = None  # float16 (rows, r): low-rank error correction u @ v
+    lowrank_v: torch.Tensor | None = None  # float16 (r, cols)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored arrays by part name, in storage order ("data" first)."""
+        return {k: t for k, t in zip(PART_NAMES, (self.data, self.scale, *self.extras())) if t is not None}
+
+    def extras(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.outlier_idx, self.outlier_val, self.lowrank_u, self.lowrank_v)
+
     @property
     def stored_bytes(self) -> int:
-        """Uncompressed bytes this tensor occupies in an artifact (codes/values plus scales)."""
-        n = self.data.numel() * self.data.element_size()
-        if self.scale is not None:
-            n += self.scale.numel() * self.scale.element_size()
-        return n
+        """Uncompressed bytes this tensor occupies in an artifact (codes/values, scales, corrections)."""
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
 
 def int_row_scheme(bits: int) -> str:
@@ -110,7 +127,8 @@ def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * frac
 
 
-def _as_cpu_float32(name: str, t: torch.Tensor) -> torch.Tensor:
+def as_cpu_float32(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU float32 copy of a float tensor; QuantError for non-float or non-finite input."""
     if not isinstance(t, torch.Tensor):
         raise QuantError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -121,7 +139,7 @@ def _as_cpu_float32(name: str, t: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _to_fp16_checked(name: str, w: torch.Tensor) -> torch.Tensor:
+def to_fp16_checked(name: str, w: torch.Tensor) -> torch.Tensor:
     # A silent overflow to inf would only surface later as a NaN loss; fail here instead.
     if w.numel() and float(w.abs().max()) > FP16_MAX:
         raise QuantError(f"{name}: values up to {float(w.abs().max()):.4g} exceed the fp16 range ({FP16_MAX})")
@@ -142,15 +160,15 @@ def quantize_tensor(
         raise QuantError(f"clip_percentile must be in (0, 100], got {clip_percentile}")
     if float_max_numel < 0:
         raise QuantError(f"float_max_numel must be >= 0, got {float_max_numel}")
-    w = _as_cpu_float32(name, t)
+    w = as_cpu_float32(name, t)
     shape = tuple(int(s) for s in w.shape)
 
     if w.numel() <= float_max_numel:
         if is_control_tensor(name):
             return QuantizedTensor("float32", shape, w.contiguous(), None, None)
-        return QuantizedTensor("float16", shape, _to_fp16_checked(name, w).contiguous(), None, None)
+        return QuantizedTensor("float16", shape, to_fp16_checked(name, w).contiguous(), None, None)
     if w.dim() != 2:
-        return QuantizedTensor("float16", shape, _to_fp16_checked(name, w).contiguous(), None, None)
+        return QuantizedTensor("float16", shape, to_fp16_checked(name, w).contiguous(), None, None)
 
     qmax = qmax_for_bits(bits)
     clip = row_quantile(w.abs(), clip_percentile / 100.0)
@@ -160,12 +178,25 @@ def quantize_tensor(
     # Round the scale to fp16 FIRST and derive codes from the rounded value, so that dequantization
     # with the stored scale reproduces exactly what was optimised for. A zero scale (all-zero row,
     # or one that underflows fp16) becomes 1: its codes are then 0 and dequantize back to 0.
-    scale16 = scale32.to(torch.float16)
-    scale16 = torch.where(scale16 == 0, torch.ones_like(scale16), scale16)
-    s = scale16.to(torch.float32)[:, None]
+    scale16 = fp16_scale(scale32)
     clipped = torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None])
-    codes = torch.round(clipped / s).clamp_(-qmax, qmax).to(torch.int8)
-    return QuantizedTensor(int_row_scheme(bits), shape, codes.contiguous(), scale16.contiguous(), bits)
+    return QuantizedTensor(int_row_scheme(bits), shape, round_codes(clipped, scale16, qmax), scale16, bits)
+
+
+def fp16_scale(scale32: torch.Tensor) -> torch.Tensor:
+    """Per-row scales as stored: fp16, with 0 (all-zero row, or underflow) replaced by 1 so that
+    such a row's codes are 0 and dequantize to 0."""
+    scale16 = scale32.to(torch.float16)
+    return torch.where(scale16 == 0, torch.ones_like(scale16), scale16).contiguous()
+
+
+def round_codes(w: torch.Tensor, scale16: torch.Tensor, qmax: int) -> torch.Tensor:
+    """int8 codes of a (rows, cols) float32 matrix on the grid of its stored fp16 row scales.
+
+    Codes come from the ROUNDED scale so dequantization with the stored scale reproduces exactly
+    what was optimised for."""
+    s = scale16.to(torch.float32)[:, None]
+    return torch.round(w / s).clamp_(-qmax, qmax).to(torch.int8).contiguous()
 
 
 def validate_quantized(q: QuantizedTensor, name: str = "tensor") -> None:
@@ -180,8 +211,8 @@ def validate_quantized(q: QuantizedTensor, name: str = "tensor") -> None:
                 f"{name}: scheme {q.scheme} needs {want} data of shape {q.shape}, "
                 f"got {q.data.dtype} {tuple(q.data.shape)}"
             )
-        if q.scale is not None or q.bits is not None:
-            raise QuantError(f"{name}: float scheme {q.scheme} must have no scale and no bits")
+        if q.scale is not None or q.bits is not None or any(t is not None for t in q.extras()):
+            raise QuantError(f"{name}: float scheme {q.scheme} must have no scale, bits, outliers or low-rank term")
         return
     if q.bits != bits:
         raise QuantError(f"{name}: scheme {q.scheme} disagrees with bits={q.bits}")
@@ -198,14 +229,47 @@ def validate_quantized(q: QuantizedTensor, name: str = "tensor") -> None:
         raise QuantError(f"{name}: codes outside [-{qmax}, {qmax}] for {bits} bits")
     if not bool(torch.isfinite(q.scale).all()):
         raise QuantError(f"{name}: non-finite scale")
+    _validate_extras(q, name)
+
+
+def _check_part(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise QuantError(f"{what} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise QuantError(f"{what} has non-finite values")
+
+
+def _validate_extras(q: QuantizedTensor, name: str) -> None:
+    idx, val, u, v = q.extras()
+    if (idx is None) != (val is None) or (u is None) != (v is None):
+        raise QuantError(f"{name}: outlier indices/values and low-rank u/v come in pairs")
+    if idx is not None:
+        k = int(idx.shape[0]) if idx.dim() == 1 else -1
+        _check_part(idx, torch.int32, (k,), f"{name}: outlier_idx")
+        _check_part(val, torch.float16, (k,), f"{name}: outlier_val")
+        # Strictly increasing and in range: every outlier is a distinct entry of this tensor.
+        if k and (int(idx[0]) < 0 or int(idx[-1]) >= q.numel or (k > 1 and not bool((idx[1:] > idx[:-1]).all()))):
+            raise QuantError(f"{name}: outlier indices must be strictly increasing in [0, {q.numel})")
+    if u is not None:
+        r = int(u.shape[1]) if u.dim() == 2 else -1
+        if r < 1:
+            raise QuantError(f"{name}: lowrank_u must be 2-D with rank >= 1, got shape {tuple(u.shape)}")
+        _check_part(u, torch.float16, (q.shape[0], r), f"{name}: lowrank_u")
+        _check_part(v, torch.float16, (r, q.shape[1]), f"{name}: lowrank_v")
 
 
 def dequantize_tensor(q: QuantizedTensor, name: str = "tensor") -> torch.Tensor:
-    """float32 tensor of q.shape; for intN_row exactly codes * stored fp16 scale (in float32)."""
+    """float32 tensor of q.shape; for intN_row exactly codes * stored fp16 scale (in float32), plus
+    the low-rank term, with outlier entries replaced by their stored values."""
     validate_quantized(q, name)
     if q.scale is None:
         return q.data.to(torch.float32).reshape(q.shape).clone()
-    return (q.data.to(torch.float32) * q.scale.to(torch.float32)[:, None]).reshape(q.shape)
+    w = q.data.to(torch.float32) * q.scale.to(torch.float32)[:, None]
+    if q.lowrank_u is not None:
+        w += q.lowrank_u.to(torch.float32) @ q.lowrank_v.to(torch.float32)
+    if q.outlier_idx is not None:
+        w.view(-1)[q.outlier_idx.long()] = q.outlier_val.to(torch.float32)
+    return w.reshape(q.shape)
 
 
 def quantize_state_dict(state: dict[str, torch.Tensor], **kw) -> dict[str, QuantizedTensor]:

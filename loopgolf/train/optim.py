@@ -32,7 +32,8 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon. Under torch.distributed each rank orthogonalises every world_size-th matrix and the
-    updates are summed across ranks, so the work is split rather than repeated."""
+    updates are summed across ranks, so the work is split rather than repeated. Gradients must
+    already be averaged across ranks (``loopgolf.train.distributed.all_reduce_gradients``)."""
 
     def __init__(self, params, lr: float = 0.04, momentum: float = 0.95, backend_steps: int = 5, nesterov: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
@@ -48,12 +49,15 @@ class Muon(torch.optim.Optimizer):
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
             offset = 0
             for i, p in enumerate(params):
+                # Every rank keeps every momentum buffer (cheap next to the orthogonalisation), so
+                # the optimizer state is identical on all ranks: rank 0's checkpoint is complete
+                # and a run can resume on any world size.
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
                 if i % world == rank:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     g = newton_schulz(g, steps=group["backend_steps"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5

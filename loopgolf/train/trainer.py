@@ -1,10 +1,21 @@
 """The training loop: wallclock and/or step budget, warmdown timed against the budget, gradient
-accumulation, bf16 autocast and optional torch.compile on CUDA, float32 on CPU, a progress bar,
-``log.jsonl`` records and periodic validation."""
+accumulation, data parallelism across ranks, bf16 autocast on CUDA, optional torch.compile,
+float32 on CPU, a progress bar, ``log.jsonl`` records, periodic validation and checkpoints for
+exact resume.
+
+Host syncs. On CUDA a step never waits for the GPU: losses stay on the device and are read, with
+the clock, every ``log_every`` steps (and at validations, checkpoints and the end of the budget).
+In between, the schedules (learning rate, recurrence stage, the stop) read a clock extrapolated
+from the last sync, which every rank computes identically, so ranks never disagree about the step
+they are in. On CPU a sync is free and happens every step, which makes the clock exact.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,6 +27,8 @@ from torch import nn
 
 from loopgolf.config import TrainConfig
 from loopgolf.data.shards import TokenLoader
+from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_checkpoint, save_checkpoint
+from loopgolf.train.distributed import all_reduce_gradients, all_reduce_mean, broadcast_parameters, current_world
 from loopgolf.train.optim import build_optimizers, muon_momentum_at
 from loopgolf.util import append_jsonl
 
@@ -28,6 +41,33 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
     return torch.device(name)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit systems
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed blocks (up to 32 MiB) instead of returning them to the kernel.
+
+    A CPU training step allocates and frees the same activation buffers every time. By default
+    glibc serves each large block with a fresh mmap and unmaps it on free, so every step faults
+    every page of every activation in again (about 14,000 page faults per step for the ``cpu``
+    preset, a kernel zeroing each page). Keeping those blocks on the heap removes the faults;
+    the arithmetic is untouched. Process-wide, Linux/glibc only; returns whether it applied."""
+    global _malloc_tuned
+    if _malloc_tuned or not sys.platform.startswith("linux"):
+        return _malloc_tuned
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
+    _malloc_tuned = ok
+    return ok
 
 
 def training_progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
@@ -70,6 +110,7 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return per_rank // micro, micro
 
 
+
 @dataclass
 class TrainResult:
     steps: int
@@ -80,6 +121,96 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
     stage_steps: list[int] = field(default_factory=list)  # step at which each recurrence stage began
+    resumed_from: int | None = None  # step of the checkpoint this run continued from
+
+
+class StepClock:
+    """Training seconds as the schedules see them, equal on every rank.
+
+    ``synced`` is the measured clock at the last sync (averaged over ranks); between syncs the
+    clock advances by the mean step time of the last synced window, a value every rank shares.
+    """
+
+    def __init__(self, step: int, elapsed: float) -> None:
+        self.synced_step, self.synced = step, elapsed
+        self.per_step = 0.0
+
+    def at(self, step: int) -> float:
+        return self.synced + (step - self.synced_step) * self.per_step
+
+    def sync(self, step: int, elapsed: float) -> None:
+        if step > self.synced_step:
+            self.per_step = max(elapsed - self.synced, 0.0) / (step - self.synced_step)
+        self.synced_step, self.synced = step, elapsed
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """``torch.compile`` the training forward (model -> loss): one full graph per recurrence
+    stage, fixed shapes. Inductor fuses the elementwise work between the matmuls (norms, residual
+    mixes, rotary, the logit soft-cap and the cross-entropy) on CUDA and on CPU (where it needs a
+    C++ compiler). Tests pass ``backend="eager"`` to check graphs and guards cheaply."""
+    return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
+
+
+def warm_up_compiled(step_fn: Callable[..., torch.Tensor], model: nn.Module, stages: list[int | None], x: torch.Tensor, amp) -> None:
+    """Compile every recurrence stage's graph (forward and backward) before the clock starts, so
+    switching stages during training reuses a cached graph instead of compiling on the budget.
+    Gradients are discarded; parameters are untouched."""
+    # Inputs and targets are distinct tensors, as in training: passing one tensor twice would
+    # guard the graph on that aliasing and recompile at the first real step.
+    y = x.clone()
+    # One eager forward first fills lazily built caches (the rotary tables): a graph compiled
+    # while a cache was empty would be guarded on that and recompiled once it is filled.
+    with torch.no_grad(), amp:
+        model(x, y)
+    for stage in stages:
+        if stages != [None]:
+            model.set_stage(stage)
+        with amp:
+            loss = step_fn(x, y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+
+def run_step(
+    step_fn: Callable[..., torch.Tensor],
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    accum: int,
+    amp,
+    world_size: int,
+    grad_clip: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimizer step over a batch split into ``accum`` micro-batches; returns the sum of the
+    micro-batch losses as a device tensor. Nothing in here waits for the GPU."""
+    loss_sum = torch.zeros((), device=device)
+    if device.type == "cuda":  # pinned memory lets the copy run without blocking the host
+        xs, ys = xs.pin_memory().to(device, non_blocking=True), ys.pin_memory().to(device, non_blocking=True)
+    for x, y in zip(xs.chunk(accum), ys.chunk(accum)):
+        with amp:
+            loss = step_fn(x, y)
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    if world_size > 1:
+        all_reduce_gradients(model.parameters(), world_size)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _truncate(path: Path, size: int) -> None:
+    """Cut ``log.jsonl`` back to where a checkpoint was taken: records written after it (by the
+    run that was interrupted) describe steps the resumed run repeats."""
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
 
 
 def train(
@@ -93,13 +224,25 @@ def train(
     validate: Callable[[nn.Module], dict] | None = None,
     on_step: Callable[[int, float, nn.Module], None] | None = None,
     progress: bool = True,
-    world_size: int = 1,
+    checkpoint: CheckpointPolicy | None = None,
+    resume: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place until the step or time budget runs out.
 
     ``on_step(step, progress, model)`` runs before every optimizer step (``progress`` is the
     fraction of the budget used); schedules that change the model during training, such as
-    quantization-aware training over the last part of the budget, hook in here."""
+    quantization-aware training over the last part of the budget, hook in here. A hook with
+    ``state_dict()``/``load_state_dict()`` methods is checkpointed with the run.
+
+    Under torch.distributed (torchrun) every rank calls this with its rank's loader; gradients
+    are averaged across ranks and rank 0 alone logs, validates, shows progress and checkpoints.
+    ``checkpoint`` says when to write checkpoints; ``resume`` is a checkpoint read with
+    :func:`loopgolf.train.checkpoint.read_checkpoint` to continue from.
+    """
+    rank, world = current_world()
+    if (loader.rank, loader.world_size) != (rank, world):
+        raise ValueError(f"the loader was built for rank {loader.rank} of {loader.world_size} but this process is rank {rank} of {world}")
+    main = rank == 0
     model.train()
     staged = bool(cfg.recurrence_stages)
     if staged:
@@ -110,107 +253,171 @@ def train(
                 f"{loops - 1} extra pass(es) to switch on ({model.plan.describe()})"
             )
     optimizers = build_optimizers(model, cfg.optim, tied=tied_embeddings)
-    accum, micro_tokens = accumulation_steps(cfg, world_size)
-    step_fn: nn.Module = model
-    if cfg.compile:
-        if device.type != "cuda":
-            raise ValueError("torch.compile is supported on CUDA only here; drop --compile on CPU")
-        step_fn = torch.compile(model, dynamic=False)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    accum, micro_tokens = accumulation_steps(cfg, world)
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    if not cuda:
+        keep_freed_memory()
 
     def log(record: dict) -> None:
-        if log_path is not None:
+        if log_path is not None and main:
             append_jsonl(log_path, record)
 
+    state = TrainState()
+    if resume is not None:
+        state = restore_checkpoint(resume, model=model, optimizers=optimizers, loader=loader)
+        if on_step is not None and hasattr(on_step, "load_state_dict") and resume.get("hook") is not None:
+            on_step.load_state_dict(resume["hook"])
+        if staged and state.stage_steps:
+            model.set_stage(len(state.stage_steps) - 1)
+        if log_path is not None and main and state.log_bytes is not None:
+            _truncate(log_path, state.log_bytes)
+        log({"event": "resume", "step": state.step, "elapsed": state.elapsed, "tokens": state.tokens, "world_size": world})
+    if world > 1:
+        broadcast_parameters(model)
+
+    step_fn: Callable[..., torch.Tensor] = model
+    if cfg.compile:
+        step_fn = compile_model(model)
+        stages: list[int | None] = list(range(model.plan.num_loops)) if staged else [None]
+        dummy = torch.zeros(micro_tokens // cfg.seq_len, cfg.seq_len, dtype=torch.long, device=device)
+        warm_up_compiled(step_fn, model, stages, dummy, amp)
+        if staged:
+            model.set_stage(len(state.stage_steps) - 1 if state.stage_steps else 0)
+
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         total = cfg.max_steps if cfg.time_budget is None else None
-        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    losses: list[float] = []
-    val_history: list[dict] = []
-    elapsed = 0.0  # training seconds, validation excluded
-    step = 0
-    tokens = 0
-    loss_value = float("nan")
-    stage_steps: list[int] = []
+    # A sync reads the losses and the clock: every step on CPU (free there), every log_every
+    # steps on CUDA, where reading a value would stall the GPU queue.
+    sync_every = cfg.log_every if cuda else 1
+    clock = StepClock(state.step, state.elapsed)
+    elapsed = state.elapsed  # this rank's measured training seconds, exact at syncs
+    pending: list[torch.Tensor] = []  # loss sums of steps not read yet
+    loss_value = state.losses[-1] if state.losses else float("nan")
+    saved_at = state.step if resume is not None else None
+    step = state.step
     try:
         while True:
+            now = clock.at(step)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-            if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+            if cfg.time_budget is not None and now >= cfg.time_budget:
                 break
             if staged:
-                stage = recurrence_stage(step, elapsed, cfg)
-                while len(stage_steps) <= stage:  # a stage can be skipped if a step jumps past it
-                    stage_steps.append(step)
-                    model.set_stage(len(stage_steps) - 1)
-                    log({"event": "stage", "stage": len(stage_steps) - 1, "step": step, "virtual_layers": len(model.active_layers)})
+                stage = recurrence_stage(step, now, cfg)
+                while len(state.stage_steps) <= stage:  # a stage can be skipped if a step jumps past it
+                    state.stage_steps.append(step)
+                    model.set_stage(len(state.stage_steps) - 1)
+                    log({"event": "stage", "stage": len(state.stage_steps) - 1, "step": step, "virtual_layers": len(model.active_layers)})
             if on_step is not None:
-                on_step(step, training_progress(step, elapsed, cfg), model)
+                on_step(step, training_progress(step, now, cfg), model)
             t0 = time.perf_counter()
-            mul = lr_multiplier(step, elapsed, cfg)
+            mul = lr_multiplier(step, now, cfg)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * mul
                     if "momentum" in group:
                         group["momentum"] = muon_momentum_at(step, cfg.optim)
-            loss_sum = torch.zeros((), device=device)
             # One read per step, split into micro-batches: the step sees the same tokens
             # whatever the accumulation or world size.
             xs, ys = loader.next_batch(accum * micro_tokens)
-            for x, y in zip(xs.chunk(accum), ys.chunk(accum)):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with amp:
-                    loss = step_fn(x, y)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+            loss_sum = run_step(step_fn, model, optimizers, xs, ys, accum=accum, amp=amp, world_size=world, grad_clip=cfg.grad_clip, device=device)
             step += 1
-            tokens += cfg.batch_tokens
-            log_now = step % cfg.log_every == 0 or step == 1 or (cfg.max_steps is not None and step == cfg.max_steps)
-            loss_value = float(loss_sum) / accum  # one host sync per step, after the update
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the learning rates")
-            losses.append(loss_value)
-            elapsed += time.perf_counter() - t0
-            tok_s = tokens / max(elapsed, 1e-9)
+            state.tokens += cfg.batch_tokens
+            pending.append(loss_sum)
+
+            # The last step of the budget (as far as the clock can tell without a sync) syncs, so
+            # the stop is decided on a measured clock.
+            last = (cfg.max_steps is not None and step >= cfg.max_steps) or (
+                cfg.time_budget is not None and clock.at(step) >= cfg.time_budget
+            )
+            # Whether to sync must not depend on the rank: a sync is a collective under torchrun.
+            log_now = step % cfg.log_every == 0 or step == 1 or last
+            val_due = validate is not None and bool(cfg.val_every) and step % cfg.val_every == 0
+            ckpt_now = checkpoint is not None and checkpoint.every > 0 and step % checkpoint.every == 0
+            if step % sync_every == 0 or log_now or val_due or ckpt_now:
+                if cuda:
+                    torch.cuda.synchronize(device)  # the queued steps' GPU time belongs to this window
+                elapsed += time.perf_counter() - t0
+                values = torch.stack(pending)
+                pending.clear()
+                if world > 1:  # one collective: every rank's loss sums and its clock, averaged
+                    values = all_reduce_mean(torch.cat([values, values.new_tensor([elapsed])]), world)
+                host = values.tolist()
+                if world > 1:
+                    elapsed, host = host[-1], host[:-1]
+                for s in host:
+                    loss_value = s / accum
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f"training loss became {loss_value} by step {step}; lower the learning rates")
+                    state.losses.append(loss_value)
+                clock.sync(step, elapsed)
+            else:
+                elapsed += time.perf_counter() - t0
+            state.step, state.elapsed = step, clock.at(step)
+            tok_s = state.tokens / max(state.elapsed, 1e-9)
             if log_now:
-                log({"event": "train", "step": step, "loss": loss_value, "lr_mul": mul, "tokens": tokens, "elapsed": elapsed, "tokens_per_second": tok_s})
+                log({"event": "train", "step": step, "loss": loss_value, "lr_mul": mul, "tokens": state.tokens, "elapsed": state.elapsed, "tokens_per_second": tok_s})
             if bar is not None:
-                eta = _eta(step, elapsed, cfg)
+                eta = _eta(step, state.elapsed, cfg)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:.0f}s")
                 bar.update(1)
-            if validate is not None and cfg.val_every and step % cfg.val_every == 0:
+            if val_due and main:  # the other ranks go on and wait for rank 0 at the next collective
                 record = {"step": step, **validate(model)}
-                val_history.append(record)
+                state.val_history.append(record)
                 log({"event": "val", **record})
                 if bar is not None:
                     bar.write(f"step {step}: val_loss {record['val_loss']:.4f} val_bpb {record['val_bpb']:.4f}")
+            if ckpt_now:
+                _save(checkpoint, model, optimizers, loader, state, on_step, log_path, main)
+                saved_at = step
+        if checkpoint is not None and checkpoint.final and saved_at != step:
+            _save(checkpoint, model, optimizers, loader, state, on_step, log_path, main)
     finally:
         if bar is not None:
             bar.close()
         if staged:
             # The exported model runs every pass; say so if training ended before the last stage.
-            if len(stage_steps) < model.plan.num_loops:
-                log({"event": "warning", "message": f"training ended in recurrence stage {len(stage_steps) - 1}; later passes are untrained"})
+            if len(state.stage_steps) < model.plan.num_loops:
+                log({"event": "warning", "message": f"training ended in recurrence stage {len(state.stage_steps) - 1}; later passes are untrained"})
             model.set_stage(None)
     return TrainResult(
         steps=step,
-        train_tokens=tokens,
-        train_seconds=elapsed,
-        tokens_per_second=tokens / max(elapsed, 1e-9),
+        train_tokens=state.tokens,
+        train_seconds=state.elapsed,
+        tokens_per_second=state.tokens / max(state.elapsed, 1e-9),
         final_train_loss=loss_value,
-        losses=losses,
-        val_history=val_history,
-        stage_steps=stage_steps,
+        losses=state.losses,
+        val_history=state.val_history,
+        stage_steps=state.stage_steps,
+        resumed_from=None if resume is None else int(resume["train"]["step"]),
     )
+
+
+def _save(
+    policy: CheckpointPolicy,
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    loader: TokenLoader,
+    state: TrainState,
+    on_step: Callable | None,
+    log_path: Path | None,
+    main: bool,
+) -> None:
+    """Rank 0 writes the checkpoint (optimizer states are the same on every rank). The log
+    record goes first, so the saved log length includes it."""
+    if not main:
+        return
+    if log_path is not None:
+        append_jsonl(log_path, {"event": "checkpoint", "step": state.step, "path": str(policy.path)})
+        state.log_bytes = log_path.stat().st_size
+    hook_state = on_step.state_dict() if on_step is not None and hasattr(on_step, "state_dict") else None
+    save_checkpoint(policy.path, model=model, optimizers=optimizers, loader=loader, state=state, config=policy.config, hook_state=hook_state)
 
 
 def _eta(step: int, elapsed: float, cfg: TrainConfig) -> float:

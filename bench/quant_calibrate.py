@@ -1,0 +1,166 @@
+"""Measure the compression ratios the byte planner predicts with, and (with --write) regenerate
+``loopgolf/export/planner_table.py``:
+
+    python bench/quant_calibrate.py --write
+
+For every codec it compresses, laid out exactly as the artifact stores them (codes as int8, fp16
+scales and float values as byte planes):
+
+- coded matrices: Gaussian rows coded as intN (N = 2..8) with percentile and MSE clips, for row
+  lengths 16..8192 (bytes per element, row scales included: the entropy of the codes depends on
+  how far the row max lies from the bulk, which grows with the row length);
+- float16 pass-through values (Gaussian), float32 control values (1 + 5% noise) and int32 outlier
+  indices (sorted, random), per element.
+
+Then it exports whole models (presets of the cpu family, randomly initialised then perturbed by
+Gaussian noise, under a few policies) with every codec and stores, per codec, the mean ratio of
+the real artifact's tensor bytes to the sum of the per-tensor rates (``export_factor``): one
+stream of mixed tensors compresses a little differently from each tensor alone (zstd notably).
+
+Gaussian rows stand for trained weights: per-row scales make the codes independent of each row's
+magnitude, and trained matrices measured so far code a few percent smaller (docs/LOG.md), so the
+planner errs on the safe side of the cap there.
+
+    python bench/quant_calibrate.py --write                 # everything (about 10 min on 2 cores)
+    python bench/quant_calibrate.py --write --factors-only  # keep the rates, redo the exports
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from loopgolf.export import codec as codecs
+from loopgolf.export.writer import stored_part_bytes
+from loopgolf.export.encode import encode_tensor
+from loopgolf.export.policy import CLIP_METHODS, QuantPolicy
+
+COLS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BITS = (2, 3, 4, 5, 6, 7, 8)
+ELEMENTS = 1 << 18  # per measurement: large enough that codec start-up costs vanish
+TABLE_PATH = Path(__file__).resolve().parents[1] / "loopgolf" / "export" / "planner_table.py"
+
+
+def compressed_per_element(raw: bytes, numel: int) -> dict[str, float]:
+    return {c: round(len(codecs.compress(raw, c)) / numel, 5) for c in codecs.CODECS}
+
+
+def coded_rates(gen: torch.Generator) -> dict:
+    out: dict = {clip: {str(b): {c: [] for c in codecs.CODECS} for b in BITS} for clip in CLIP_METHODS}
+    for cols in COLS:
+        rows = max(16, ELEMENTS // cols)
+        w = torch.randn(rows, cols, generator=gen)
+        for clip in CLIP_METHODS:
+            for bits in BITS:
+                q = encode_tensor("mlps.0.fc.weight", w, QuantPolicy.uniform(bits, clip=clip, float_max_numel=0))
+                raw = b"".join(stored_part_bytes(t) for t in q.parts().values())
+                for c, rate in compressed_per_element(raw, w.numel()).items():
+                    out[clip][str(bits)][c].append([cols, rate])
+        print(f"  cols {cols}: done", flush=True)
+    return out
+
+
+def measure() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    n = ELEMENTS
+    fp16 = (torch.randn(n, generator=gen) * 0.02).to(torch.float16)
+    fp32 = 1.0 + 0.05 * torch.randn(n // 4, generator=gen)
+    idx = torch.randperm(1 << 24, generator=gen)[: n // 16].sort().values.to(torch.int32)
+    return {
+        "coded": coded_rates(gen),
+        "float16": compressed_per_element(stored_part_bytes(fp16), fp16.numel()),
+        "float32": compressed_per_element(stored_part_bytes(fp32), fp32.numel()),
+        "int32_index": compressed_per_element(stored_part_bytes(idx), idx.numel()),
+    }
+
+
+FACTOR_PRESETS = ("cpu-shared", "cpu-vanilla", "cpu-shared-lora4", "cpu-mini-loop", "cpu-k1", "cpu-shared-depth")
+FACTOR_POLICIES = ("int8", "int6,fp16max=16384", "int5,clip=mse,outliers=8")
+
+
+def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Per codec: mean of (real artifact bytes - header - container) / (sum of tensor rates) over
+    FACTOR_PRESETS x FACTOR_POLICIES, and the individual ratios."""
+    from loopgolf.config import get_preset
+    from loopgolf.export.writer import build_payload, container_overhead
+    from loopgolf.export.encode import encode_state, storage_order
+    from loopgolf.export.planner import predict_bytes
+    from loopgolf.export.policy import parse_policy
+    from loopgolf.model.gpt import GPT
+
+    raw_table = {k: v for k, v in rates.items() if k != "export_factor"}
+    ratios: dict[str, list[float]] = {c: [] for c in codecs.CODECS}
+    for preset in FACTOR_PRESETS:
+        torch.manual_seed(0)
+        model = GPT(get_preset(preset).model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise)
+        for text in FACTOR_POLICIES:
+            policy = parse_policy(text)
+            q, aliases = encode_state(model.state_dict(), policy)
+            names = storage_order(list(model.state_dict()), q, aliases)
+            payload, _, _ = build_payload(model.config.to_dict(), names, q, aliases, {"quant": policy.to_dict()})
+            for c in codecs.CODECS:
+                pred = predict_bytes(model.config, policy, c, calibration=raw_table)
+                fixed = pred["header_bytes"] + container_overhead(c)
+                actual = len(codecs.compress(payload, c)) + container_overhead(c)
+                ratios[c].append((actual - fixed) / (pred["model_bytes"] - fixed))
+        print(f"  exports of {preset}: done", flush=True)
+    return {c: round(sum(r) / len(r), 5) for c, r in ratios.items()}, ratios
+
+
+def format_table(table: dict) -> str:
+    """The table as Python source, one line per (clip, bits, codec) curve."""
+    lines = ["CALIBRATION = {", f'    "codecs": {json.dumps(table["codecs"])},', '    "coded": {']
+    for clip, by_bits in table["coded"].items():
+        lines.append(f'        "{clip}": {{')
+        for bits, by_codec in by_bits.items():
+            lines.append(f'            "{bits}": {{')
+            lines += [f'                "{c}": {json.dumps(points)},' for c, points in by_codec.items()]
+            lines.append("            },")
+        lines.append("        },")
+    lines.append("    },")
+    lines += [f'    "{key}": {json.dumps(table[key])},' for key in ("float16", "float32", "int32_index", "export_factor")]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: dict) -> None:
+    header = (
+        '"""Compression rates the byte planner predicts with (bytes per stored element, per codec).\n\n'
+        "Generated by ``python bench/quant_calibrate.py --write``: do not edit by hand. See that script\n"
+        "for what was measured; ``coded`` maps clip -> bits -> codec -> [[row length, bytes per element]].\n"
+        '"""\n\n'
+    )
+    TABLE_PATH.write_text(header + format_table(table), encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help=f"rewrite {TABLE_PATH.name}")
+    ap.add_argument("--factors-only", action="store_true", help="keep the stored per-tensor rates, measure only the export factors")
+    args = ap.parse_args()
+    t0 = time.time()
+    if args.factors_only:
+        from loopgolf.export.planner_table import CALIBRATION
+
+        table = dict(CALIBRATION)
+    else:
+        table = {"codecs": list(codecs.CODECS), **measure()}
+    table["export_factor"], ratios = export_factors(table)
+    print(f"measured in {time.time() - t0:.0f} s")
+    for c, r in ratios.items():
+        print(f"  {c}: export factor {table['export_factor'][c]:.4f} (min {min(r):.4f}, max {max(r):.4f})")
+    print("int6 percentile, 512-long rows:", {c: r for c, rows in table["coded"]["percentile"]["6"].items() for x, r in rows if x == 512})
+    if args.write:
+        write_table(table)
+        print(f"wrote {TABLE_PATH}")
+
+
+if __name__ == "__main__":
+    main()

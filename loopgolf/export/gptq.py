@@ -1,0 +1,235 @@
+"""GPTQ: round a matrix column by column, pushing each column's rounding error onto the columns
+not yet rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+For a linear layer ``y = x W^T`` the output error of a quantized ``W`` over calibration inputs is
+``tr((W - Q) H (W - Q)^T)`` with ``H = E[x x^T]``; GPTQ minimises it greedily with the per-row
+scales fixed beforehand (so the stored format is the plain ``intN_row`` one). In a looped model a
+shared linear layer sees the inputs of every virtual layer that runs it: :func:`collect_hessians`
+accumulates ``H`` over all those uses, so the codes serve every loop at once.
+
+Calibration inputs come from training text or from text the model generates itself
+(:func:`calibration_tokens`). Nothing here is needed to read or score an artifact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from loopgolf.export.clip import choose_scales
+from loopgolf.export.quant import QuantError, qmax_for_bits
+
+BOS_ID = 1  # documents start with BOS (REFERENCE.md, shard format)
+
+
+class CalibrationError(ValueError):
+    """Calibration inputs that cannot give usable Hessians."""
+
+
+# ------------------------------------------------------------------------------- Hessians
+
+
+def hessian_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """{state-dict weight name: module} of the shared attention and MLP linear layers."""
+    out = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if (name.startswith("attn.") or name.startswith("mlps.")) and isinstance(mod, nn.Linear) and w is not None and w.dim() == 2:
+            out[f"{name}.weight"] = mod
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module, tokens: Tensor, *, batch_size: int = 8, include_embedding: bool = False
+) -> dict[str, Tensor]:
+    """``H = mean x x^T`` (float32, in x in) of every shared linear layer's inputs over ``tokens``
+    (LongTensor (N, T)), gathered with forward hooks; a layer that several virtual layers run
+    accumulates over all its uses. With ``include_embedding`` and tied embeddings, the embedding
+    also gets the Hessian of its use as the output layer (the final hidden states)."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise CalibrationError("calibration tokens must be an integer tensor of shape (N, T)")
+    if tokens.numel() == 0:
+        raise CalibrationError("calibration tokens are empty")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise CalibrationError(f"calibration token ids must lie in [0, {vocab})")
+    targets = hessian_targets(model)
+    if not targets:
+        raise CalibrationError("the model has no attn.*/mlps.* linear layers to calibrate")
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            h = x.T @ x
+            sums[name] = sums[name] + h if name in sums else h
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [mod.register_forward_hook(hook_for(name)) for name, mod in targets.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for chunk in tokens.split(batch_size):
+            h = model.hidden(chunk.to(device)) if hasattr(model, "hidden") else model(chunk.to(device))
+            if include_embedding and getattr(model, "lm_head", 1) is None:
+                x = h.reshape(-1, h.shape[-1]).float()
+                name = "tok_emb.weight"
+                sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: (sums[name] / counts[name]).cpu() for name in sums}
+
+
+# ----------------------------------------------------------------------------------- GPTQ
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of H^-1 (after dampening), retrying with more damping if needed."""
+    n = H.shape[0]
+    mean_diag = float(torch.diag(H).mean()) if n else 1.0
+    eye = torch.eye(n, dtype=H.dtype)
+    for extra in (1.0, 10.0, 100.0):
+        try:
+            L = torch.linalg.cholesky(H + eye * (damp * extra * max(mean_diag, 1e-12)))
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise QuantError("GPTQ: the calibration Hessian is not positive definite even after dampening")
+
+
+def gptq_quantize(
+    w: Tensor,
+    H: Tensor,
+    bits: int,
+    *,
+    scale16: Tensor | None = None,
+    clip: str = "percentile",
+    percentile: float = 99.99984,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(int8 codes, fp16 row scales) of ``w`` (out, in) for inputs with Hessian ``H`` (in, in).
+
+    ``scale16`` fixes the row scales (default: ``clip``'s choice on ``w``). ``keep`` is an optional
+    boolean mask of entries stored exactly elsewhere (outliers): they are not rounded, carry no
+    error forward, and get code 0. ``act_order`` processes columns by decreasing Hessian diagonal
+    (the most sensitive first), which the output order undoes."""
+    if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
+        raise QuantError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(w.shape)} and {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise QuantError("GPTQ: the Hessian has non-finite entries")
+    qmax = qmax_for_bits(bits)
+    W = w.detach().to(torch.float32).clone()
+    if scale16 is None:
+        scale16 = choose_scales(W if keep is None else W.masked_fill(keep, 0.0), bits, clip, percentile)
+    s = scale16.to(torch.float32)
+    H = H.detach().to(torch.float32).clone()
+    keep_m = torch.zeros_like(W, dtype=torch.bool) if keep is None else keep.clone()
+    # Inputs that never fire: their weights do not matter; zero them so they cost nothing.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    W, H, keep_m = W[:, perm], H[perm][:, perm], keep_m[:, perm]
+    U = _inverse_cholesky(H, damp)
+    Q = torch.zeros_like(W)
+    cols = W.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = W1[:, j]
+            q = torch.clamp(torch.round(col / s), -qmax, qmax)
+            deq = torch.where(keep_m[:, i1 + j], col, q * s)
+            Q[:, i1 + j] = torch.where(keep_m[:, i1 + j], torch.zeros_like(q), q)
+            err = (col - deq) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    return codes.to(torch.int8).contiguous(), scale16
+
+
+def output_error(w: Tensor, deq: Tensor, H: Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: the summed squared output error over the calibration inputs."""
+    d = (w - deq).to(torch.float32)
+    return float(torch.einsum("ij,jk,ik->", d, H.to(torch.float32), d))
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+@torch.no_grad()
+def calibration_tokens(
+    model: nn.Module,
+    source: str = "train",
+    *,
+    tokens: np.ndarray | Tensor | None = None,
+    num_seqs: int = 32,
+    seq_len: int = 128,
+    seed: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+) -> Tensor:
+    """Calibration batch (LongTensor (num_seqs, seq_len)) for :func:`collect_hessians`.
+
+    - ``source="train"``: random windows of ``tokens`` (the training stream, e.g. the train
+      shards loaded with ``loopgolf.data.shards.load_tokens``);
+    - ``source="self"``: text the model generates itself, sampled from BOS at ``temperature``;
+      no data needed, and the inputs follow what the model actually computes on.
+    """
+    if num_seqs < 1 or seq_len < 1:
+        raise CalibrationError(f"num_seqs and seq_len must be positive, got {num_seqs} and {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    if source == "train":
+        if tokens is None:
+            raise CalibrationError("source='train' needs tokens (the training token stream)")
+        stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        if stream.dim() != 1 or stream.numel() < seq_len:
+            raise CalibrationError(f"training tokens must be a 1-D stream of at least seq_len={seq_len} tokens")
+        starts = torch.randint(0, stream.numel() - seq_len + 1, (num_seqs,), generator=g)
+        return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    if source == "self":
+        if temperature <= 0:
+            raise CalibrationError(f"temperature must be positive, got {temperature}")
+        return _generate(model, num_seqs, seq_len, g, temperature, batch_size)
+    raise CalibrationError(f"unknown calibration source {source!r}; valid: train, self")
+
+
+def _generate(model: nn.Module, n: int, seq_len: int, g: torch.Generator, temperature: float, batch_size: int) -> Tensor:
+    # Each new token re-encodes its prefix: the model has no KV cache yet, and calibration
+    # sequences are short, so this O(T^2) loop costs seconds at CPU scale.
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for b in range(math.ceil(n / batch_size)):
+            rows = min(batch_size, n - b * batch_size)
+            seq = torch.full((rows, 1), BOS_ID, dtype=torch.long, device=device)
+            while seq.shape[1] < seq_len:
+                logits = model(seq)[:, -1, :].float() / temperature
+                probs = torch.softmax(logits, dim=-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=g).to(device)
+                seq = torch.cat([seq, nxt], dim=1)
+            out.append(seq.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,443 @@
+"""Byte planner: a configuration's artifact size before training, and the configurations of a
+preset family that fit a cap.
+
+Prediction (:func:`predict_bytes`): the model is built on the meta device (no memory, no
+training) to list its unique stored tensors; each gets the scheme the exporter would give it
+under the quantization policy (``encode.stored_scheme``) and a compressed size from the measured
+rates in ``planner_table`` (regenerate with ``python bench/quant_calibrate.py --write``). The
+header is built by the artifact writer itself on placeholder tensors and compressed, and the
+container's fixed bytes are added exactly.
+
+Search (:func:`search`): for each preset of a family (and optional other layer/loop counts), the
+widest width (a multiple of ``width_step``, head size and query/KV ratio kept from the preset)
+whose predicted artifact, code bytes included, fits the cap. Candidates are ranked widest first,
+then deepest (virtual layers), then most loops, and each carries the ``loopgolf run`` arguments
+that build exactly it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from loopgolf.export import codec as codecs
+from loopgolf.export.writer import build_payload, container_overhead
+from loopgolf.export.encode import storage_order, stored_scheme
+from loopgolf.export.planner_table import CALIBRATION
+from loopgolf.export.policy import QuantPolicy, parse_policy, tensor_role
+from loopgolf.export.quant import QuantizedTensor, scheme_bits
+from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params_formula
+from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
+
+# A run's meta in the artifact header (preset, seed, steps, seq_len) is unknown before training;
+# this stand-in has the same keys and typical lengths.
+_META_STANDIN = {"preset": "pg-shared-scales", "seed": 1337, "steps": 13780, "seq_len": 1024}
+
+
+class PlanError(ValueError):
+    """A planner request that cannot be answered (unknown family, nothing fits, ...)."""
+
+
+def coded_rate(table: dict, codec: str, clip: str, bits: int, cols: int) -> float:
+    """Bytes per element of an intN matrix with rows of ``cols`` (scales included), interpolated
+    linearly in log2(cols) between measured row lengths (clamped at the ends)."""
+    points = table["coded"][clip][str(bits)][codec]
+    xs = [math.log2(c) for c, _ in points]
+    x = math.log2(max(cols, 1))
+    i = bisect.bisect_left(xs, x)
+    if i == 0:
+        return points[0][1]
+    if i == len(xs):
+        return points[-1][1]
+    t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return points[i - 1][1] + t * (points[i][1] - points[i - 1][1])
+
+
+def _tensor_bytes(table: dict, codec: str, scheme: str, shape: tuple[int, ...], policy: QuantPolicy, role: str) -> float:
+    numel = math.prod(shape)
+    if scheme in ("float32", "float16"):
+        return numel * table[scheme][codec]
+    rows, cols = shape
+    n = numel * coded_rate(table, codec, policy.clip, scheme_bits(scheme), cols)
+    if policy.outlier_topk:
+        k = min(policy.outlier_topk, numel)
+        n += k * (table["float16"][codec] + table["int32_index"][codec])
+    if policy.uses_lowrank(role):
+        r = min(policy.lowrank_rank, rows, cols)
+        n += r * (rows + cols) * table["float16"][codec]
+    return n
+
+
+def _placeholder(scheme: str, shape: tuple[int, ...], policy: QuantPolicy, role: str) -> QuantizedTensor:
+    """Meta tensors of the stored dtypes and shapes (no memory), for laying out the real header."""
+
+    def empty(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device="meta")
+
+    bits = scheme_bits(scheme)
+    if bits is None:
+        return QuantizedTensor(scheme, shape, empty(shape, torch.float32 if scheme == "float32" else torch.float16), None, None)
+    rows, cols = shape
+    q = QuantizedTensor(scheme, shape, empty(shape, torch.int8), empty((rows,), torch.float16), bits)
+    if policy.outlier_topk:
+        k = min(policy.outlier_topk, rows * cols)
+        q.outlier_idx, q.outlier_val = empty((k,), torch.int32), empty((k,), torch.float16)
+    if policy.uses_lowrank(role):
+        r = min(policy.lowrank_rank, rows, cols)
+        q.lowrank_u, q.lowrank_v = empty((rows, r), torch.float16), empty((r, cols), torch.float16)
+    return q
+
+
+def _as_config(model_config: ModelConfig | dict) -> ModelConfig:
+    return model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
+
+
+def stored_tensors(model_config: ModelConfig | dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor an artifact of this configuration stores (meta-device build)."""
+    with torch.device("meta"):
+        model = GPT(_as_config(model_config))
+    return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+
+
+def predict_bytes(
+    model_config: ModelConfig | dict,
+    policy: QuantPolicy | None = None,
+    codec: str = "auto",
+    *,
+    meta: dict | None = None,
+    calibration: dict | None = None,
+) -> dict[str, Any]:
+    """Predicted artifact (model file) bytes of a configuration under ``policy`` and ``codec``.
+
+    The tensors' measured rates are summed and multiplied by the codec's ``export_factor`` (what
+    whole exports measured against that sum: one stream of mixed tensors compresses a little
+    differently from each tensor alone), then the compressed header and the container are
+    added. ``calibration`` replaces the stored table (the calibration script uses it).
+
+    Returns ``{"model_bytes", "codec", "by_codec", "header_bytes", "unique_params",
+    "tensors": [{"name", "role", "scheme", "shape", "predicted_bytes"}, ...]}``; with
+    ``codec="auto"`` the codec with the smallest prediction is chosen, as the exporter would."""
+    cfg = _as_config(model_config)
+    table = CALIBRATION if calibration is None else calibration
+    policy = policy or QuantPolicy()
+    if codec != "auto" and codec not in codecs.CODECS:
+        raise PlanError(f"unknown codec {codec!r}; valid: auto, {', '.join(codecs.CODECS)}")
+    names = stored_tensors(cfg)
+    rows, qstate = [], {}
+    for name, shape in names:
+        role = tensor_role(name)
+        scheme = stored_scheme(name, shape, policy)
+        rows.append({"name": name, "role": role, "scheme": scheme, "shape": list(shape)})
+        qstate[name] = _placeholder(scheme, shape, policy, role)
+    meta = {**_META_STANDIN, **(meta or {}), "quant": policy.to_dict()}
+    order = storage_order([n for n, _ in names], qstate, {})  # as export_model lays the table out
+    header, _, _ = build_payload(cfg.to_dict(), order, qstate, {}, meta, header_only=True)
+    by_codec: dict[str, int] = {}
+    header_bytes: dict[str, int] = {}
+    per_tensor: dict[str, list[float]] = {}
+    for c in codecs.CODECS if codec == "auto" else (codec,):
+        factor = table.get("export_factor", {}).get(c, 1.0)
+        sizes = [factor * _tensor_bytes(table, c, r["scheme"], tuple(r["shape"]), policy, r["role"]) for r in rows]
+        per_tensor[c] = sizes
+        header_bytes[c] = len(codecs.compress(header, c))
+        by_codec[c] = round(sum(sizes)) + header_bytes[c] + container_overhead(c)
+    best = min(by_codec, key=lambda c: (by_codec[c], list(by_codec).index(c)))
+    for r, n in zip(rows, per_tensor[best]):
+        r["predicted_bytes"] = round(n)
+    return {
+        "model_bytes": by_codec[best],
+        "codec": best,
+        "by_codec": by_codec,
+        "header_bytes": header_bytes[best],
+        "unique_params": unique_params_formula(cfg),
+        "tensors": rows,
+    }
+
+
+# --------------------------------------------------------------------------------- search
+
+
+def family_presets(family: str | list[str]) -> list[str]:
+    """Preset names of a family: "cpu" / "pg" (the presets named cpu-* / pg-*), "all", a preset
+    name, a comma-separated list, or a list of names."""
+    from loopgolf.config import PRESETS
+
+    if isinstance(family, str):
+        if family == "all":
+            return list(PRESETS)
+        if family in PRESETS:
+            return [family]
+        names = [p for p in PRESETS if p.startswith(f"{family}-")]
+        if names:
+            return names
+        family = [f.strip() for f in family.split(",") if f.strip()]
+    unknown = [f for f in family if f not in PRESETS]
+    if unknown or not family:
+        prefixes = sorted({p.split("-")[0] for p in PRESETS if "-" in p})
+        raise PlanError(f"unknown preset family {family!r}: use a prefix ({', '.join(prefixes)}), 'all', or preset names")
+    return list(family)
+
+
+def plan_to_cli(spec: PlanSpec) -> str | None:
+    """The ``--plan`` text that parses back to ``spec``, or None when the syntax cannot say it."""
+    share = "" if spec.share == "block" else f"@{spec.share}"
+    k = spec.kind
+    if k == "vanilla":
+        text = f"vanilla:{spec.layers}"
+    elif k in ("cycle", "sequence", "cycle-rev"):
+        text = f"{k}:{spec.layers}x{spec.loops}{share}"
+    elif k in ("middle-cycle", "middle-sequence"):
+        text = f"{k}:{spec.first}+{spec.layers}x{spec.loops}+{spec.last}{share}"
+    elif k == "mini-loop":
+        text = f"mini-loop:{spec.layers}:{spec.loop_start}-{spec.loop_end}x{spec.loops}{share}"
+    elif k == "explicit" and spec.attn_of is not None and spec.mlp_of is not None:
+        text = f"explicit:{','.join(map(str, spec.attn_of))}/{','.join(map(str, spec.mlp_of))}"
+    else:
+        return None
+    try:
+        return text if parse_plan(text) == spec else None
+    except ValueError:
+        return None
+
+
+_FLAGS = {"model_dim": "--dim", "num_heads": "--heads", "num_kv_heads": "--kv-heads", "mlp_mult": "--mlp-mult"}
+
+
+def run_overrides(preset_model: ModelConfig, cfg: ModelConfig) -> list[str]:
+    """``loopgolf run`` arguments that turn the preset's model config into ``cfg`` exactly."""
+    base, want = preset_model.to_dict(), cfg.to_dict()
+    args: list[str] = []
+    for key, value in want.items():
+        if base.get(key) == value:
+            continue
+        if key in _FLAGS:
+            args += [_FLAGS[key], str(value)]
+        elif key == "plan" and plan_to_cli(cfg.plan) is not None:
+            args += ["--plan", plan_to_cli(cfg.plan)]
+        elif key == "per_layer_controls" and value is True:
+            args += ["--per-layer-controls"]
+        else:
+            args += ["--model", f"{key}={json.dumps(value, separators=(',', ':'))}"]
+    return args
+
+
+def _with_width(cfg: ModelConfig, width: int, head_dim: int, kv_ratio: int) -> ModelConfig | None:
+    heads = width // head_dim
+    if heads < 1 or width % head_dim or heads % kv_ratio:
+        return None
+    try:
+        return ModelConfig.from_dict({**cfg.to_dict(), "model_dim": width, "num_heads": heads, "num_kv_heads": heads // kv_ratio})
+    except ValueError:
+        return None
+
+
+def _plan_variants(spec: PlanSpec, layers: list[int] | None, loops: list[int] | None) -> list[PlanSpec]:
+    out = []
+    for n_layers in layers or [spec.layers]:
+        for n_loops in loops or [spec.loops]:
+            if spec.kind == "vanilla" and n_loops != 1:
+                continue
+            if spec.kind == "explicit" and (n_layers, n_loops) != (spec.layers, spec.loops):
+                continue
+            v = replace(spec, layers=n_layers, loops=n_loops)
+            try:
+                build_plan(v)
+            except ValueError:
+                continue
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def search(
+    cap_bytes: int,
+    preset_family: str | list[str],
+    policy: QuantPolicy | None = None,
+    *,
+    codec: str = "auto",
+    code_bytes: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    layers: list[int] | None = None,
+    loops: list[int] | None = None,
+    width_step: int | None = None,
+    max_width: int = 8192,
+) -> list[dict[str, Any]]:
+    """Configurations of ``preset_family`` that fit ``cap_bytes`` (model + code bytes), best first.
+
+    For each preset (with ``overrides`` applied, e.g. ``{"per_layer_controls": True}``) and each
+    plan variant (``layers`` / ``loops`` replace the plan's unique-layer and loop counts; default:
+    the preset's own), the widest width that fits. ``code_bytes`` defaults to the scoring path's
+    current size. Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
+    "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
+    "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
+    "unique_params", "effective_params"}``."""
+    from loopgolf.config import get_preset
+
+    policy = policy or QuantPolicy()
+    if code_bytes is None:
+        from loopgolf.export.budget import code_bytes as measure_code_bytes
+
+        code_bytes = measure_code_bytes()
+    budget = cap_bytes - code_bytes
+    if budget <= 0:
+        raise PlanError(f"the cap of {cap_bytes:,} bytes leaves nothing for the model after {code_bytes:,} bytes of code")
+    candidates = []
+    for name in family_presets(preset_family):
+        preset = get_preset(name)
+        base = ModelConfig.from_dict({**preset.model.to_dict(), **(overrides or {})})
+        head_dim, kv_ratio = base.head_dim, base.num_heads // base.num_kv_heads
+        step = width_step or head_dim * kv_ratio
+        for spec in _plan_variants(base.plan, layers, loops):
+            cfg0 = ModelConfig.from_dict({**base.to_dict(), "plan": spec.to_dict()})
+            best = _widest_fitting(cfg0, budget, policy, codec, step, head_dim, kv_ratio, max_width)
+            if best is None:
+                continue
+            cfg, pred = best
+            plan = build_plan(cfg.plan)
+            with torch.device("meta"):
+                n_eff = effective_params(GPT(cfg))
+            candidates.append({
+                "preset": name,
+                "overrides": run_overrides(preset.model, cfg),
+                "predicted_bytes": pred["model_bytes"] + code_bytes,
+                "predicted_model_bytes": pred["model_bytes"],
+                "code_bytes": code_bytes,
+                "cap_bytes": cap_bytes,
+                "headroom_bytes": cap_bytes - pred["model_bytes"] - code_bytes,
+                "codec": pred["codec"],
+                "quant": policy.describe(),
+                "model_dim": cfg.model_dim,
+                "num_heads": cfg.num_heads,
+                "num_kv_heads": cfg.num_kv_heads,
+                "plan": plan_to_cli(cfg.plan) or cfg.plan.to_dict(),
+                "virtual_layers": plan.num_virtual,
+                "loops": plan.num_loops,
+                "unique_params": pred["unique_params"],
+                "effective_params": n_eff,
+            })
+    candidates.sort(key=lambda c: (-c["model_dim"], -c["virtual_layers"], -c["loops"], -c["predicted_bytes"], c["preset"]))
+    return candidates
+
+
+def _widest_fitting(
+    cfg: ModelConfig, budget: int, policy: QuantPolicy, codec: str, step: int, head_dim: int, kv_ratio: int, max_width: int
+) -> tuple[ModelConfig, dict] | None:
+    """The widest width within ``budget`` (bytes grow with width): doubling steps from the
+    narrowest until one is over, then bisection, so huge widths are never built."""
+    widths = [w for w in range(step, max_width + 1, step) if _with_width(cfg, w, head_dim, kv_ratio) is not None]
+    cache: dict[int, tuple[ModelConfig, dict]] = {}
+
+    def fits(i: int) -> bool:
+        if i not in cache:
+            c = _with_width(cfg, widths[i], head_dim, kv_ratio)
+            cache[i] = (c, predict_bytes(c, policy, codec))
+        return cache[i][1]["model_bytes"] <= budget
+
+    if not widths or not fits(0):
+        return None
+    lo, probe = 0, 1  # invariant: widths[lo] fits
+    while probe < len(widths) and fits(probe):
+        lo, probe = probe, 2 * probe + 1
+    hi = min(probe, len(widths)) - 1  # widths[probe] is over (or past the end)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return cache[lo]
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    """``loopgolf plan``: predicted bytes of a configuration and the family members that fit."""
+    from loopgolf.cli import add_model_overrides
+    from loopgolf.config import PRESETS
+    from loopgolf.export.budget import DEFAULT_CAP_BYTES
+
+    p = sub.add_parser(
+        "plan",
+        help="predict artifact bytes before training; list the widest configurations that fit a cap",
+        description=__doc__.split("\n\n")[0] + " Predictions come from measured compression rates (within 2% of real exports on Gaussian-like weights).",
+    )
+    p.add_argument("--cap", type=int, default=DEFAULT_CAP_BYTES, help="artifact byte cap, code included (default 16,000,000)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="predict this preset (with the overrides) and search its widths")
+    p.add_argument("--family", help="search these presets instead: cpu, pg, all, or names separated by commas (default: --preset, else pg)")
+    p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
+    p.add_argument("--codec", default="auto", help="auto (smallest), " + ", ".join(codecs.CODECS))
+    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the scoring path's current size)")
+    p.add_argument("--layers", type=_int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
+    p.add_argument("--loops", type=_int_list, help="also try these loop counts, e.g. 2,3,4")
+    p.add_argument("--width-step", type=int, help="width granularity (default: head size x query/KV ratio)")
+    p.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
+    add_model_overrides(p)
+    p.add_argument("--json", action="store_true", help='print {"config": ..., "candidates": [...]}')
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from loopgolf.cli import model_overrides
+    from loopgolf.config import get_preset
+
+    policy = parse_policy(args.quant)
+    overrides = model_overrides(args)
+    if args.code_bytes is None:
+        from loopgolf.export.budget import code_bytes
+
+        n_code = code_bytes()
+    else:
+        n_code = args.code_bytes
+    out: dict[str, Any] = {"cap_bytes": args.cap, "code_bytes": n_code, "quant": policy.describe()}
+    if args.preset:
+        preset = get_preset(args.preset)
+        cfg = ModelConfig.from_dict({**preset.model.to_dict(), **overrides})
+        pred = predict_bytes(cfg, policy, args.codec)
+        total = pred["model_bytes"] + n_code
+        out["config"] = {
+            "preset": args.preset, "overrides": run_overrides(preset.model, cfg), "predicted_bytes": total,
+            "predicted_model_bytes": pred["model_bytes"], "codec": pred["codec"], "by_codec": pred["by_codec"],
+            "fits": total <= args.cap, "headroom_bytes": args.cap - total, "unique_params": pred["unique_params"],
+            "tensors": pred["tensors"],
+        }
+    family = args.family or args.preset or "pg"
+    search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
+    candidates = search(
+        args.cap, family, policy, codec=args.codec, code_bytes=n_code, overrides=search_overrides,
+        layers=args.layers, loops=args.loops, width_step=args.width_step,
+    )
+    out["candidates"] = candidates[: args.top]
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if "config" in out:
+        c = out["config"]
+        verdict = f"fits, {c['headroom_bytes']:,} to spare" if c["fits"] else f"OVER by {-c['headroom_bytes']:,}"
+        print(f"{c['preset']} {' '.join(c['overrides'])}".rstrip())
+        print(f"  predicted {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {args.cap:,}: {verdict}")
+    print(f"candidates fitting {args.cap:,} bytes with quant {policy.describe()} (widest, deepest, most loops first):")
+    if not candidates:
+        print("  none: lower the bits, or raise the cap")
+    for c in out["candidates"]:
+        print(
+            f"  {c['predicted_bytes']:>12,}  d={c['model_dim']:<5} V={c['virtual_layers']:<3} loops={c['loops']:<2} "
+            f"unique {c['unique_params']:>11,}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}"
+        )
+    return 0

@@ -1,0 +1,232 @@
+"""Training checkpoints for exact resume.
+
+One file, ``checkpoint.pt`` in the run directory, holds everything the next step depends on:
+model parameters, optimizer states (Adam moments and step counts, Muon momentum buffers), the
+loader's stream position, the torch/CUDA/numpy/Python RNG states, and the loop's own state (step,
+training seconds used, tokens, recurrence-stage starts, the loss history and the length of
+``log.jsonl`` at that moment). With the same configuration and data, a resumed CPU run repeats
+the uninterrupted run's losses exactly; the wallclock budget continues from the seconds used.
+
+The file is written to a temporary sibling and renamed over the old one, so a reader (or a run
+killed mid-write) only ever sees the previous complete checkpoint or the new complete one. It is
+loaded with ``torch.load(weights_only=True)``: tensors and plain Python data only, no code runs.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from loopgolf.data.shards import TokenLoader
+from loopgolf.util import atomic_write_bytes
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Train-config fields a resumed run may change: the budget (to extend training), where it runs,
+# and compilation. Anything else would make the continuation a different run.
+RESUMABLE_TRAIN_CHANGES = ("max_steps", "time_budget", "device", "compile")
+
+
+@dataclass
+class TrainState:
+    """The training loop's own state between steps."""
+
+    step: int = 0
+    elapsed: float = 0.0  # training seconds used (validation and checkpointing excluded)
+    tokens: int = 0
+    stage_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    val_history: list[dict] = field(default_factory=list)
+    log_bytes: int | None = None  # length of log.jsonl when the checkpoint was taken
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class CheckpointPolicy:
+    """When and where ``train`` writes checkpoints."""
+
+    path: Path
+    every: int = 0  # steps between checkpoints; 0: only the final one
+    final: bool = True  # also write one when the budget ends
+    config: dict[str, Any] = field(default_factory=dict)  # the run's model/train config, stored for resume checks
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if self.every < 0:
+            raise ValueError(f"checkpoint interval must be >= 0 steps, got {self.every}")
+
+
+# ------------------------------------------------------------------ model weights
+
+
+_PARAMETRIZED = ".parametrizations."
+
+
+def _plain_name(name: str) -> str | None:
+    """The name a tensor has without ``torch.nn.utils.parametrize`` (QAT attaches it late in
+    training): ``a.parametrizations.weight.original`` -> ``a.weight``; tensors that belong to a
+    parametrization itself -> None (they are rebuilt by whoever attaches it)."""
+    if _PARAMETRIZED not in name:
+        return name
+    head, _, tail = name.partition(_PARAMETRIZED)
+    attr, _, rest = tail.partition(".")
+    return f"{head}.{attr}" if rest == "original" else None
+
+
+def _plain_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state tensors (parameters and persistent buffers, not detached) by plain name."""
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        plain = _plain_name(name)
+        if plain is not None:
+            out[plain] = t
+    return out
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters and persistent buffers under their plain names, detached."""
+    return {n: t.detach() for n, t in _plain_tensors(model).items()}
+
+
+def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` into the model's tensors (strict: same names and shapes), whether or not
+    a parametrization is attached now."""
+    own = _plain_tensors(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, t in own.items():
+            if t.shape != state[name].shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, the model's is {tuple(t.shape)}")
+            t.copy_(state[name])
+
+
+# ---------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:  # resumed on another GPU count: this process's device gets device 0's stream
+            torch.cuda.set_rng_state(cuda_states[0])
+
+
+# --------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    loader: TokenLoader,
+    state: TrainState,
+    config: dict[str, Any] | None = None,
+    hook_state: Any = None,
+) -> int:
+    """Write a checkpoint atomically; return its size in bytes. Call on one rank only: the
+    optimizer states are identical on every rank."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT_VERSION,
+        "model": model_state(model),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "loader": loader.state_dict(),
+        "rng": rng_state(),
+        "train": asdict(state),
+        "config": config or {},
+        "hook": hook_state,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    # A writer killed between creating its temporary file and the rename leaves that file
+    # behind; it is never the checkpoint, so clear such leftovers before writing a new one.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (tensors on the CPU). Raises ValueError for anything that is not
+    a complete loopgolf checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}: train with --checkpoint-every N (or `loopgolf train`) first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files fail inside the unpickler
+        raise ValueError(f"{path} is not a readable loopgolf checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a loopgolf checkpoint of format {FORMAT_VERSION}")
+    return ckpt
+
+
+def check_resumable(ckpt: dict[str, Any], model_config: dict[str, Any], train_config: dict[str, Any]) -> None:
+    """A checkpoint continues only the run that wrote it: same model, same training recipe
+    (the budget, device and compilation may change)."""
+    saved = ckpt.get("config") or {}
+    if "model" in saved and saved["model"] != model_config:
+        diff = sorted(k for k in set(saved["model"]) | set(model_config) if saved["model"].get(k) != model_config.get(k))
+        raise ValueError(f"checkpoint was written for a different model (fields {diff} differ)")
+    if "train" in saved:
+        diff = sorted(
+            k for k in set(saved["train"]) | set(train_config)
+            if k not in RESUMABLE_TRAIN_CHANGES and saved["train"].get(k) != train_config.get(k)
+        )
+        if diff:
+            raise ValueError(f"checkpoint was written with different training settings {diff}; only {', '.join(RESUMABLE_TRAIN_CHANGES)} may change on resume")
+
+
+def restore_checkpoint(
+    ckpt: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    loader: TokenLoader,
+    restore_rng: bool = True,
+) -> TrainState:
+    """Put model, optimizers, loader and RNGs back where the checkpoint left them."""
+    load_model_state(model, ckpt["model"])
+    saved_opts = ckpt["optimizers"]
+    if len(saved_opts) != len(optimizers):
+        raise ValueError(f"checkpoint has {len(saved_opts)} optimizer state(s), this run builds {len(optimizers)}")
+    for opt, sd in zip(optimizers, saved_opts):
+        opt.load_state_dict(sd)
+    loader.load_state_dict(ckpt["loader"])
+    if restore_rng:
+        set_rng_state(ckpt["rng"])
+    return TrainState.from_dict(ckpt["train"])

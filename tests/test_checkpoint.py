@@ -1,0 +1,251 @@
+"""Checkpoints: exact resume (in-process and after a real SIGKILL through the CLI) and atomic
+writes that never leave a half-written checkpoint under its name."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from conftest import markov_tokens
+from loopgolf.cli import main
+from loopgolf.config import get_preset
+from loopgolf.data.shards import TokenLoader, write_shard
+from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.plan import PlanSpec
+from loopgolf.train.checkpoint import (
+    CheckpointPolicy,
+    check_resumable,
+    load_model_state,
+    model_state,
+    read_checkpoint,
+    save_checkpoint,
+    TrainState,
+)
+from loopgolf.train.optim import build_optimizers
+from loopgolf.train.trainer import train
+from loopgolf.util import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "fineweb_train_000000.bin"
+    write_shard(path, markov_tokens(30_000, vocab=64, seed=5))
+    return path
+
+
+def staged_setup(seed: int):
+    """A mini-loop model with progressive recurrence, gradient accumulation and per-layer
+    controls: every piece of state a resume has to restore."""
+    cfg = ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, per_layer_controls=True,
+                      plan=PlanSpec("mini-loop", layers=3, loops=1, loop_start=1, loop_end=1))
+    torch.manual_seed(seed)
+    tcfg = replace(get_preset("debug").train, max_steps=10, micro_batch_tokens=128, recurrence_stages=[0.45], val_every=3)
+    return GPT(cfg), tcfg
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_repeats_the_uninterrupted_loss_curve(shard, tmp_path):
+    def run(model, tcfg, log, **kw):
+        return train(model, TokenLoader([shard], tcfg.seq_len, seed=3), tcfg, device=torch.device("cpu"), log_path=log,
+                     validate=lambda m: {"val_loss": float(m.skip_weight.detach().sum()), "val_bpb": 0.0}, progress=False, **kw)
+
+    model, tcfg = staged_setup(seed=11)
+    full = run(model, tcfg, tmp_path / "full.jsonl")
+    full_params = [p.detach().clone() for p in model.parameters()]
+
+    # Interrupted: checkpoints every 4 steps, killed before step 7 runs.
+    model, tcfg = staged_setup(seed=11)
+    policy = CheckpointPolicy(tmp_path / "checkpoint.pt", every=4)
+
+    def die(step, progress, m):
+        if step == 7:
+            raise Killed
+
+    log = tmp_path / "resumed.jsonl"
+    with pytest.raises(Killed):
+        run(model, tcfg, log, checkpoint=policy, on_step=die)
+    assert read_checkpoint(policy.path)["train"]["step"] == 4
+
+    # Resumed into a model built from another seed: everything must come from the checkpoint.
+    model, tcfg = staged_setup(seed=999)
+    resumed = run(model, tcfg, log, checkpoint=policy, resume=read_checkpoint(policy.path))
+    assert resumed.resumed_from == 4 and resumed.steps == 10
+    assert resumed.losses == full.losses  # bit-for-bit on CPU
+    assert resumed.stage_steps == full.stage_steps == [0, 5]
+    assert resumed.val_history == full.val_history
+    for a, b in zip(full_params, model.parameters()):
+        assert torch.equal(a, b.detach())
+
+    def curve(path):
+        return [(r["step"], r["loss"]) for r in read_jsonl(path) if r["event"] == "train"]
+
+    events = [r["event"] for r in read_jsonl(log)]
+    assert curve(log) == curve(tmp_path / "full.jsonl")  # the killed run's records of steps 5-7 were cut
+    assert events.count("stage") == 2 and events.count("resume") == 1
+    assert read_checkpoint(policy.path)["train"]["step"] == 10  # the final checkpoint
+
+
+KILL_AT_STEP = """
+import os, signal, sys
+import loopgolf.train.trainer as trainer
+from loopgolf.cli import main
+
+real = trainer.lr_multiplier
+def lr_multiplier(step, elapsed, cfg):
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers
+    return real(step, elapsed, cfg)
+trainer.lr_multiplier = lr_multiplier
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_run_killed_then_resumed_matches_uninterrupted(text_dataset, tmp_path, capsys):
+    common = ["--preset", "debug", "--data", str(text_dataset), "--plan", "cycle:2x2", "--seed", "5", "--quiet"]
+    assert main(["run", *common, "--out", str(tmp_path / "full"), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP.format(step=5), "train", *common, "--out", str(killed), "--checkpoint-every", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert read_checkpoint(killed)["train"]["step"] == 3
+
+    # A resume may not change what the run is.
+    assert main(["run", "--resume", str(killed), "--plan", "cycle:1x4"]) == 2
+    assert "drop --plan" in capsys.readouterr().err
+
+    assert main(["run", "--resume", str(killed), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == full["steps"] == 8
+    for key in ("final_train_loss", "val_loss_pre", "val_bpb_pre", "val_bpb_post", "model_bytes"):
+        assert resumed[key] == full[key], key
+
+    def curve(run_dir):
+        return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "log.jsonl") if r["event"] == "train"]
+
+    assert curve(killed) == curve(tmp_path / "full")
+
+
+def test_checkpoint_payload_and_config_checks(shard, tmp_path):
+    model, tcfg = staged_setup(seed=1)
+    train(model, TokenLoader([shard], tcfg.seq_len, seed=3), replace(tcfg, max_steps=2), device=torch.device("cpu"),
+          progress=False, checkpoint=CheckpointPolicy(tmp_path / "c.pt", config={"model": model.config.to_dict(), "train": {"seq_len": 32}}))
+    ckpt = read_checkpoint(tmp_path / "c.pt")
+    assert set(ckpt) >= {"model", "optimizers", "loader", "rng", "train", "config"}
+    muon = ckpt["optimizers"][-1]["state"]
+    assert len(muon) == sum(1 for n, p in model.named_parameters() if n.startswith(("attn.", "mlps.")) and p.ndim == 2)
+    assert all("momentum_buffer" in s for s in muon.values())
+    assert ckpt["loader"]["tokens_seen"] > 0 and ckpt["train"]["step"] == 2
+
+    check_resumable(ckpt, model.config.to_dict(), {"seq_len": 32, "max_steps": 99, "time_budget": 5.0})  # budget may change
+    with pytest.raises(ValueError, match="different model"):
+        check_resumable(ckpt, {**model.config.to_dict(), "model_dim": 64}, {"seq_len": 32})
+    with pytest.raises(ValueError, match="seq_len"):
+        check_resumable(ckpt, model.config.to_dict(), {"seq_len": 64})
+
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable"):
+        read_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        read_checkpoint(tmp_path / "missing")
+
+
+class Doubler(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_model_state_uses_plain_names_under_parametrization():
+    """QAT attaches parametrizations late in training; checkpoints keep the plain names so a
+    fresh model (without them) loads the state, and a parametrized one loads it back."""
+    cfg = ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2))
+    torch.manual_seed(0)
+    a = GPT(cfg)
+    parametrize.register_parametrization(a.attn[0].c_q, "weight", Doubler())
+    state = model_state(a)
+    assert "attn.0.c_q.weight" in state and not any("parametrizations" in k for k in state)
+    torch.manual_seed(1)
+    b = GPT(cfg)
+    load_model_state(b, state)
+    assert torch.equal(b.attn[0].c_q.weight, a.attn[0].c_q.parametrizations.weight.original)
+    load_model_state(a, model_state(b))  # into the parametrized model too
+    with pytest.raises(ValueError, match="does not match"):
+        load_model_state(b, {k: v for k, v in state.items() if k != "tok_emb.weight"})
+
+
+def _small_checkpoint(path: Path, fill: float) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(fill)
+    loader = TokenLoader([path.parent / "fineweb_train_000000.bin"], 32)
+    save_checkpoint(path, model=model, optimizers=build_optimizers(model, get_preset("debug").train.optim, tied=True),
+                    loader=loader, state=TrainState(step=int(fill)))
+
+
+def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    write_shard(tmp_path / "fineweb_train_000000.bin", markov_tokens(1000, vocab=64))
+    path = tmp_path / "checkpoint.pt"
+    _small_checkpoint(path, 1.0)
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temporary file
+    with pytest.raises(OSError):
+        _small_checkpoint(path, 2.0)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "fineweb_train_000000.bin"]
+
+
+WRITE_FOREVER = """
+import sys, torch
+from pathlib import Path
+from loopgolf.train.checkpoint import save_checkpoint, TrainState
+from loopgolf.data.shards import TokenLoader
+path = Path(sys.argv[1])
+loader = TokenLoader([path.parent / "fineweb_train_000000.bin"], 32)
+model = torch.nn.Linear(1024, 1024)  # a few MB per checkpoint: each write takes a while
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    with torch.no_grad():
+        model.weight.fill_(float(i))
+    save_checkpoint(path, model=model, optimizers=[], loader=loader, state=TrainState(step=i))
+"""
+
+
+def test_checkpoint_killed_mid_write_is_never_half_visible(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", markov_tokens(1000, vocab=64))
+    path = tmp_path / "checkpoint.pt"
+    steps = []
+    for delay in (0.3, 0.55, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", WRITE_FOREVER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = read_checkpoint(path)  # whatever moment the kill hit, the file under the name is whole
+        step = ckpt["train"]["step"]
+        assert torch.all(ckpt["model"]["weight"] == float(step))
+        steps.append(step)
+    assert all(s >= 1 for s in steps)
