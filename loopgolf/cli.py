@@ -97,7 +97,7 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 # config.json, so giving them with --resume is a mistake worth reporting.
 _RESUME_FIXED = (
     ("preset", "--preset"), ("out", "--out"), ("cap", "--cap"), ("seed", "--seed"), ("seq_len", "--seq-len"),
-    ("batch_tokens", "--batch-tokens"), ("codec", "--codec"), ("stride", "--stride"), ("train_set", "--train"),
+    ("batch_tokens", "--batch-tokens"), ("codec", "--codec"), ("quant", "--quant"), ("qat", "--qat"), ("qat_start", "--qat-start"), ("stride", "--stride"), ("train_set", "--train"),
     ("plan", "--plan"), ("dim", "--dim"), ("heads", "--heads"), ("kv_heads", "--kv-heads"), ("mlp_mult", "--mlp-mult"),
     ("per_layer_controls", "--per-layer-controls"), ("depth_emb", "--depth-emb"), ("lora", "--lora"),
     ("lora_alpha", "--lora-alpha"), ("model_set", "--model"), ("force", "--force"),
@@ -129,6 +129,9 @@ def run_options(args: argparse.Namespace, train_only: bool = False) -> RunOption
         time_budget=args.time,
         max_steps=args.steps,
         codec=args.codec or "auto",
+        quant=args.quant or "",
+        qat=args.qat or "off",
+        qat_start=0.85 if args.qat_start is None else args.qat_start,
         stride=args.stride,
         device=args.device,
         model_overrides=model_overrides(args),
@@ -174,7 +177,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--seq-len", type=_positive_int, help="training/eval sequence length")
     p.add_argument("--batch-tokens", type=_positive_int, help="global tokens per optimizer step")
-    p.add_argument("--codec", help="artifact compression: auto (smallest, default), zlib, lzma, zstd")
+    p.add_argument("--codec", help="artifact compression: auto (smallest, default), zlib, lzma, zstd, brotli")
+    p.add_argument("--quant", metavar="POLICY", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default: the int8 baseline)")
+    p.add_argument("--qat", choices=("off", "ste", "noise"), help="loop-aware QAT on the shared block matrices over the end of training (default off)")
+    p.add_argument("--qat-start", type=float, help="fraction of the budget after which QAT is on (default 0.85)")
     p.add_argument("--stride", type=_positive_int, help="sliding-window stride for the final scores (default: non-overlapping)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--train", dest="train_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
@@ -428,7 +434,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_bench_train)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers, add_bench_parser)
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from loopgolf.export.planner import add_plan_parser
+
+    add_plan_parser(sub)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers, add_bench_parser, _add_plan_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,9 +32,11 @@ from loopgolf.data.tokenizer import ByteTables, build_byte_tables, load_tokenize
 from loopgolf.evaluate import EvalResult, evaluate_bpb
 from loopgolf.export.budget import DEFAULT_CAP_BYTES, CapReport, code_bytes
 from loopgolf.export.pack import export_model, load_model
+from loopgolf.export.policy import parse_policy
+from loopgolf.train.qat import QATConfig, make_qat_callback, remove_qat
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
 from loopgolf.train.checkpoint import CHECKPOINT_NAME, CheckpointPolicy, check_resumable, read_checkpoint
-from loopgolf.train.distributed import DistContext, barrier, broadcast_object, context_from_env, init_distributed, shutdown_distributed
+from loopgolf.train.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown_distributed
 from loopgolf.train.trainer import TrainResult, resolve_device, train
 from loopgolf.util import append_jsonl, atomic_write_json
 
@@ -51,7 +53,9 @@ class RunOptions:
     time_budget: float | None = None
     max_steps: int | None = None
     codec: str = "auto"
-    bits: int = 8
+    quant: str = ""  # quantization policy (loopgolf.export.policy.parse_policy syntax); "" = int8 baseline
+    qat: str = "off"  # loop-aware QAT over the end of training: off | ste | noise
+    qat_start: float = 0.85  # fraction of the budget after which QAT is on
     stride: int | None = None  # sliding-window eval stride for the final scores
     device: str | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +162,7 @@ def _fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     preset = build_configs(opts)
     config = {
         "preset": preset.name, "model": preset.model.to_dict(), "train": asdict(preset.train), "cap_bytes": opts.cap_bytes,
-        "codec": opts.codec, "bits": opts.bits, "eval_stride": opts.stride, "eval_batch_size": preset.eval_batch_size,
+        "codec": opts.codec, "quant": opts.quant, "qat": {"mode": opts.qat, "start_frac": opts.qat_start}, "eval_stride": opts.stride, "eval_batch_size": preset.eval_batch_size,
         "checkpoint_every": opts.checkpoint_every or 0,
     }
     return preset, config
@@ -282,14 +286,24 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         r = evaluate_bpb(m, val_tokens, ds.tables, train_cfg.seq_len, batch_size=eval_bs, max_tokens=train_cfg.val_max_tokens, device=device)
         return {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "tokens": r.num_targets}
 
+    policy_q = parse_policy(config.get("quant", ""))
+    qat_cfg = config.get("qat") or {"mode": "off"}
+    on_step = None
+    if qat_cfg["mode"] != "off":
+        # QAT fakes the bits the export will use for the shared block matrices.
+        on_step = make_qat_callback(QATConfig(mode=qat_cfg["mode"], start_frac=qat_cfg["start_frac"], bits=policy_q.bits_for("mlp") or 8,
+                                              role_bits={r: b for r in ("attn", "mlp") if (b := policy_q.bits_for(r))},
+                                              float_max_numel=policy_q.float_max_numel))
+
     every = int(config.get("checkpoint_every") or 0)
     policy = None
     if every or opts.train_only:
         policy = CheckpointPolicy(out / CHECKPOINT_NAME, every=every, config={"model": model_cfg.to_dict(), "train": asdict(train_cfg)})
     result = train(
         model, loader, train_cfg, device=device, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path,
-        validate=validate, progress=opts.progress, checkpoint=policy, resume=rs.resume,
+        validate=validate, on_step=on_step, progress=opts.progress, checkpoint=policy, resume=rs.resume,
     )
+    remove_qat(model)  # export and the pre-export score use the plain trained weights
     if opts.train_only or not rs.dist.is_main:
         summary = _train_summary(result, rs, policy, t_start)
         if rs.dist.is_main:
@@ -301,7 +315,16 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
 
     n_code = code_bytes()
     artifact_path = out / ARTIFACT_NAME
-    info = export_model(model, artifact_path, codec=config["codec"], bits=config["bits"], meta={"preset": preset.name, "seed": train_cfg.seed, "steps": result.steps, "seq_len": train_cfg.seq_len})
+    calibration = None
+    if policy_q.gptq:
+        from loopgolf.data.shards import load_tokens
+        from loopgolf.export.gptq import calibration_tokens
+
+        calibration = calibration_tokens(model, "train", tokens=load_tokens(ds.train_shards[:1]), seq_len=train_cfg.seq_len, seed=train_cfg.seed)
+    info = export_model(
+        model, artifact_path, policy=policy_q, codec=config["codec"], calibration=calibration,
+        meta={"preset": preset.name, "seed": train_cfg.seed, "steps": result.steps, "seq_len": train_cfg.seq_len},
+    )
     cap = CapReport(model_bytes=info.total_bytes, code_bytes=n_code, cap_bytes=config["cap_bytes"])
     append_jsonl(log_path, {"event": "export", "codec": info.codec, **cap.to_dict()})
 
@@ -325,7 +348,9 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         "headroom_bytes": cap.headroom,
         "fits": cap.fits,
         "codec": info.codec,
-        "bits": config["bits"],
+        "quant": policy_q.describe(),
+        "qat": qat_cfg,
+        "export": info.to_summary(),
         "unique_params": n_unique,
         "effective_params": n_effective,
         "train_tokens": result.train_tokens,

@@ -82,3 +82,21 @@ def test_params_with_relaxation_flags(capsys):
     assert main(["presets", "--json"]) == 0
     presets = json.loads(capsys.readouterr().out)
     assert {"cpu-shared-lora4", "pg-mini-loop", "cpu-wide"} <= set(presets)
+
+
+def test_run_with_int6_policy_qat_and_plan_command(text_dataset, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(out), "--plan", "cycle:1x3",
+               "--quant", "int6,embed=8,fp16max=1024", "--qat", "ste", "--qat-start", "0.5", "--codec", "zlib", "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["qat"] == {"mode": "ste", "start_frac": 0.5} and "6" in s["quant"] and s["codec"] == "zlib"
+    assert s["export"]["codec"] == "zlib" and s["export"]["tensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quant"] == "int6,embed=8,fp16max=1024"
+    # the artifact holds no fake-quant parametrizations and scores the same standalone
+    assert main(["eval", str(out / "artifact.lgz"), "--data", str(text_dataset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_bpb"] == pytest.approx(s["val_bpb_post"], rel=1e-9)
+    assert main(["plan", "--cap", "3000000", "--preset", "cpu-shared", "--json"]) == 0
+    cands = json.loads(capsys.readouterr().out)["candidates"]
+    assert cands and all(c["predicted_bytes"] <= 3_000_000 for c in cands)
