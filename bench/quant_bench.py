@@ -112,10 +112,11 @@ def cmd_gptq(args) -> dict:
     pre = score(model, ds, seq_len)
     train_stream = load_tokens(ds.train_shards, vocab_size=ds.vocab_size)
     t0 = time.time()
-    calib = {
-        "train": calibration_tokens(model, "train", tokens=train_stream, num_seqs=args.calib_seqs, seq_len=seq_len, seed=0),
-        "self": calibration_tokens(model, "self", num_seqs=args.calib_seqs, seq_len=seq_len, seed=0, temperature=1.0),
-    }
+    calib = {}
+    if "train" in args.sources:
+        calib["train"] = calibration_tokens(model, "train", tokens=train_stream, num_seqs=args.calib_seqs, seq_len=seq_len, seed=0)
+    if "self" in args.sources:
+        calib["self"] = calibration_tokens(model, "self", num_seqs=args.calib_seqs, seq_len=seq_len, seed=0, temperature=1.0)
     print(f"calibration tokens in {time.time() - t0:.0f} s")
     hessians = {k: collect_hessians(model, v) for k, v in calib.items()}
     rows = []
@@ -130,6 +131,8 @@ def cmd_gptq(args) -> dict:
             ("gptq/train+lowrank4", f"int{bits},{FP16MAX},gptq,lowrank=4", "train"),
         ]
         for label, text, source in variants:
+            if source is not None and source not in calib:
+                continue
             r = roundtrip(model, text, ds, seq_len, hessians=hessians[source] if source else None)
             r.update(label=label, bits=bits, val_bpb_pre=pre, gap=r["val_bpb_post"] - pre)
             rows.append(r)
@@ -164,6 +167,7 @@ def main() -> None:
     q.add_argument("--run", required=True)
     q.add_argument("--bits", type=int, nargs="+", default=[6, 5])
     q.add_argument("--calib-seqs", type=int, default=64)
+    q.add_argument("--sources", nargs="+", default=["train", "self"], choices=["train", "self"], help="calibration sources")
     p = sub.add_parser("planner")
     p.add_argument("--run", required=True)
     for s in (b, g, q, p):

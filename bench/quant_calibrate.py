@@ -87,7 +87,7 @@ def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], 
     FACTOR_PRESETS x FACTOR_POLICIES, and the individual ratios."""
     from loopgolf.config import get_preset
     from loopgolf.export.writer import build_payload, container_overhead
-    from loopgolf.export.encode import encode_state, storage_order
+    from loopgolf.export.encode import encode_state
     from loopgolf.export.planner import predict_bytes
     from loopgolf.export.policy import parse_policy
     from loopgolf.model.gpt import GPT
@@ -103,7 +103,7 @@ def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], 
         for text in FACTOR_POLICIES:
             policy = parse_policy(text)
             q, aliases = encode_state(model.state_dict(), policy)
-            names = storage_order(list(model.state_dict()), q, aliases)
+            names = list(model.state_dict())
             payload, _, _ = build_payload(model.config.to_dict(), names, q, aliases, {"quant": policy.to_dict()})
             for c in codecs.CODECS:
                 pred = predict_bytes(model.config, policy, c, calibration=raw_table)

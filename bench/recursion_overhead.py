@@ -10,7 +10,8 @@ full trainer step (loader, forward, backward, optimizers) of both and reports
   (proportional to depth within 10% means every deviation is under 10%);
 - model FLOPs per token and MFU per point.
 
-    python bench/recursion_overhead.py [--preset cpu] [--depths 1,2,3,4,5,6,7,8] [--steps 6] [--json]
+    python bench/recursion_overhead.py [--preset cpu] [--depths 1,2,3,4,5,6,7,8] [--steps 6] [--threads 1] [--json]
+    python bench/recursion_overhead.py --preset baseline --compile --micro-batch-tokens 65536   # one GPU
 """
 
 from __future__ import annotations
@@ -37,17 +38,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--micro-batch-tokens", type=int, help="gradient accumulation micro-batch (e.g. 65536 for the baseline on one GPU)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 gives steadier numbers on a shared machine")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     depths = [int(v) for v in args.depths.split(",")]
-    train = {"compile": True} if args.compile else {}
+    train: dict = {"compile": True} if args.compile else {}
+    if args.micro_batch_tokens:
+        train["micro_batch_tokens"] = args.micro_batch_tokens
     rows = []
     for v in depths:
         row = {"virtual_layers": v}
         for kind, plan in (("cycle", f"cycle:1x{v}"), ("vanilla", f"vanilla:{v}")):
             r = bench_train(args.preset, model_overrides={"plan": parse_plan(plan).to_dict()}, train_overrides=train,
-                            steps=args.steps, warmup=args.warmup, device=args.device)
+                            steps=args.steps, warmup=args.warmup, device=args.device, threads=args.threads)
             row[f"{kind}_step_seconds"] = r["step_seconds_median"]
             row[f"{kind}_mfu"] = r["mfu"]
             row["model_flops_per_token"] = r["model_flops_per_token"]

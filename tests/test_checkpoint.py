@@ -22,12 +22,12 @@ from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 from loopgolf.train.checkpoint import (
     CheckpointPolicy,
+    TrainState,
     check_resumable,
     load_model_state,
     model_state,
     read_checkpoint,
     save_checkpoint,
-    TrainState,
 )
 from loopgolf.train.optim import build_optimizers
 from loopgolf.train.trainer import train
@@ -249,3 +249,24 @@ def test_checkpoint_killed_mid_write_is_never_half_visible(tmp_path):
         assert torch.all(ckpt["model"]["weight"] == float(step))
         steps.append(step)
     assert all(s >= 1 for s in steps)
+
+
+def test_rng_states_are_restored(tmp_path):
+    import random
+
+    import numpy as np
+
+    from loopgolf.train.checkpoint import restore_checkpoint
+
+    write_shard(tmp_path / "fineweb_train_000000.bin", markov_tokens(1000, vocab=64))
+    model = torch.nn.Linear(4, 4)
+    loader = TokenLoader([tmp_path / "fineweb_train_000000.bin"], 32)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizers=[], loader=loader, state=TrainState(step=3))
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    expected = draws()
+    draws()  # move every generator on
+    state = restore_checkpoint(read_checkpoint(tmp_path / "c.pt"), model=model, optimizers=[], loader=loader)
+    assert state.step == 3 and draws() == expected

@@ -20,7 +20,7 @@ from loopgolf.export.policy import parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig, unique_params_formula
 from loopgolf.model.plan import PlanSpec
 
-SMALL = {"model_dim": 128, "num_heads": 2, "num_kv_heads": 1, "vocab_size": 512}
+SMALL = {"model_dim": 128, "num_heads": 2, "num_kv_heads": 1}
 
 
 def perturbed(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -38,7 +38,7 @@ def perturbed(cfg: ModelConfig, seed: int = 0) -> GPT:
     [
         ("cpu-shared", "int6,fp16max=4096", "brotli"),
         ("cpu-vanilla", "int8", "lzma"),
-        ("cpu-shared-lora4", "int5,clip=mse,fp16max=4096,outliers=8", "zlib"),
+        ("cpu-shared-lora4", "int5,clip=mse,fp16max=4096,outliers=8", "lzma"),
         ("cpu-mini-loop", "all=6,lowrank=2,fp16max=4096", "brotli"),
     ],
 )

@@ -16,9 +16,10 @@ tensor by construction, and LoRA factors are separate tensors that are never mer
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from loopgolf.export.writer import find_aliases
 from loopgolf.export.clip import choose_scales
 from loopgolf.export.policy import FLOAT16_BITS, QuantPolicy, tensor_role
 from loopgolf.export.quant import (
@@ -31,6 +32,7 @@ from loopgolf.export.quant import (
     round_codes,
     to_fp16_checked,
 )
+from loopgolf.export.writer import find_aliases
 
 
 class EncodeError(QuantError):
@@ -76,10 +78,7 @@ def stored_scheme(name: str, shape: tuple[int, ...], policy: QuantPolicy) -> str
     if role == "control":
         return "float32" if policy.control_fp32 else "float16"
     bits = policy.bits_for(role)
-    numel = 1
-    for s in shape:
-        numel *= s
-    if bits == FLOAT16_BITS or numel <= policy.float_max_numel or len(shape) != 2:
+    if bits == FLOAT16_BITS or math.prod(shape) <= policy.float_max_numel or len(shape) != 2:
         return "float16"
     return int_row_scheme(bits)
 
@@ -101,6 +100,7 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
     keep = None if picked is None else picked[1]
     w_coded = w if keep is None else w.masked_fill(keep, 0.0)
     try:
+        scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile)
         if policy.uses_gptq(role):
             if hessian is None:
                 raise EncodeError(
@@ -109,10 +109,8 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
                 )
             from loopgolf.export.gptq import gptq_quantize
 
-            scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile)
             codes, scale = gptq_quantize(w, hessian, bits, scale16=scale, block_size=policy.gptq_block, damp=policy.gptq_damp, keep=keep)
         else:
-            scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile)
             codes = round_codes(w_coded, scale, qmax)
     except QuantError as e:
         raise EncodeError(f"{name}: {e}") from None
@@ -124,23 +122,6 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
         residual = w - dequantize_tensor(q, name)  # zero at outliers: they are exact already
         q.lowrank_u, q.lowrank_v = lowrank_correction(residual, policy.lowrank_rank, hessian, policy.gptq_damp)
     return q
-
-
-def storage_order(names: list[str], qstate: dict[str, QuantizedTensor], aliases: dict[str, str]) -> list[str]:
-    """Table order for the artifact: tensors grouped by how they are stored (intN codes by width,
-    then float16, then float32; state order within a group), aliases last. Alike bytes side by
-    side compress better: 0.2% for brotli and lzma, 4.5% for zstd on a model with many small
-    LoRA factors (docs/LOG.md, 2026-11-23)."""
-
-    def group(name: str) -> tuple[int, int]:
-        q = qstate.get(name)
-        if q is None:  # an alias: after everything it may point to
-            return (3, 0)
-        if q.bits is not None:
-            return (0, -q.bits)
-        return (1, 0) if q.scheme == "float16" else (2, 0)
-
-    return sorted(names, key=group)  # stable: state order within a group
 
 
 def encode_state(

@@ -43,7 +43,7 @@ def export_model(
     ``code_bytes`` must fit or nothing is written (ArtifactError says by how much it is over).
     The policy is recorded in the artifact's meta under ``"quant"``.
     """
-    from loopgolf.export.encode import encode_state, storage_order
+    from loopgolf.export.encode import encode_state
     from loopgolf.export.policy import QuantPolicy
     from loopgolf.export.writer import write_quantized
 
@@ -68,7 +68,7 @@ def export_model(
         model.config.to_dict(),
         qstate,
         aliases=aliases,
-        names=storage_order(list(state), qstate, aliases),
+        names=list(state),
         codec=codec,
         meta={**(meta or {}), "quant": policy.to_dict()},
         cap_bytes=cap_bytes,

@@ -17,7 +17,7 @@ import ctypes.util
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -110,7 +110,6 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return per_rank // micro, micro
 
 
-
 @dataclass
 class TrainResult:
     steps: int
@@ -152,7 +151,7 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> Callable[..., 
     return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
 
 
-def warm_up_compiled(step_fn: Callable[..., torch.Tensor], model: nn.Module, stages: list[int | None], x: torch.Tensor, amp) -> None:
+def warm_up_compiled(step_fn: Callable[..., torch.Tensor], model: nn.Module, stages: list[int | None], x: torch.Tensor, amp: AbstractContextManager) -> None:
     """Compile every recurrence stage's graph (forward and backward) before the clock starts, so
     switching stages during training reuses a cached graph instead of compiling on the budget.
     Gradients are discarded; parameters are untouched."""
@@ -180,7 +179,7 @@ def run_step(
     ys: torch.Tensor,
     *,
     accum: int,
-    amp,
+    amp: AbstractContextManager,
     world_size: int,
     grad_clip: float,
     device: torch.device,
@@ -280,8 +279,13 @@ def train(
     if cfg.compile:
         step_fn = compile_model(model)
         stages: list[int | None] = list(range(model.plan.num_loops)) if staged else [None]
+        # Each stage is one cached graph of the same function: dynamo must be allowed to keep them all.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(stages) + 1)
         dummy = torch.zeros(micro_tokens // cfg.seq_len, cfg.seq_len, dtype=torch.long, device=device)
-        warm_up_compiled(step_fn, model, stages, dummy, amp)
+        try:
+            warm_up_compiled(step_fn, model, stages, dummy, amp)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise ValueError(f"torch.compile failed ({type(e.inner_exception).__name__}; on CPU it needs a working C++ compiler); train without compile=true") from e
         if staged:
             model.set_stage(len(state.stage_steps) - 1 if state.stage_steps else 0)
 
