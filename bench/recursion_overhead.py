@@ -11,7 +11,7 @@ full trainer step (loader, forward, backward, optimizers) of both and reports
 - model FLOPs per token and MFU per point.
 
     python bench/recursion_overhead.py [--preset cpu] [--depths 1,2,3,4,5,6,7,8] [--steps 6] [--threads 1] [--json]
-    python bench/recursion_overhead.py --preset baseline --compile --micro-batch-tokens 65536   # one GPU
+    python bench/recursion_overhead.py --preset baseline --compile   # one GPU (the preset runs 65,536 tokens per forward)
 """
 
 from __future__ import annotations

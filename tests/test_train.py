@@ -66,6 +66,8 @@ def test_accumulation_keeps_global_batch():
     cfg = TrainConfig(seq_len=16, batch_tokens=256, micro_batch_tokens=64, max_steps=1)
     assert accumulation_steps(cfg, 1) == (4, 64)
     assert accumulation_steps(cfg, 2) == (2, 64)
+    assert accumulation_steps(cfg, 4) == (1, 64)
+    assert accumulation_steps(replace(cfg, micro_batch_tokens=1024), 2) == (1, 128)  # a cap, not a demand
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         accumulation_steps(replace(cfg, micro_batch_tokens=48), 1)
 

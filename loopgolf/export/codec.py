@@ -72,28 +72,27 @@ def _too_big(codec: str, max_output: int) -> CodecError:
     return CodecError(f"{codec} stream inflates beyond the allowed {max_output} bytes (possible decompression bomb)")
 
 
+def _checked_output(codec: str, out: bytes, eof: bool, unused: bytes, max_output: int) -> bytes:
+    """``out`` if the stream decoded within bounds and ended exactly where the data ends."""
+    if len(out) > max_output:
+        raise _too_big(codec, max_output)
+    if not eof:
+        raise CodecError(f"{codec} stream is truncated (no end-of-stream marker)")
+    if unused:
+        raise CodecError(f"{codec} stream is followed by {len(unused)} unexpected bytes")
+    return out
+
+
 def _decompress_zlib(data: bytes, max_output: int) -> bytes:
     d = zlib.decompressobj()
     out = d.decompress(data, max_output + 1)
-    if len(out) > max_output:
-        raise _too_big("zlib", max_output)
-    if not d.eof:
-        raise CodecError("zlib stream is truncated (no end-of-stream marker)")
-    if d.unused_data:
-        raise CodecError(f"zlib stream is followed by {len(d.unused_data)} unexpected bytes")
-    return out
+    return _checked_output("zlib", out, d.eof, d.unused_data, max_output)
 
 
 def _decompress_lzma(data: bytes, max_output: int) -> bytes:
     d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     out = d.decompress(data, max_length=max_output + 1)
-    if len(out) > max_output:
-        raise _too_big("lzma", max_output)
-    if not d.eof:
-        raise CodecError("lzma stream is truncated (no end-of-stream marker)")
-    if d.unused_data:
-        raise CodecError(f"lzma stream is followed by {len(d.unused_data)} unexpected bytes")
-    return out
+    return _checked_output("lzma", out, d.eof, d.unused_data, max_output)
 
 
 def _decompress_zstd(data: bytes, max_output: int) -> bytes:

@@ -102,7 +102,9 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     per_rank = cfg.batch_tokens // world_size
     if per_rank * world_size != cfg.batch_tokens:
         raise ValueError(f"batch_tokens {cfg.batch_tokens} is not divisible by world size {world_size}")
-    micro = cfg.micro_batch_tokens or per_rank
+    # micro_batch_tokens is a cap: a rank whose share of the batch is smaller runs it in one go
+    # (the official script's 8 // world_size micro-steps: 8 on one GPU, 1 on eight).
+    micro = min(cfg.micro_batch_tokens or per_rank, per_rank)
     if micro % cfg.seq_len or per_rank % micro:
         raise ValueError(
             f"micro_batch_tokens {micro} must be a multiple of seq_len {cfg.seq_len} and divide the per-rank batch {per_rank}"
