@@ -17,12 +17,15 @@ Gaussian noise, under a few policies) with every codec and stores, per codec, th
 the real artifact's tensor bytes to the sum of the per-tensor rates (``export_factor``): one
 stream of mixed tensors compresses a little differently from each tensor alone (zstd notably).
 
-Gaussian rows stand for trained weights: per-row scales make the codes independent of each row's
-magnitude, and trained matrices measured so far code a few percent smaller (docs/LOG.md), so the
-planner errs on the safe side of the cap there.
+Gaussian rows are what a freshly initialised model codes like. Trained matrices have heavier
+tails: the row max lies further from the bulk, the codes concentrate near zero and compress 3-6%
+better. ``--trained RUN...`` (float models saved by ``bench/quant_train.py``) measures that:
+per codec, clip and bit width, the ratio of the trained models' real coded bytes to what the
+Gaussian rates predict for them (``trained_factor``, which the planner applies by default).
 
     python bench/quant_calibrate.py --write                 # everything (about 10 min on 2 cores)
     python bench/quant_calibrate.py --write --factors-only  # keep the rates, redo the exports
+    python bench/quant_calibrate.py --write --trained-only --trained /tmp/lgq/off /tmp/lgq/ste
 """
 
 from __future__ import annotations
@@ -106,12 +109,49 @@ def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], 
             names = list(model.state_dict())
             payload, _, _ = build_payload(model.config.to_dict(), names, q, aliases, {"quant": policy.to_dict()})
             for c in codecs.CODECS:
-                pred = predict_bytes(model.config, policy, c, calibration=raw_table)
+                pred = predict_bytes(model.config, policy, c, calibration=raw_table, weights="init")
                 fixed = pred["header_bytes"] + container_overhead(c)
                 actual = len(codecs.compress(payload, c)) + container_overhead(c)
                 ratios[c].append((actual - fixed) / (pred["model_bytes"] - fixed))
         print(f"  exports of {preset}: done", flush=True)
     return {c: round(sum(r) / len(r), 5) for c, r in ratios.items()}, ratios
+
+
+TRAINED_BITS = (3, 4, 5, 6, 7, 8)
+
+
+def trained_factors(table: dict, runs: list[str]) -> tuple[dict, dict]:
+    """codec -> clip -> bits -> mean over ``runs`` of (real coded bytes) / (Gaussian-rate prediction
+    of those bytes); the coded bytes are the whole export minus the predicted non-coded part
+    (float tensors, header, container), every tensor of 2-D size > 16,384 coded."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quant_train import load_trained
+
+    from loopgolf.export.encode import encode_state
+    from loopgolf.export.planner import predict_bytes
+    from loopgolf.export.policy import parse_policy
+    from loopgolf.export.writer import build_payload, container_overhead
+
+    base = {k: v for k, v in table.items() if k != "trained_factor"}
+    ratios: dict = {c: {clip: {str(b): [] for b in TRAINED_BITS} for clip in CLIP_METHODS} for c in codecs.CODECS}
+    for run in runs:
+        model, _ = load_trained(Path(run))
+        state = model.state_dict()
+        for clip in CLIP_METHODS:
+            for bits in TRAINED_BITS:
+                policy = parse_policy(f"all={bits},fp16max=16384,clip={clip}")
+                q, aliases = encode_state(state, policy)
+                payload, _, _ = build_payload(model.config.to_dict(), list(state), q, aliases, {"quant": policy.to_dict()})
+                for c in codecs.CODECS:
+                    pred = predict_bytes(model.config, policy, c, calibration=base, weights="init")
+                    coded = sum(r["predicted_bytes"] for r in pred["tensors"] if r["scheme"] not in ("float16", "float32"))
+                    actual = len(codecs.compress(payload, c)) + container_overhead(c)
+                    ratios[c][clip][str(bits)].append((actual - (pred["model_bytes"] - coded)) / coded)
+        print(f"  trained factors of {run}: done", flush=True)
+    factors = {c: {clip: {b: round(sum(r) / len(r), 5) for b, r in by_bits.items()} for clip, by_bits in by_clip.items()} for c, by_clip in ratios.items()}
+    return factors, ratios
 
 
 def format_table(table: dict) -> str:
@@ -125,7 +165,11 @@ def format_table(table: dict) -> str:
             lines.append("            },")
         lines.append("        },")
     lines.append("    },")
-    lines += [f'    "{key}": {json.dumps(table[key])},' for key in ("float16", "float32", "int32_index", "export_factor")]
+    lines += [f'    "{key}": {json.dumps(table[key])},' for key in ("float16", "float32", "int32_index", "export_factor") if key in table]
+    if "trained_factor" in table:
+        lines.append('    "trained_factor": {')
+        lines += [f'        "{c}": {json.dumps(by_clip)},' for c, by_clip in table["trained_factor"].items()]
+        lines.append("    },")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -144,18 +188,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"rewrite {TABLE_PATH.name}")
     ap.add_argument("--factors-only", action="store_true", help="keep the stored per-tensor rates, measure only the export factors")
+    ap.add_argument("--trained", nargs="+", metavar="RUN", help="trained float models (bench/quant_train.py run dirs) to measure trained_factor on")
+    ap.add_argument("--trained-only", action="store_true", help="keep everything else, measure only trained_factor (needs --trained)")
     args = ap.parse_args()
+    if args.trained_only and not args.trained:
+        ap.error("--trained-only needs --trained RUN...")
     t0 = time.time()
-    if args.factors_only:
+    if args.factors_only or args.trained_only:
         from loopgolf.export.planner_table import CALIBRATION
 
         table = dict(CALIBRATION)
     else:
         table = {"codecs": list(codecs.CODECS), **measure()}
-    table["export_factor"], ratios = export_factors(table)
+    if not args.trained_only:
+        table["export_factor"], ratios = export_factors(table)
+        for c, r in ratios.items():
+            print(f"  {c}: export factor {table['export_factor'][c]:.4f} (min {min(r):.4f}, max {max(r):.4f})")
+    if args.trained:
+        table["trained_factor"], tratios = trained_factors(table, args.trained)
+        for c, by_clip in tratios.items():
+            for clip, by_bits in by_clip.items():
+                print(f"  {c} {clip}: " + "  ".join(f"{b}b {table['trained_factor'][c][clip][b]:.4f} [{min(r):.4f}-{max(r):.4f}]" for b, r in by_bits.items()))
     print(f"measured in {time.time() - t0:.0f} s")
-    for c, r in ratios.items():
-        print(f"  {c}: export factor {table['export_factor'][c]:.4f} (min {min(r):.4f}, max {max(r):.4f})")
     print("int6 percentile, 512-long rows:", {c: r for c, rows in table["coded"]["percentile"]["6"].items() for x, r in rows if x == 512})
     if args.write:
         write_table(table)

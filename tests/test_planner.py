@@ -46,7 +46,7 @@ def test_prediction_within_two_percent_of_the_real_export(tmp_path, preset, poli
     cfg = ModelConfig.from_dict({**get_preset(preset).model.to_dict(), **SMALL})
     p = parse_policy(policy)
     info = export_model(perturbed(cfg), tmp_path / "a.lgz", policy=p, codec=codec, meta={"preset": preset, "seed": 1, "steps": 100, "seq_len": 128})
-    pred = predict_bytes(cfg, p, codec)
+    pred = predict_bytes(cfg, p, codec, weights="init")  # randomly initialised weights
     assert pred["codec"] == codec and pred["unique_params"] == unique_params_formula(cfg)
     assert abs(pred["model_bytes"] / info.total_bytes - 1) < 0.02, (pred["model_bytes"], info.total_bytes)
     assert [r["name"] for r in pred["tensors"]] == list(GPT(cfg).state_dict())
@@ -131,3 +131,18 @@ def test_plan_command_json(capsys):
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "loopgolf run --preset cpu-shared --dim" in text and "cpu-k3" in text
+
+
+def test_trained_weights_shrink_only_the_coded_matrices():
+    cfg = get_preset("cpu-shared").model
+    policy = parse_policy("int6")
+    init = predict_bytes(cfg, policy, "brotli", weights="init")
+    trained = predict_bytes(cfg, policy, "brotli")  # the default: a trained model
+    assert trained["model_bytes"] < init["model_bytes"]
+    for a, b in zip(init["tensors"], trained["tensors"]):
+        if a["scheme"] in ("float16", "float32"):
+            assert a["predicted_bytes"] == b["predicted_bytes"]
+        else:
+            assert b["predicted_bytes"] < a["predicted_bytes"]
+    with pytest.raises(PlanError, match="unknown weights"):
+        predict_bytes(cfg, policy, "brotli", weights="pretrained")

@@ -4,8 +4,9 @@ preset family that fit a cap.
 Prediction (:func:`predict_bytes`): the model is built on the meta device (no memory, no
 training) to list its unique stored tensors; each gets the scheme the exporter would give it
 under the quantization policy (``encode.stored_scheme``) and a compressed size from the measured
-rates in ``planner_table`` (regenerate with ``python bench/quant_calibrate.py --write``). The
-header is built by the artifact writer itself on placeholder tensors and compressed, and the
+rates in ``planner_table`` (regenerate with ``python bench/quant_calibrate.py --write``): rates of
+Gaussian rows, scaled for coded matrices by ``trained_factor`` (measured on trained models)
+unless ``weights="init"`` asks for a freshly initialised model. The header is built by the artifact writer itself on placeholder tensors and compressed, and the
 container's fixed bytes are added exactly.
 
 Search (:func:`search`): for each preset of a family (and optional other layer/loop counts), the
@@ -59,12 +60,29 @@ def coded_rate(table: dict, codec: str, clip: str, bits: int, cols: int) -> floa
     return points[i - 1][1] + t * (points[i][1] - points[i - 1][1])
 
 
-def _tensor_bytes(table: dict, codec: str, scheme: str, shape: tuple[int, ...], policy: QuantPolicy, role: str) -> float:
+WEIGHTS: tuple[str, ...] = ("trained", "init")
+
+
+def trained_factor(table: dict, codec: str, clip: str, bits: int) -> float:
+    """How much smaller trained matrices code than Gaussian rows (measured on trained models by
+    ``bench/quant_calibrate.py --trained``), for the nearest measured bit width; 1 if unmeasured."""
+    by_bits = table.get("trained_factor", {}).get(codec, {}).get(clip, {})
+    if not by_bits:
+        return 1.0
+    nearest = min(by_bits, key=lambda b: (abs(int(b) - bits), int(b)))
+    return by_bits[nearest]
+
+
+def _tensor_bytes(table: dict, codec: str, scheme: str, shape: tuple[int, ...], policy: QuantPolicy, role: str, weights: str) -> float:
     numel = math.prod(shape)
     if scheme in ("float32", "float16"):
         return numel * table[scheme][codec]
     rows, cols = shape
-    n = numel * coded_rate(table, codec, policy.clip, scheme_bits(scheme), cols)
+    bits = scheme_bits(scheme)
+    rate = coded_rate(table, codec, policy.clip, bits, cols)
+    if weights == "trained":
+        rate *= trained_factor(table, codec, policy.clip, bits)
+    n = numel * rate
     if policy.outlier_topk:
         k = min(policy.outlier_topk, numel)
         n += k * (table["float16"][codec] + table["int32_index"][codec])
@@ -112,13 +130,18 @@ def predict_bytes(
     *,
     meta: dict | None = None,
     calibration: dict | None = None,
+    weights: str = "trained",
 ) -> dict[str, Any]:
     """Predicted artifact (model file) bytes of a configuration under ``policy`` and ``codec``.
 
     The tensors' measured rates are summed and multiplied by the codec's ``export_factor`` (what
     whole exports measured against that sum: one stream of mixed tensors compresses a little
     differently from each tensor alone), then the compressed header and the container are
-    added. ``calibration`` replaces the stored table (the calibration script uses it).
+    added. ``weights="trained"`` (the default) predicts a trained model: coded matrices get the
+    measured ``trained_factor`` (trained weights have heavier tails than Gaussian rows, so their
+    codes concentrate and compress 3-6% better); ``"init"`` predicts Gaussian-like weights (a
+    freshly initialised model). ``calibration`` replaces the stored table (the calibration script
+    uses it).
 
     Returns ``{"model_bytes", "codec", "by_codec", "header_bytes", "unique_params",
     "tensors": [{"name", "role", "scheme", "shape", "predicted_bytes"}, ...]}``; with
@@ -128,6 +151,8 @@ def predict_bytes(
     policy = policy or QuantPolicy()
     if codec != "auto" and codec not in codecs.CODECS:
         raise PlanError(f"unknown codec {codec!r}; valid: auto, {', '.join(codecs.CODECS)}")
+    if weights not in WEIGHTS:
+        raise PlanError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     names = stored_tensors(cfg)
     rows, qstate = [], {}
     for name, shape in names:
@@ -142,7 +167,7 @@ def predict_bytes(
     per_tensor: dict[str, list[float]] = {}
     for c in codecs.CODECS if codec == "auto" else (codec,):
         factor = table.get("export_factor", {}).get(c, 1.0)
-        sizes = [factor * _tensor_bytes(table, c, r["scheme"], tuple(r["shape"]), policy, r["role"]) for r in rows]
+        sizes = [factor * _tensor_bytes(table, c, r["scheme"], tuple(r["shape"]), policy, r["role"], weights) for r in rows]
         per_tensor[c] = sizes
         header_bytes[c] = len(codecs.compress(header, c))
         by_codec[c] = round(sum(sizes)) + header_bytes[c] + container_overhead(c)
@@ -266,6 +291,7 @@ def search(
     loops: list[int] | None = None,
     width_step: int | None = None,
     max_width: int = 8192,
+    weights: str = "trained",
 ) -> list[dict[str, Any]]:
     """Configurations of ``preset_family`` that fit ``cap_bytes`` (model + code bytes), best first.
 
@@ -275,7 +301,7 @@ def search(
     current size. Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
-    "unique_params", "effective_params"}``."""
+    "unique_params", "effective_params"}``. ``weights`` as in :func:`predict_bytes`."""
     from loopgolf.config import get_preset
 
     policy = policy or QuantPolicy()
@@ -294,7 +320,7 @@ def search(
         step = width_step or head_dim * kv_ratio
         for spec in _plan_variants(base.plan, layers, loops):
             cfg0 = ModelConfig.from_dict({**base.to_dict(), "plan": spec.to_dict()})
-            best = _widest_fitting(cfg0, budget, policy, codec, step, head_dim, kv_ratio, max_width)
+            best = _widest_fitting(cfg0, budget, policy, codec, step, head_dim, kv_ratio, max_width, weights)
             if best is None:
                 continue
             cfg, pred = best
@@ -325,7 +351,8 @@ def search(
 
 
 def _widest_fitting(
-    cfg: ModelConfig, budget: int, policy: QuantPolicy, codec: str, step: int, head_dim: int, kv_ratio: int, max_width: int
+    cfg: ModelConfig, budget: int, policy: QuantPolicy, codec: str, step: int, head_dim: int, kv_ratio: int, max_width: int,
+    weights: str = "trained",
 ) -> tuple[ModelConfig, dict] | None:
     """The widest width within ``budget`` (bytes grow with width): doubling steps from the
     narrowest until one is over, then bisection, so huge widths are never built."""
@@ -335,7 +362,7 @@ def _widest_fitting(
     def fits(i: int) -> bool:
         if i not in cache:
             c = _with_width(cfg, widths[i], head_dim, kv_ratio)
-            cache[i] = (c, predict_bytes(c, policy, codec))
+            cache[i] = (c, predict_bytes(c, policy, codec, weights=weights))
         return cache[i][1]["model_bytes"] <= budget
 
     if not widths or not fits(0):
@@ -375,14 +402,18 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
         help="predict artifact bytes before training; list the widest configurations that fit a cap",
-        description=__doc__.split("\n\n")[0] + " Predictions come from measured compression rates: within 2% of real exports "
-        "with brotli (auto) or lzma on randomly initialised weights, and 1-4% high on trained weights, which code smaller.",
+        description=__doc__.split("\n\n")[0] + " Predictions come from compression rates measured on real exports, for a "
+        "trained model by default (docs/LOG.md has the measured errors).",
     )
     p.add_argument("--cap", type=int, default=DEFAULT_CAP_BYTES, help="artifact byte cap, code included (default 16,000,000)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="predict this preset (with the overrides) and search its widths")
     p.add_argument("--family", help="search these presets instead: cpu, pg, all, or names separated by commas (default: --preset, else pg)")
     p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
     p.add_argument("--codec", default="auto", help="auto (smallest), " + ", ".join(codecs.CODECS))
+    p.add_argument(
+        "--weights", choices=WEIGHTS, default="trained",
+        help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
+    )
     p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the scoring path's current size)")
     p.add_argument("--layers", type=_int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=_int_list, help="also try these loop counts, e.g. 2,3,4")
@@ -409,7 +440,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.preset:
         preset = get_preset(args.preset)
         cfg = ModelConfig.from_dict({**preset.model.to_dict(), **overrides})
-        pred = predict_bytes(cfg, policy, args.codec)
+        pred = predict_bytes(cfg, policy, args.codec, weights=args.weights)
         total = pred["model_bytes"] + n_code
         out["config"] = {
             "preset": args.preset, "overrides": run_overrides(preset.model, cfg), "predicted_bytes": total,
@@ -421,7 +452,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
     candidates = search(
         args.cap, family, policy, codec=args.codec, code_bytes=n_code, overrides=search_overrides,
-        layers=args.layers, loops=args.loops, width_step=args.width_step,
+        layers=args.layers, loops=args.loops, width_step=args.width_step, weights=args.weights,
     )
     out["candidates"] = candidates[: args.top]
     if args.json:
