@@ -6,7 +6,8 @@ training) to list its unique stored tensors; each gets the scheme the exporter w
 under the quantization policy (``encode.stored_scheme``) and a compressed size from the measured
 rates in ``planner_table`` (regenerate with ``python bench/quant_calibrate.py --write``): rates of
 Gaussian rows, scaled for coded matrices by ``trained_factor`` (measured on trained models)
-unless ``weights="init"`` asks for a freshly initialised model. The header is built by the artifact writer itself on placeholder tensors and compressed, and the
+unless ``weights="init"`` asks for a freshly initialised model. The header is built by the
+artifact writer itself on placeholder tensors and compressed, and the
 container's fixed bytes are added exactly.
 
 Search (:func:`search`): for each preset of a family (and optional other layer/loop counts), the

@@ -150,13 +150,10 @@ class LoRABank(nn.Module):
         self.A = nn.ParameterList(nn.Parameter(torch.randn(d_in, rank) / d_in**0.5) for _ in range(num_virtual))
         self.B = nn.ParameterList(nn.Parameter(torch.zeros(rank, d_out)) for _ in range(num_virtual))
 
-    def delta(self, v: int, x: Tensor) -> Tensor:
-        return self.scale * ((x @ self.A[v].to(x.dtype)) @ self.B[v].to(x.dtype))
-
     def add_to(self, v: int, x: Tensor, y: Tensor) -> Tensor:
-        """``y + delta_v(x)`` with the scale and the sum done inside one GEMM (``addmm``): the
-        separate scale and add passes over a full activation cost more than the thin matmuls
-        themselves at small ranks (bench/lora_overhead.py)."""
+        """``y + delta_v(x)`` with the scale and the sum done inside one GEMM (``addmm``), which
+        saves two passes over a full activation per adapter: at small ranks those passes cost as
+        much as the thin matmuls themselves (bench/lora_overhead.py, docs/LOG.md)."""
         xa = x @ self.A[v].to(x.dtype)
         out = torch.addmm(y.reshape(-1, y.size(-1)), xa.reshape(-1, xa.size(-1)), self.B[v].to(x.dtype), alpha=self.scale)
         return out.view(y.shape)
