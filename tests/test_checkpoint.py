@@ -224,13 +224,14 @@ from loopgolf.data.shards import TokenLoader
 path = Path(sys.argv[1])
 loader = TokenLoader([path.parent / "fineweb_train_000000.bin"], 32)
 model = torch.nn.Linear(1024, 1024)  # a few MB per checkpoint: each write takes a while
-print("ready", flush=True)
 i = 0
 while True:
     i += 1
     with torch.no_grad():
         model.weight.fill_(float(i))
     save_checkpoint(path, model=model, optimizers=[], loader=loader, state=TrainState(step=i))
+    if i == 1:  # a whole checkpoint exists from here on, however slow the machine; the kill lands in later writes
+        print("ready", flush=True)
 """
 
 
