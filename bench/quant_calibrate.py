@@ -85,13 +85,23 @@ FACTOR_PRESETS = ("cpu-shared", "cpu-vanilla", "cpu-shared-lora4", "cpu-mini-loo
 FACTOR_POLICIES = ("int8", "int6,fp16max=16384", "int5,clip=mse,outliers=8")
 
 
+def export_payload(model, policy) -> bytes:
+    """The uncompressed artifact payload ``export_model`` would write for ``model`` under ``policy``."""
+    from loopgolf.export.encode import encode_state
+    from loopgolf.export.writer import build_payload
+
+    state = model.state_dict()
+    q, aliases = encode_state(state, policy)
+    payload, _, _ = build_payload(model.config.to_dict(), list(state), q, aliases, {"quant": policy.to_dict()})
+    return payload
+
+
 def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Per codec: mean of (real artifact bytes - header - container) / (sum of tensor rates) over
     FACTOR_PRESETS x FACTOR_POLICIES, and the individual ratios."""
     from loopgolf.config import get_preset
-    from loopgolf.export.writer import build_payload, container_overhead
-    from loopgolf.export.encode import encode_state
     from loopgolf.export.planner import predict_bytes
+    from loopgolf.export.writer import container_overhead
     from loopgolf.export.policy import parse_policy
     from loopgolf.model.gpt import GPT
 
@@ -105,9 +115,7 @@ def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], 
                 p.add_(torch.randn_like(p) * noise)
         for text in FACTOR_POLICIES:
             policy = parse_policy(text)
-            q, aliases = encode_state(model.state_dict(), policy)
-            names = list(model.state_dict())
-            payload, _, _ = build_payload(model.config.to_dict(), names, q, aliases, {"quant": policy.to_dict()})
+            payload = export_payload(model, policy)
             for c in codecs.CODECS:
                 pred = predict_bytes(model.config, policy, c, calibration=raw_table, weights="init")
                 fixed = pred["header_bytes"] + container_overhead(c)
@@ -129,24 +137,22 @@ def trained_factors(table: dict, runs: list[str]) -> tuple[dict, dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quant_train import load_trained
 
-    from loopgolf.export.encode import encode_state
     from loopgolf.export.planner import predict_bytes
     from loopgolf.export.policy import parse_policy
-    from loopgolf.export.writer import build_payload, container_overhead
+    from loopgolf.export.quant import FLOAT_SCHEMES
+    from loopgolf.export.writer import container_overhead
 
     base = {k: v for k, v in table.items() if k != "trained_factor"}
     ratios: dict = {c: {clip: {str(b): [] for b in TRAINED_BITS} for clip in CLIP_METHODS} for c in codecs.CODECS}
     for run in runs:
         model, _ = load_trained(Path(run))
-        state = model.state_dict()
         for clip in CLIP_METHODS:
             for bits in TRAINED_BITS:
                 policy = parse_policy(f"all={bits},fp16max=16384,clip={clip}")
-                q, aliases = encode_state(state, policy)
-                payload, _, _ = build_payload(model.config.to_dict(), list(state), q, aliases, {"quant": policy.to_dict()})
+                payload = export_payload(model, policy)
                 for c in codecs.CODECS:
                     pred = predict_bytes(model.config, policy, c, calibration=base, weights="init")
-                    coded = sum(r["predicted_bytes"] for r in pred["tensors"] if r["scheme"] not in ("float16", "float32"))
+                    coded = sum(r["predicted_bytes"] for r in pred["tensors"] if r["scheme"] not in FLOAT_SCHEMES)
                     actual = len(codecs.compress(payload, c)) + container_overhead(c)
                     ratios[c][clip][str(bits)].append((actual - (pred["model_bytes"] - coded)) / coded)
         print(f"  trained factors of {run}: done", flush=True)
