@@ -103,9 +103,11 @@ def server(standin):
 
         def do_GET(self):
             path = standin.hub / self.path.lstrip("/")
+            # Every log entry is made before the response goes out: the client may return (and the
+            # test read the log) as soon as the last byte arrives, before this thread runs on.
             if not path.is_file():
-                self.send_error(404)
                 log.append((self.path, self.headers.get("Range"), 0))
+                self.send_error(404)
                 return
             data = path.read_bytes()
             rng = self.headers.get("Range")
@@ -114,23 +116,24 @@ def server(standin):
                 m = re.fullmatch(r"bytes=(\d+)-", rng)
                 start = int(m.group(1))
                 if start >= len(data):
+                    log.append((self.path, rng, 0))
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.end_headers()
-                    log.append((self.path, rng, 0))
                     return
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+            header_length = len(body)
             if self.path in cut:
                 body = body[: cut.pop(self.path)]
                 self.close_connection = True
-            self.wfile.write(body)
             log.append((self.path, rng, len(body)))
+            self.send_header("Content-Length", str(header_length))
+            self.end_headers()
+            self.wfile.write(body)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
