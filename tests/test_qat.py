@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from loopgolf.export.pack import export_model, load_model
 from loopgolf.export.artifact import ArtifactError
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
+from loopgolf.train.checkpoint import CheckpointPolicy, read_checkpoint
 from loopgolf.train.qat import QATConfig, QATError, attach_qat, make_qat_callback, qat_targets, remove_qat, row_step
 from loopgolf.train.trainer import train
 
@@ -125,3 +128,59 @@ def test_training_with_qat_then_export(tmp_path, mode):
     x = torch.randint(0, 64, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(reloaded(x)).all()
+
+
+@pytest.mark.parametrize("mode", ["ste", "noise"])
+def test_resume_after_qat_started_repeats_the_uninterrupted_run(tmp_path, mode):
+    """The checkpoint carries the QAT hook: when it started and, in noise mode, where every noise
+    generator stands, so a resumed run draws exactly the noise the uninterrupted one drew."""
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, markov_tokens(20_000, vocab=64, seed=3))
+    preset = get_preset("debug")
+    cfg = ModelConfig.from_dict({**preset.model.to_dict(), "vocab_size": 64, "plan": PlanSpec("cycle", layers=1, loops=2).to_dict()})
+    tcfg = replace(preset.train, max_steps=10)
+
+    def run(seed: int, on_step, **kw):
+        torch.manual_seed(seed)
+        model = GPT(cfg)
+        result = train(model, TokenLoader([path], tcfg.seq_len, seed=0), tcfg, device=torch.device("cpu"),
+                       on_step=on_step, progress=False, **kw)
+        return result, model
+
+    def qat():
+        return make_qat_callback(QATConfig(mode=mode, start_frac=0.3, bits=6, float_max_numel=0, seed=4))
+
+    full_cb = qat()
+    full, full_model = run(0, full_cb)
+    assert full_cb.start_step == 3
+
+    class Killed(Exception):
+        pass
+
+    killed_cb = qat()
+
+    def die_at_7(step, progress, model):
+        killed_cb(step, progress, model)
+        if step == 7:
+            raise Killed
+
+    die_at_7.state_dict = killed_cb.state_dict  # the hook's state is what the checkpoint keeps
+    policy = CheckpointPolicy(tmp_path / "checkpoint.pt", every=5)
+    with pytest.raises(Killed):
+        run(0, die_at_7, checkpoint=policy)
+    ckpt = read_checkpoint(policy.path)
+    assert ckpt["train"]["step"] == 5 and ckpt["hook"]["start_step"] == 3
+
+    resumed_cb = qat()
+    resumed, resumed_model = run(99, resumed_cb, resume=ckpt)
+    assert resumed.resumed_from == 5 and resumed_cb.start_step == 3 and resumed_cb.weights == full_cb.weights
+    assert resumed.losses == full.losses  # bit-for-bit on CPU, the noise draws included
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_qat_hook_state_is_checked():
+    cb = make_qat_callback(QATConfig(mode="noise", float_max_numel=0))
+    with pytest.raises(QATError, match="noise generators"):
+        cb.load_state_dict({"start_step": 2, "weights": 3, "noise_rng": [torch.zeros(8, dtype=torch.uint8)]})
+        cb(4, 0.9, looped_model())

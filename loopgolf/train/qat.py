@@ -180,21 +180,58 @@ def resample_noise(model: nn.Module) -> None:
 
 class QATCallback:
     """``on_step(step, progress, model)`` for ``train``: attaches QAT once progress reaches
-    ``start_frac`` and, in noise mode, draws fresh noise before every optimizer step."""
+    ``start_frac`` and, in noise mode, draws fresh noise before every optimizer step.
+
+    Its :meth:`state_dict` goes into training checkpoints: the step QAT started at and, in noise
+    mode, the state of every noise generator, so a resumed run draws the noise the uninterrupted
+    run would have drawn."""
 
     def __init__(self, cfg: QATConfig) -> None:
         self.cfg = cfg
         self.start_step: int | None = None
         self.weights = 0
+        self._model: nn.Module | None = None  # the model QAT is attached to in this process
+        self._saved_noise_rng: list[Tensor] | None = None  # from a checkpoint, until re-attached
 
     def __call__(self, step: int, progress: float, model: nn.Module) -> None:
-        if self.cfg.mode == "off" or progress < self.cfg.start_frac:
+        if self.cfg.mode == "off":
             return
         if self.start_step is None:
-            self.weights = attach_qat(model, self.cfg)
+            if progress < self.cfg.start_frac:
+                return
             self.start_step = step
+        if self._model is None:  # QAT's first step in this process: a fresh start or a resume
+            self.weights = attach_qat(model, self.cfg)
+            self._model = model
+            if self._saved_noise_rng is not None:
+                self._restore_noise_rng(self._saved_noise_rng)
+                self._saved_noise_rng = None
         if self.cfg.mode == "noise":
             resample_noise(model)
+
+    def _noise_modules(self) -> list[QuantNoise]:
+        return [] if self._model is None else [m for m in self._model.modules() if isinstance(m, QuantNoise)]
+
+    def _restore_noise_rng(self, states: list[Tensor]) -> None:
+        mods = self._noise_modules()
+        if len(states) != len(mods):
+            raise QATError(
+                f"the checkpoint holds {len(states)} noise generators, this model has {len(mods)} noise-QAT weights: "
+                "it was written for another model or QAT setting"
+            )
+        for mod, state in zip(mods, states):
+            mod.generator.set_state(state)
+
+    def state_dict(self) -> dict:
+        noise_rng = [m.generator.get_state() for m in self._noise_modules()]
+        if self._saved_noise_rng is not None:  # resumed but not yet re-attached: keep what was loaded
+            noise_rng = self._saved_noise_rng
+        return {"start_step": self.start_step, "weights": self.weights, "noise_rng": noise_rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_step = state["start_step"]
+        self.weights = state["weights"]
+        self._saved_noise_rng = list(state["noise_rng"]) if self.cfg.mode == "noise" and self.start_step is not None else None
 
 
 def make_qat_callback(cfg: QATConfig) -> Callable[[int, float, nn.Module], None]:
