@@ -181,6 +181,6 @@ def test_resume_after_qat_started_repeats_the_uninterrupted_run(tmp_path, mode):
 
 def test_qat_hook_state_is_checked():
     cb = make_qat_callback(QATConfig(mode="noise", float_max_numel=0))
+    cb.load_state_dict({"start_step": 2, "weights": 3, "noise_rng": [torch.zeros(8, dtype=torch.uint8)]})
     with pytest.raises(QATError, match="noise generators"):
-        cb.load_state_dict({"start_step": 2, "weights": 3, "noise_rng": [torch.zeros(8, dtype=torch.uint8)]})
         cb(4, 0.9, looped_model())

@@ -223,9 +223,10 @@ class QATCallback:
             mod.generator.set_state(state)
 
     def state_dict(self) -> dict:
-        noise_rng = [m.generator.get_state() for m in self._noise_modules()]
         if self._saved_noise_rng is not None:  # resumed but not yet re-attached: keep what was loaded
             noise_rng = self._saved_noise_rng
+        else:
+            noise_rng = [m.generator.get_state() for m in self._noise_modules()]
         return {"start_step": self.start_step, "weights": self.weights, "noise_rng": noise_rng}
 
     def load_state_dict(self, state: dict) -> None:
