@@ -17,6 +17,7 @@ from loopgolf.export.planner import (
     search,
 )
 from loopgolf.export.policy import parse_policy
+from loopgolf.export.quant import FLOAT_SCHEMES
 from loopgolf.model.gpt import GPT, ModelConfig, unique_params_formula
 from loopgolf.model.plan import PlanSpec
 
@@ -140,7 +141,7 @@ def test_trained_weights_shrink_only_the_coded_matrices():
     trained = predict_bytes(cfg, policy, "brotli")  # the default: a trained model
     assert trained["model_bytes"] < init["model_bytes"]
     for a, b in zip(init["tensors"], trained["tensors"]):
-        if a["scheme"] in ("float16", "float32"):
+        if a["scheme"] in FLOAT_SCHEMES:
             assert a["predicted_bytes"] == b["predicted_bytes"]
         else:
             assert b["predicted_bytes"] < a["predicted_bytes"]
