@@ -143,3 +143,35 @@ def test_config_roundtrip_and_flops():
     f3 = forward_flops_per_token(tiny(PlanSpec("cycle", layers=2, loops=3)), 64)
     head = 2 * TINY["model_dim"] * TINY["vocab_size"]
     assert f3 - head == 3 * (f1 - head)
+
+
+def test_training_step_after_an_inference_mode_evaluation():
+    """The rotary tables are built with the model: an evaluation under inference_mode must not
+    leave inference tensors behind for the next training step to save for backward."""
+    model = GPT(ModelConfig(**TINY, plan=PlanSpec("cycle", layers=2, loops=2)))
+    x = torch.randint(0, 64, (2, 12))
+    with torch.inference_mode():
+        model(x, x)
+    model(x, x).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not any("rotary" in k for k in model.state_dict())  # built, never stored
+    with pytest.raises(ValueError, match="max_seq_len"):
+        GPT(ModelConfig(**TINY, max_seq_len=8))(x)
+
+
+def test_rotary_keeps_the_activation_dtype(monkeypatch):
+    import loopgolf.model.gpt as gpt
+
+    seen = []
+    original = gpt.apply_rotary
+
+    def spy(x, cos, sin):
+        out = original(x, cos, sin)
+        seen.append((x.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(gpt, "apply_rotary", spy)
+    model = GPT(ModelConfig(**TINY))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (1, 6)))
+    assert seen and all(out == x == torch.bfloat16 for x, out in seen)

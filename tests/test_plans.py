@@ -77,13 +77,37 @@ def test_stage_runs_only_the_enabled_passes():
     assert model.stage is None and len(model.active_layers) == 6
     with pytest.raises(ValueError, match="outside"):
         model.set_stage(3)
-    # stage 0 of a CYCLE plan is the K-block vanilla stack
+    # stage 0 of a CYCLE plan is the K-block vanilla stack, without its skip: the full plan's
+    # skips pair (2, 3), (1, 4), (0, 5), none of which runs at stage 0
     flat = GPT(ModelConfig(**TINY, plan=PlanSpec("vanilla", layers=2)))
     model.set_stage(0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("skip_weight")}
-    flat.load_state_dict({**state, "skip_weight": model.skip_weight[:1]}, strict=True)
+    flat.load_state_dict({**state, "skip_weight": torch.zeros_like(flat.skip_weight)}, strict=True)
     x = torch.randint(0, 64, (2, 8))
     torch.testing.assert_close(model(x), flat(x), rtol=0, atol=0)
+
+
+def test_skip_pairs_are_fixed_by_the_full_plan_at_every_stage():
+    """Progressive recurrence must not hand a learned skip row to another (encoder, decoder)
+    pair: at each stage of pg-mini-loop's plan the rows that receive gradient are exactly those
+    whose full-plan pair runs, and the rows the full plan pairs up are never reassigned."""
+    from loopgolf.config import get_preset
+
+    plan = get_preset("pg-mini-loop").model.plan
+    model = GPT(ModelConfig(**TINY, plan=plan))
+    pairs = model.plan.skip_pairs
+    v = model.plan.num_virtual
+    assert pairs == tuple((v // 2 - 1 - i, v // 2 + i) for i in range(v // 2))
+    x = torch.randint(0, 64, (2, 8))
+    for stage in range(model.plan.num_loops):
+        model.set_stage(stage)
+        active = set(model.active_layers)
+        model.zero_grad(set_to_none=True)
+        model(x, x).backward()
+        rows = {i for i in range(len(pairs)) if model.skip_weight.grad[i].abs().sum() > 0}
+        used = {i for i, (enc, dec) in enumerate(pairs) if enc in active and dec in active}
+        assert rows == used, (stage, sorted(rows), sorted(used))
+        assert stage < model.plan.num_loops - 1 or used == set(range(len(pairs)))

@@ -43,6 +43,7 @@ class ModelConfig:
     lora_ranks: dict[str, int] = field(default_factory=dict)  # per-virtual-layer LoRA: projection -> rank
     lora_alpha: float | None = None  # LoRA scale alpha / r (None: alpha = r, scale 1)
     rope_base: float = 10000.0
+    max_seq_len: int = 4096  # longest sequence the rotary tables cover (built once, not stored)
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
@@ -50,7 +51,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
             self.plan = PlanSpec.from_dict(self.plan)
-        for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+        for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model {name} must be a positive integer, got {value!r}")
@@ -119,21 +120,31 @@ class Linear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float) -> None:
+    """cos/sin tables for positions 0..max_seq_len-1, built once when the model is built.
+
+    They are non-persistent buffers (not in the state dict; they move with ``model.to``) and are
+    never written during forward: a table filled lazily inside an ``inference_mode`` evaluation
+    would be an inference tensor that the next training step cannot save for backward, and a
+    compiled graph would be guarded on the cache's state."""
+
+    def __init__(self, head_dim: int, base: float, max_seq_len: int) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.max_seq_len = max_seq_len
+        self.register_buffer("cos", freqs.cos()[None, None], persistent=False)
+        self.register_buffer("sin", freqs.sin()[None, None], persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
-        return self._cache[2], self._cache[3]
+    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of shape (1, 1, seq_len, head_dim / 2)."""
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than the model's max_seq_len={self.max_seq_len}; build it with a larger max_seq_len")
+        return self.cos[:, :, :seq_len], self.sin[:, :, :seq_len]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # The tables take the dtype of x: fp32 tables would upcast bf16 queries and keys.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
@@ -233,14 +244,19 @@ class GPT(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(n_mlp_ctrl, d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(n_attn_ctrl, d), torch.zeros(n_attn_ctrl, d)], dim=1))
         self.q_gain = nn.Parameter(torch.full((n_attn_ctrl, cfg.num_heads), cfg.qk_gain_init))
-        # U-Net skips pair the first half of the running virtual layers with the second half.
+        # U-Net skips pair the first half of the virtual layers with the second half (plan.skip_pairs).
         self.skip_weight = nn.Parameter(torch.ones(v_layers // 2, d))
         self.depth_emb = nn.Parameter(torch.zeros(v_layers, d)) if cfg.depth_embeddings else None
         self.lora = nn.ModuleDict(
             {t: LoRABank(v_layers, *cfg.lora_shape(t), cfg.lora_ranks[t], cfg.lora_scale(t)) for t in LORA_TARGETS if t in cfg.lora_ranks}
         )
         self.lm_head = None if cfg.tie_embeddings else Linear(d, cfg.vocab_size, zero_init=True)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.max_seq_len)
+        # U-Net skips, fixed once from the full plan: decoder layer v adds encoder layer e's
+        # output through skip_weight[row]. A progressive-recurrence stage that leaves e or v out
+        # drops that pair; it never hands a row to another pair.
+        self.skip_from = {dec: (row, enc) for row, (enc, dec) in enumerate(plan.skip_pairs)}
+        self.skip_sources = frozenset(enc for enc, _ in plan.skip_pairs)
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
         self.stage: int | None = None  # progressive recurrence: None runs every virtual layer
@@ -276,18 +292,16 @@ class GPT(nn.Module):
 
     def hidden(self, idx: Tensor) -> Tensor:
         """Final normalized hidden states (B, T, D)."""
-        cos, sin = self.rotary(idx.size(1), idx.device)
+        cos, sin = self.rotary(idx.size(1))
         x = rms_norm(self.tok_emb(idx))
-        layers = self.active_layers
-        n_enc = len(layers) // 2
-        x0, skips = x, []
-        for v in layers[:n_enc]:
+        x0, outputs = x, {}
+        for v in self.active_layers:
+            row, enc = self.skip_from.get(v, (None, None))
+            if enc in outputs:
+                x = x + self.skip_weight[row].to(x.dtype) * outputs.pop(enc)
             x = self.layer(v, x, x0, cos, sin)
-            skips.append(x)
-        for i, v in enumerate(layers[n_enc:]):
-            if skips:
-                x = x + self.skip_weight[i].to(x.dtype) * skips.pop()
-            x = self.layer(v, x, x0, cos, sin)
+            if v in self.skip_sources:
+                outputs[v] = x
         return rms_norm(x)
 
     def logits(self, idx: Tensor) -> Tensor:
@@ -363,12 +377,3 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, num_layers: int | No
     matmul = v_layers * per_layer + d * cfg.vocab_size
     attention = v_layers * 2 * d * (seq_len + 1) / 2
     return int(2 * matmul + 2 * attention)
-
-
-def model_summary(model: GPT) -> dict[str, Any]:
-    return {
-        "unique_params": unique_params(model),
-        "effective_params": effective_params(model),
-        "plan": model.plan.to_dict(),
-    }
-

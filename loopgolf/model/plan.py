@@ -110,6 +110,14 @@ class DepthPlan:
             return tuple(range(self.num_virtual))
         return tuple(v for v in range(self.num_virtual) if self.loop_of[v] <= stage)
 
+    @property
+    def skip_pairs(self) -> tuple[tuple[int, int], ...]:
+        """U-Net skips as (encoder layer, decoder layer), one per skip-weight row: the first
+        ``V // 2`` virtual layers are the encoder, and decoder layer ``V//2 + i`` receives the
+        output of encoder layer ``V//2 - 1 - i`` (last in, first out)."""
+        n_enc = self.num_virtual // 2
+        return tuple((n_enc - 1 - i, n_enc + i) for i in range(n_enc))
+
     def attn_uses(self, i: int) -> int:
         """How many virtual layers run stored attention sublayer ``i``."""
         return self.attn_of.count(i)

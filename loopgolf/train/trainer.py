@@ -160,10 +160,6 @@ def warm_up_compiled(step_fn: Callable[..., torch.Tensor], model: nn.Module, sta
     # Inputs and targets are distinct tensors, as in training: passing one tensor twice would
     # guard the graph on that aliasing and recompile at the first real step.
     y = x.clone()
-    # One eager forward first fills lazily built caches (the rotary tables): a graph compiled
-    # while a cache was empty would be guarded on that and recompiled once it is filled.
-    with torch.no_grad(), amp:
-        model(x, y)
     for stage in stages:
         if stages != [None]:
             model.set_stage(stage)
