@@ -27,7 +27,7 @@ from loopgolf.data.shards import TokenLoader
 from loopgolf.evaluate import evaluate_bpb
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.run import Dataset
-from loopgolf.train.qat import QATConfig, make_qat_callback, remove_qat
+from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.train.trainer import train
 
 
@@ -67,9 +67,11 @@ def main() -> None:
     loader = TokenLoader(ds.train_shards, tcfg.seq_len, seed=tcfg.seed, vocab_size=ds.vocab_size)
     qat = QATConfig(mode=args.qat, start_frac=args.qat_start, bits=args.qat_bits, float_max_numel=args.float_max_numel, seed=args.seed)
     t0 = time.time()
-    result = train(model, loader, tcfg, device=torch.device("cpu"), on_step=make_qat_callback(qat), log_path=out / "log.jsonl", progress=False)
+    hook = None if qat.mode == "off" else QAT(model, qat)
+    result = train(model, loader, tcfg, device=torch.device("cpu"), on_step=hook, forward=None if hook is None else hook.forward,
+                   log_path=out / "log.jsonl", progress=False)
     seconds = time.time() - t0
-    removed = remove_qat(model)
+    removed = 0 if hook is None else hook.weights
     model.eval()
     with torch.no_grad():
         pre = evaluate_bpb(model, ds.val_tokens(), ds.tables, tcfg.seq_len, batch_size=16)

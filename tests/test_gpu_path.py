@@ -80,6 +80,23 @@ def test_cuda_compiled_training_switches_stages_without_recompiling(tmp_path):
 
 
 @cuda_only
+def test_cuda_compiled_qat_switches_on_without_recompiling(tmp_path):
+    from loopgolf.train.qat import QAT, QATConfig
+
+    torch._dynamo.reset()
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, markov_tokens(20_000, vocab=64))
+    model = staged_model().to("cuda")
+    qat = QAT(model, QATConfig(mode="noise", bits=6, float_max_numel=0, start_frac=0.5))
+    tcfg = replace(get_preset("debug").train, max_steps=8, compile=True, log_every=4, device="cuda")
+    before = counters["stats"]["unique_graphs"]
+    r = train(model, TokenLoader([path], tcfg.seq_len), tcfg, device=torch.device("cuda"), on_step=qat, forward=qat.forward, progress=False)
+    assert qat.start_step == 4 and len(r.losses) == 8
+    assert counters["stats"]["unique_graphs"] - before == 1  # as without QAT: compiled once, before the clock
+    torch._dynamo.reset()
+
+
+@cuda_only
 def test_cuda_bench_reports_bf16_peak():
     from loopgolf.bench import bench_train
 

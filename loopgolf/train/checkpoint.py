@@ -69,39 +69,14 @@ class CheckpointPolicy:
 # ------------------------------------------------------------------ model weights
 
 
-_PARAMETRIZED = ".parametrizations."
-
-
-def _plain_name(name: str) -> str | None:
-    """The name a tensor has without ``torch.nn.utils.parametrize`` (QAT attaches it late in
-    training): ``a.parametrizations.weight.original`` -> ``a.weight``; tensors that belong to a
-    parametrization itself -> None (they are rebuilt by whoever attaches it)."""
-    if _PARAMETRIZED not in name:
-        return name
-    head, _, tail = name.partition(_PARAMETRIZED)
-    attr, _, rest = tail.partition(".")
-    return f"{head}.{attr}" if rest == "original" else None
-
-
-def _plain_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state tensors (parameters and persistent buffers, not detached) by plain name."""
-    out: dict[str, Tensor] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        plain = _plain_name(name)
-        if plain is not None:
-            out[plain] = t
-    return out
-
-
 def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters and persistent buffers under their plain names, detached."""
-    return {n: t.detach() for n, t in _plain_tensors(model).items()}
+    """Parameters and persistent buffers, detached."""
+    return {n: t.detach() for n, t in model.state_dict(keep_vars=True).items()}
 
 
 def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy ``state`` into the model's tensors (strict: same names and shapes), whether or not
-    a parametrization is attached now."""
-    own = _plain_tensors(model)
+    """Copy ``state`` into the model's tensors (strict: same names and shapes)."""
+    own = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -2,34 +2,35 @@
 
 In a looped model one stored matrix runs at every pass, so its quantization error is applied again
 and again and compounds (REFERENCE.md section 2). Over the last part of training this module makes
-the shared attention and MLP weights (``attn.*`` / ``mlps.*`` 2-D weights) see that error:
+the shared attention and MLP matrices (role ``attn`` / ``mlp`` in ``loopgolf.model.roles``) see
+that error:
 
 - ``ste``: the forward pass uses the weight as the exporter will store it (per-row symmetric intN,
-  scale from the row's absolute max rounded to fp16, as ``export.quant`` does), and gradients pass
-  straight through the rounding to the float weight.
+  scale from the row's absolute max rounded to fp16), and gradients pass straight through the
+  rounding to the float weight.
 - ``noise``: the forward pass adds uniform noise of one quantization step (``U(-s/2, s/2)`` per
   element, ``s`` the row's step), drawn once per optimizer step so that every loop over a shared
   block sees the same perturbation, as it would see the same rounding error after export.
 
-Both are attached with ``torch.nn.utils.parametrize`` so the model code never mentions
-quantization: the optimizer keeps updating the same Parameter objects, and :func:`remove_qat`
-restores plain weights (and plain state-dict names) before export.
+:class:`QAT` is the training forward with that transform: it computes each stored matrix's
+transformed weight once per forward and runs the model on those (``torch.func.functional_call``),
+so a matrix that 3 loops reuse is quantized once, not 3 times, and the model and its parameters
+stay plain (the optimizer, checkpoints and export see the same tensors as without QAT). The
+transform is in the graph from step 0, gated by a 0/1 tensor that the step hook flips in place
+when QAT starts: a compiled forward compiles once, before the clock, and never again.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.func import functional_call
+
+from loopgolf.model.roles import parameter_roles
 
 QAT_MODES = ("off", "ste", "noise")
-# Stored sublayers whose weights every loop reuses; LoRA factors and control tensors are per
-# virtual layer and are left alone.
-_TARGET_RE = re.compile(r"^(attn|mlps)\.\d+\.")
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 
 
@@ -61,8 +62,8 @@ class QATConfig:
         if self.noise_scale <= 0:
             raise QATError(f"QAT noise_scale must be positive, got {self.noise_scale}")
 
-    def bits_for(self, module_name: str) -> int:
-        role = "attn" if module_name.startswith("attn.") else "mlp"
+    def bits_for(self, role: str) -> int:
+        """Bits of a shared matrix of ``role`` ("attn" or "mlp")."""
         return self.role_bits.get(role, self.bits)
 
     def to_dict(self) -> dict:
@@ -85,156 +86,99 @@ def row_step(w: Tensor, qmax: int) -> Tensor:
         return torch.where(s == 0, torch.ones_like(s), s).to(w.dtype)
 
 
-class FakeQuantSTE(nn.Module):
-    """weight -> its intN per-row reconstruction, with a straight-through gradient."""
-
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.qmax = 2 ** (bits - 1) - 1
-
-    def forward(self, w: Tensor) -> Tensor:
-        s = row_step(w, self.qmax)
-        q = torch.clamp(torch.round(w.detach() / s), -self.qmax, self.qmax) * s
-        return w + (q - w.detach())
+def fake_quantize(w: Tensor, qmax: int) -> Tensor:
+    """The per-row intN reconstruction of ``w`` (no gradient)."""
+    with torch.no_grad():
+        s = row_step(w, qmax)
+        return torch.clamp(torch.round(w.detach() / s), -qmax, qmax) * s
 
 
-class QuantNoise(nn.Module):
-    """weight -> weight + one step of uniform noise, the noise fixed between :meth:`resample` calls."""
-
-    def __init__(self, bits: int, scale: float, shape: torch.Size, generator: torch.Generator) -> None:
-        super().__init__()
-        self.qmax = 2 ** (bits - 1) - 1
-        self.scale = scale
-        self.generator = generator
-        self.register_buffer("unit", torch.zeros(shape), persistent=False)
-
-    def resample(self) -> None:
-        u = torch.rand(self.unit.shape, generator=self.generator, device=self.generator.device)
-        self.unit.copy_(u - 0.5)
-
-    def forward(self, w: Tensor) -> Tensor:
-        return w + (self.unit.to(w.dtype) * self.scale) * row_step(w, self.qmax)
+def qat_targets(model: nn.Module, float_max_numel: int = 65536) -> list[tuple[str, nn.Parameter, str]]:
+    """(parameter name, parameter, role) of every shared attention/MLP matrix that the export
+    stores as intN: tensors at or below ``float_max_numel`` elements stay floats, so QAT leaves
+    them alone, as it leaves the per-virtual-layer LoRA factors and control tensors."""
+    params = dict(model.named_parameters())
+    return [
+        (name, params[name], role)
+        for name, role in parameter_roles(model).items()
+        if role in ("attn", "mlp") and params[name].numel() > float_max_numel
+    ]
 
 
-def qat_targets(model: nn.Module, float_max_numel: int = 65536) -> list[tuple[str, nn.Module]]:
-    """(module name, module) of every shared block linear whose weight is exported as intN."""
-    out = []
-    for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if not _TARGET_RE.match(name) or not isinstance(w, Tensor) or w.dim() != 2:
-            continue
-        if w.numel() > float_max_numel:
-            out.append((name, mod))
-    return out
+class QAT:
+    """QAT for one model: the training forward (:meth:`forward`, a drop-in for ``model(x, y)``)
+    and the step hook (calling the object: ``on_step(step, progress, model)`` for ``train``)
+    that switches it on once progress reaches ``start_frac`` and, in noise mode, draws fresh
+    noise before every optimizer step.
 
+    Its :meth:`state_dict` goes into training checkpoints: the step QAT started at and the state
+    of every noise generator, so a resumed run draws the noise the uninterrupted run drew."""
 
-def _attached(mod: nn.Module) -> bool:
-    return parametrize.is_parametrized(mod, "weight") and any(
-        isinstance(p, (FakeQuantSTE, QuantNoise)) for p in mod.parametrizations["weight"]
-    )
-
-
-def attach_qat(model: nn.Module, cfg: QATConfig) -> int:
-    """Put fake quantization (or noise) on the shared block weights; returns how many weights.
-    Attaching twice is a no-op for weights that already carry it."""
-    if cfg.mode == "off":
-        return 0
-    targets = qat_targets(model, cfg.float_max_numel)
-    if not targets:
-        raise QATError(
-            f"no shared block weight is larger than float_max_numel={cfg.float_max_numel}: QAT would do nothing "
-            "(those weights are exported as floats); lower float_max_numel or use mode 'off'"
-        )
-    n = 0
-    for i, (name, mod) in enumerate(targets):
-        if _attached(mod):
-            continue
-        bits = cfg.bits_for(name)
-        if cfg.mode == "ste":
-            p: nn.Module = FakeQuantSTE(bits)
-        else:
-            w = mod.weight
-            gen = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + i)
-            p = QuantNoise(bits, cfg.noise_scale, w.shape, gen).to(w.device)
-            p.resample()
-        parametrize.register_parametrization(mod, "weight", p)
-        n += 1
-    return n
-
-
-def remove_qat(model: nn.Module) -> int:
-    """Restore plain weights (the same Parameter objects, values untouched); returns how many."""
-    n = 0
-    for _, mod in list(model.named_modules()):
-        if _attached(mod):
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-            n += 1
-    return n
-
-
-def resample_noise(model: nn.Module) -> None:
-    for mod in model.modules():
-        if isinstance(mod, QuantNoise):
-            mod.resample()
-
-
-class QATCallback:
-    """``on_step(step, progress, model)`` for ``train``: attaches QAT once progress reaches
-    ``start_frac`` and, in noise mode, draws fresh noise before every optimizer step.
-
-    Its :meth:`state_dict` goes into training checkpoints: the step QAT started at and, in noise
-    mode, the state of every noise generator, so a resumed run draws the noise the uninterrupted
-    run would have drawn."""
-
-    def __init__(self, cfg: QATConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, model: nn.Module, cfg: QATConfig) -> None:
+        if cfg.mode == "off":
+            raise QATError("QAT mode is 'off': train without a QAT forward")
+        targets = qat_targets(model, cfg.float_max_numel)
+        if not targets:
+            raise QATError(
+                f"no shared block weight is larger than float_max_numel={cfg.float_max_numel}: QAT would do nothing "
+                "(those weights are exported as floats); lower float_max_numel or use mode 'off'"
+            )
+        self.model, self.cfg = model, cfg
+        self.names = [name for name, _, _ in targets]
+        self.params = [p for _, p, _ in targets]
+        self.qmax = [2 ** (cfg.bits_for(role) - 1) - 1 for _, _, role in targets]
+        device = self.params[0].device
+        # 0 before QAT starts, 1 after: a tensor, flipped in place, so the graph never changes.
+        self.enabled = torch.zeros((), device=device)
         self.start_step: int | None = None
-        self.weights = 0
-        self._model: nn.Module | None = None  # the model QAT is attached to in this process
-        self._saved_noise_rng: list[Tensor] | None = None  # from a checkpoint, until re-attached
+        self.units: list[Tensor] = []
+        self.generators: list[torch.Generator] = []
+        if cfg.mode == "noise":
+            for i, p in enumerate(self.params):
+                self.generators.append(torch.Generator(device=p.device).manual_seed(cfg.seed * 100_003 + i))
+                self.units.append(torch.zeros_like(p, requires_grad=False))
+
+    @property
+    def weights(self) -> int:
+        """How many stored matrices QAT transforms."""
+        return len(self.params)
+
+    def transformed_weights(self) -> dict[str, Tensor]:
+        """{name: the weight the forward uses}, each computed once."""
+        gate = self.enabled
+        if self.cfg.mode == "ste":
+            # w + gate * (q - w) with the difference detached: the value is q once QAT is on, the
+            # gradient reaches w unchanged (straight through) either way.
+            return {n: w + gate * (fake_quantize(w, qmax) - w.detach()) for n, w, qmax in zip(self.names, self.params, self.qmax)}
+        return {
+            n: w + gate * (u.to(w.dtype) * self.cfg.noise_scale) * row_step(w, qmax)
+            for n, w, qmax, u in zip(self.names, self.params, self.qmax, self.units)
+        }
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """``model(idx, targets, reduction)`` with the shared matrices transformed."""
+        return functional_call(self.model, self.transformed_weights(), (idx, targets), {"reduction": reduction})
 
     def __call__(self, step: int, progress: float, model: nn.Module) -> None:
-        if self.cfg.mode == "off":
-            return
         if self.start_step is None:
             if progress < self.cfg.start_frac:
                 return
             self.start_step = step
-        if self._model is None:  # QAT's first step in this process: a fresh start or a resume
-            self.weights = attach_qat(model, self.cfg)
-            self._model = model
-            if self._saved_noise_rng is not None:
-                self._restore_noise_rng(self._saved_noise_rng)
-                self._saved_noise_rng = None
+        self.enabled.fill_(1.0)
         if self.cfg.mode == "noise":
-            resample_noise(model)
-
-    def _noise_modules(self) -> list[QuantNoise]:
-        return [] if self._model is None else [m for m in self._model.modules() if isinstance(m, QuantNoise)]
-
-    def _restore_noise_rng(self, states: list[Tensor]) -> None:
-        mods = self._noise_modules()
-        if len(states) != len(mods):
-            raise QATError(
-                f"the checkpoint holds {len(states)} noise generators, this model has {len(mods)} noise-QAT weights: "
-                "it was written for another model or QAT setting"
-            )
-        for mod, state in zip(mods, states):
-            mod.generator.set_state(state)
+            for u, g in zip(self.units, self.generators):
+                u.copy_(torch.rand(u.shape, generator=g, device=g.device, dtype=u.dtype) - 0.5)
 
     def state_dict(self) -> dict:
-        if self._saved_noise_rng is not None:  # resumed but not yet re-attached: keep what was loaded
-            noise_rng = self._saved_noise_rng
-        else:
-            noise_rng = [m.generator.get_state() for m in self._noise_modules()]
-        return {"start_step": self.start_step, "weights": self.weights, "noise_rng": noise_rng}
+        return {"start_step": self.start_step, "weights": self.weights, "noise_rng": [g.get_state() for g in self.generators]}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["weights"] != self.weights or len(state["noise_rng"]) != len(self.generators):
+            raise QATError(
+                f"the checkpoint's QAT state covers {state['weights']} weights and {len(state['noise_rng'])} noise generators; "
+                f"this model and QAT setting have {self.weights} and {len(self.generators)}: it was written for another model or QAT setting"
+            )
         self.start_step = state["start_step"]
-        self.weights = state["weights"]
-        self._saved_noise_rng = list(state["noise_rng"]) if self.cfg.mode == "noise" and self.start_step is not None else None
-
-
-def make_qat_callback(cfg: QATConfig) -> Callable[[int, float, nn.Module], None]:
-    """The ``on_step`` callback implementing ``cfg`` (call :func:`remove_qat` before export)."""
-    return QATCallback(cfg)
+        for g, rng in zip(self.generators, state["noise_rng"]):
+            g.set_state(rng)
+        self.enabled.fill_(0.0 if self.start_step is None else 1.0)

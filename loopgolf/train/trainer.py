@@ -145,8 +145,9 @@ class StepClock:
         self.synced_step, self.synced = step, elapsed
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> Callable[..., torch.Tensor]:
-    """``torch.compile`` the training forward (model -> loss): one full graph per recurrence
+def compile_model(model: Callable[..., torch.Tensor], backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """``torch.compile`` the training forward (a model, or a forward such as ``QAT.forward``, that
+    maps (inputs, targets) to the loss): one full graph per recurrence
     stage, fixed shapes. Inductor fuses the elementwise work between the matmuls (norms, residual
     mixes, rotary, the logit soft-cap and the cross-entropy) on CUDA and on CPU (where it needs a
     C++ compiler). Tests pass ``backend="eager"`` to check graphs and guards cheaply."""
@@ -220,6 +221,7 @@ def train(
     log_path: Path | None = None,
     validate: Callable[[nn.Module], dict] | None = None,
     on_step: Callable[[int, float, nn.Module], None] | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
     progress: bool = True,
     checkpoint: CheckpointPolicy | None = None,
     resume: dict | None = None,
@@ -229,7 +231,9 @@ def train(
     ``on_step(step, progress, model)`` runs before every optimizer step (``progress`` is the
     fraction of the budget used); schedules that change the model during training, such as
     quantization-aware training over the last part of the budget, hook in here. A hook with
-    ``state_dict()``/``load_state_dict()`` methods is checkpointed with the run.
+    ``state_dict()``/``load_state_dict()`` methods is checkpointed with the run. ``forward``
+    replaces ``model(inputs, targets)`` as the training loss (e.g. ``QAT.forward``); evaluation
+    and everything else use the model itself.
 
     Under torch.distributed (torchrun) every rank calls this with its rank's loader; gradients
     are averaged across ranks and rank 0 alone logs, validates, shows progress and checkpoints.
@@ -273,9 +277,9 @@ def train(
     if world > 1:
         broadcast_parameters(model)
 
-    step_fn: Callable[..., torch.Tensor] = model
+    step_fn: Callable[..., torch.Tensor] = model if forward is None else forward
     if cfg.compile:
-        step_fn = compile_model(model)
+        step_fn = compile_model(step_fn)
         stages: list[int | None] = list(range(model.plan.num_loops)) if staged else [None]
         # Each stage is one cached graph of the same function: dynamo must be allowed to keep them all.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(stages) + 1)
