@@ -32,8 +32,8 @@ from loopgolf.data.tokenizer import ByteTables, build_byte_tables, load_tokenize
 from loopgolf.evaluate import EvalResult, evaluate_bpb
 from loopgolf.export.budget import DEFAULT_CAP_BYTES, CapReport, code_bytes
 from loopgolf.export.pack import export_model, load_model
-from loopgolf.export.policy import parse_policy
-from loopgolf.train.qat import QATConfig, make_qat_callback, remove_qat
+from loopgolf.export.policy import QuantPolicy, parse_policy
+from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
 from loopgolf.train.checkpoint import CHECKPOINT_NAME, CheckpointPolicy, check_resumable, read_checkpoint
 from loopgolf.train.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown_distributed
@@ -262,6 +262,17 @@ def run(opts: RunOptions) -> dict[str, Any]:
         shutdown_distributed()
 
 
+def build_qat(model: torch.nn.Module, qat: dict[str, Any], policy: QuantPolicy, *, seed: int) -> QAT | None:
+    """The run's QAT (None when off): it fakes the bits the export will store the shared block
+    matrices in, and its noise follows the run's seed."""
+    if qat["mode"] == "off":
+        return None
+    role_bits = {r: b for r in ("attn", "mlp") if (b := policy.bits_for(r))}
+    cfg = QATConfig(mode=qat["mode"], start_frac=qat["start_frac"], bits=policy.bits_for("mlp") or 8, role_bits=role_bits,
+                    float_max_numel=policy.float_max_numel, seed=seed)
+    return QAT(model, cfg)
+
+
 def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     preset, config, out, device, ds = rs.preset, rs.config, rs.out, rs.device, rs.ds
     model_cfg, train_cfg = preset.model, preset.train
@@ -288,12 +299,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
 
     policy_q = parse_policy(config.get("quant", ""))
     qat_cfg = config.get("qat") or {"mode": "off"}
-    on_step = None
-    if qat_cfg["mode"] != "off":
-        # QAT fakes the bits the export will use for the shared block matrices.
-        on_step = make_qat_callback(QATConfig(mode=qat_cfg["mode"], start_frac=qat_cfg["start_frac"], bits=policy_q.bits_for("mlp") or 8,
-                                              role_bits={r: b for r in ("attn", "mlp") if (b := policy_q.bits_for(r))},
-                                              float_max_numel=policy_q.float_max_numel))
+    qat = build_qat(model, qat_cfg, policy_q, seed=train_cfg.seed)
 
     every = int(config.get("checkpoint_every") or 0)
     policy = None
@@ -301,9 +307,9 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         policy = CheckpointPolicy(out / CHECKPOINT_NAME, every=every, config={"model": model_cfg.to_dict(), "train": asdict(train_cfg)})
     result = train(
         model, loader, train_cfg, device=device, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path,
-        validate=validate, on_step=on_step, progress=opts.progress, checkpoint=policy, resume=rs.resume,
+        validate=validate, on_step=qat, forward=None if qat is None else qat.forward, progress=opts.progress,
+        checkpoint=policy, resume=rs.resume,
     )
-    remove_qat(model)  # export and the pre-export score use the plain trained weights
     if opts.train_only or not rs.dist.is_main:
         summary = _train_summary(result, rs, policy, t_start)
         if rs.dist.is_main:
