@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from loopgolf.model.roles import parameter_roles
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -78,7 +80,7 @@ class OptimizerConfig:
     embed_lr: float = 0.05  # tied embedding (it is also the output head)
     head_lr: float = 0.008  # untied output head
     untied_embed_lr: float = 0.6
-    adapter_lr: float = 0.01  # per-virtual-layer LoRA factors (Adam)
+    adapter_lr: float = 0.01  # per-virtual-layer LoRA factors (under either adapter_optimizer)
     adapter_optimizer: str = "adam"  # "adam" or "muon": per-depth LoRA diverged under Muon in a public report
     beta1: float = 0.9
     beta2: float = 0.95
@@ -93,33 +95,22 @@ class OptimizerConfig:
             raise ValueError(f"adapter_optimizer must be 'adam' or 'muon', got {self.adapter_optimizer!r}")
 
 
-MATRIX_PREFIXES = ("attn.", "mlps.")
+# Optimizer group of each parameter role (loopgolf.model.roles).
+GROUP_OF_ROLE = {"attn": "matrix", "mlp": "matrix", "embed": "embed", "head": "head", "lora": "adapter", "control": "scalar", "depth": "scalar"}
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Assign every parameter to exactly one optimizer role by name.
+    """Assign every trainable parameter to one optimizer group by its role.
 
-    matrix: 2-D weights of the stored attention/MLP sublayers (Muon); embed: token embedding;
-    head: an untied output head; adapter: per-virtual-layer LoRA factors; scalar: everything else
-    (scales, mixes, gains, skip weights, depth embeddings)."""
-    roles: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "adapter": [], "scalar": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(MATRIX_PREFIXES) and p.ndim == 2:
-            roles["matrix"].append((name, p))
-        elif name.startswith("lora."):
-            roles["adapter"].append((name, p))
-        elif name.startswith("tok_emb."):
-            roles["embed"].append((name, p))
-        elif name.startswith("lm_head."):
-            roles["head"].append((name, p))
-        else:
-            roles["scalar"].append((name, p))
-    n_assigned = sum(len(v) for v in roles.values())
-    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    assert n_assigned == n_trainable, "every trainable parameter must be in exactly one optimizer group"
-    return roles
+    matrix: the stored attention/MLP matrices (Muon); embed: token embedding; head: an untied
+    output head; adapter: per-virtual-layer LoRA factors; scalar: control tensors, skip weights
+    and depth embeddings."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in ("matrix", "embed", "head", "adapter", "scalar")}
+    params = dict(model.named_parameters())
+    for name, role in parameter_roles(model).items():
+        if params[name].requires_grad:
+            groups[GROUP_OF_ROLE[role]].append((name, params[name]))
+    return groups
 
 
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list[torch.optim.Optimizer]:
@@ -134,18 +125,18 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
         adam_groups.append({"params": [p for _, p in roles["head"]], "lr": cfg.head_lr})
     if roles["scalar"]:
         adam_groups.append({"params": [p for _, p in roles["scalar"]], "lr": cfg.scalar_lr})
-    muon_params = [p for _, p in roles["matrix"]]
-    if roles["adapter"] and cfg.adapter_optimizer == "adam":
-        adam_groups.append({"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr})
-    elif roles["adapter"]:
-        muon_params += [p for _, p in roles["adapter"]]
+    muon_groups = []
+    if roles["matrix"]:
+        muon_groups.append({"params": [p for _, p in roles["matrix"]], "lr": cfg.matrix_lr})
+    if roles["adapter"]:
+        # adapter_lr applies under either optimizer: under Muon the adapters are their own group.
+        adapters = {"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr}
+        (adam_groups if cfg.adapter_optimizer == "adam" else muon_groups).append(adapters)
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
     ]
-    if muon_params:
-        optimizers.append(
-            Muon(muon_params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
-        )
+    if muon_groups:
+        optimizers.append(Muon(muon_groups, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
