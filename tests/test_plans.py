@@ -111,3 +111,32 @@ def test_skip_pairs_are_fixed_by_the_full_plan_at_every_stage():
         used = {i for i, (enc, dec) in enumerate(pairs) if enc in active and dec in active}
         assert rows == used, (stage, sorted(rows), sorted(used))
         assert stage < model.plan.num_loops - 1 or used == set(range(len(pairs)))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (PlanSpec("vanilla", layers=3, loops=2), "kind='cycle'"),
+        (PlanSpec("vanilla", layers=3, first=2), "does not use first"),
+        (PlanSpec("vanilla", layers=3, share="mlp"), "nothing is shared"),
+        (PlanSpec("cycle", layers=2, loops=2, loop_start=1), "does not use loop_start"),
+        (PlanSpec("mini-loop", layers=4, loops=1, loop_start=1, loop_end=2, last=3), "does not use last"),
+        (PlanSpec("explicit", attn_of=(0, 1), mlp_of=(0, 0), loops=2), "does not use loops"),
+        (PlanSpec("explicit", attn_of=(0, 1), mlp_of=(0, 0), share="attn"), "already say"),
+        (PlanSpec("cycle", layers=2, loops=2, attn_of=(0, 1)), "does not use attn_of"),
+    ],
+)
+def test_fields_a_plan_kind_does_not_use_are_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_plan(spec)
+
+
+def test_explicit_plans_refuse_a_sharing_suffix():
+    with pytest.raises(ValueError, match="already say"):
+        build_plan(parse_plan("explicit:0,1,0,1@mlp"))
+    with pytest.raises(ValueError, match="nothing is shared"):
+        build_plan(parse_plan("vanilla:4@attn"))
+    plan = build_plan(parse_plan("explicit:0,1,0,1/0,0,1,1"))  # what @mlp meant, said by the lists
+    assert plan.attn_of == (0, 1, 0, 1) and plan.mlp_of == (0, 0, 1, 1)
+    # explicit configs written before record layers = stored attention count: still accepted
+    assert build_plan(PlanSpec.from_dict(parse_plan("explicit:0,1,0,1").to_dict())).num_attn == 2

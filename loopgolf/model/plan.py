@@ -174,8 +174,6 @@ def _block_order(spec: PlanSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     modes are applied."""
     k, b = spec.layers, spec.loops
     if spec.kind == "vanilla":
-        if b != 1:
-            raise ValueError(f"a vanilla plan runs each layer once (loops=1), got loops={b}; use kind='cycle'")
         return tuple(range(k)), (0,) * k
     if spec.kind in ("cycle", "middle-cycle"):
         order = [(i, loop) for loop in range(b) for i in range(k)]
@@ -203,12 +201,48 @@ def _block_order(spec: PlanSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(i for i, _ in order), tuple(loop for _, loop in order)
 
 
+# The fields each kind reads; any other field must keep its default, so a mistake such as
+# ``loops=3`` on a vanilla plan or ``@mlp`` on an explicit one is an error, not silently ignored.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "vanilla": ("layers",),
+    "cycle": ("layers", "loops", "share"),
+    "sequence": ("layers", "loops", "share"),
+    "cycle-rev": ("layers", "loops", "share"),
+    "middle-cycle": ("layers", "loops", "first", "last", "share"),
+    "middle-sequence": ("layers", "loops", "first", "last", "share"),
+    "mini-loop": ("layers", "loops", "loop_start", "loop_end", "share"),
+    "explicit": ("attn_of", "mlp_of"),
+}
+
+
+def _check_fields(spec: PlanSpec) -> None:
+    default = PlanSpec()
+    for name in PlanSpec.__dataclass_fields__:
+        if name == "kind" or name in KIND_FIELDS[spec.kind]:
+            continue
+        value = getattr(spec, name)
+        if spec.kind == "explicit" and name == "layers" and spec.attn_of and value == max(spec.attn_of) + 1:
+            continue  # explicit plans have always recorded their stored attention count here
+        if value != getattr(default, name):
+            hint = {
+                ("vanilla", "loops"): "; to run layers several times use kind='cycle'",
+                ("vanilla", "share"): ": nothing is shared in a vanilla plan",
+                ("explicit", "share"): ": its attn_of/mlp_of lists already say which sublayers are shared",
+            }.get((spec.kind, name), "")
+            article = "an" if spec.kind[0] in "aeiou" else "a"
+            raise ValueError(
+                f"{article} {spec.kind} plan does not use {name}, got {name}={value!r}{hint} "
+                f"({spec.kind} plans take {', '.join(KIND_FIELDS[spec.kind])})"
+            )
+
+
 def build_plan(spec: PlanSpec) -> DepthPlan:
     """Turn a spec into the explicit map, validating it."""
     if spec.kind not in PLAN_KINDS:
         raise ValueError(f"unknown plan kind {spec.kind!r}; valid kinds: {', '.join(PLAN_KINDS)}")
     if spec.share not in SHARE_MODES:
         raise ValueError(f"unknown share mode {spec.share!r}; valid: {', '.join(SHARE_MODES)}")
+    _check_fields(spec)
     if spec.kind == "explicit":
         if spec.attn_of is None or spec.mlp_of is None:
             raise ValueError("an explicit plan needs both attn_of and mlp_of lists")
@@ -229,8 +263,8 @@ def build_plan(spec: PlanSpec) -> DepthPlan:
 
 PLAN_SYNTAX = (
     "vanilla:L | cycle:KxB | sequence:KxB | cycle-rev:KxB | middle-cycle:F+KxB+L | "
-    "middle-sequence:F+KxB+L | mini-loop:L:A-BxN | explicit:0,1,0,1[/0,0,1,1], optionally followed by "
-    "@mlp (share only MLPs) or @attn (share only attention)"
+    "middle-sequence:F+KxB+L | mini-loop:L:A-BxN | explicit:0,1,0,1[/0,0,1,1]; all but vanilla and "
+    "explicit may end in @mlp (share only MLPs) or @attn (share only attention)"
 )
 
 
@@ -267,7 +301,7 @@ def parse_plan(text: str) -> PlanSpec:
             attn, _, mlp = arg.partition("/")
             attn_of = tuple(int(i) for i in attn.split(","))
             mlp_of = tuple(int(i) for i in mlp.split(",")) if mlp else attn_of
-            return PlanSpec(kind="explicit", layers=max(attn_of) + 1, attn_of=attn_of, mlp_of=mlp_of)
+            return PlanSpec(kind="explicit", layers=max(attn_of) + 1, attn_of=attn_of, mlp_of=mlp_of, share=share)
     except ValueError:
         pass
     raise ValueError(f"cannot parse plan {text!r}: expected {PLAN_SYNTAX}")
