@@ -250,14 +250,16 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     manifest = build_dataset(
         args.input, Path(args.out), vocab_size=args.vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
-        val_fraction=args.val_fraction, seed=args.seed, byte_fallback=not args.no_byte_fallback, force=args.force, progress=not args.json,
+        val_fraction=args.val_fraction, seed=args.seed, byte_fallback=not args.no_byte_fallback, shuffle=not args.keep_order,
+        force=args.force, progress=not args.json,
     )
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         for split, s in manifest["splits"].items():
             print(f"{split:5s}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['text_bytes']:,} text bytes, {len(s['shards'])} shard(s)")
-        print(f"wrote {args.out} (vocab {manifest['vocab_size']}, tokenizer {manifest['tokenizer']})")
+        order = f"shuffled (seed {manifest['shuffle_seed']})" if manifest["train_order"] == "shuffled" else "in source order"
+        print(f"wrote {args.out} (vocab {manifest['vocab_size']}, tokenizer {manifest['tokenizer']}, train documents {order})")
     return 0
 
 
@@ -300,7 +302,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     val = b.add_mutually_exclusive_group()
     val.add_argument("--val-docs", type=_positive_int, help="hold out this many documents for validation")
     val.add_argument("--val-fraction", type=float, help="hold out this fraction of documents (default 0.05)")
-    b.add_argument("--seed", type=int, default=1337)
+    b.add_argument("--seed", type=int, default=1337, help="seeds the validation choice, the train shuffle and tokenizer training")
+    b.add_argument("--keep-order", action="store_true", help="keep the training documents in source order (default: shuffled with --seed; validation keeps source order either way)")
     b.add_argument("--no-byte-fallback", action="store_true", help="train the tokenizer without byte-fallback pieces")
     b.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     b.add_argument("--json", action="store_true", help="print the manifest")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loopgolf.data import default_corpus as dc
-from loopgolf.data.corpus import load_manifest, verify_dataset
+from loopgolf.data.corpus import baseline_xz_bpb, load_manifest, verify_dataset
+from loopgolf.data.shards import BOS_ID, load_shard
+from loopgolf.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -87,6 +91,7 @@ def test_ensure_builds_reuses_and_repairs(tmp_path, build_counter):
     manifest = load_manifest(d)
     assert manifest["vocab_size"] == 1024 and manifest["tokenizer_trained"] is True
     assert manifest["seed"] == dc.DEFAULT_SEED
+    assert (manifest["train_order"], manifest["shuffle_seed"]) == ("shuffled", dc.DEFAULT_SEED)
     docs = dc.default_corpus_documents()
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == len(docs)
     stamp = (d / "manifest.json").stat().st_mtime_ns
@@ -128,3 +133,36 @@ def test_concurrent_callers_build_once(tmp_path, build_counter):
     assert not errors
     assert len(set(results)) == 1 and build_counter == [512]
     verify_dataset(results[0])
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the module docstring's numbers were measured on CPython 3.11")
+def test_documented_stats_and_shuffled_train(tmp_path):
+    m = re.search(
+        r"(\d+) train documents \(([\d,]+) tokens\), (\d+) val documents \(([\d,]+)\s+tokens\), xz baseline ([\d.]+)",
+        dc.__doc__,
+    )
+    assert m, "the docstring no longer states the build's numbers"
+    d = dc.ensure_default_dataset(1024, cache_root=tmp_path, progress=False)
+    splits = load_manifest(d)["splits"]
+    train, val = splits["train"], splits["val"]
+    documented = (int(m[1]), int(m[2].replace(",", "")), int(m[3]), int(m[4].replace(",", "")))
+    assert (train["documents"], train["tokens"], val["documents"], val["tokens"]) == documented
+    assert round(baseline_xz_bpb(d).bpb, 2) == float(m[5])
+
+    # Train shards hold the training documents shuffled; val keeps the corpus order.
+    sp = load_tokenizer(d / "tokenizer.model")
+    order = {" ".join(doc.text.split()): i for i, doc in enumerate(dc.default_corpus_documents())}
+
+    def positions(split: str) -> list[int]:
+        tokens = load_shard(d / f"fineweb_{split}_000000.bin")
+        starts = np.flatnonzero(tokens == BOS_ID).tolist() + [len(tokens)]
+        texts = (" ".join(sp.decode(tokens[a + 1 : b].tolist()).split()) for a, b in zip(starts[:-1], starts[1:]))
+        return [order.get(t, -1) for t in texts]
+
+    train_pos, val_pos = positions("train"), positions("val")
+    val_known = [p for p in val_pos if p >= 0]
+    assert len(val_known) >= 15 and val_known == sorted(val_known)
+    train_known = [p for p in train_pos if p >= 0]  # decoding normalizes some text: not every doc maps back
+    assert len(train_known) >= 300 and train_known != sorted(train_known)
+    head = train_known[: len(train_known) // 10]
+    assert max(head) - min(head) > 0.6 * len(order)

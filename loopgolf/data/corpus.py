@@ -8,6 +8,12 @@ size and sha256 of every shard.
 Inputs: `.txt` files (one document each), `.jsonl` files (one JSON object per line with a string
 "text" field) and folders of them. Validation documents are held out by a seeded random choice
 before the tokenizer is trained, so the tokenizer never sees validation text.
+
+Shard order: validation documents keep their source order (a fixed split, like the official one).
+Training documents are shuffled with the same seed by default, because the loader reads a shard as
+one contiguous stream: in source order a sorted corpus (by date, topic, file name) would feed the
+model one slice of it at a time, and a short run would only ever see one slice. `shuffle=False`
+keeps source order. The manifest records which (`train_order`, `shuffle_seed`).
 """
 
 from __future__ import annotations
@@ -269,6 +275,7 @@ def build_dataset(
     seed: int = 1337,
     shard_tokens: int = 100_000_000,
     byte_fallback: bool = True,
+    shuffle: bool = True,
     force: bool = False,
     progress: bool = True,
     source_names: list[str] | None = None,
@@ -277,7 +284,9 @@ def build_dataset(
 
     Either `inputs` (paths) or `documents` is given. With `tokenizer`, that SentencePiece model is
     used (and copied in; its size overrides `vocab_size`); otherwise one is trained on the train
-    documents only. The directory appears complete or not at all.
+    documents only. `seed` draws the validation documents and then, with `shuffle` (the default),
+    the order of the training documents; validation documents always keep their source order.
+    The directory appears complete or not at all.
     """
     out_dir = Path(out_dir)
     # Cheap checks first: a bad argument should not cost a pass over a large corpus.
@@ -314,9 +323,12 @@ def build_dataset(
         raise CorpusError(f"empty corpus: no non-empty documents in {', '.join(sources) or 'the given documents'}")
 
     n_val = _val_count(len(docs), val_docs, val_fraction)
-    val_idx = set(random.Random(seed).sample(range(len(docs)), n_val))
-    train = [d for i, d in enumerate(docs) if i not in val_idx]  # original order kept
-    val = [d for i, d in enumerate(docs) if i in val_idx]
+    rng = random.Random(seed)
+    val_idx = set(rng.sample(range(len(docs)), n_val))  # first draw: the split does not depend on `shuffle`
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]  # source order: a fixed split
+    if shuffle:
+        rng.shuffle(train)
 
     tmp_name = None
     try:
@@ -347,6 +359,8 @@ def build_dataset(
                 "tokenizer_trained": tokenizer_path is None,
                 "vocab_size": vocab_size,
                 "seed": seed,
+                "train_order": "shuffled" if shuffle else "source",
+                "shuffle_seed": seed if shuffle else None,
                 "shard_tokens": shard_tokens,
                 "splits": splits,
             }
@@ -437,21 +451,39 @@ def _official_tokenizer_guess(data_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+@dataclass(frozen=True)
+class XzBaseline:
+    """xz's bits per byte on the validation text (see `baseline_xz_bpb`).
+
+    `approximate` is True when the text had to be decoded from the shards: decoding gives the
+    tokenizer-normalized text (runs of whitespace and newlines become single spaces, text the
+    tokenizer could not represent becomes " ⁇ "), so the figure is close to, not exactly, xz on
+    the original documents. `unknown_targets` is then the number of validation targets that are
+    the unknown piece, each standing for original text the figure never saw; it is 0 when the
+    figure comes from the original text (the manifest).
+    """
+
+    bpb: float
+    approximate: bool
+    unknown_targets: int
+
+
 def baseline_xz_bpb(
     data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None, progress: bool = False
-) -> float:
+) -> XzBaseline:
     """Bits per byte of xz (preset 9) on the validation text: the score any model should beat.
 
-    Read from the manifest when it has the numbers; otherwise the val shards are decoded with the
-    dataset's tokenizer (documents split at BOS, joined by newlines). Decoding returns the
-    tokenizer-normalized text, so that path is close to, not exactly, the manifest's number.
+    Exact from the manifest when it records the original text's numbers (datasets built here).
+    Otherwise (official downloads) the val shards are decoded with the dataset's tokenizer
+    (documents split at BOS, joined by newlines) and the result is marked approximate, with the
+    count of unknown-piece targets.
     """
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     if manifest is not None:
         val = manifest["splits"]["val"]
         if val.get("text_xz_bytes") and val.get("text_bytes"):
-            return 8.0 * val["text_xz_bytes"] / val["text_bytes"]
+            return XzBaseline(bpb=8.0 * val["text_xz_bytes"] / val["text_bytes"], approximate=False, unknown_targets=0)
     if tokenizer is None:
         own = data_dir / (manifest or {}).get("tokenizer", TOKENIZER_NAME)
         tokenizer = own if own.is_file() else _official_tokenizer_guess(data_dir)
@@ -464,6 +496,9 @@ def baseline_xz_bpb(
         raise CorpusError(str(e)) from e
     # Concatenated first: a document may straddle a shard boundary.
     tokens = load_tokens(paths)
+    unk_id = int(sp.unk_id())
+    # Targets are every token but the first, as in val_bpb; unk_id is -1 when the model has none.
+    unknown = int(np.count_nonzero(tokens[1:] == unk_id)) if unk_id >= 0 else 0
     starts = np.flatnonzero(tokens == BOS_ID).tolist()
     bounds = sorted({0, *starts, len(tokens)})
     compressor = lzma.LZMACompressor(preset=_XZ_PRESET)
@@ -479,4 +514,4 @@ def baseline_xz_bpb(
     xz_bytes += len(compressor.flush())
     if text_bytes == 0:
         raise CorpusError(f"{data_dir}: validation shards decode to no text")
-    return 8.0 * xz_bytes / text_bytes
+    return XzBaseline(bpb=8.0 * xz_bytes / text_bytes, approximate=True, unknown_targets=unknown)
