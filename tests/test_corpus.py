@@ -25,8 +25,7 @@ from loopgolf.data.corpus import (
 from loopgolf.data.shards import BOS_ID, load_shard, read_shard_header
 from loopgolf.data.tokenizer import load_tokenizer, train_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-OFFICIAL_TOKENIZER = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+OFFICIAL_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizers" / "fineweb_1024_bpe.model"  # vendored
 
 _WORDS = (
     "the of and to in a is that for it as was with be by on not this are or from at which but have "
@@ -332,7 +331,6 @@ def test_existing_output_needs_force(built, tmp_path):
     verify_dataset(out)
 
 
-@pytest.mark.skipif(not OFFICIAL_TOKENIZER.is_file(), reason="shared official tokenizer not present")
 def test_given_tokenizer_is_used_not_trained(built, tmp_path, monkeypatch):
     texts, _, _ = built
 

@@ -17,9 +17,9 @@ import pytest
 from loopgolf.data import fineweb
 from loopgolf.data.fineweb import HF_REPO, DownloadError, download_fineweb, hf_url
 from loopgolf.data.shards import BOS_ID, write_shard
-from loopgolf.data.tokenizer import load_tokenizer, train_tokenizer
+from loopgolf.data.tokenizer import load_tokenizer
 
-SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+OFFICIAL_TOKENIZERS = Path(__file__).resolve().parent / "assets" / "tokenizers"  # vendored, see assets/README.md
 SHARD_SIZE = 1000  # tokens per shard in the stand-in export (the real one uses 1e8)
 TOKENS = {"val": 1300, "train": 2500}  # -> val shards of 1000 + 300, train 1000 + 1000 + 500
 
@@ -76,14 +76,8 @@ class StandIn:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> tuple[Path, int]:
-    official = SHARED_TOKENIZERS / "fineweb_1024_bpe.model"
-    if official.is_file() and official.with_suffix(".vocab").is_file():
-        return official, 1024
-    # Without the shared files, a small tokenizer of our own stands in (the code never needs 1024).
-    text = ["the quick brown fox jumps over the lazy dog " * 20 + f"line {i} of text" for i in range(400)]
-    model = train_tokenizer(text, 300, tmp_path_factory.mktemp("tok") / "fineweb_1024_bpe")
-    return model, 300
+def tokenizer() -> tuple[Path, int]:
+    return OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model", 1024
 
 
 @pytest.fixture

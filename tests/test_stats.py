@@ -14,7 +14,7 @@ from loopgolf.data.shards import ShardError, write_shard
 from loopgolf.data.stats import dataset_stats, find_tokenizer, format_stats
 from loopgolf.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ASSETS = Path(__file__).resolve().parent / "assets"  # vendored official files, see assets/README.md
 
 _WORDS = "alpha beta gamma delta river stone window garden light 42 morning night the of and".split()
 
@@ -95,14 +95,12 @@ def test_stats_vocab_mismatch(tmp_path: Path, tokenizer: Path) -> None:
 
 
 def test_stats_golden_fixture(tmp_path: Path) -> None:
-    if not (SHARED / "fixtures").is_dir():
-        pytest.skip(f"shared fixtures not available at {SHARED}")
     # official layout: data/datasets/fineweb10B_sp1024 -> data/tokenizers/fineweb_1024_bpe.model
     ds = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
     ds.mkdir(parents=True)
     (tmp_path / "data" / "tokenizers").mkdir()
-    shutil.copy(SHARED / "tokenizers" / "fineweb_1024_bpe.model", tmp_path / "data" / "tokenizers")
-    shutil.copy(SHARED / "fixtures" / "fineweb_val_000000.bin", ds)
+    shutil.copy(ASSETS / "tokenizers" / "fineweb_1024_bpe.model", tmp_path / "data" / "tokenizers")
+    shutil.copy(ASSETS / "fixtures" / "fineweb_val_000000.bin", ds)
     stats = dataset_stats(ds)
     assert stats["tokenizer"].endswith("fineweb_1024_bpe.model")
     assert (stats["documents"], stats["tokens"], stats["targets"], stats["target_bytes"]) == (5, 138, 137, 244)

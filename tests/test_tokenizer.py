@@ -21,8 +21,8 @@ from loopgolf.data.tokenizer import (
     train_tokenizer,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "fixtures" / "bpb_bytes_golden.json"
+ASSETS = Path(__file__).resolve().parent / "assets"  # vendored official files, see assets/README.md
+GOLDEN = ASSETS / "fixtures" / "bpb_bytes_golden.json"
 
 _WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which "
@@ -67,13 +67,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    if not GOLDEN.is_file():
-        pytest.skip(f"shared fixtures not available at {SHARED}")
     return json.loads(GOLDEN.read_text())
 
 
 def test_golden_byte_counts(golden: dict) -> None:
-    sp = load_tokenizer(SHARED / golden["tokenizer"])
+    sp = load_tokenizer(ASSETS / golden["tokenizer"])
     tables = build_byte_tables(sp)
     ids = np.array(golden["token_ids"], dtype=np.uint16)
     per_target = target_byte_counts(ids[:-1], ids[1:], tables)
@@ -83,16 +81,16 @@ def test_golden_byte_counts(golden: dict) -> None:
 
 
 def test_golden_shard_and_encoding(golden: dict) -> None:
-    ids = load_shard(SHARED / "fixtures" / "fineweb_val_000000.bin", vocab_size=1024)
+    ids = load_shard(ASSETS / "fixtures" / "fineweb_val_000000.bin", vocab_size=1024)
     assert ids.tolist() == golden["token_ids"]
     # documents are BOS + tokens, concatenated
-    sp = load_tokenizer(SHARED / golden["tokenizer"])
+    sp = load_tokenizer(ASSETS / golden["tokenizer"])
     encoded = [t for text in golden["texts"] for t in [1, *sp.encode(text)]]
     assert encoded == golden["token_ids"]
 
 
 def test_chunked_count_matches_unchunked(golden: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    tables = build_byte_tables(load_tokenizer(SHARED / golden["tokenizer"]))
+    tables = build_byte_tables(load_tokenizer(ASSETS / golden["tokenizer"]))
     ids = np.array(golden["token_ids"] * 7, dtype=np.uint16)
     whole = int(target_byte_counts(ids[:-1], ids[1:], tables).sum())
     for chunk in (1, 2, 5, 64):
