@@ -26,6 +26,79 @@ class Bigram(nn.Module):
         return self.table[x]
 
 
+class Lookback(nn.Module):
+    """Causal, context-dependent model: logits at position t are A[x_t] + B[x_{t-1}] + C[x_{t-3}],
+    where a position before the start of the window reads an extra "absent" row. Its score for a
+    target therefore depends on where the window starts: a wrong window changes the loss."""
+
+    def __init__(self, vocab: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.b = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
+        self.c = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
+
+    def forward(self, x):
+        t = x.size(1)
+        xp = torch.cat([torch.full((x.size(0), 3), self.vocab, dtype=x.dtype), x], dim=1)  # xp[:, i + 3] = x[:, i]
+        return self.a[x] + self.b[xp[:, 2 : 2 + t]] + self.c[xp[:, :t]]
+
+
+def tiny_gpt(seed: int = 0) -> nn.Module:
+    """A tiny loopgolf GPT with every weight random: the zero-initialised output projections of a
+    fresh model would leave it context-free."""
+    from loopgolf.model.gpt import GPT, ModelConfig
+    from loopgolf.model.plan import PlanSpec
+
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=1024, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2), max_seq_len=64))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() >= 2 else 0.2) + (1.0 if p.dim() < 2 else 0.0))
+    return model
+
+
+def reference_nll(model: nn.Module, tokens: np.ndarray, seq_len: int, stride: int, shorten: int = 0) -> tuple[float, list[int]]:
+    """Summed NLL (nats) and the scored target positions, straight from the definition, one model
+    call per target. Target t (predicting tokens[t + 1]) is scored once, from the window start s
+    that gives it the most context while keeping t - s < seq_len among starts 0, stride, 2 stride,
+    ...: s = 0 for t < seq_len, else the smallest multiple of stride above t - seq_len; so it sees
+    at least seq_len - stride tokens of context. Non-overlapping scoring (stride = seq_len) keeps
+    only the first multiple of seq_len targets. The model sees exactly tokens[s : t + 1].
+    `shorten` drops that many tokens from the front of every context (a deliberately wrong window)."""
+    last = len(tokens) - 1
+    targets = list(range(last)) if stride < seq_len else list(range((last // seq_len) * seq_len))
+    total = 0.0
+    with torch.no_grad():
+        for t in targets:
+            s = 0 if t < seq_len else stride * ((t - seq_len) // stride + 1)
+            assert 0 <= t - s < seq_len and (t < seq_len or t - s >= seq_len - stride)
+            s = min(s + shorten, t)
+            logits = model(torch.from_numpy(tokens[s : t + 1])[None])[0, -1].double()
+            total -= float(torch.log_softmax(logits, dim=-1)[int(tokens[t + 1])])
+    return total, targets
+
+
+@pytest.mark.parametrize("make_model", [lambda: Lookback(1024, seed=7), lambda: tiny_gpt(seed=2)], ids=["lookback", "gpt"])
+def test_sliding_window_matches_bruteforce_with_context_model(golden, make_model):
+    g, tables, tokens = golden
+    model = make_model()
+    byte_counts = np.asarray(g["target_bytes"])
+    # (16, 5) ends with a shorter window, batched with full ones (padding); (16, 16) is non-overlapping.
+    for seq_len, stride, batch_size in [(16, 5, 3), (20, 7, 8), (8, 1, 5), (16, 16, 2), (40, 13, 1)]:
+        r = evaluate_bpb(model, tokens, tables, seq_len, stride=stride, batch_size=batch_size)
+        total, targets = reference_nll(model, tokens, seq_len, stride)
+        assert r.num_targets == len(targets)
+        assert r.target_bytes == int(byte_counts[targets].sum())
+        assert r.val_loss * r.num_targets == pytest.approx(total, rel=1e-6), (seq_len, stride)
+        assert r.val_bpb == pytest.approx(total / math.log(2) / r.target_bytes, rel=1e-6)
+        # The model really uses its context: one token less of it changes the total clearly.
+        wrong, _ = reference_nll(model, tokens, seq_len, stride, shorten=1)
+        assert abs(wrong - total) > 1e-3 * abs(total)
+
+
 @pytest.fixture(scope="module")
 def golden():
     g = json.loads((ASSETS / "fixtures" / "bpb_bytes_golden.json").read_text())
