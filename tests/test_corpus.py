@@ -209,6 +209,7 @@ def test_shuffle_is_seeded(tmp_path):
         build_dataset([src], tmp_path / name, tokenizer=sp, val_docs=5, seed=seed, progress=False)
         orders[name] = _keys(tmp_path / name, "train")
     assert orders["a"] == orders["b"] != orders["c"]
+    assert orders["a"] != sorted(orders["a"]) and orders["c"] != sorted(orders["c"])  # shuffled, not source order
     assert (tmp_path / "a" / "fineweb_train_000000.bin").read_bytes() == (tmp_path / "b" / "fineweb_train_000000.bin").read_bytes()
 
 
