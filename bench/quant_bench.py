@@ -35,12 +35,11 @@ from quant_train import load_trained, open_default_dataset  # noqa: E402
 
 from loopgolf.data.shards import load_tokens  # noqa: E402
 from loopgolf.evaluate import evaluate_bpb  # noqa: E402
-from loopgolf.export import codec as codecs  # noqa: E402
-from loopgolf.export.encode import encode_state  # noqa: E402
+from loopgolf.export.artifact import CODECS, compress  # noqa: E402
 from loopgolf.export.gptq import calibration_tokens, collect_hessians  # noqa: E402
 from loopgolf.export.pack import export_model, load_model  # noqa: E402
 from loopgolf.export.planner import predict_bytes  # noqa: E402
-from loopgolf.export.policy import parse_policy  # noqa: E402
+from loopgolf.export.quantize import encode_state, parse_policy  # noqa: E402
 
 # c_k / c_v of the 256-wide CPU models hold 32,768 weights: below this threshold they would stay
 # fp16, so every shared matrix is coded (QAT in quant_train.py uses the same threshold).
@@ -70,7 +69,7 @@ def cmd_bytes(args) -> dict:
     model, _ = load_trained(Path(args.run))
     out: dict = {"policies": [], "packing": {}}
     for text in (f"int6,{FP16MAX}", f"all=6,{FP16MAX}", f"int5,{FP16MAX}", f"int8,{FP16MAX}"):
-        for codec in codecs.CODECS:
+        for codec in CODECS:
             info = export_model(model, Path(tempfile.gettempdir()) / "lg_bytes.lgz", policy=parse_policy(text), codec=codec)
             s = info.to_summary()
             row = {"policy": text, "codec": codec, "model_bytes": info.total_bytes, "bytes_per_matrix_param": s["bytes_per_matrix_param"]}
@@ -84,7 +83,7 @@ def cmd_bytes(args) -> dict:
         one = b"".join(t.data.numpy().tobytes() for t in coded)
         offset = np.concatenate([(t.data.numpy().astype(np.int16).ravel() + 2 ** (bits - 1) - 1).astype(np.uint8) for t in coded])
         packed = np.packbits(np.unpackbits(offset[:, None], axis=1)[:, 8 - bits :].ravel()).tobytes()
-        res = {codec: {"int8": len(codecs.compress(one, codec)) / n, "packed": len(codecs.compress(packed, codec)) / n} for codec in codecs.CODECS}
+        res = {codec: {"int8": len(compress(one, codec)) / n, "packed": len(compress(packed, codec)) / n} for codec in CODECS}
         out["packing"][bits] = res
         print(f"codes only, {bits} bits: " + "  ".join(f"{c} int8 {r['int8']:.4f} packed {r['packed']:.4f}" for c, r in res.items()))
     return out
@@ -145,7 +144,7 @@ def cmd_planner(args) -> dict:
     rows = []
     for text in (f"int6,{FP16MAX}", "int6", "int8", f"int5,{FP16MAX},clip=mse", f"all=6,{FP16MAX},outliers=32,lowrank=2"):
         for codec in ("brotli", "lzma", "zlib", "zstd"):
-            if codec not in codecs.CODECS:
+            if codec not in CODECS:
                 continue
             info = export_model(model, Path(tempfile.gettempdir()) / "lg_plan.lgz", policy=parse_policy(text), codec=codec)
             pred = predict_bytes(model.config, parse_policy(text), codec)["model_bytes"]

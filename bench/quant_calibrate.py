@@ -1,5 +1,5 @@
 """Measure the compression ratios the byte planner predicts with, and (with --write) regenerate
-``loopgolf/export/planner_table.py``:
+``loopgolf/export/planner_calibration.json``:
 
     python bench/quant_calibrate.py --write
 
@@ -37,23 +37,21 @@ from pathlib import Path
 
 import torch
 
-from loopgolf.export import codec as codecs
-from loopgolf.export.writer import stored_part_bytes
-from loopgolf.export.encode import encode_tensor
-from loopgolf.export.policy import CLIP_METHODS, QuantPolicy
+from loopgolf.export.artifact import CODECS, compress, stored_part_bytes
+from loopgolf.export.quantize import CLIP_METHODS, QuantPolicy, encode_tensor
 
 COLS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BITS = (2, 3, 4, 5, 6, 7, 8)
 ELEMENTS = 1 << 18  # per measurement: large enough that codec start-up costs vanish
-TABLE_PATH = Path(__file__).resolve().parents[1] / "loopgolf" / "export" / "planner_table.py"
+TABLE_PATH = Path(__file__).resolve().parents[1] / "loopgolf" / "export" / "planner_calibration.json"
 
 
 def compressed_per_element(raw: bytes, numel: int) -> dict[str, float]:
-    return {c: round(len(codecs.compress(raw, c)) / numel, 5) for c in codecs.CODECS}
+    return {c: round(len(compress(raw, c)) / numel, 5) for c in CODECS}
 
 
 def coded_rates(gen: torch.Generator) -> dict:
-    out: dict = {clip: {str(b): {c: [] for c in codecs.CODECS} for b in BITS} for clip in CLIP_METHODS}
+    out: dict = {clip: {str(b): {c: [] for c in CODECS} for b in BITS} for clip in CLIP_METHODS}
     for cols in COLS:
         rows = max(16, ELEMENTS // cols)
         w = torch.randn(rows, cols, generator=gen)
@@ -87,8 +85,8 @@ FACTOR_POLICIES = ("int8", "int6,fp16max=16384", "int5,clip=mse,outliers=8")
 
 def export_payload(model, policy) -> bytes:
     """The uncompressed artifact payload ``export_model`` would write for ``model`` under ``policy``."""
-    from loopgolf.export.encode import encode_state
-    from loopgolf.export.writer import build_payload
+    from loopgolf.export.artifact import build_payload
+    from loopgolf.export.quantize import encode_state
 
     state = model.state_dict()
     q, aliases = encode_state(state, policy)
@@ -100,13 +98,13 @@ def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], 
     """Per codec: mean of (real artifact bytes - header - container) / (sum of tensor rates) over
     FACTOR_PRESETS x FACTOR_POLICIES, and the individual ratios."""
     from loopgolf.config import get_preset
+    from loopgolf.export.artifact import container_overhead
     from loopgolf.export.planner import predict_bytes
-    from loopgolf.export.writer import container_overhead
-    from loopgolf.export.policy import parse_policy
+    from loopgolf.export.quantize import parse_policy
     from loopgolf.model.gpt import GPT
 
     raw_table = {k: v for k, v in rates.items() if k != "export_factor"}
-    ratios: dict[str, list[float]] = {c: [] for c in codecs.CODECS}
+    ratios: dict[str, list[float]] = {c: [] for c in CODECS}
     for preset in FACTOR_PRESETS:
         torch.manual_seed(0)
         model = GPT(get_preset(preset).model)
@@ -116,10 +114,10 @@ def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], 
         for text in FACTOR_POLICIES:
             policy = parse_policy(text)
             payload = export_payload(model, policy)
-            for c in codecs.CODECS:
+            for c in CODECS:
                 pred = predict_bytes(model.config, policy, c, calibration=raw_table, weights="init")
                 fixed = pred["header_bytes"] + container_overhead(c)
-                actual = len(codecs.compress(payload, c)) + container_overhead(c)
+                actual = len(compress(payload, c)) + container_overhead(c)
                 ratios[c].append((actual - fixed) / (pred["model_bytes"] - fixed))
         print(f"  exports of {preset}: done", flush=True)
     return {c: round(sum(r) / len(r), 5) for c, r in ratios.items()}, ratios
@@ -137,57 +135,52 @@ def trained_factors(table: dict, runs: list[str]) -> tuple[dict, dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quant_train import load_trained
 
+    from loopgolf.export.artifact import FLOAT_SCHEMES, container_overhead
     from loopgolf.export.planner import predict_bytes
-    from loopgolf.export.policy import parse_policy
-    from loopgolf.export.quant import FLOAT_SCHEMES
-    from loopgolf.export.writer import container_overhead
+    from loopgolf.export.quantize import parse_policy
 
     base = {k: v for k, v in table.items() if k != "trained_factor"}
-    ratios: dict = {c: {clip: {str(b): [] for b in TRAINED_BITS} for clip in CLIP_METHODS} for c in codecs.CODECS}
+    ratios: dict = {c: {clip: {str(b): [] for b in TRAINED_BITS} for clip in CLIP_METHODS} for c in CODECS}
     for run in runs:
         model, _ = load_trained(Path(run))
         for clip in CLIP_METHODS:
             for bits in TRAINED_BITS:
                 policy = parse_policy(f"all={bits},fp16max=16384,clip={clip}")
                 payload = export_payload(model, policy)
-                for c in codecs.CODECS:
+                for c in CODECS:
                     pred = predict_bytes(model.config, policy, c, calibration=base, weights="init")
                     coded = sum(r["predicted_bytes"] for r in pred["tensors"] if r["scheme"] not in FLOAT_SCHEMES)
-                    actual = len(codecs.compress(payload, c)) + container_overhead(c)
+                    actual = len(compress(payload, c)) + container_overhead(c)
                     ratios[c][clip][str(bits)].append((actual - (pred["model_bytes"] - coded)) / coded)
         print(f"  trained factors of {run}: done", flush=True)
     factors = {c: {clip: {b: round(sum(r) / len(r), 5) for b, r in by_bits.items()} for clip, by_bits in by_clip.items()} for c, by_clip in ratios.items()}
     return factors, ratios
 
 
+ABOUT = (
+    "Compression rates the byte planner predicts with (bytes per stored element, per codec). Generated by "
+    "python bench/quant_calibrate.py --write: do not edit by hand. See that script for what was measured; "
+    "coded maps clip -> bits -> codec -> [[row length, bytes per element]]."
+)
+
+
 def format_table(table: dict) -> str:
-    """The table as Python source, one line per (clip, bits, codec) curve."""
-    lines = ["CALIBRATION = {", f'    "codecs": {json.dumps(table["codecs"])},', '    "coded": {']
-    for clip, by_bits in table["coded"].items():
-        lines.append(f'        "{clip}": {{')
-        for bits, by_codec in by_bits.items():
-            lines.append(f'            "{bits}": {{')
-            lines += [f'                "{c}": {json.dumps(points)},' for c, points in by_codec.items()]
-            lines.append("            },")
-        lines.append("        },")
-    lines.append("    },")
-    lines += [f'    "{key}": {json.dumps(table[key])},' for key in ("float16", "float32", "int32_index", "export_factor") if key in table]
-    if "trained_factor" in table:
-        lines.append('    "trained_factor": {')
-        lines += [f'        "{c}": {json.dumps(by_clip)},' for c, by_clip in table["trained_factor"].items()]
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    """The table as JSON, nested objects expanded and each innermost object or curve on one line
+    (so a regenerated table diffs line by line)."""
+
+    def dump(obj, indent: int) -> str:
+        flat = json.dumps(obj)
+        if not isinstance(obj, dict) or (all(not isinstance(v, dict) for v in obj.values()) and len(flat) < 200):
+            return flat
+        pad = " " * (indent + 2)
+        items = [f"{pad}{json.dumps(k)}: {dump(v, indent + 2)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+
+    return dump({"about": ABOUT, **{k: v for k, v in table.items() if k != "about"}}, 0) + "\n"
 
 
 def write_table(table: dict) -> None:
-    header = (
-        '"""Compression rates the byte planner predicts with (bytes per stored element, per codec).\n\n'
-        "Generated by ``python bench/quant_calibrate.py --write``: do not edit by hand. See that script\n"
-        "for what was measured; ``coded`` maps clip -> bits -> codec -> [[row length, bytes per element]].\n"
-        '"""\n\n'
-    )
-    TABLE_PATH.write_text(header + format_table(table), encoding="utf-8")
+    TABLE_PATH.write_text(format_table(table), encoding="utf-8")
 
 
 def main() -> None:
@@ -201,11 +194,11 @@ def main() -> None:
         ap.error("--trained-only needs --trained RUN...")
     t0 = time.time()
     if args.factors_only or args.trained_only:
-        from loopgolf.export.planner_table import CALIBRATION
+        from loopgolf.export.planner import calibration_table
 
-        table = dict(CALIBRATION)
+        table = {k: v for k, v in calibration_table().items() if k != "about"}
     else:
-        table = {"codecs": list(codecs.CODECS), **measure()}
+        table = {"codecs": list(CODECS), **measure()}
     if not args.trained_only:
         table["export_factor"], ratios = export_factors(table)
         for c, r in ratios.items():

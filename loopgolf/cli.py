@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from loopgolf.export.budget import DEFAULT_CAP_BYTES
+from loopgolf.export.pack import DEFAULT_CAP_BYTES
 from loopgolf.model.plan import PLAN_SYNTAX
 
 if TYPE_CHECKING:
@@ -437,13 +437,135 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_bench_train)
 
 
-def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    from loopgolf.export.planner import add_plan_parser
-
-    add_plan_parser(sub)
+# ------------------------------------------------------------------------ plan
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers, add_bench_parser, _add_plan_parser)
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def measure_matmul_rate() -> tuple[float, str]:
+    """(FLOP/s, what was measured) of a short matmul benchmark on this machine's training device:
+    1024 x 1024 float32 matmuls on CPU (well under a second), the bench's bf16 size on CUDA."""
+    import torch
+
+    from loopgolf.bench import matmul_peak
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = matmul_peak(device, size=None if device.type == "cuda" else 1024, reps=2, trials=3)
+    return peak.flops, f"{peak.size} x {peak.size} {peak.dtype} matmuls on {device.type}"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from loopgolf.config import get_preset
+    from loopgolf.export.pack import code_bytes
+    from loopgolf.export.planner import UNCALIBRATED, default_family, predict_bytes, run_overrides, search, train_step_seconds
+    from loopgolf.export.quantize import parse_policy
+    from loopgolf.model.gpt import ModelConfig
+
+    policy = parse_policy(args.quant)
+    overrides = model_overrides(args)
+    n_code = code_bytes() if args.code_bytes is None else args.code_bytes
+    out: dict[str, Any] = {"cap_bytes": args.cap, "code_bytes": n_code, "quant": policy.describe()}
+    if args.preset:
+        preset = get_preset(args.preset)
+        cfg = ModelConfig.from_dict({**preset.model.to_dict(), **overrides})
+        pred = predict_bytes(cfg, policy, args.codec, weights=args.weights)
+        total = pred["model_bytes"] + n_code
+        out["config"] = {
+            "preset": args.preset, "overrides": run_overrides(preset.model, cfg), "predicted_bytes": total,
+            "predicted_model_bytes": pred["model_bytes"], "codec": pred["codec"], "by_codec": pred["by_codec"],
+            "fits": total <= args.cap, "headroom_bytes": args.cap - total, "unique_params": pred["unique_params"],
+            "uncalibrated": pred["uncalibrated"], "tensors": pred["tensors"],
+        }
+    family = args.family or ([args.preset] if args.preset else default_family())  # a list: that preset, not its family
+    search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
+    candidates = search(
+        args.cap, family, policy, codec=args.codec, code_bytes=n_code, overrides=search_overrides,
+        layers=args.layers, loops=args.loops, width_step=args.width_step, weights=args.weights,
+    )[: args.top]
+    rate, measured = (args.matmul_flops, "given by --matmul-flops") if args.matmul_flops else measure_matmul_rate()
+    for c in candidates:
+        c["est_step_seconds"] = train_step_seconds(c["forward_flops_per_token"], c["tokens_per_step"], rate)
+    out["family"] = family if isinstance(family, str) else ",".join(family)
+    out["matmul_flops"] = {"flops_per_second": rate, "measured": measured}
+    out["candidates"] = candidates
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    notes = {key for c in [*candidates, out.get("config", {})] for key in c.get("uncalibrated", [])}
+    if "config" in out:
+        c = out["config"]
+        verdict = f"fits, {c['headroom_bytes']:,} to spare" if c["fits"] else f"OVER by {-c['headroom_bytes']:,}"
+        mark = " (uncalibrated)" if c["uncalibrated"] else ""
+        print(f"{c['preset']} {' '.join(c['overrides'])}".rstrip())
+        print(f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {args.cap:,}: {verdict}")
+    print(f"candidates of family {out['family']} fitting {args.cap:,} bytes with quant {policy.describe()} (widest, deepest, most loops first):")
+    if not candidates:
+        print("  none: lower the bits, or raise the cap")
+    else:
+        print(f"  {'bytes':>12}  {'d':<5} {'V':<3} {'loops':<5} {'unique':>11}  {'fwd FLOPs/tok':>13}  {'~step s':>8}  command")
+    for c in candidates:
+        mark = "*" if c["uncalibrated"] else " "
+        print(
+            f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
+            f"{c['forward_flops_per_token']:>13.3g}  {c['est_step_seconds']:>8.3g}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
+        )
+    if candidates:
+        print(
+            f"  ~step s: an estimate of one training step here, 3 x forward FLOPs/token x tokens/step / {rate / 1e9:,.1f} GFLOP/s "
+            f"({measured}); real steps are slower (elementwise work, optimizer, data)"
+        )
+    for key in sorted(notes):
+        print(f"  * uncalibrated: {UNCALIBRATED[key]}")
+    return 0
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    """``loopgolf plan``: predicted bytes of a configuration and the family members that fit."""
+    from loopgolf.config import PRESETS
+    from loopgolf.export.artifact import CODECS
+    from loopgolf.export.planner import WEIGHTS
+
+    p = sub.add_parser(
+        "plan",
+        help="predict artifact bytes before training; list the widest configurations that fit a cap",
+        description="Byte planner: a configuration's artifact size before training, and the configurations of a preset "
+        "family that fit a cap, with each one's forward FLOPs per token and an estimated training step time on this "
+        "machine. Predictions come from compression rates measured on real exports, for a trained model by default "
+        "(docs/LOG.md has the measured errors).",
+    )
+    p.add_argument("--cap", type=int, default=DEFAULT_CAP_BYTES, help="artifact byte cap, code included (default 16,000,000)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="predict this preset (with the overrides) and search its widths")
+    p.add_argument(
+        "--family",
+        help="search these presets instead: cpu, pg, all, or names separated by commas "
+        "(default: --preset, else the family that suits this machine: pg with CUDA, cpu without)",
+    )
+    p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
+    p.add_argument("--codec", default="auto", help="auto (smallest), " + ", ".join(CODECS))
+    p.add_argument(
+        "--weights", choices=WEIGHTS, default="trained",
+        help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
+    )
+    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the scoring path's current size)")
+    p.add_argument("--layers", type=_int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
+    p.add_argument("--loops", type=_int_list, help="also try these loop counts, e.g. 2,3,4")
+    p.add_argument("--width-step", type=int, help="width granularity (default: head size x query/KV ratio)")
+    p.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
+    p.add_argument("--matmul-flops", type=float, help="FLOP/s to estimate step times with (default: measured here in well under a second)")
+    add_model_overrides(p)
+    p.add_argument("--json", action="store_true", help='print {"config": ..., "candidates": [...]}')
+    p.set_defaults(func=cmd_plan)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers, add_bench_parser, add_plan_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,9 +30,8 @@ from loopgolf.data.shards import TokenLoader, find_shards, load_tokens
 from loopgolf.data.stats import find_tokenizer
 from loopgolf.data.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 from loopgolf.evaluate import EvalResult, evaluate_bpb
-from loopgolf.export.budget import DEFAULT_CAP_BYTES, CapReport, code_bytes
-from loopgolf.export.pack import export_model, load_model
-from loopgolf.export.policy import QuantPolicy, parse_policy
+from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_bytes, export_model, load_model
+from loopgolf.export.quantize import QuantPolicy, parse_policy
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
 from loopgolf.train.checkpoint import CHECKPOINT_NAME, CheckpointPolicy, check_resumable, read_checkpoint
@@ -53,7 +52,7 @@ class RunOptions:
     time_budget: float | None = None
     max_steps: int | None = None
     codec: str = "auto"
-    quant: str = ""  # quantization policy (loopgolf.export.policy.parse_policy syntax); "" = int8 baseline
+    quant: str = ""  # quantization policy (loopgolf.export.quantize.parse_policy syntax); "" = int8 baseline
     qat: str = "off"  # loop-aware QAT over the end of training: off | ste | noise
     qat_start: float = 0.85  # fraction of the budget after which QAT is on
     stride: int | None = None  # sliding-window eval stride for the final scores
@@ -323,10 +322,10 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     artifact_path = out / ARTIFACT_NAME
     calibration = None
     if policy_q.gptq:
-        from loopgolf.data.shards import load_tokens
         from loopgolf.export.gptq import calibration_tokens
 
-        calibration = calibration_tokens(model, "train", tokens=load_tokens(ds.train_shards[:1]), seq_len=train_cfg.seq_len, seed=train_cfg.seed)
+        # Windows straight from the memory-mapped shard: loading it whole would cost ~1 GB.
+        calibration = calibration_tokens(model, "train", shards=ds.train_shards[:1], seq_len=train_cfg.seq_len, seed=train_cfg.seed)
     info = export_model(
         model, artifact_path, policy=policy_q, codec=config["codec"], calibration=calibration,
         meta={"preset": preset.name, "seed": train_cfg.seed, "steps": result.steps, "seq_len": train_cfg.seq_len},

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 WORDS = (
     "the model stores a few unique blocks and runs them many times while each loop adds depth "
     "without adding bytes so the saved budget can buy width precision or adapters for every layer "
@@ -62,3 +60,10 @@ def text_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
     build_dataset([src], out, vocab_size=384, val_docs=20, seed=0, progress=False)
     return out
+
+
+def output_error(w, deq, H) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: a linear layer's summed squared output error over inputs with
+    Hessian ``H = E[x x^T]`` when ``W`` is replaced by ``Q`` (what GPTQ minimises)."""
+    d = (w - deq).double()
+    return float(((d @ H.double()) * d).sum())

@@ -1,25 +1,159 @@
+"""The artifact format: codecs, stored tensors, container and payload, version 1 files, and a
+loader that rejects every malformed file with ArtifactError (fuzzed with thousands of mutants)."""
+
 import hashlib
 import json
+import os
 import struct
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopgolf.export.artifact import (
+    CODECS,
     FORMAT_VERSION,
     MAGIC,
     ArtifactError,
+    CodecError,
+    QuantizedTensor,
+    best_codec,
+    compress,
+    decompress,
+    dequantize_tensor,
     find_aliases,
-    pack_artifact,
     read_artifact,
+    scheme_bits,
     seal,
     unseal,
-    write_artifact,
+    validate_quantized,
 )
-from loopgolf.export.codec import CODECS, compress
-from loopgolf.export.quant import dequantize_state_dict, quantize_state_dict
+from loopgolf.export.pack import pack_quantized
+from loopgolf.export.quantize import QuantPolicy, encode_state, encode_tensor, parse_policy
+
+# ------------------------------------------------------------------ codecs
+
+SAMPLES = [b"", b"x", os.urandom(3000), bytes(50_000), b"loop golf " * 2000 + os.urandom(100)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_roundtrip_and_determinism(codec):
+    for data in SAMPLES:
+        out = compress(data, codec)
+        assert out == compress(data, codec)
+        assert decompress(out, codec, max_output=len(data)) == data
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_bomb_guard_truncation_and_trailing_bytes(codec):
+    data = bytes(1_000_000)
+    out = compress(data, codec)
+    assert len(out) < 10_000  # a real bomb: huge ratio
+    with pytest.raises(CodecError, match="beyond the allowed 999999 bytes"):
+        decompress(out, codec, max_output=len(data) - 1)
+    with pytest.raises(CodecError):
+        decompress(out[: len(out) // 2], codec, max_output=len(data))
+    with pytest.raises(CodecError):
+        decompress(out + b"\x00junk", codec, max_output=len(data))
+    with pytest.raises(CodecError):
+        decompress(b"\xff" * 40, codec, max_output=len(data))
+
+
+def test_best_codec_picks_smallest_first_on_ties():
+    data = b"abcabcabd" * 5000 + os.urandom(500)
+    sizes = {c: len(compress(data, c)) for c in CODECS}
+    name, out = best_codec(data)
+    assert len(out) == min(sizes.values())
+    assert name == next(c for c in CODECS if sizes[c] == min(sizes.values()))
+    assert decompress(out, name, len(data)) == data
+    # Ties go to the codec listed first.
+    assert best_codec(data, ("zlib", "zlib"))[0] == "zlib"
+    assert best_codec(data, ("zstd", "zlib"))[0] == ("zlib" if sizes["zlib"] < sizes["zstd"] else "zstd")
+
+
+def test_zlib_is_level_9():
+    data = b"golf " * 10_000 + os.urandom(200)
+    assert compress(data, "zlib") == zlib.compress(data, 9)
+
+
+def test_unknown_codec_lists_valid_ones():
+    assert issubclass(CodecError, ArtifactError) and issubclass(ArtifactError, ValueError)
+    with pytest.raises(CodecError, match="zlib, lzma, zstd"):
+        compress(b"x", "gzip")
+    with pytest.raises(ValueError, match="valid codecs"):
+        decompress(b"x", "bz2", 10)
+    with pytest.raises(ValueError):
+        best_codec(b"x", ())
+    with pytest.raises(ValueError):
+        decompress(compress(b"x", "zlib"), "zlib", -1)
+
+
+@pytest.mark.skipif("brotli" not in CODECS, reason="brotli not installed")
+def test_brotli_is_last_when_available():
+    assert CODECS[-1] == "brotli"
+
+
+# ------------------------------------------------------------------ stored tensors
+
+
+def test_validate_rejects_inconsistent_tensors():
+    q = encode_tensor("mlps.0.fc.weight", torch.randn(300, 300), QuantPolicy.uniform(4))
+    bad = QuantizedTensor(q.scheme, q.shape, q.data.clone(), q.scale, q.bits)
+    bad.data[0, 0] = 8  # outside [-7, 7]
+    with pytest.raises(ArtifactError, match="codes outside"):
+        validate_quantized(bad)
+    bad.data[0, 0] = -128
+    with pytest.raises(ArtifactError, match="codes outside"):
+        dequantize_tensor(bad)
+    with pytest.raises(ArtifactError, match="scale"):
+        dequantize_tensor(QuantizedTensor(q.scheme, q.shape, q.data, None, q.bits))
+    with pytest.raises(ArtifactError, match="unknown quantization scheme"):
+        scheme_bits("int8_col")
+    with pytest.raises(ArtifactError):
+        scheme_bits("int12_row")
+    assert scheme_bits("int5_row") == 5 and scheme_bits("float16") is None
+
+
+def test_dequantize_is_codes_times_the_stored_fp16_scale_with_corrections():
+    q = encode_tensor("mlps.0.fc.weight", torch.randn(64, 32), parse_policy("int6,fp16max=0,outliers=3,lowrank=2"))
+    expect = q.data.float() * q.scale.float()[:, None] + q.lowrank_u.float() @ q.lowrank_v.float()
+    expect.view(-1)[q.outlier_idx.long()] = q.outlier_val.float()
+    assert torch.equal(dequantize_tensor(q), expect)
+    s = QuantizedTensor("float32", (), torch.tensor(2.5), None, None)
+    assert dequantize_tensor(s).shape == () and float(dequantize_tensor(s)) == 2.5
+
+
+def test_validation_of_outlier_and_lowrank_parts():
+    q = encode_tensor("mlps.0.fc.weight", torch.randn(96, 200), parse_policy("int6,fp16max=0,outliers=3,lowrank=2"))
+    validate_quantized(q)
+
+    def broken(**kw) -> QuantizedTensor:
+        fields = dict(q.__dict__)
+        fields.update(kw)
+        return QuantizedTensor(**fields)
+
+    cases = [
+        (dict(outlier_idx=q.outlier_idx.flip(0)), "strictly increasing"),
+        (dict(outlier_idx=q.outlier_idx + 10**6), "strictly increasing"),
+        (dict(outlier_idx=q.outlier_idx.long()), "int32"),
+        (dict(outlier_val=None), "pairs"),
+        (dict(outlier_val=q.outlier_val[:2]), "outlier_val"),
+        (dict(lowrank_v=q.lowrank_v[:, :5]), "lowrank_v"),
+        (dict(lowrank_u=q.lowrank_u.float()), "lowrank_u"),
+        (dict(lowrank_u=torch.full_like(q.lowrank_u, float("inf"))), "non-finite"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ArtifactError, match=message):
+            validate_quantized(broken(**kw))
+    f = encode_tensor("mlps.0.fc.weight", torch.randn(4, 4), QuantPolicy())
+    with pytest.raises(ArtifactError, match="float scheme"):
+        validate_quantized(QuantizedTensor(f.scheme, f.shape, f.data, None, None, outlier_idx=q.outlier_idx, outlier_val=q.outlier_val))
+
+
+# ------------------------------------------------------------------ container and payload
 
 CONFIG = {"d_model": 64, "n_layers": 2, "vocab": 300, "tied": True, "loops": [1, 2, 2]}
 
@@ -29,32 +163,31 @@ def make_state(seed: int = 0, tied: bool = True) -> dict[str, torch.Tensor]:
     emb = torch.randn(300, 64, generator=g)
     return {
         "tok_emb.weight": emb,
-        "blocks.0.attn.qkv.weight": torch.randn(192, 64, generator=g) * 0.05,
-        "blocks.0.attn_scale": torch.rand(64, generator=g),
-        "blocks.0.resid_mix": torch.rand(2, 64, generator=g),
-        "blocks.0.norm_bias": torch.randn(64, generator=g),
+        "attn.0.c_q.weight": torch.randn(192, 64, generator=g) * 0.05,
+        "attn_scale": torch.rand(2, 64, generator=g),
+        "resid_mix": torch.rand(2, 2, 64, generator=g),
+        "mlps.0.proj.weight": torch.randn(8, 8, generator=g),
         "lm_head.weight": emb if tied else emb.clone(),
     }
 
 
-# float_max_numel=4096 makes the small test matrices take the int8 path.
-SMALL = {"float_max_numel": 4096}
-
-
-def packed(seed=0, tied=True, **kw):
-    kw = {**SMALL, **kw}
-    return pack_artifact(CONFIG, make_state(seed, tied), **kw)
+def packed(seed=0, tied=True, codec="auto", bits=8, meta=None):
+    """An artifact of make_state under a uniform policy; float_max_numel=4096 makes the small test
+    matrices take the intN path."""
+    state = make_state(seed, tied)
+    q, aliases = encode_state(state, QuantPolicy.uniform(bits, float_max_numel=4096))
+    return pack_quantized(CONFIG, q, aliases=aliases, names=list(state), codec=codec, meta=meta)
 
 
 def test_roundtrip_gives_exactly_the_dequantized_tensors():
     state = make_state()
-    blob, info = pack_artifact(CONFIG, state, meta={"step": 7, "val_bpb": 1.25}, **SMALL)
+    blob, info = packed(meta={"step": 7, "val_bpb": 1.25})
     loaded = read_artifact(blob)
-    expect = dequantize_state_dict(quantize_state_dict(state, **SMALL))
+    q, _ = encode_state(state, QuantPolicy.uniform(8, float_max_numel=4096))
     assert list(loaded.state_dict) == list(state)
-    for name, t in expect.items():
+    for name, t in q.items():
         assert loaded.state_dict[name].dtype == torch.float32
-        assert torch.equal(loaded.state_dict[name], t), name
+        assert torch.equal(loaded.state_dict[name], dequantize_tensor(t)), name
     assert loaded.model_config == CONFIG
     assert loaded.meta == {"step": 7, "val_bpb": 1.25}
     assert loaded.codec == info.codec in CODECS
@@ -62,8 +195,8 @@ def test_roundtrip_gives_exactly_the_dequantized_tensors():
     assert loaded.info.tensors == info.tensors
     schemes = {r["name"]: r["scheme"] for r in info.tensors}
     assert schemes["tok_emb.weight"] == "int8_row"
-    assert schemes["blocks.0.attn_scale"] == "float32"
-    assert schemes["blocks.0.norm_bias"] == "float16"
+    assert schemes["attn_scale"] == "float32"
+    assert schemes["mlps.0.proj.weight"] == "float16"
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -76,7 +209,7 @@ def test_each_codec_and_bits(codec):
 
 def test_auto_codec_picks_the_smallest():
     sizes = {c: packed(codec=c)[1].total_bytes for c in CODECS}
-    blob, info = packed()
+    _, info = packed()
     assert info.total_bytes == min(sizes.values())
 
 
@@ -104,37 +237,20 @@ def test_alias_stored_once_and_restored_under_both_names():
     assert find_aliases({"a": base, "b": base[1:], "c": base.t(), "d": base.view(10, 10)}) == {"d": "a"}
 
 
-def test_write_and_read_path(tmp_path):
-    path = tmp_path / "sub" / "model.lgz"
-    info = write_artifact(path, CONFIG, make_state(), meta={"run": "x"}, **SMALL)
-    assert info.path == path and path.stat().st_size == info.total_bytes
-    loaded = read_artifact(path)
-    assert loaded.info.path == path and loaded.meta == {"run": "x"}
-    assert [p.name for p in path.parent.iterdir()] == ["model.lgz"]  # no temp files left
-
-
-def test_over_cap_write_raises_and_writes_nothing(tmp_path):
-    path = tmp_path / "model.lgz"
-    blob, info = packed()
-    cap = info.total_bytes + 1000
-    with pytest.raises(ArtifactError, match=r"over the \d+-byte cap by 234 bytes"):
-        write_artifact(path, CONFIG, make_state(), cap_bytes=cap, extra_bytes=1234, **SMALL)
-    with pytest.raises(ArtifactError, match="by 1 bytes"):
-        write_artifact(path, CONFIG, make_state(), cap_bytes=info.total_bytes - 1, **SMALL)
-    assert not path.exists() and list(tmp_path.iterdir()) == []
-    ok = write_artifact(path, CONFIG, make_state(), cap_bytes=cap, extra_bytes=1000, **SMALL)  # exactly at cap
-    assert ok.total_bytes == info.total_bytes and path.read_bytes() == blob
-
-
 def test_bad_inputs_to_pack():
+    q, aliases = encode_state(make_state(), QuantPolicy.uniform(8, float_max_numel=4096))
     with pytest.raises(ArtifactError, match="JSON"):
-        pack_artifact({"f": object()}, make_state(), **SMALL)
+        pack_quantized({"f": object()}, q, aliases=aliases)
     with pytest.raises(ArtifactError, match="JSON"):
-        pack_artifact({"x": float("nan")}, make_state(), **SMALL)
-    with pytest.raises(ValueError, match="zlib"):
-        pack_artifact(CONFIG, make_state(), codec="gzip", **SMALL)
-    with pytest.raises(ArtifactError, match="quantize"):
-        pack_artifact(CONFIG, {"steps": torch.arange(3)})
+        pack_quantized({"x": float("nan")}, q, aliases=aliases)
+    with pytest.raises(ArtifactError, match="zlib"):
+        pack_quantized(CONFIG, q, aliases=aliases, codec="gzip")
+    with pytest.raises(ArtifactError, match="alias target"):
+        pack_quantized(CONFIG, q, aliases={"lm_head.weight": "nope"}, names=[*q, "lm_head.weight"])
+    bad = dict(q)
+    bad["attn.0.c_q.weight"] = QuantizedTensor("int8_row", (192, 64), q["attn.0.c_q.weight"].data, None, 8)
+    with pytest.raises(ArtifactError, match="scale"):  # the writer refuses what the reader would reject
+        pack_quantized(CONFIG, bad)
 
 
 # ------------------------------------------------------------------ corruption cases
@@ -169,7 +285,7 @@ def test_hand_built_container_matches_writer():
     assert read_artifact(container(payload_with(lambda h: None))).model_config == CONFIG
 
 
-def _table(h, name="blocks.0.attn.qkv.weight"):
+def _table(h, name="attn.0.c_q.weight"):
     return next(t for t in h["tensors"] if t["name"] == name)
 
 
@@ -351,3 +467,193 @@ def test_fuzzed_header_fields(path, value):
         read_artifact(container(payload_with(edit)))
     except ArtifactError:
         pass
+
+
+# ------------------------------------------------------------------ format version 2 and version 1 files
+
+V2_CONFIG = {"model_dim": 16}
+
+
+def rich_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "tok_emb.weight": torch.randn(40, 16, generator=g),
+        "attn.0.c_q.weight": torch.randn(16, 16, generator=g) * 0.1,
+        "mlps.0.fc.weight": torch.randn(32, 16, generator=g) * 0.1,
+        "attn_scale": 1 + 0.1 * torch.randn(2, 16, generator=g),
+        "mlps.0.proj.weight": torch.randn(4, 4, generator=g),
+    }
+
+
+POLICY = parse_policy("int5,embed=7,fp16max=64,outliers=3,lowrank=2")
+
+
+def rich_artifact(codec: str = "zlib") -> tuple[bytes, dict]:
+    q, aliases = encode_state(rich_state(), POLICY)
+    blob, _ = pack_quantized(V2_CONFIG, q, aliases=aliases, codec=codec, meta={"k": 1})
+    return blob, q
+
+
+def test_v2_roundtrip_with_all_parts_and_layouts():
+    blob, q = rich_artifact()
+    loaded = read_artifact(blob)
+    for name, qt in q.items():
+        assert torch.equal(loaded.state_dict[name], dequantize_tensor(qt)), name
+    header = json.loads(unseal(blob)[1][4 : 4 + struct.unpack_from("<I", unseal(blob)[1])[0]])
+    assert header["format_version"] == FORMAT_VERSION == 2
+    parts = {t["name"]: t["parts"] for t in header["tensors"]}
+    assert set(parts["mlps.0.fc.weight"]) == {"data", "scale", "outlier_idx", "outlier_val", "lowrank_u", "lowrank_v"}
+    assert "layout" not in parts["mlps.0.fc.weight"]["data"]  # int8 codes: as they are
+    assert parts["mlps.0.fc.weight"]["scale"]["layout"] == "planes"
+    assert parts["attn_scale"]["data"]["layout"] == "planes" and parts["attn_scale"]["data"]["dtype"] == "float32"
+    assert "lowrank_u" not in parts["tok_emb.weight"]  # only shared blocks get the correction
+
+
+def test_planes_layout_is_byte_planes():
+    t = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float16)
+    q, _ = encode_state({"attn_scale": t}, parse_policy("control=fp16"))
+    payload = unseal(pack_quantized({}, q, codec="zlib")[0])[1]
+    raw = t.numpy().tobytes()
+    assert payload.endswith(raw[0::2] + raw[1::2])  # all low bytes, then all high bytes
+
+
+# ------------------------------------------------------------------ version 1 files
+
+
+def payload_of(header: dict, blob: bytes) -> bytes:
+    hb = json.dumps(header).encode()
+    return struct.pack("<I", len(hb)) + hb + blob
+
+
+def v1_file(extra_part: dict | None = None, layout: str | None = None, header_version: int = 1) -> bytes:
+    """A version-1 artifact as the version-1 writer laid it out: plain little-endian parts."""
+    codes = np.array([[1, -2, 3], [0, 5, -7]], dtype=np.int8)
+    scale = np.array([0.5, 0.25], dtype="<f2")
+    ctrl = np.array([1.0, 2.0], dtype="<f4")
+    blob = codes.tobytes() + scale.tobytes() + ctrl.tobytes()
+    scale_part = {"dtype": "float16", "shape": [2], "offset": 6, "nbytes": 4}
+    if layout:
+        scale_part["layout"] = layout
+    tensors = [
+        {"name": "w", "alias_of": None, "scheme": "int4_row", "bits": 4, "shape": [2, 3],
+         "parts": {"data": {"dtype": "int8", "shape": [2, 3], "offset": 0, "nbytes": 6}, "scale": scale_part}},
+        {"name": "q_gain", "alias_of": None, "scheme": "float32", "bits": None, "shape": [2],
+         "parts": {"data": {"dtype": "float32", "shape": [2], "offset": 10, "nbytes": 8}}},
+    ]
+    if extra_part:
+        tensors[0]["parts"].update(extra_part)
+    header = {"format_version": header_version, "model_config": V2_CONFIG, "meta": {}, "tensors": tensors, "data_bytes": len(blob)}
+    return container(payload_of(header, blob), version=1)
+
+
+def test_version_1_files_still_load():
+    loaded = read_artifact(v1_file())
+    torch.testing.assert_close(loaded.state_dict["w"], torch.tensor([[0.5, -1.0, 1.5], [0.0, 1.25, -1.75]]))
+    assert torch.equal(loaded.state_dict["q_gain"], torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"layout": "planes"}, "layout 'planes' is not valid"),
+        ({"extra_part": {"outlier_idx": {"dtype": "int32", "shape": [0], "offset": 18, "nbytes": 0}}}, "needs parts"),
+        ({"header_version": 2}, "payload format_version 2 != container version 1"),
+    ],
+)
+def test_version_1_files_cannot_use_version_2_features(kwargs, message):
+    with pytest.raises(ArtifactError, match=message):
+        read_artifact(v1_file(**kwargs))
+
+
+@pytest.mark.parametrize("version", [0, 3, 65535])
+def test_wrong_versions_are_rejected_clearly(version):
+    with pytest.raises(ArtifactError, match=f"unsupported artifact format version {version}; this reader supports 1, 2"):
+        read_artifact(container(b"{}", version=version))
+
+
+# ------------------------------------------------------------------ v2 payload corruption
+
+
+def edited(edit) -> bytes:
+    blob, _ = rich_artifact()
+    payload = unseal(blob)[1]
+    (hlen,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4 : 4 + hlen])
+    data = bytearray(payload[4 + hlen :])
+    edit(header, data)
+    return container(payload_of(header, bytes(data)), version=2)
+
+
+def _entry(h, name="mlps.0.fc.weight"):
+    return next(t for t in h["tensors"] if t["name"] == name)
+
+
+def _swap_outliers(h, data):
+    p = _entry(h)["parts"]["outlier_idx"]
+    o, n = p["offset"], p["nbytes"]
+    planes = np.frombuffer(bytes(data[o : o + n]), np.uint8).reshape(4, -1).T.copy().view("<i4").ravel()
+    planes = planes[::-1].copy()  # descending: not a valid index list
+    data[o : o + n] = planes.view(np.uint8).reshape(-1, 4).T.tobytes()
+
+
+V2_CORRUPTIONS = {
+    "unknown layout": (lambda h, d: _entry(h)["parts"]["scale"].update(layout="zigzag"), "layout 'zigzag'"),
+    "planes on int8": (lambda h, d: _entry(h)["parts"]["data"].update(layout="planes"), "layout 'planes' is not valid for int8"),
+    "half an outlier pair": (lambda h, d: _entry(h)["parts"].pop("outlier_val"), "offset|pairs"),
+    "extras on a float tensor": (lambda h, d: _entry(h, "mlps.0.proj.weight")["parts"].update(lowrank_u={}), "needs parts"),
+    "unsorted outlier indices": (_swap_outliers, "strictly increasing"),
+    "low-rank shape mismatch": (lambda h, d: _entry(h)["parts"]["lowrank_v"].update(shape=[2, 8], nbytes=32), "nbytes|offset|lowrank"),
+}
+
+
+@pytest.mark.parametrize("case", list(V2_CORRUPTIONS))
+def test_v2_corruptions_are_rejected(case):
+    edit, message = V2_CORRUPTIONS[case]
+    with pytest.raises(ArtifactError, match=message):
+        read_artifact(edited(edit))
+
+
+# ------------------------------------------------------------------ fuzzing (thousands of mutants)
+
+
+def _mutate(rng: np.random.Generator, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(int(rng.integers(1, 5))):
+        op = int(rng.integers(0, 5))
+        pos = int(rng.integers(0, max(1, len(b))))
+        if op == 0 and b:
+            b[pos % len(b)] = int(rng.integers(0, 256))
+        elif op == 1 and b:
+            b[pos % len(b)] ^= 1 << int(rng.integers(0, 8))
+        elif op == 2:
+            del b[pos:]
+        elif op == 3:
+            b[pos:pos] = bytes(rng.integers(0, 256, int(rng.integers(1, 9))).astype(np.uint8))
+        else:
+            b[pos : pos + 4] = struct.pack("<I", int(rng.choice([0, 1, 2**31 - 1, 2**32 - 1, len(b)])))[: len(b[pos : pos + 4])]
+    return bytes(b)
+
+
+def _read_never_crashes(data: bytes) -> bool:
+    try:
+        read_artifact(data)
+        return True
+    except ArtifactError:
+        return False
+
+
+def test_fuzz_thousands_of_mutated_files():
+    blob, _ = rich_artifact()
+    rng = np.random.default_rng(0)
+    accepted = sum(_read_never_crashes(_mutate(rng, blob)) for _ in range(2500))
+    assert accepted < 50  # the checksum stops nearly everything; what passes must load cleanly
+
+
+def test_fuzz_thousands_of_mutated_payloads_behind_valid_checksums():
+    # Re-sealed with a valid checksum, the mutations reach the JSON header, the part table, the
+    # layouts and the outlier/low-rank validation.
+    blob, _ = rich_artifact()
+    payload = unseal(blob)[1]
+    rng = np.random.default_rng(1)
+    outcomes = [_read_never_crashes(seal(_mutate(rng, payload), "zlib")[1]) for _ in range(2500)]
+    assert 0 < sum(outcomes) < len(outcomes)  # mutated tensor bytes may still be valid values

@@ -1,10 +1,14 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 
-from loopgolf.export.clip import choose_scales
-from loopgolf.export.gptq import CalibrationError, calibration_tokens, collect_hessians, gptq_quantize, output_error
-from loopgolf.export.quant import QuantError, round_codes
+from loopgolf.data.shards import load_tokens, write_shard
+from loopgolf.export.artifact import dequantize_tensor
+from conftest import output_error
+from loopgolf.export.gptq import CalibrationError, calibration_tokens, collect_hessians, gptq_quantize
+from loopgolf.export.quantize import QuantPolicy, choose_scales, encode_tensor, round_codes
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 
@@ -18,27 +22,30 @@ def problem(seed: int = 0, d_in: int = 96, d_out: int = 48, n: int = 2048):
     return W, X.T @ X / n
 
 
+def deq(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float()[:, None]
+
+
 @pytest.mark.parametrize("bits", [6, 5, 4])
 def test_gptq_beats_round_to_nearest_on_output_error(bits):
     W, H = problem()
     scale = choose_scales(W, bits)
-    rtn = round_codes(W, scale, 2 ** (bits - 1) - 1).float() * scale.float()[:, None]
-    codes, s = gptq_quantize(W, H, bits, scale16=scale)
-    assert torch.equal(s, scale) and codes.dtype == torch.int8
+    rtn = deq(round_codes(W, scale, 2 ** (bits - 1) - 1), scale)
+    codes = gptq_quantize(W, H, bits, scale)
+    assert codes.dtype == torch.int8
     assert int(codes.abs().max()) <= 2 ** (bits - 1) - 1
-    gq = codes.float() * s.float()[:, None]
-    assert output_error(W, gq, H) < 0.75 * output_error(W, rtn, H)
+    assert output_error(W, deq(codes, scale), H) < 0.75 * output_error(W, rtn, H)
     # Without act-order and with tiny blocks it still helps; the lazy block update is exact.
-    c2, _ = gptq_quantize(W, H, bits, scale16=scale, act_order=False, block_size=7)
-    c3, _ = gptq_quantize(W, H, bits, scale16=scale, act_order=False, block_size=96)
+    c2 = gptq_quantize(W, H, bits, scale, act_order=False, block_size=7)
+    c3 = gptq_quantize(W, H, bits, scale, act_order=False, block_size=96)
     assert torch.equal(c2, c3)
-    assert output_error(W, c2.float() * s.float()[:, None], H) < output_error(W, rtn, H)
+    assert output_error(W, deq(c2, scale), H) < output_error(W, rtn, H)
 
 
 def test_gptq_with_identity_hessian_is_round_to_nearest():
     W, _ = problem(1)
     scale = choose_scales(W, 6)
-    codes, _ = gptq_quantize(W, torch.eye(W.shape[1]), 6, scale16=scale, damp=0.0)
+    codes = gptq_quantize(W, torch.eye(W.shape[1]), 6, scale, damp=0.0)
     assert torch.equal(codes, round_codes(W, scale, 31))
 
 
@@ -48,13 +55,75 @@ def test_gptq_keep_mask_and_dead_inputs():
     H[5, :] = 0  # input 5 never fires
     keep = torch.zeros_like(W, dtype=torch.bool)
     keep[0, 0] = keep[3, 10] = True
-    codes, s = gptq_quantize(W, H, 5, keep=keep)
+    scale = choose_scales(W.masked_fill(keep, 0.0), 5)
+    codes = gptq_quantize(W, H, 5, scale, keep=keep)
     assert int(codes[0, 0]) == 0 and int(codes[3, 10]) == 0
     assert bool((codes[:, 5] == 0).all())
-    with pytest.raises(QuantError, match="GPTQ needs"):
-        gptq_quantize(W, H[:10, :10], 5)
-    with pytest.raises(QuantError, match="non-finite"):
-        gptq_quantize(W, H * float("nan"), 5)
+    with pytest.raises(CalibrationError, match="GPTQ needs W"):
+        gptq_quantize(W, H[:10, :10], 5, scale)
+    with pytest.raises(CalibrationError, match="one scale per row"):
+        gptq_quantize(W, H, 5, scale[:3])
+    with pytest.raises(CalibrationError, match="non-finite"):
+        gptq_quantize(W, H * float("nan"), 5, scale)
+
+
+# ------------------------------------------------------------------ outliers kept exactly
+
+
+def textbook_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor, keep: torch.Tensor, damp: float) -> torch.Tensor:
+    """Reference: GPTQ column by column in float64 with the explicit inverse Hessian, downdated
+    after each column (no Cholesky, no blocks, no reordering). A kept entry is "quantized" to
+    the value the artifact stores for it, its original weight in fp16, and that error is
+    propagated like any other."""
+    qmax = 2 ** (bits - 1) - 1
+    stored = W.half().double()
+    W, s = W.double().clone(), scale.double()
+    n = W.shape[1]
+    Hinv = torch.linalg.inv(H.double() + torch.eye(n, dtype=torch.float64) * damp * float(torch.diag(H).mean()))
+    codes = torch.zeros_like(W)
+    for j in range(n):
+        q = torch.clamp(torch.round(W[:, j] / s), -qmax, qmax)
+        codes[:, j] = torch.where(keep[:, j], 0.0, q)
+        err = (W[:, j] - torch.where(keep[:, j], stored[:, j], q * s)) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return codes.to(torch.int8)
+
+
+def outlier_problem(seed: int, d_in: int = 32, d_out: int = 16, n_outliers: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(1024, d_in, generator=g) @ (torch.eye(d_in) + torch.randn(d_in, d_in, generator=g) / d_in**0.5)
+    W = torch.randn(d_out, d_in, generator=g) * 0.1
+    W.view(-1)[torch.randperm(W.numel(), generator=g)[:n_outliers]] = 1.0
+    return W, X.T @ X / X.shape[0], W.abs() > 0.9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_gptq_with_kept_entries_matches_the_textbook_algorithm(seed, bits):
+    # The kept entries' stored values are their original weights, so the difference between
+    # those and the entries as GPTQ has updated them must be propagated: code for code the same
+    # as the reference, which treats a kept entry as one more rounding.
+    W, H, keep = outlier_problem(seed)
+    scale = choose_scales(W.masked_fill(keep, 0.0), bits)
+    codes = gptq_quantize(W, H, bits, scale, keep=keep, act_order=False, block_size=8, damp=0.01)
+    assert torch.equal(codes, textbook_gptq(W, H, bits, scale, keep, damp=0.01))
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_gptq_with_outliers_has_less_output_error_than_without(bits):
+    g = torch.Generator().manual_seed(5)
+    W, H = problem(5, d_in=128, d_out=64, n=4096)
+    W.view(-1)[torch.randperm(W.numel(), generator=g)[:8]] = 0.4  # a few large weights
+    errors = {}
+    for k in (0, 8, 64):
+        policy = QuantPolicy.uniform(bits, float_max_numel=0, gptq=True, outlier_topk=k)
+        q = encode_tensor("mlps.0.fc.weight", W, policy, hessian=H)  # the outliers dequantize to their stored values
+        errors[k] = output_error(W, dequantize_tensor(q), H)
+    assert errors[64] <= errors[8] <= errors[0], errors
+
+
+# ------------------------------------------------------------------ Hessians and calibration
 
 
 def tiny(plan: PlanSpec, seed: int = 0) -> GPT:
@@ -87,11 +156,47 @@ def test_calibration_tokens_from_training_data_and_from_the_model():
     a = calibration_tokens(model, "train", tokens=stream, num_seqs=5, seq_len=12, seed=3)
     assert a.shape == (5, 12) and a.dtype == torch.long
     assert torch.equal(a, calibration_tokens(model, "train", tokens=stream, num_seqs=5, seq_len=12, seed=3))
+    assert torch.equal(a, calibration_tokens(model, "train", tokens=torch.from_numpy(stream), num_seqs=5, seq_len=12, seed=3))
     assert bool(((a[:, 1:] - a[:, :-1]) % 60 == 1).all())  # contiguous windows of the stream
     s = calibration_tokens(model, "self", num_seqs=3, seq_len=9, seed=0, batch_size=2)
     assert s.shape == (3, 9) and bool((s[:, 0] == 1).all()) and int(s.max()) < 64
     assert torch.equal(s, calibration_tokens(model, "self", num_seqs=3, seq_len=9, seed=0, batch_size=2))
-    with pytest.raises(CalibrationError, match="needs tokens"):
+    with pytest.raises(CalibrationError, match="needs the training stream"):
         calibration_tokens(model, "train")
+    with pytest.raises(CalibrationError, match="not both"):
+        calibration_tokens(model, "train", tokens=stream, shards=["x.bin"])
+    with pytest.raises(CalibrationError, match="fewer than seq_len"):
+        calibration_tokens(model, "train", tokens=stream[:5], seq_len=12)
+    with pytest.raises(CalibrationError, match="1-D integer"):
+        calibration_tokens(model, "train", tokens=stream.astype(float))
     with pytest.raises(CalibrationError, match="unknown calibration source"):
         calibration_tokens(model, "val", tokens=stream)
+
+
+def test_calibration_from_shard_files_equals_calibration_from_the_loaded_stream(tmp_path):
+    model = tiny(PlanSpec("vanilla", layers=1))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, n in enumerate((50, 0, 17, 80)):  # windows of 40 run across shard ends (and an empty shard)
+        paths.append(tmp_path / f"fineweb_train_{i:06d}.bin")
+        write_shard(paths[-1], rng.integers(0, 64, size=n), vocab_size=64)
+    for seed in range(3):
+        from_files = calibration_tokens(model, "train", shards=paths, num_seqs=30, seq_len=40, seed=seed)
+        loaded = calibration_tokens(model, "train", tokens=load_tokens(paths), num_seqs=30, seq_len=40, seed=seed)
+        assert torch.equal(from_files, loaded) and from_files.dtype == torch.long
+
+
+def test_calibration_from_a_shard_reads_only_its_windows(tmp_path):
+    model = tiny(PlanSpec("vanilla", layers=1))
+    n = 5_000_000
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, np.random.default_rng(0).integers(0, 64, size=n, dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        calib = calibration_tokens(model, "train", shards=[path], num_seqs=32, seq_len=128, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert calib.shape == (32, 128)
+    # The whole stream as int64 would be 40 MB (and loading it 10 MB more); the windows are 32 KB.
+    assert peak < 8 * n / 100, peak

@@ -4,21 +4,28 @@ import json
 import pytest
 import torch
 
-from loopgolf.cli import add_model_overrides, model_overrides
+import loopgolf.bench
+import loopgolf.cli
+import loopgolf.export.planner
+from loopgolf.bench import Peak
+from loopgolf.cli import add_model_overrides, add_plan_parser, measure_matmul_rate, model_overrides
 from loopgolf.config import PRESETS, get_preset
+from loopgolf.export.artifact import FLOAT_SCHEMES
 from loopgolf.export.pack import export_model
 from loopgolf.export.planner import (
+    UNCALIBRATED,
     PlanError,
-    add_plan_parser,
+    calibration_table,
+    default_family,
     family_presets,
     plan_to_cli,
     predict_bytes,
     run_overrides,
     search,
+    train_step_seconds,
 )
-from loopgolf.export.policy import parse_policy
-from loopgolf.export.quant import FLOAT_SCHEMES
-from loopgolf.model.gpt import GPT, ModelConfig, unique_params_formula
+from loopgolf.export.quantize import parse_policy
+from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token, unique_params_formula
 from loopgolf.model.plan import PlanSpec
 
 SMALL = {"model_dim": 128, "num_heads": 2, "num_kv_heads": 1}
@@ -112,26 +119,103 @@ def test_plan_to_cli_roundtrips_every_preset_plan():
     args = run_overrides(get_preset("cpu-shared-lora4").model, lora)
     assert rebuild("cpu-shared-lora4", args) == lora
     assert family_presets("cpu-shared") == ["cpu-shared"] and "pg-k1" in family_presets("pg")
+    # "cpu" is the family of cpu-* presets (the machine's default), ["cpu"] the default preset alone.
+    assert "cpu" not in family_presets("cpu") and "cpu-k1" in family_presets("cpu") and family_presets(["cpu"]) == ["cpu"]
     with pytest.raises(PlanError, match="unknown preset family"):
         family_presets("gpu")
 
 
-def test_plan_command_json(capsys):
+def plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_plan_parser(sub)
-    args = parser.parse_args(["plan", "--cap", "2500000", "--preset", "cpu-shared", "--quant", "int6", "--codec", "brotli", "--code-bytes", "50000", "--json"])
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_plan_command_json(capsys):
+    parser = plan_parser()
+    args = parser.parse_args(["plan", "--cap", "2500000", "--preset", "cpu-shared", "--quant", "int6", "--codec", "brotli",
+                              "--code-bytes", "50000", "--matmul-flops", "2e10", "--json"])
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["config"]["preset"] == "cpu-shared" and out["config"]["fits"] is True
+    assert out["config"]["preset"] == "cpu-shared" and out["config"]["fits"] is True and out["config"]["uncalibrated"] == []
+    assert out["family"] == "cpu-shared" and out["matmul_flops"] == {"flops_per_second": 2e10, "measured": "given by --matmul-flops"}
     assert len(out["candidates"]) == 1
     c = out["candidates"][0]
     assert {"preset", "overrides", "predicted_bytes", "model_dim", "virtual_layers", "loops", "codec", "quant"} <= set(c)
     assert c["predicted_bytes"] <= 2_500_000 and c["model_dim"] > 256 and c["quant"] == parse_policy("int6").describe()
-    args = parser.parse_args(["plan", "--cap", "2500000", "--family", "cpu-shared,cpu-k3", "--dim", "256", "--code-bytes", "50000"])
+    cfg = rebuild(c["preset"], c["overrides"])
+    train = get_preset("cpu-shared").train
+    assert (c["seq_len"], c["tokens_per_step"]) == (train.seq_len, train.batch_tokens)
+    assert c["forward_flops_per_token"] == forward_flops_per_token(cfg, train.seq_len)
+    assert c["est_step_seconds"] == pytest.approx(3 * c["forward_flops_per_token"] * train.batch_tokens / 2e10)
+    args = parser.parse_args(["plan", "--cap", "2500000", "--family", "cpu-shared,cpu-k3", "--dim", "256", "--code-bytes", "50000", "--matmul-flops", "2e10"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "loopgolf run --preset cpu-shared --dim" in text and "cpu-k3" in text
+    assert "fwd FLOPs/tok" in text and "~step s" in text and "an estimate" in text and "20.0 GFLOP/s" in text
+    assert "uncalibrated" not in text
+
+
+def test_train_step_estimate():
+    assert train_step_seconds(1e6, 4096, 1e10) == pytest.approx(3 * 1e6 * 4096 / 1e10)
+    with pytest.raises(PlanError, match="positive"):
+        train_step_seconds(1e6, 4096, 0)
+
+
+@pytest.mark.parametrize("cuda, family", [(False, "cpu"), (True, "pg")])
+def test_the_default_family_follows_the_machine(monkeypatch, capsys, cuda, family):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert default_family() == family
+    searched = []
+    monkeypatch.setattr(loopgolf.export.planner, "search", lambda cap, fam, *a, **kw: searched.append(fam) or [])
+    monkeypatch.setattr(loopgolf.cli, "measure_matmul_rate", lambda: (1e9, "fake"))
+    parser = plan_parser()
+    args = parser.parse_args(["plan", "--cap", "1000000", "--code-bytes", "50000", "--json"])
+    assert args.func(args) == 0
+    assert searched == [family] and json.loads(capsys.readouterr().out)["family"] == family
+    args = parser.parse_args(["plan", "--cap", "1000000", "--code-bytes", "50000", "--family", "pg-k1", "--json"])
+    assert args.func(args) == 0 and searched[-1] == "pg-k1"  # --family still chooses
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_matmul_rate_is_measured_on_the_training_device(monkeypatch, cuda):
+    calls = []
+
+    def fake_peak(device, size=None, reps=4, trials=5):
+        calls.append((device.type, size))
+        return Peak(flops=3e10, dtype="float32", size=size or 8192)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(loopgolf.bench, "matmul_peak", fake_peak)
+    rate, what = measure_matmul_rate()
+    assert rate == 3e10 and calls == [("cuda", None) if cuda else ("cpu", 1024)] and ("cuda" if cuda else "cpu") in what
+
+
+def test_gptq_predictions_are_marked_uncalibrated(capsys):
+    cfg = get_preset("cpu-shared").model
+    assert predict_bytes(cfg, parse_policy("int6"), "brotli")["uncalibrated"] == []
+    gptq = predict_bytes(cfg, parse_policy("int6,gptq"), "brotli")
+    assert gptq["uncalibrated"] == ["gptq"] and "round-to-nearest" in UNCALIBRATED["gptq"]
+    # Predicted with the round-to-nearest rates, so the bytes are those of the RTN policy.
+    assert gptq["model_bytes"] == pytest.approx(predict_bytes(cfg, parse_policy("int6"), "brotli")["model_bytes"], abs=64)
+    cands = search(2_500_000, "cpu-shared", parse_policy("int6,gptq"), codec="brotli", code_bytes=50_000)
+    assert cands and all(c["uncalibrated"] == ["gptq"] for c in cands)
+    parser = plan_parser()
+    base = ["plan", "--cap", "2500000", "--family", "cpu-shared", "--quant", "int6,gptq", "--codec", "brotli", "--code-bytes", "50000", "--matmul-flops", "1e10"]
+    args = parser.parse_args([*base, "--preset", "cpu-shared", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["uncalibrated"] == ["gptq"] and out["candidates"][0]["uncalibrated"] == ["gptq"]
+    args = parser.parse_args(base)
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "* uncalibrated: " + UNCALIBRATED["gptq"] in text
+
+
+def test_the_calibration_table_is_package_data():
+    table = calibration_table()
+    assert {"codecs", "coded", "float16", "float32", "int32_index", "export_factor", "trained_factor"} <= set(table)
+    assert "quant_calibrate.py" in table["about"]
 
 
 def test_trained_weights_shrink_only_the_coded_matrices():

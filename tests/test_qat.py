@@ -126,7 +126,7 @@ def test_noise_is_one_step_wide_fixed_within_a_step_and_resampled():
 
 
 def test_the_run_seeds_the_noise():
-    from loopgolf.export.policy import QuantPolicy
+    from loopgolf.export.quantize import QuantPolicy
     from loopgolf.run import build_qat
 
     draws = []
@@ -233,7 +233,7 @@ def test_qat_hook_state_is_checked():
 def test_ste_qat_shrinks_the_int4_roundtrip_gap(tmp_path):
     """What QAT is for: after STE QAT at 4 bits, the loss lost in the int4 export roundtrip is
     smaller than after the same training without QAT (same seed, data and steps)."""
-    from loopgolf.export.policy import parse_policy
+    from loopgolf.export.quantize import parse_policy
 
     path = tmp_path / "fineweb_train_000000.bin"
     write_shard(path, markov_tokens(40_000, vocab=64, seed=3))

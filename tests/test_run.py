@@ -100,3 +100,13 @@ def test_run_with_int6_policy_qat_and_plan_command(text_dataset, tmp_path, capsy
     assert main(["plan", "--cap", "3000000", "--preset", "cpu-shared", "--json"]) == 0
     cands = json.loads(capsys.readouterr().out)["candidates"]
     assert cands and all(c["predicted_bytes"] <= 3_000_000 for c in cands)
+
+
+def test_gptq_run_calibrates_from_the_train_shards(text_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(out), "--quant", "int6,gptq,fp16max=0", "--json"]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    _, loaded = load_model(out / "artifact.lgz")
+    assert loaded.meta["quant"]["gptq"] is True and summary["model_bytes"] == (out / "artifact.lgz").stat().st_size
+    assert abs(summary["val_bpb_post"] - summary["val_bpb_pre"]) < 0.1

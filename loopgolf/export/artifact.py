@@ -1,4 +1,5 @@
-"""Versioned, pickle-free model artifact: quantized tensors + JSON header in one compressed payload.
+"""The artifact format: a versioned, pickle-free file of stored tensors and a JSON header in one
+compressed payload; how it is written, sealed, checked and read, and the codecs that compress it.
 
 Container (all integers little-endian):
 
@@ -15,55 +16,389 @@ Payload (uncompressed):
     header_len u32, header (compact UTF-8 JSON, sorted keys), then the tensor blob: raw
     little-endian tensor parts laid out back to back in tensor-table order.
 
+Stored tensors (:class:`QuantizedTensor`): ``float32`` / ``float16`` values, or ``intN_row``
+(N in 2..8): int8 codes in [-(2**(N-1)-1), 2**(N-1)-1], one per byte, with one fp16 scale per row,
+dequantized as exactly ``codes * scale``. Bit-packing was measured on a trained model and loses
+after brotli/lzma/zstd: one code per byte is 7-12% smaller at 5-7 bits (the entropy coders model
+whole bytes); only at 4 bits would packing save 0.8% with brotli (docs/LOG.md, 2026-11-23). An
+intN tensor may carry two optional corrections: outliers (sorted flat int32 indices and fp16
+values that replace the coded entries) and a low-rank term ``u @ v`` (fp16 factors) added to
+``codes * scale``. How codes are chosen lives in :mod:`loopgolf.export.quantize`; this module only
+defines, checks and stores the result. A tensor table entry may instead be an alias (``alias_of``)
+of an earlier one: tied weights are stored once.
+
 Version 2 adds, per tensor part, ``"layout": "planes"`` (multi-byte values stored byte plane by
 byte plane: all first bytes, then all second bytes, ...; measured 4-16% smaller after every codec
-for fp16/fp32 values and scales, docs/LOG.md), int32 parts, and the optional outlier and low-rank
-parts of ``quant.QuantizedTensor``. One-byte codes are stored as they are (transposing them was
-measured not to pay).
+for fp16/fp32 values and scales, docs/LOG.md), int32 parts, and the outlier and low-rank parts.
+One-byte codes are stored as they are (transposing them was measured not to pay).
+
+Codecs run at their strongest deterministic setting (the artifact is written once and its size is
+the score's budget). Decompression takes the exact output bound so a hostile or corrupted stream
+cannot inflate without limit, and it rejects truncated streams and bytes after the end of stream.
 
 Loading parses JSON and copies bytes into numpy arrays; nothing is unpickled or evaluated. Every
-field is validated, and any malformed input raises ArtifactError.
-
-This module reads; the writer (``pack_artifact``, ``write_artifact``, ``seal``, ...) lives in
-``export.writer`` to keep it out of the scoring path's ``code_bytes``, and its names resolve here
-on first use.
+field is validated, and any malformed input raises :class:`ArtifactError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import math
 import os
+import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from loopgolf.export import codec as codecs
-from loopgolf.export.quant import FLOAT_SCHEMES, PART_NAMES, QuantError, QuantizedTensor, dequantize_tensor, scheme_bits
-
-_WRITER_NAMES = (
-    "build_payload", "container_overhead", "find_aliases", "pack_artifact", "pack_quantized", "seal",
-    "stored_part_bytes", "tensor_shares", "write_artifact", "write_blob", "write_quantized",
-)
-
-
-def __getattr__(name: str) -> Any:
-    # PEP 562: the writer's names, imported on first use (reading never needs them).
-    if name in _WRITER_NAMES:
-        from loopgolf.export import writer
-
-        return getattr(writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+import zstandard
 
 
 class ArtifactError(ValueError):
-    """An artifact cannot be written (over cap, bad input) or read (corrupt, foreign, unsupported)."""
+    """An artifact, or a stored tensor in one, that cannot be written (over cap, bad input) or
+    read (corrupt, foreign, unsupported)."""
 
+
+class CodecError(ArtifactError):
+    """Unknown codec, or a stream that does not decode cleanly within its bound."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Codecs
+
+
+ZLIB_LEVEL = 9
+ZSTD_LEVEL = 22
+BROTLI_QUALITY = 11
+BROTLI_LGWIN = 24
+# Raw LZMA2 (no .xz container: 60-odd bytes smaller, and the artifact carries its own checksum).
+# The decoder needs the same filter chain, so it is fixed here rather than stored in the stream.
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+def _brotli_module():
+    """The brotli module if importable AND new enough to bound its output (>= 1.1), else None."""
+    try:
+        import brotli  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except TypeError:  # older brotli: no way to cap output, so no decompression-bomb guard
+        return None
+    except Exception:  # noqa: BLE001 - any other failure also means "not usable"
+        return None
+    return brotli
+
+
+_brotli = _brotli_module()
+
+CODECS: tuple[str, ...] = ("zlib", "lzma", "zstd") + (("brotli",) if _brotli is not None else ())
+
+
+def _check_codec(codec: str) -> None:
+    if codec not in CODECS:
+        hint = " (install the 'brotli' package, >= 1.1, to enable it)" if codec == "brotli" else ""
+        raise CodecError(f"unknown codec {codec!r}{hint}; valid codecs: {', '.join(CODECS)}")
+
+
+def compress(data: bytes, codec: str) -> bytes:
+    _check_codec(codec)
+    data = bytes(data)
+    if codec == "zlib":
+        return zlib.compress(data, ZLIB_LEVEL)
+    if codec == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    if codec == "zstd":
+        # Single-threaded (threads=0) for byte-identical output; the frame records its content size
+        # so the reader can check the declared size against its bound before inflating anything.
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_content_size=True, write_checksum=False)
+        return cctx.compress(data)
+    assert _brotli is not None
+    return _brotli.compress(data, quality=BROTLI_QUALITY, lgwin=BROTLI_LGWIN)
+
+
+def _too_big(codec: str, max_output: int) -> CodecError:
+    return CodecError(f"{codec} stream inflates beyond the allowed {max_output} bytes (possible decompression bomb)")
+
+
+def _checked_output(codec: str, out: bytes, eof: bool, unused: bytes, max_output: int) -> bytes:
+    """``out`` if the stream decoded within bounds and ended exactly where the data ends."""
+    if len(out) > max_output:
+        raise _too_big(codec, max_output)
+    if not eof:
+        raise CodecError(f"{codec} stream is truncated (no end-of-stream marker)")
+    if unused:
+        raise CodecError(f"{codec} stream is followed by {len(unused)} unexpected bytes")
+    return out
+
+
+def _decompress_zlib(data: bytes, max_output: int) -> bytes:
+    d = zlib.decompressobj()
+    out = d.decompress(data, max_output + 1)
+    return _checked_output("zlib", out, d.eof, d.unused_data, max_output)
+
+
+def _decompress_lzma(data: bytes, max_output: int) -> bytes:
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    out = d.decompress(data, max_length=max_output + 1)
+    return _checked_output("lzma", out, d.eof, d.unused_data, max_output)
+
+
+def _decompress_zstd(data: bytes, max_output: int) -> bytes:
+    # python-zstandard's streaming API has no output cap, but libzstd refuses to produce more than
+    # a frame's declared content size. So: demand a declared size, check it against the bound, and
+    # let libzstd enforce it while decoding.
+    params = zstandard.get_frame_parameters(data)
+    size = params.content_size
+    if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
+        raise CodecError("zstd frame does not declare its content size")
+    if size > max_output:
+        raise _too_big("zstd", max_output)
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = d.decompress(data)
+    if len(out) > max_output:  # defensive: libzstd already enforces the declared size
+        raise _too_big("zstd", max_output)
+    if not d.eof:
+        raise CodecError("zstd stream is truncated (frame not complete)")
+    if d.unused_data:
+        raise CodecError(f"zstd frame is followed by {len(d.unused_data)} unexpected bytes")
+    return out
+
+
+def _decompress_brotli(data: bytes, max_output: int) -> bytes:
+    assert _brotli is not None
+    d = _brotli.Decompressor()
+    parts = [d.process(data, output_buffer_limit=max_output + 1)]
+    total = len(parts[0])
+    # With a limit the decoder may hold back output; drain it with empty input until it either
+    # finishes, asks for more input (= the stream was truncated), or passes the bound.
+    while not d.is_finished() and total <= max_output and not d.can_accept_more_data():
+        chunk = d.process(b"", output_buffer_limit=max_output + 1 - total)
+        parts.append(chunk)
+        total += len(chunk)
+    if total > max_output:
+        raise _too_big("brotli", max_output)
+    if not d.is_finished():
+        raise CodecError("brotli stream is truncated")
+    return b"".join(parts)
+
+
+_DECODERS = {
+    "zlib": _decompress_zlib,
+    "lzma": _decompress_lzma,
+    "zstd": _decompress_zstd,
+    "brotli": _decompress_brotli,
+}
+
+
+def decompress(data: bytes, codec: str, max_output: int) -> bytes:
+    """Decode a complete stream of `codec`, refusing to produce more than `max_output` bytes."""
+    _check_codec(codec)
+    if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
+        raise CodecError(f"max_output must be a non-negative int, got {max_output!r}")
+    try:
+        return _DECODERS[codec](bytes(data), max_output)
+    except CodecError:
+        raise
+    except (zlib.error, lzma.LZMAError, zstandard.ZstdError, EOFError) as e:
+        raise CodecError(f"{codec} stream is corrupt: {e}") from None
+    except Exception as e:  # brotli.error is a plain Exception subclass; keep the contract anyway
+        if _brotli is not None and isinstance(e, _brotli.error):
+            raise CodecError(f"{codec} stream is corrupt: {e}") from None
+        raise
+
+
+def best_codec(data: bytes, codecs: tuple[str, ...] | list[str] = CODECS) -> tuple[str, bytes]:
+    """(codec, compressed) with the smallest output; ties go to the codec listed first."""
+    if not codecs:
+        raise CodecError("best_codec needs at least one codec")
+    best: tuple[str, bytes] | None = None
+    for codec in codecs:
+        out = compress(data, codec)
+        if best is None or len(out) < len(best[1]):
+            best = (codec, out)
+    assert best is not None
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored tensors
+
+FLOAT_SCHEMES: tuple[str, ...] = ("float32", "float16")
+MIN_BITS = 2  # 1 bit would leave only the code 0 under a symmetric scheme
+MAX_BITS = 8  # codes are stored in int8
+PART_NAMES: tuple[str, ...] = ("data", "scale", "outlier_idx", "outlier_val", "lowrank_u", "lowrank_v")
+_INT_ROW_RE = re.compile(r"^int([0-9]+)_row$")
+
+
+@dataclass
+class QuantizedTensor:
+    scheme: str  # "float32" | "float16" | "intN_row" (e.g. "int8_row")
+    shape: tuple[int, ...]
+    data: torch.Tensor  # float32/float16 values, or int8 codes (rows, cols) for intN_row
+    scale: torch.Tensor | None  # float16 per-row scale for intN_row, else None
+    bits: int | None  # N for intN_row, else None
+    outlier_idx: torch.Tensor | None = None  # int32 sorted flat indices kept exactly (intN_row only)
+    outlier_val: torch.Tensor | None = None  # float16 values at outlier_idx
+    lowrank_u: torch.Tensor | None = None  # float16 (rows, r): low-rank error correction u @ v
+    lowrank_v: torch.Tensor | None = None  # float16 (r, cols)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored arrays by part name, in storage order ("data" first)."""
+        return {k: t for k, t in zip(PART_NAMES, (self.data, self.scale, *self.extras())) if t is not None}
+
+    def extras(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.outlier_idx, self.outlier_val, self.lowrank_u, self.lowrank_v)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Uncompressed bytes this tensor occupies in an artifact (codes/values, scales, corrections)."""
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+
+def int_row_scheme(bits: int) -> str:
+    return f"int{bits}_row"
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ArtifactError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+
+
+def scheme_bits(scheme: str) -> int | None:
+    """Bit width encoded in an `intN_row` scheme name, None for float schemes; ArtifactError otherwise."""
+    if scheme in FLOAT_SCHEMES:
+        return None
+    m = _INT_ROW_RE.match(scheme)
+    if m is None:
+        raise ArtifactError(f"unknown quantization scheme {scheme!r}; expected one of {FLOAT_SCHEMES} or 'intN_row'")
+    bits = int(m.group(1))
+    _check_bits(bits)
+    return bits
+
+
+def qmax_for_bits(bits: int) -> int:
+    """The largest code of a symmetric ``bits``-bit scheme (127 for 8 bits)."""
+    _check_bits(bits)
+    return 2 ** (bits - 1) - 1
+
+
+def validate_quantized(q: QuantizedTensor, name: str = "tensor") -> None:
+    """Check that a QuantizedTensor is self-consistent (dtypes, shapes, code range)."""
+    bits = scheme_bits(q.scheme)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in q.shape):
+        raise ArtifactError(f"{name}: shape must be non-negative ints, got {q.shape!r}")
+    if bits is None:
+        want = torch.float32 if q.scheme == "float32" else torch.float16
+        if q.data.dtype != want or tuple(q.data.shape) != tuple(q.shape):
+            raise ArtifactError(
+                f"{name}: scheme {q.scheme} needs {want} data of shape {q.shape}, "
+                f"got {q.data.dtype} {tuple(q.data.shape)}"
+            )
+        if q.scale is not None or q.bits is not None or any(t is not None for t in q.extras()):
+            raise ArtifactError(f"{name}: float scheme {q.scheme} must have no scale, bits, outliers or low-rank term")
+        return
+    if q.bits != bits:
+        raise ArtifactError(f"{name}: scheme {q.scheme} disagrees with bits={q.bits}")
+    if len(q.shape) != 2:
+        raise ArtifactError(f"{name}: {q.scheme} needs a 2-D shape, got {q.shape}")
+    if q.data.dtype != torch.int8 or tuple(q.data.shape) != tuple(q.shape):
+        raise ArtifactError(f"{name}: {q.scheme} needs int8 codes of shape {q.shape}, got {q.data.dtype} {tuple(q.data.shape)}")
+    if q.scale is None or q.scale.dtype != torch.float16 or tuple(q.scale.shape) != (q.shape[0],):
+        got = None if q.scale is None else f"{q.scale.dtype} {tuple(q.scale.shape)}"
+        raise ArtifactError(f"{name}: {q.scheme} needs a float16 scale of shape ({q.shape[0]},), got {got}")
+    qmax = qmax_for_bits(bits)
+    # min/max rather than abs().max(): abs(-128) wraps around in int8.
+    if q.data.numel() and (int(q.data.min()) < -qmax or int(q.data.max()) > qmax):
+        raise ArtifactError(f"{name}: codes outside [-{qmax}, {qmax}] for {bits} bits")
+    if not bool(torch.isfinite(q.scale).all()):
+        raise ArtifactError(f"{name}: non-finite scale")
+    _validate_extras(q, name)
+
+
+def _check_part(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ArtifactError(f"{what} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ArtifactError(f"{what} has non-finite values")
+
+
+def _validate_extras(q: QuantizedTensor, name: str) -> None:
+    idx, val, u, v = q.extras()
+    if (idx is None) != (val is None) or (u is None) != (v is None):
+        raise ArtifactError(f"{name}: outlier indices/values and low-rank u/v come in pairs")
+    if idx is not None:
+        k = int(idx.shape[0]) if idx.dim() == 1 else -1
+        _check_part(idx, torch.int32, (k,), f"{name}: outlier_idx")
+        _check_part(val, torch.float16, (k,), f"{name}: outlier_val")
+        # Strictly increasing and in range: every outlier is a distinct entry of this tensor.
+        if k and (int(idx[0]) < 0 or int(idx[-1]) >= q.numel or (k > 1 and not bool((idx[1:] > idx[:-1]).all()))):
+            raise ArtifactError(f"{name}: outlier indices must be strictly increasing in [0, {q.numel})")
+    if u is not None:
+        r = int(u.shape[1]) if u.dim() == 2 else -1
+        if r < 1:
+            raise ArtifactError(f"{name}: lowrank_u must be 2-D with rank >= 1, got shape {tuple(u.shape)}")
+        _check_part(u, torch.float16, (q.shape[0], r), f"{name}: lowrank_u")
+        _check_part(v, torch.float16, (r, q.shape[1]), f"{name}: lowrank_v")
+
+
+def dequantize_tensor(q: QuantizedTensor, name: str = "tensor") -> torch.Tensor:
+    """float32 tensor of q.shape; for intN_row exactly codes * stored fp16 scale (in float32), plus
+    the low-rank term, with outlier entries replaced by their stored values."""
+    validate_quantized(q, name)
+    if q.scale is None:
+        return q.data.to(torch.float32).reshape(q.shape).clone()
+    w = q.data.to(torch.float32) * q.scale.to(torch.float32)[:, None]
+    if q.lowrank_u is not None:
+        w += q.lowrank_u.to(torch.float32) @ q.lowrank_v.to(torch.float32)
+    if q.outlier_idx is not None:
+        w.view(-1)[q.outlier_idx.long()] = q.outlier_val.to(torch.float32)
+    return w.reshape(q.shape)
+
+
+def _alias_key(t: torch.Tensor) -> tuple | None:
+    """Identity of the memory a tensor views; equal keys mean the tensors are the same values."""
+    if t.numel() == 0:
+        return None  # empty tensors may all report the same (null) pointer
+    return (
+        t.device.type,
+        t.device.index,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def find_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: first name} for every tensor that views exactly the same memory as an earlier one
+    (tied weights): the artifact stores those as ``alias_of`` entries."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        key = _alias_key(t)
+        if key is None:
+            continue
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+# ----------------------------------------------------------------------------------------------
+# Container and payload layout
 
 MAGIC = b"LOOPGOLF"
 FORMAT_VERSION = 2
@@ -97,7 +432,7 @@ class ArtifactInfo:
     codec: str
     payload_bytes: int  # uncompressed payload (header + tensor blob)
     tensors: list[dict] = field(default_factory=list)  # name, scheme, shape, numel, stored_bytes, alias_of
-    # name -> share of the compressed payload (see tensor_shares); known for artifacts just written
+    # name -> share of the compressed payload (see pack.tensor_shares); known for artifacts just written
     compressed_bytes: dict[str, int] | None = None
 
     def to_summary(self) -> dict:
@@ -107,7 +442,7 @@ class ArtifactInfo:
         rows = [r for r in self.tensors if r["alias_of"] is None]
         coded = [r for r in rows if r["scheme"] not in FLOAT_SCHEMES]
         n_coded = sum(r["numel"] for r in coded)
-        out = {
+        return {
             "codec": self.codec,
             "model_bytes": self.total_bytes,
             "payload_bytes": self.payload_bytes,
@@ -120,7 +455,6 @@ class ArtifactInfo:
                 for r in self.tensors
             ],
         }
-        return out
 
 
 @dataclass
@@ -132,10 +466,6 @@ class LoadedArtifact:
     info: ArtifactInfo
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading
-
-
 def _info_row(name: str, q: QuantizedTensor, *, stored_bytes: int, alias_of: str | None) -> dict:
     return {
         "name": name,
@@ -145,6 +475,134 @@ def _info_row(name: str, q: QuantizedTensor, *, stored_bytes: int, alias_of: str
         "stored_bytes": stored_bytes,
         "alias_of": alias_of,
     }
+
+
+def container_overhead(codec: str) -> int:
+    """Bytes of a container around its compressed payload (fixed header, codec name, checksum)."""
+    return _PREFIX.size + len(codec.encode("ascii")) + _LENGTHS.size + _DIGEST_BYTES
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _canonical_json(obj: Any, what: str) -> bytes:
+    # sort_keys + fixed separators: identical inputs give identical bytes. allow_nan=False because
+    # NaN/Infinity are not JSON and other readers would choke on them.
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{what} is not JSON-serialisable: {e}") from None
+
+
+def _part_entry(t: torch.Tensor, offset: int, with_bytes: bool = True) -> tuple[dict, bytes]:
+    """(table entry, stored bytes) of one part; without ``with_bytes`` only the entry (so a
+    header can be laid out from shapes and dtypes alone, e.g. for meta tensors)."""
+    dtype_name = _TORCH_TO_NAME.get(t.dtype)
+    if dtype_name is None:
+        raise ArtifactError(f"cannot store dtype {t.dtype}; storable dtypes: {', '.join(_DTYPES)}")
+    np_dtype = np.dtype(_DTYPES[dtype_name][1])
+    entry = {"dtype": dtype_name, "shape": list(t.shape), "offset": offset, "nbytes": t.numel() * np_dtype.itemsize}
+    if np_dtype.itemsize > 1:
+        # Byte planes: the high bytes of floats (sign, exponent) are few distinct values and
+        # compress well once they are not interleaved with the near-random low bytes.
+        entry["layout"] = "planes"
+    if not with_bytes:
+        return entry, b""
+    arr = np.ascontiguousarray(t.detach().cpu().numpy()).astype(np_dtype, copy=False)
+    if np_dtype.itemsize > 1:
+        return entry, arr.reshape(-1).view(np.uint8).reshape(-1, np_dtype.itemsize).T.tobytes()
+    return entry, arr.tobytes()
+
+
+def stored_part_bytes(t: torch.Tensor) -> bytes:
+    """The bytes one tensor part occupies in a payload (with its layout), before compression."""
+    return _part_entry(t, 0)[1]
+
+
+def build_payload(
+    model_config: dict,
+    names: list[str],
+    qstate: dict[str, QuantizedTensor],
+    aliases: dict[str, str],
+    meta: dict,
+    *,
+    header_only: bool = False,
+) -> tuple[bytes, list[dict], list[tuple[int, int]]]:
+    """(payload, info rows, each row's byte span in the payload; aliases get empty spans).
+
+    With ``header_only`` the tensors are neither validated nor read (meta tensors will do) and
+    the returned payload stops after the header: the byte planner sizes headers this way."""
+    if not isinstance(model_config, dict):
+        raise ArtifactError(f"model_config must be a dict, got {type(model_config).__name__}")
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"meta must be a dict, got {type(meta).__name__}")
+    position = {n: i for i, n in enumerate(names)}
+    table: list[dict] = []
+    info_rows: list[dict] = []
+    blobs: list[bytes] = []
+    spans: list[tuple[int, int]] = []  # in blob coordinates until the header length is known
+    offset = 0
+    for name in names:
+        if not isinstance(name, str):
+            raise ArtifactError(f"tensor names must be strings, got {name!r}")
+        if name in aliases:
+            target = aliases[name]
+            if target in aliases or target not in qstate or position.get(target, len(names)) > position[name]:
+                raise ArtifactError(f"{name}: alias target {target!r} must be an earlier, stored tensor")
+            tq = qstate[target]
+            table.append({"name": name, "alias_of": target})
+            info_rows.append(_info_row(name, tq, stored_bytes=0, alias_of=target))
+            spans.append((offset, offset))
+            continue
+        q = qstate[name]
+        if not header_only:  # refuse to write what the reader would reject
+            validate_quantized(q, name)
+        parts: dict[str, dict] = {}
+        start = offset
+        for part_name, t in q.parts().items():
+            entry, raw = _part_entry(t, offset, with_bytes=not header_only)
+            parts[part_name] = entry
+            blobs.append(raw)
+            offset += entry["nbytes"]
+        table.append(
+            {"name": name, "alias_of": None, "scheme": q.scheme, "bits": q.bits, "shape": list(q.shape), "parts": parts}
+        )
+        info_rows.append(_info_row(name, q, stored_bytes=q.stored_bytes, alias_of=None))
+        spans.append((start, offset))
+    header = {
+        "format_version": FORMAT_VERSION,
+        "model_config": model_config,
+        "meta": meta,
+        "tensors": table,
+        "data_bytes": offset,
+    }
+    header_bytes = _canonical_json(header, "artifact header (model_config/meta)")
+    base = _HEADER_LEN.size + len(header_bytes)
+    payload = _HEADER_LEN.pack(len(header_bytes)) + header_bytes + b"".join(blobs)
+    return payload, info_rows, [(base + a, base + b) for a, b in spans]
+
+
+def seal(payload: bytes, codec: str) -> tuple[str, bytes]:
+    """Compress `payload` with `codec` ("auto" = smallest available) and wrap it in the container.
+
+    Returns (codec actually used, artifact bytes)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ArtifactError(
+            f"payload is {len(payload)} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit readers accept"
+        )
+    if codec == "auto":
+        codec, comp = best_codec(payload)
+    else:
+        comp = compress(payload, codec)
+    name = codec.encode("ascii")
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(name)) + name + _LENGTHS.pack(len(payload), len(comp))
+    body = head + comp
+    return codec, body + hashlib.sha256(body).digest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
 
 
 def unseal(data: bytes, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[str, bytes]:
@@ -178,16 +636,16 @@ def unseal(data: bytes, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[
         codec = bytes(data[_PREFIX.size : _PREFIX.size + name_len]).decode("ascii")
     except UnicodeDecodeError:
         raise ArtifactError("codec name is not ASCII") from None
-    if codec not in codecs.CODECS:
-        raise ArtifactError(f"artifact uses codec {codec!r}, not available here (available: {', '.join(codecs.CODECS)})")
+    if codec not in CODECS:
+        raise ArtifactError(f"artifact uses codec {codec!r}, not available here (available: {', '.join(CODECS)})")
     if raw_len > max_payload_bytes:
         raise ArtifactError(
             f"artifact claims a {raw_len}-byte payload, above the sane bound of {max_payload_bytes} bytes "
             "(corrupt or a decompression bomb)"
         )
     try:
-        payload = codecs.decompress(bytes(data[fixed : fixed + comp_len]), codec, raw_len)
-    except codecs.CodecError as e:
+        payload = decompress(bytes(data[fixed : fixed + comp_len]), codec, raw_len)
+    except CodecError as e:
         raise ArtifactError(f"cannot decompress payload: {e}") from None
     if len(payload) != raw_len:
         raise ArtifactError(f"payload decompressed to {len(payload)} bytes, header says {raw_len}")
@@ -288,7 +746,7 @@ def _load_tensors(header: dict, blob: memoryview, version: int) -> tuple[dict[st
             raise ArtifactError(f"{where}: scheme must be a string")
         try:
             bits = scheme_bits(scheme)
-        except QuantError as e:
+        except ArtifactError as e:
             raise ArtifactError(f"{where}: {e}") from None
         if entry.get("bits") != bits or (bits is not None and not _is_int(entry.get("bits"))):
             raise ArtifactError(f"{where}: bits {entry.get('bits')!r} does not match scheme {scheme!r}")
@@ -304,10 +762,7 @@ def _load_tensors(header: dict, blob: memoryview, version: int) -> tuple[dict[st
             if part in parts:
                 arrays[part], cursor = _read_part(parts[part], f"{where} {part}", blob, cursor, version)
         q = QuantizedTensor(scheme, shape, *(arrays.get(p) for p in PART_NAMES[:2]), bits, *(arrays.get(p) for p in PART_NAMES[2:]))
-        try:
-            state[name] = dequantize_tensor(q, name)
-        except QuantError as e:
-            raise ArtifactError(f"{where}: {e}") from None
+        state[name] = dequantize_tensor(q, where)  # validates the tensor first
         quantized[name] = q
         rows.append(_info_row(name, q, stored_bytes=q.stored_bytes, alias_of=None))
     if cursor != len(blob):

@@ -14,32 +14,25 @@ Calibration inputs come from training text or from text the model generates itse
 from __future__ import annotations
 
 import math
+import os
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loopgolf.export.clip import choose_scales
-from loopgolf.export.quant import QuantError, qmax_for_bits
+from loopgolf.data.shards import load_shard
+from loopgolf.export.artifact import qmax_for_bits
+from loopgolf.model.roles import shared_matrices
 
 BOS_ID = 1  # documents start with BOS (REFERENCE.md, shard format)
 
 
 class CalibrationError(ValueError):
-    """Calibration inputs that cannot give usable Hessians."""
+    """Calibration inputs, or a Hessian, that GPTQ cannot use."""
 
 
 # ------------------------------------------------------------------------------- Hessians
-
-
-def hessian_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """{state-dict weight name: module} of the shared attention and MLP linear layers."""
-    out = {}
-    for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if (name.startswith("attn.") or name.startswith("mlps.")) and isinstance(mod, nn.Linear) and w is not None and w.dim() == 2:
-            out[f"{name}.weight"] = mod
-    return out
 
 
 @torch.no_grad()
@@ -57,9 +50,9 @@ def collect_hessians(
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab})")
-    targets = hessian_targets(model)
+    targets = shared_matrices(model)
     if not targets:
-        raise CalibrationError("the model has no attn.*/mlps.* linear layers to calibrate")
+        raise CalibrationError("the model has no shared attention/MLP linear layers to calibrate")
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -106,36 +99,35 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
             return torch.linalg.cholesky(Hinv, upper=True)
         except torch.linalg.LinAlgError:
             continue
-    raise QuantError("GPTQ: the calibration Hessian is not positive definite even after dampening")
+    raise CalibrationError("GPTQ: the calibration Hessian is not positive definite even after dampening")
 
 
 def gptq_quantize(
     w: Tensor,
     H: Tensor,
     bits: int,
+    scale16: Tensor,
     *,
-    scale16: Tensor | None = None,
-    clip: str = "percentile",
-    percentile: float = 99.99984,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
     keep: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(int8 codes, fp16 row scales) of ``w`` (out, in) for inputs with Hessian ``H`` (in, in).
+) -> Tensor:
+    """int8 codes of ``w`` (out, in) on the grid of the fp16 row scales ``scale16`` for inputs
+    with Hessian ``H`` (in, in).
 
-    ``scale16`` fixes the row scales (default: ``clip``'s choice on ``w``). ``keep`` is an optional
-    boolean mask of entries stored exactly elsewhere (outliers): they are not rounded, carry no
-    error forward, and get code 0. ``act_order`` processes columns by decreasing Hessian diagonal
-    (the most sensitive first), which the output order undoes."""
+    ``keep`` is an optional boolean mask of entries stored elsewhere at their original value in
+    fp16 (outliers): they get code 0, and the difference between that stored value and the entry
+    as GPTQ has updated it is pushed onto the columns not yet rounded, like any rounding error. ``act_order`` processes columns by decreasing Hessian diagonal (the most sensitive
+    first), which the output order undoes."""
     if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
-        raise QuantError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(w.shape)} and {tuple(H.shape)}")
+        raise CalibrationError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(w.shape)} and {tuple(H.shape)}")
+    if scale16.shape != (w.shape[0],):
+        raise CalibrationError(f"GPTQ needs one scale per row of W ({w.shape[0]}), got shape {tuple(scale16.shape)}")
     if not bool(torch.isfinite(H).all()):
-        raise QuantError("GPTQ: the Hessian has non-finite entries")
+        raise CalibrationError("GPTQ: the Hessian has non-finite entries")
     qmax = qmax_for_bits(bits)
     W = w.detach().to(torch.float32).clone()
-    if scale16 is None:
-        scale16 = choose_scales(W if keep is None else W.masked_fill(keep, 0.0), bits, clip, percentile)
     s = scale16.to(torch.float32)
     H = H.detach().to(torch.float32).clone()
     keep_m = torch.zeros_like(W, dtype=torch.bool) if keep is None else keep.clone()
@@ -145,6 +137,7 @@ def gptq_quantize(
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     W, H, keep_m = W[:, perm], H[perm][:, perm], keep_m[:, perm]
+    original = W.to(torch.float16).to(torch.float32)  # what a kept entry dequantizes to: stored in fp16
     U = _inverse_cholesky(H, damp)
     Q = torch.zeros_like(W)
     cols = W.shape[1]
@@ -155,22 +148,17 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col = W1[:, j]
+            kept = keep_m[:, i1 + j]
             q = torch.clamp(torch.round(col / s), -qmax, qmax)
-            deq = torch.where(keep_m[:, i1 + j], col, q * s)
-            Q[:, i1 + j] = torch.where(keep_m[:, i1 + j], torch.zeros_like(q), q)
+            deq = torch.where(kept, original[:, i1 + j], q * s)
+            Q[:, i1 + j] = torch.where(kept, torch.zeros_like(q), q)
             err = (col - deq) / U1[j, j]
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
             E1[:, j] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
-    return codes.to(torch.int8).contiguous(), scale16
-
-
-def output_error(w: Tensor, deq: Tensor, H: Tensor) -> float:
-    """``tr((W - Q) H (W - Q)^T)``: the summed squared output error over the calibration inputs."""
-    d = (w - deq).to(torch.float32)
-    return float(torch.einsum("ij,jk,ik->", d, H.to(torch.float32), d))
+    return codes.to(torch.int8).contiguous()
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -182,6 +170,7 @@ def calibration_tokens(
     source: str = "train",
     *,
     tokens: np.ndarray | Tensor | None = None,
+    shards: Sequence[str | os.PathLike] | None = None,
     num_seqs: int = 32,
     seq_len: int = 128,
     seed: int = 0,
@@ -190,27 +179,56 @@ def calibration_tokens(
 ) -> Tensor:
     """Calibration batch (LongTensor (num_seqs, seq_len)) for :func:`collect_hessians`.
 
-    - ``source="train"``: random windows of ``tokens`` (the training stream, e.g. the train
-      shards loaded with ``loopgolf.data.shards.load_tokens``);
+    - ``source="train"``: random windows of the training stream, given as ``shards`` (shard
+      files, memory-mapped and read as one concatenated stream) or as ``tokens`` (a 1-D array);
+      only the chosen windows are read and converted, so a 1e8-token shard costs no memory;
     - ``source="self"``: text the model generates itself, sampled from BOS at ``temperature``;
       no data needed, and the inputs follow what the model actually computes on.
+
+    The same seed picks the same windows from shard files as from their loaded concatenation.
     """
     if num_seqs < 1 or seq_len < 1:
         raise CalibrationError(f"num_seqs and seq_len must be positive, got {num_seqs} and {seq_len}")
     g = torch.Generator().manual_seed(seed)
     if source == "train":
-        if tokens is None:
-            raise CalibrationError("source='train' needs tokens (the training token stream)")
-        stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-        if stream.dim() != 1 or stream.numel() < seq_len:
-            raise CalibrationError(f"training tokens must be a 1-D stream of at least seq_len={seq_len} tokens")
-        starts = torch.randint(0, stream.numel() - seq_len + 1, (num_seqs,), generator=g)
-        return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+        if (tokens is None) == (shards is None):
+            raise CalibrationError("source='train' needs the training stream: pass shards (files) or tokens (an array), not both")
+        parts = [load_shard(p) for p in shards] if shards is not None else [_as_stream(tokens)]
+        total = sum(len(p) for p in parts)
+        if total < seq_len:
+            raise CalibrationError(f"the training stream has {total} tokens, fewer than seq_len={seq_len}")
+        starts = torch.randint(0, total - seq_len + 1, (num_seqs,), generator=g)
+        return _windows(parts, starts.tolist(), seq_len)
     if source == "self":
         if temperature <= 0:
             raise CalibrationError(f"temperature must be positive, got {temperature}")
         return _generate(model, num_seqs, seq_len, g, temperature, batch_size)
     raise CalibrationError(f"unknown calibration source {source!r}; valid: train, self")
+
+
+def _as_stream(tokens: np.ndarray | Tensor | Sequence[int]) -> np.ndarray:
+    # No dtype conversion here: a memory-mapped uint16 stream stays mapped, not copied.
+    arr = tokens.detach().cpu().numpy() if isinstance(tokens, Tensor) else np.asarray(tokens)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise CalibrationError(f"training tokens must be a 1-D integer stream, got shape {arr.shape} of {arr.dtype}")
+    return arr
+
+
+def _windows(parts: list[np.ndarray], starts: list[int], seq_len: int) -> Tensor:
+    """Rows ``stream[s : s + seq_len]`` of the concatenation of ``parts`` (int64), reading only
+    those tokens; a window may run across the end of one part into the next."""
+    ends = np.cumsum([len(p) for p in parts])
+    out = np.empty((len(starts), seq_len), dtype=np.int64)
+    for row, start in enumerate(starts):
+        filled = 0
+        while filled < seq_len:
+            pos = start + filled
+            i = int(np.searchsorted(ends, pos, side="right"))  # the part holding position pos
+            offset = pos - (int(ends[i]) - len(parts[i]))
+            take = min(seq_len - filled, len(parts[i]) - offset)
+            out[row, filled : filled + take] = parts[i][offset : offset + take]
+            filled += take
+    return torch.from_numpy(out)
 
 
 def _generate(model: nn.Module, n: int, seq_len: int, g: torch.Generator, temperature: float, batch_size: int) -> Tensor:

@@ -1,24 +1,184 @@
-"""Model <-> artifact: export a trained GPT and rebuild one from an artifact alone.
+"""Model <-> artifact: export a trained GPT under the byte cap, and rebuild one from an artifact alone.
 
-This module (with what it imports) is the code a scorer needs to rebuild and evaluate a model,
-so it stays free of training, data-building and CLI code; ``loopgolf.export.budget`` counts its
-source bytes as the artifact's ``code_bytes``. The encoders (policy, clip search, GPTQ, outliers,
-low-rank correction) and the artifact writer are imported inside :func:`export_model` only, so
+This module (with what it imports) is the code a scorer needs to rebuild and evaluate a model, so
+it stays free of training, data-building and CLI code; :func:`code_bytes` counts its source bytes
+(and those of ``loopgolf.evaluate``) as the artifact's ``code_bytes``. The encoders (policy, clip
+search, GPTQ, outliers, low-rank correction) are imported inside :func:`export_model` only, so
 reading an artifact never loads them and their source is not counted.
+
+Byte accounting: an artifact's file plus the counted code must fit the cap
+(:data:`DEFAULT_CAP_BYTES`, the Parameter Golf 16,000,000). ``code_bytes`` is the UTF-8 bytes of
+the loopgolf source files of the scoring path: this module (artifact reading, dequantization, the
+model and its plan) plus ``loopgolf.evaluate`` (the official val_bpb and its tokenizer byte
+tables, shard reading), and the package ``__init__`` files on the way. A test runs those imports
+in a fresh interpreter and checks that this list is exactly what gets loaded, so the number cannot
+silently drift from the code. Third-party libraries (torch, numpy, sentencepiece, zstandard) are
+not counted, as the official count does not count PyTorch.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict, dataclass
+from importlib import util as importlib_util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from loopgolf.export.artifact import ArtifactError, ArtifactInfo, LoadedArtifact, read_artifact
+from loopgolf.export.artifact import (
+    CODECS,
+    ArtifactError,
+    ArtifactInfo,
+    LoadedArtifact,
+    QuantizedTensor,
+    build_payload,
+    compress,
+    container_overhead,
+    read_artifact,
+    seal,
+)
 from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.util import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from loopgolf.export.policy import QuantPolicy
+    from loopgolf.export.quantize import QuantPolicy
+
+DEFAULT_CAP_BYTES = 16_000_000
+
+# Entry points of the scoring path; code_bytes counts their closure inside loopgolf.
+SCORING_ENTRY_POINTS = ("loopgolf.export.pack", "loopgolf.evaluate")
+
+
+# ------------------------------------------------------------------------------ byte budget
+
+
+def scoring_modules() -> list[str]:
+    """The loopgolf modules imported by the scoring entry points (computed in a fresh
+    interpreter so that whatever this process already imported does not leak in)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {list(SCORING_ENTRY_POINTS)!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(n for n in sys.modules if n == 'loopgolf' or n.startswith('loopgolf.'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def module_file(name: str) -> Path:
+    spec = importlib_util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"cannot locate the source of module {name}")
+    return Path(spec.origin)
+
+
+def code_bytes(modules: list[str] | None = None) -> int:
+    """UTF-8 bytes of the scoring path's source files."""
+    names = scoring_modules() if modules is None else modules
+    return sum(len(module_file(n).read_text(encoding="utf-8").encode("utf-8")) for n in names)
+
+
+@dataclass
+class CapReport:
+    model_bytes: int
+    code_bytes: int
+    cap_bytes: int
+
+    @property
+    def artifact_bytes(self) -> int:
+        return self.model_bytes + self.code_bytes
+
+    @property
+    def headroom(self) -> int:
+        """Bytes left under the cap (negative when over)."""
+        return self.cap_bytes - self.artifact_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    def describe(self) -> str:
+        verdict = f"fits with {self.headroom:,} bytes to spare" if self.fits else f"OVER the cap by {-self.headroom:,} bytes"
+        return (
+            f"{self.model_bytes:,} model + {self.code_bytes:,} code = {self.artifact_bytes:,} bytes "
+            f"of {self.cap_bytes:,}: {verdict}"
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "artifact_bytes": self.artifact_bytes, "headroom_bytes": self.headroom, "fits": self.fits}
+
+
+# ---------------------------------------------------------------------------------- packing
+
+
+def tensor_shares(payload: bytes, spans: list[tuple[int, int]], codec: str, compressed_len: int) -> list[int]:
+    """Each span's share of the compressed payload: its bytes compressed alone with ``codec``,
+    scaled so that the shares of all spans plus the header's sum to ``compressed_len``.
+
+    One stream holds all tensors, so no tensor has bytes of its own; compressing each alone is an
+    honest measure of what it costs, and the scaling removes the (small) difference between the
+    sum of the parts and the whole."""
+    head_end = min([a for a, b in spans if b > a], default=len(payload))
+
+    def alone(chunk: bytes) -> int:
+        return min(len(chunk), len(compress(chunk, codec))) if chunk else 0
+
+    sizes = [alone(payload[a:b]) for a, b in spans]
+    total = sum(sizes) + alone(payload[:head_end])
+    if total == 0:
+        return [0] * len(spans)
+    return [round(n * compressed_len / total) for n in sizes]
+
+
+def pack_quantized(
+    model_config: dict,
+    qstate: dict[str, QuantizedTensor],
+    *,
+    aliases: dict[str, str] | None = None,
+    names: list[str] | None = None,
+    codec: str = "auto",
+    meta: dict | None = None,
+) -> tuple[bytes, ArtifactInfo]:
+    """Artifact bytes for tensors that are already quantized, and their accounting (with each
+    tensor's share of the compressed bytes).
+
+    `aliases` maps extra names to the stored name they repeat; `names` gives the table order
+    (default: qstate's order followed by the aliases).
+    """
+    if codec != "auto" and codec not in CODECS:
+        raise ArtifactError(f"unknown codec {codec!r}; valid: auto, {', '.join(CODECS)}")
+    aliases = dict(aliases or {})
+    if names is None:
+        names = list(qstate) + [n for n in aliases if n not in qstate]
+    missing = [n for n in names if n not in qstate and n not in aliases]
+    if missing or len(set(names)) != len(names):
+        raise ArtifactError(f"table names must be unique and all known; unknown: {missing}")
+    payload, rows, spans = build_payload(model_config, names, qstate, aliases, {} if meta is None else meta)
+    used, blob = seal(payload, codec)
+    comp_len = len(blob) - container_overhead(used)
+    shares = {row["name"]: n for row, n in zip(rows, tensor_shares(payload, spans, used, comp_len))}
+    return blob, ArtifactInfo(None, len(blob), used, len(payload), rows, shares)
+
+
+def write_blob(
+    path: str | os.PathLike, blob: bytes, info: ArtifactInfo, *, cap_bytes: int | None = None, extra_bytes: int = 0
+) -> ArtifactInfo:
+    """Atomically write packed artifact bytes. With `cap_bytes`, refuse (writing nothing) when the
+    artifact plus `extra_bytes` (e.g. the code's bytes, which count against the same cap) is over."""
+    if cap_bytes is not None:
+        total = info.total_bytes + extra_bytes
+        if total > cap_bytes:
+            raise ArtifactError(
+                f"artifact is {info.total_bytes} bytes + {extra_bytes} extra = {total} bytes, "
+                f"over the {cap_bytes}-byte cap by {total - cap_bytes} bytes; nothing was written"
+            )
+    atomic_write_bytes(path, blob)
+    info.path = Path(path)
+    return info
 
 
 def export_model(
@@ -34,25 +194,22 @@ def export_model(
     calibration: torch.Tensor | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> ArtifactInfo:
-    """Quantize ``model`` under ``policy`` and compress it into ``path``.
+    """Quantize ``model`` under ``policy`` (default: the Parameter Golf baseline) and compress it
+    into ``path``.
 
-    ``bits=N`` is shorthand for ``QuantPolicy.uniform(N)``; neither gives the baseline (int8).
-    GPTQ (``policy.gptq``) needs the inputs' Hessians: pass ``calibration`` tokens (N, T) (see
-    ``export.gptq.calibration_tokens``) or precomputed ``hessians``; with calibration tokens the
-    low-rank correction is Hessian-weighted too. With ``cap_bytes`` the artifact plus
-    ``code_bytes`` must fit or nothing is written (ArtifactError says by how much it is over).
-    The policy is recorded in the artifact's meta under ``"quant"``.
+    ``bits=N`` is shorthand for ``QuantPolicy.uniform(N)``. GPTQ (``policy.gptq``) needs the
+    inputs' Hessians: pass ``calibration`` tokens (N, T) (see ``export.gptq.calibration_tokens``)
+    or precomputed ``hessians``; with calibration tokens the low-rank correction is
+    Hessian-weighted too. With ``cap_bytes`` the artifact plus ``code_bytes`` must fit or nothing
+    is written (ArtifactError says by how much it is over). The policy is recorded in the
+    artifact's meta under ``"quant"``.
     """
-    from loopgolf.export.encode import encode_state
-    from loopgolf.export.policy import QuantPolicy
-    from loopgolf.export.writer import write_quantized
+    from loopgolf.export.quantize import QuantPolicy, encode_state
 
     if bits is not None and policy is not None:
         raise ArtifactError("pass either bits= (shorthand for a uniform policy) or policy=, not both")
     policy = QuantPolicy.uniform(bits) if bits is not None else (policy or QuantPolicy())
     state = model.state_dict()  # tied tensors still share storage here, so they are stored once
-    if any(".parametrizations." in name for name in state):
-        raise ArtifactError("the model still carries training-time parametrizations (QAT): call remove_qat(model) first")
     if hessians is None and calibration is not None and (policy.gptq or policy.lowrank_rank):
         from loopgolf.export.gptq import collect_hessians
 
@@ -63,17 +220,11 @@ def export_model(
         qstate, aliases = encode_state(state, policy, hessians=hessians)
     except ValueError as e:
         raise ArtifactError(f"cannot quantize: {e}") from None
-    return write_quantized(
-        path,
-        model.config.to_dict(),
-        qstate,
-        aliases=aliases,
-        names=list(state),
-        codec=codec,
+    blob, info = pack_quantized(
+        model.config.to_dict(), qstate, aliases=aliases, names=list(state), codec=codec,
         meta={**(meta or {}), "quant": policy.to_dict()},
-        cap_bytes=cap_bytes,
-        extra_bytes=code_bytes,
     )
+    return write_blob(path, blob, info, cap_bytes=cap_bytes, extra_bytes=code_bytes)
 
 
 def load_model(artifact: str | Path | bytes, device: torch.device | str = "cpu") -> tuple[GPT, LoadedArtifact]:

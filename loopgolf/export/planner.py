@@ -3,39 +3,41 @@ preset family that fit a cap.
 
 Prediction (:func:`predict_bytes`): the model is built on the meta device (no memory, no
 training) to list its unique stored tensors; each gets the scheme the exporter would give it
-under the quantization policy (``encode.stored_scheme``) and a compressed size from the measured
-rates in ``planner_table`` (regenerate with ``python bench/quant_calibrate.py --write``): rates of
-Gaussian rows, scaled for coded matrices by ``trained_factor`` (measured on trained models)
-unless ``weights="init"`` asks for a freshly initialised model. The header is built by the
-artifact writer itself on placeholder tensors and compressed, and the
-container's fixed bytes are added exactly.
+under the quantization policy (``quantize.stored_scheme``) and a compressed size from the measured
+rates in ``planner_calibration.json`` (regenerate with ``python bench/quant_calibrate.py
+--write``): rates of Gaussian rows, scaled for coded matrices by ``trained_factor`` (measured on
+trained models) unless ``weights="init"`` asks for a freshly initialised model. The header is
+built by the artifact writer itself on placeholder tensors and compressed, and the container's
+fixed bytes are added exactly. The rates were measured with round-to-nearest codes: a policy
+with GPTQ is predicted with them too, and its prediction is marked ``uncalibrated``.
 
 Search (:func:`search`): for each preset of a family (and optional other layer/loop counts), the
 widest width (a multiple of ``width_step``, head size and query/KV ratio kept from the preset)
 whose predicted artifact, code bytes included, fits the cap. Candidates are ranked widest first,
 then deepest (virtual layers), then most loops, and each carries the ``loopgolf run`` arguments
-that build exactly it.
+that build exactly it, its forward FLOPs per token, and the preset's tokens per step, from which
+:func:`train_step_seconds` estimates a training step's time on a machine of a given matmul rate.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
+import functools
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from loopgolf.export import codec as codecs
-from loopgolf.export.writer import build_payload, container_overhead
-from loopgolf.export.encode import stored_scheme
-from loopgolf.export.planner_table import CALIBRATION
-from loopgolf.export.policy import QuantPolicy, parse_policy, tensor_role
-from loopgolf.export.quant import QuantizedTensor, scheme_bits
-from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params_formula
+from loopgolf.export.artifact import CODECS, FLOAT_SCHEMES, QuantizedTensor, build_payload, compress, container_overhead, scheme_bits
+from loopgolf.export.quantize import QuantPolicy, stored_scheme, tensor_role
+from loopgolf.model.gpt import GPT, ModelConfig, effective_params, forward_flops_per_token, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
+
+# The measured rates, written by ``python bench/quant_calibrate.py --write`` (package data).
+CALIBRATION_PATH = Path(__file__).with_name("planner_calibration.json")
 
 # A run's meta in the artifact header (preset, seed, steps, seq_len) is unknown before training;
 # this stand-in has the same keys and typical lengths.
@@ -44,6 +46,38 @@ _META_STANDIN = {"preset": "pg-shared-scales", "seed": 1337, "steps": 13780, "se
 
 class PlanError(ValueError):
     """A planner request that cannot be answered (unknown family, nothing fits, ...)."""
+
+
+@functools.cache
+def calibration_table() -> dict:
+    """The measured compression rates the planner predicts with (``planner_calibration.json``)."""
+    return json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
+
+
+# Parts of a policy the measured rates do not cover, and what that means for a prediction.
+UNCALIBRATED: dict[str, str] = {
+    "gptq": "GPTQ codes are predicted with round-to-nearest rates; GPTQ's compressed size was not measured",
+}
+
+
+def uncalibrated(policy: QuantPolicy) -> list[str]:
+    """The keys of :data:`UNCALIBRATED` that apply to ``policy`` (empty: fully calibrated)."""
+    return ["gptq"] if policy.gptq else []
+
+
+def default_family() -> str:
+    """The preset family that suits this machine: ``pg`` (Parameter Golf scale: seq 1024, 524,288
+    tokens per step) with CUDA, ``cpu`` without; one pg step on a CPU takes minutes and GBs."""
+    return "pg" if torch.cuda.is_available() else "cpu"
+
+
+def train_step_seconds(forward_flops: float, tokens_per_step: int, flops_per_second: float) -> float:
+    """Estimated seconds per training step: 3 x forward FLOPs (forward + backward) per token x
+    tokens per step / the machine's matmul rate. A lower bound: elementwise work, the optimizer
+    and data movement are left out, and real matmuls are smaller than the rate's."""
+    if flops_per_second <= 0:
+        raise PlanError(f"the matmul rate must be positive, got {flops_per_second}")
+    return 3 * forward_flops * tokens_per_step / flops_per_second
 
 
 def coded_rate(table: dict, codec: str, clip: str, bits: int, cols: int) -> float:
@@ -76,7 +110,7 @@ def trained_factor(table: dict, codec: str, clip: str, bits: int) -> float:
 
 def _tensor_bytes(table: dict, codec: str, scheme: str, shape: tuple[int, ...], policy: QuantPolicy, role: str, weights: str) -> float:
     numel = math.prod(shape)
-    if scheme in ("float32", "float16"):
+    if scheme in FLOAT_SCHEMES:
         return numel * table[scheme][codec]
     rows, cols = shape
     bits = scheme_bits(scheme)
@@ -144,14 +178,15 @@ def predict_bytes(
     freshly initialised model). ``calibration`` replaces the stored table (the calibration script
     uses it).
 
-    Returns ``{"model_bytes", "codec", "by_codec", "header_bytes", "unique_params",
-    "tensors": [{"name", "role", "scheme", "shape", "predicted_bytes"}, ...]}``; with
+    Returns ``{"model_bytes", "uncalibrated", "codec", "by_codec", "header_bytes",
+    "unique_params", "tensors": [{"name", "role", "scheme", "shape", "predicted_bytes"}, ...]}``
+    (``uncalibrated``: :func:`uncalibrated` of the policy, the parts the rates do not cover); with
     ``codec="auto"`` the codec with the smallest prediction is chosen, as the exporter would."""
     cfg = _as_config(model_config)
-    table = CALIBRATION if calibration is None else calibration
+    table = calibration_table() if calibration is None else calibration
     policy = policy or QuantPolicy()
-    if codec != "auto" and codec not in codecs.CODECS:
-        raise PlanError(f"unknown codec {codec!r}; valid: auto, {', '.join(codecs.CODECS)}")
+    if codec != "auto" and codec not in CODECS:
+        raise PlanError(f"unknown codec {codec!r}; valid: auto, {', '.join(CODECS)}")
     if weights not in WEIGHTS:
         raise PlanError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     names = stored_tensors(cfg)
@@ -166,17 +201,18 @@ def predict_bytes(
     by_codec: dict[str, int] = {}
     header_bytes: dict[str, int] = {}
     per_tensor: dict[str, list[float]] = {}
-    for c in codecs.CODECS if codec == "auto" else (codec,):
+    for c in CODECS if codec == "auto" else (codec,):
         factor = table.get("export_factor", {}).get(c, 1.0)
         sizes = [factor * _tensor_bytes(table, c, r["scheme"], tuple(r["shape"]), policy, r["role"], weights) for r in rows]
         per_tensor[c] = sizes
-        header_bytes[c] = len(codecs.compress(header, c))
+        header_bytes[c] = len(compress(header, c))
         by_codec[c] = round(sum(sizes)) + header_bytes[c] + container_overhead(c)
     best = min(by_codec, key=lambda c: (by_codec[c], list(by_codec).index(c)))
     for r, n in zip(rows, per_tensor[best]):
         r["predicted_bytes"] = round(n)
     return {
         "model_bytes": by_codec[best],
+        "uncalibrated": uncalibrated(policy),
         "codec": best,
         "by_codec": by_codec,
         "header_bytes": header_bytes[best],
@@ -190,13 +226,14 @@ def predict_bytes(
 
 def family_presets(family: str | list[str]) -> list[str]:
     """Preset names of a family: "cpu" / "pg" (the presets named cpu-* / pg-*), "all", a preset
-    name, a comma-separated list, or a list of names."""
-    from loopgolf.config import PRESETS
+    name, a comma-separated list, or a list of names. A family prefix wins over the preset of the
+    same name ("cpu" is the cpu-* family, not just the default preset; ``["cpu"]`` is that preset)."""
+    from loopgolf.config import PRESETS, SCALES
 
     if isinstance(family, str):
         if family == "all":
             return list(PRESETS)
-        if family in PRESETS:
+        if family in PRESETS and family not in {s.prefix for s in SCALES}:
             return [family]
         names = [p for p in PRESETS if p.startswith(f"{family}-")]
         if names:
@@ -302,12 +339,13 @@ def search(
     current size. Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
-    "unique_params", "effective_params"}``. ``weights`` as in :func:`predict_bytes`."""
+    "unique_params", "effective_params", "uncalibrated", "seq_len", "tokens_per_step",
+    "forward_flops_per_token"}``. ``weights`` as in :func:`predict_bytes`."""
     from loopgolf.config import get_preset
 
     policy = policy or QuantPolicy()
     if code_bytes is None:
-        from loopgolf.export.budget import code_bytes as measure_code_bytes
+        from loopgolf.export.pack import code_bytes as measure_code_bytes
 
         code_bytes = measure_code_bytes()
     budget = cap_bytes - code_bytes
@@ -346,6 +384,10 @@ def search(
                 "loops": plan.num_loops,
                 "unique_params": pred["unique_params"],
                 "effective_params": n_eff,
+                "uncalibrated": pred["uncalibrated"],
+                "seq_len": preset.train.seq_len,
+                "tokens_per_step": preset.train.batch_tokens,
+                "forward_flops_per_token": forward_flops_per_token(cfg, preset.train.seq_len),
             })
     candidates.sort(key=lambda c: (-c["model_dim"], -c["virtual_layers"], -c["loops"], -c["predicted_bytes"], c["preset"]))
     return candidates
@@ -379,97 +421,3 @@ def _widest_fitting(
         else:
             hi = mid - 1
     return cache[lo]
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    """``loopgolf plan``: predicted bytes of a configuration and the family members that fit."""
-    from loopgolf.cli import add_model_overrides
-    from loopgolf.config import PRESETS
-    from loopgolf.export.budget import DEFAULT_CAP_BYTES
-
-    p = sub.add_parser(
-        "plan",
-        help="predict artifact bytes before training; list the widest configurations that fit a cap",
-        description=__doc__.split("\n\n")[0] + " Predictions come from compression rates measured on real exports, for a "
-        "trained model by default (docs/LOG.md has the measured errors).",
-    )
-    p.add_argument("--cap", type=int, default=DEFAULT_CAP_BYTES, help="artifact byte cap, code included (default 16,000,000)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="predict this preset (with the overrides) and search its widths")
-    p.add_argument("--family", help="search these presets instead: cpu, pg, all, or names separated by commas (default: --preset, else pg)")
-    p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
-    p.add_argument("--codec", default="auto", help="auto (smallest), " + ", ".join(codecs.CODECS))
-    p.add_argument(
-        "--weights", choices=WEIGHTS, default="trained",
-        help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
-    )
-    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the scoring path's current size)")
-    p.add_argument("--layers", type=_int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
-    p.add_argument("--loops", type=_int_list, help="also try these loop counts, e.g. 2,3,4")
-    p.add_argument("--width-step", type=int, help="width granularity (default: head size x query/KV ratio)")
-    p.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
-    add_model_overrides(p)
-    p.add_argument("--json", action="store_true", help='print {"config": ..., "candidates": [...]}')
-    p.set_defaults(func=cmd_plan)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from loopgolf.cli import model_overrides
-    from loopgolf.config import get_preset
-
-    policy = parse_policy(args.quant)
-    overrides = model_overrides(args)
-    if args.code_bytes is None:
-        from loopgolf.export.budget import code_bytes
-
-        n_code = code_bytes()
-    else:
-        n_code = args.code_bytes
-    out: dict[str, Any] = {"cap_bytes": args.cap, "code_bytes": n_code, "quant": policy.describe()}
-    if args.preset:
-        preset = get_preset(args.preset)
-        cfg = ModelConfig.from_dict({**preset.model.to_dict(), **overrides})
-        pred = predict_bytes(cfg, policy, args.codec, weights=args.weights)
-        total = pred["model_bytes"] + n_code
-        out["config"] = {
-            "preset": args.preset, "overrides": run_overrides(preset.model, cfg), "predicted_bytes": total,
-            "predicted_model_bytes": pred["model_bytes"], "codec": pred["codec"], "by_codec": pred["by_codec"],
-            "fits": total <= args.cap, "headroom_bytes": args.cap - total, "unique_params": pred["unique_params"],
-            "tensors": pred["tensors"],
-        }
-    family = args.family or args.preset or "pg"
-    search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
-    candidates = search(
-        args.cap, family, policy, codec=args.codec, code_bytes=n_code, overrides=search_overrides,
-        layers=args.layers, loops=args.loops, width_step=args.width_step, weights=args.weights,
-    )
-    out["candidates"] = candidates[: args.top]
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    if "config" in out:
-        c = out["config"]
-        verdict = f"fits, {c['headroom_bytes']:,} to spare" if c["fits"] else f"OVER by {-c['headroom_bytes']:,}"
-        print(f"{c['preset']} {' '.join(c['overrides'])}".rstrip())
-        print(f"  predicted {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {args.cap:,}: {verdict}")
-    print(f"candidates fitting {args.cap:,} bytes with quant {policy.describe()} (widest, deepest, most loops first):")
-    if not candidates:
-        print("  none: lower the bits, or raise the cap")
-    for c in out["candidates"]:
-        print(
-            f"  {c['predicted_bytes']:>12,}  d={c['model_dim']:<5} V={c['virtual_layers']:<3} loops={c['loops']:<2} "
-            f"unique {c['unique_params']:>11,}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}"
-        )
-    return 0

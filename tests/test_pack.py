@@ -1,3 +1,6 @@
+"""Model <-> artifact: export under a policy, reload from the file alone, the byte cap and the
+counted code bytes."""
+
 import json
 import subprocess
 import sys
@@ -5,16 +8,25 @@ import sys
 import pytest
 import torch
 
-from loopgolf.export.artifact import ArtifactError, read_artifact
-from loopgolf.export.encode import encode_state
-from loopgolf.export.gptq import calibration_tokens
-from loopgolf.export.pack import export_model, load_model
-from loopgolf.export.policy import QuantPolicy, parse_policy
-from loopgolf.export.quant import dequantize_tensor
+from loopgolf.export.artifact import ArtifactError, dequantize_tensor, read_artifact
+from loopgolf.export.gptq import calibration_tokens, collect_hessians
+from loopgolf.export.pack import CapReport, code_bytes, export_model, load_model, module_file, scoring_modules
+from loopgolf.export.quantize import QuantPolicy, encode_state, parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 
-ENCODER_MODULES = ("loopgolf.export.writer", "loopgolf.export.encode", "loopgolf.export.gptq", "loopgolf.export.planner", "loopgolf.export.policy", "loopgolf.export.clip", "loopgolf.train.qat")
+ENCODER_MODULES = ("loopgolf.export.quantize", "loopgolf.export.gptq", "loopgolf.export.planner", "loopgolf.train.qat")
+
+
+def trained_like(plan: PlanSpec, seed: int = 0, **kw) -> GPT:
+    """A model with non-trivial weights everywhere (zero-init projections would hide bugs)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=128, model_dim=64, num_heads=4, num_kv_heads=2, plan=plan, **kw)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
 
 
 def relaxed_looped(seed: int = 0) -> GPT:
@@ -31,8 +43,27 @@ def relaxed_looped(seed: int = 0) -> GPT:
 RICH = "int5,embed=6,lora=6,fp16max=32,clip=mse,gptq,outliers=4,lowrank=2"
 
 
+@pytest.mark.parametrize("plan", [PlanSpec("vanilla", layers=2), PlanSpec("cycle", layers=2, loops=3)])
+def test_reload_gives_dequantized_logits(tmp_path, plan):
+    model = trained_like(plan)
+    path = tmp_path / "a.lgz"
+    info = export_model(model, path, codec="zlib")
+    assert path.stat().st_size == info.total_bytes
+    reloaded, loaded = load_model(path)
+    assert loaded.model_config == model.config.to_dict()
+    q, _ = encode_state(model.state_dict(), QuantPolicy())  # the default policy, in memory
+    reference = GPT(model.config)
+    reference.load_state_dict({n: dequantize_tensor(t) for n, t in q.items()}, strict=True)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), reference(x), rtol=0, atol=0)
+        # and quantization actually changed something, but not much
+        assert not torch.equal(reloaded(x), model(x))
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("text", ["", "int6", RICH])
-def test_reloaded_logits_equal_dequantized_logits(tmp_path, text):
+def test_reloaded_logits_equal_dequantized_logits_under_a_policy(tmp_path, text):
     model = relaxed_looped()
     policy = parse_policy(text)
     calib = calibration_tokens(model, "train", tokens=torch.randint(0, 96, (2000,)), num_seqs=4, seq_len=24) if policy.gptq else None
@@ -40,11 +71,7 @@ def test_reloaded_logits_equal_dequantized_logits(tmp_path, text):
     reloaded, loaded = load_model(tmp_path / "a.lgz")
     assert loaded.meta["quant"] == policy.to_dict()
     # The reference: the same encoder applied in memory, dequantized, loaded into a fresh model.
-    hessians = None
-    if policy.gptq:
-        from loopgolf.export.gptq import collect_hessians
-
-        hessians = collect_hessians(model, calib)
+    hessians = collect_hessians(model, calib) if policy.gptq else None
     q, _ = encode_state(model.state_dict(), policy, hessians=hessians)
     reference = GPT(model.config)
     reference.load_state_dict({n: dequantize_tensor(t) for n, t in q.items()}, strict=True)
@@ -56,6 +83,22 @@ def test_reloaded_logits_equal_dequantized_logits(tmp_path, text):
     if text == RICH:
         assert schemes["mlps.0.fc.weight"] == "int5_row" and schemes["tok_emb.weight"] == "int6_row"
         assert schemes["lora.mlp_in.B.4"] == "int6_row" and schemes["depth_emb"] == "float32"
+
+
+def test_identical_weights_give_identical_bytes(tmp_path):
+    a, b = trained_like(PlanSpec("cycle", layers=2, loops=2)), trained_like(PlanSpec("cycle", layers=2, loops=2))
+    export_model(a, tmp_path / "a.lgz")
+    export_model(b, tmp_path / "b.lgz")
+    assert (tmp_path / "a.lgz").read_bytes() == (tmp_path / "b.lgz").read_bytes()
+
+
+def test_cycle_artifact_stores_shared_blocks_once(tmp_path):
+    # 2 blocks looped 3 times must cost about what 2 unique layers cost, not 6.
+    small = export_model(trained_like(PlanSpec("cycle", layers=2, loops=3)), tmp_path / "c.lgz", codec="zlib")
+    flat = export_model(trained_like(PlanSpec("vanilla", layers=6)), tmp_path / "v.lgz", codec="zlib")
+    assert small.total_bytes < 0.55 * flat.total_bytes
+    names = [t["name"] for t in read_artifact(tmp_path / "c.lgz").info.tensors]
+    assert sum(n.startswith("attn.") and n.endswith("c_q.weight") for n in names) == 2
 
 
 def test_shared_blocks_stored_once_and_lora_kept_separate(tmp_path):
@@ -78,15 +121,25 @@ def test_bits_shorthand_and_conflicts(tmp_path):
         export_model(model, tmp_path / "c.lgz", bits=5, policy=QuantPolicy())
     with pytest.raises(ArtifactError, match="calibration"):
         export_model(model, tmp_path / "c.lgz", policy=parse_policy("int6,gptq"))
+    with pytest.raises(ArtifactError, match="unknown codec"):
+        export_model(model, tmp_path / "c.lgz", codec="gzip")
     assert not (tmp_path / "c.lgz").exists()
 
 
-def test_cap_failure_says_by_how_much_and_writes_nothing(tmp_path):
-    model = relaxed_looped()
-    ok = export_model(model, tmp_path / "ok.lgz", policy=parse_policy("int6"), codec="zstd")
-    with pytest.raises(ArtifactError, match=r"over the \d+-byte cap by 7 bytes; nothing was written"):
-        export_model(model, tmp_path / "over.lgz", policy=parse_policy("int6"), codec="zstd", cap_bytes=ok.total_bytes + 93, code_bytes=100)
+def test_over_cap_reports_by_how_much_and_writes_nothing(tmp_path):
+    model = trained_like(PlanSpec("vanilla", layers=2))
+    size = export_model(model, tmp_path / "ok.lgz", codec="zlib").total_bytes
+    report = CapReport(model_bytes=size, code_bytes=1000, cap_bytes=size + 999)
+    assert not report.fits and report.headroom == -1
+    assert "OVER the cap by 1 bytes" in report.describe()
+    with pytest.raises(ArtifactError, match=r"over the \d+-byte cap by 1 bytes; nothing was written"):
+        export_model(model, tmp_path / "over.lgz", codec="zlib", cap_bytes=size + 999, code_bytes=1000)
     assert not (tmp_path / "over.lgz").exists()
+    assert CapReport(size, 1000, size + 1000).fits
+    # Exactly at the cap is fine, and writes the same bytes.
+    at_cap = export_model(model, tmp_path / "at.lgz", codec="zlib", cap_bytes=size + 1000, code_bytes=1000)
+    assert at_cap.total_bytes == size and (tmp_path / "at.lgz").read_bytes() == (tmp_path / "ok.lgz").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at.lgz", "ok.lgz"]  # no temp files left
 
 
 def test_summary_accounting(tmp_path):
@@ -106,6 +159,18 @@ def test_summary_accounting(tmp_path):
     assert s["bytes_per_matrix_param"] == pytest.approx(sum(r["compressed_bytes"] for r in coded) / n)
     assert 0.3 < s["bytes_per_matrix_param"] < 1.0
     assert read_artifact(tmp_path / "a.lgz").info.to_summary()["bytes_per_matrix_param"] is None  # shares need the writer
+
+
+def test_code_bytes_counts_exactly_the_scoring_path():
+    mods = scoring_modules()
+    assert {"loopgolf.export.pack", "loopgolf.evaluate", "loopgolf.model.gpt", "loopgolf.export.artifact"} <= set(mods)
+    # Nothing from training, data building, the CLI, the run orchestration or the encoders is
+    # needed to score.
+    for heavy in ("loopgolf.train", "loopgolf.cli", "loopgolf.run", "loopgolf.config", "loopgolf.data.corpus", *ENCODER_MODULES):
+        assert not any(m == heavy or m.startswith(heavy + ".") for m in mods), heavy
+    expected = sum(len(module_file(m).read_bytes()) for m in mods)
+    assert code_bytes() == expected
+    assert 10_000 < expected < 200_000
 
 
 def test_reading_and_scoring_never_load_the_encoders(tmp_path):
