@@ -10,10 +10,21 @@ from loopgolf.config import TrainConfig, get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
-from loopgolf.train.optim import Muon, OptimizerConfig, build_optimizers, newton_schulz, split_parameters
+from loopgolf.config import OptimizerConfig
+from loopgolf.train.optim import Muon, build_optimizers, newton_schulz, split_parameters
 from loopgolf.train.trainer import accumulation_steps, lr_multiplier, train
 
-GOLDEN = Path(__file__).parent / "assets" / "golden_loss_debug.json"
+ASSETS = Path(__file__).parent / "assets"
+# A looped, relaxed variant of the debug model: 2 stored blocks run twice (4 virtual layers) with
+# per-virtual-layer LoRA on q, v and the MLP input, unshared per-layer controls and depth
+# embeddings, so the golden curve covers the plan, adapter and control code paths too.
+LOOPED_RELAXED = {
+    "plan": {"kind": "cycle", "layers": 2, "loops": 2},
+    "lora_ranks": {"q": 2, "v": 2, "mlp_in": 2},
+    "per_layer_controls": True,
+    "depth_embeddings": True,
+}
+GOLDEN_CASES = {"debug": ({}, ASSETS / "golden_loss_debug.json"), "looped-relaxed": (LOOPED_RELAXED, ASSETS / "golden_loss_looped_relaxed.json")}
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +34,9 @@ def train_shard(tmp_path_factory) -> Path:
     return path
 
 
-def debug_setup(seed: int = 1337):
+def debug_setup(seed: int = 1337, **model_changes):
     preset = get_preset("debug")
-    cfg = ModelConfig.from_dict({**preset.model.to_dict(), "vocab_size": 64})
+    cfg = ModelConfig.from_dict({**preset.model.to_dict(), "vocab_size": 64, **model_changes})
     torch.manual_seed(seed)
     return GPT(cfg), preset.train
 
@@ -109,15 +120,21 @@ def test_time_budget_stops_training(train_shard):
     assert r.steps >= 1 and 0.5 <= r.train_seconds < 5.0
 
 
-def test_golden_loss_first_steps(train_shard):
-    """A fixed-seed loss curve on CPU: catches refactors that silently change numbers.
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_golden_loss_first_steps(train_shard, case):
+    """A fixed-seed loss curve on CPU: catches refactors that silently change numbers, for the
+    vanilla debug model and a looped one with LoRA, per-layer controls and depth embeddings.
     Regenerate (only for an intended change) with LOOPGOLF_REGEN_GOLDEN=1."""
     import os
 
-    model, tcfg = debug_setup(seed=1234)
+    changes, path = GOLDEN_CASES[case]
+    model, tcfg = debug_setup(seed=1234, **changes)
+    if changes:
+        assert model.plan.num_virtual == 4 and any(n.startswith("lora.") for n, _ in model.named_parameters())
     tcfg = replace(tcfg, max_steps=6, val_every=0)
     r = train(model, TokenLoader([train_shard], tcfg.seq_len, seed=7), tcfg, device=torch.device("cpu"), progress=False)
     if os.environ.get("LOOPGOLF_REGEN_GOLDEN"):
-        GOLDEN.write_text(json.dumps({"preset": "debug", "vocab_size": 64, "losses": r.losses}, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())["losses"]
-    assert r.losses == pytest.approx(golden, rel=2e-4, abs=2e-4)
+        path.write_text(json.dumps({"preset": "debug", "vocab_size": 64, "model_changes": changes, "losses": r.losses}, indent=1) + "\n")
+    golden = json.loads(path.read_text())
+    assert golden.get("model_changes", {}) == changes
+    assert r.losses == pytest.approx(golden["losses"], rel=2e-4, abs=2e-4)
