@@ -26,7 +26,7 @@ from loopgolf.data.default_corpus import ensure_default_dataset
 from loopgolf.data.shards import TokenLoader
 from loopgolf.evaluate import evaluate_bpb
 from loopgolf.model.gpt import GPT, ModelConfig
-from loopgolf.run import Dataset
+from loopgolf.data.dataset import Dataset
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.train.trainer import train
 

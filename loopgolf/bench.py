@@ -30,7 +30,8 @@ import torch
 from loopgolf.config import TrainConfig, get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token
-from loopgolf.train.trainer import resolve_device, train
+from loopgolf.device import resolve_device
+from loopgolf.train.trainer import train
 from loopgolf.util import read_jsonl
 
 # Synthetic shards wrap around, so they need not hold every step's tokens.

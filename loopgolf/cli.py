@@ -172,8 +172,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset directory (shards + tokenizer); default: the embedded Python-docs corpus")
     p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
     p.add_argument("--cap", type=int, help="artifact byte cap (default 16,000,000)")
-    p.add_argument("--time", type=float, help="training wallclock budget in seconds")
-    p.add_argument("--steps", type=_positive_int, help="training step budget")
+    p.add_argument(
+        "--time", type=float,
+        help="training wallclock budget in seconds; on a preset that stops on steps alone (the default cpu: 250 steps) "
+        "it replaces that stop, elsewhere the preset's step cap stays; with --steps, whichever comes first",
+    )
+    p.add_argument("--steps", type=_positive_int, help="training step budget (the default preset: 250)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--seq-len", type=_positive_int, help="training/eval sequence length")
     p.add_argument("--batch-tokens", type=_positive_int, help="global tokens per optimizer step")
@@ -210,8 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from loopgolf.evaluate import evaluate_bpb
     from loopgolf.export.pack import load_model
-    from loopgolf.run import Dataset
-    from loopgolf.train.trainer import resolve_device
+    from loopgolf.data.dataset import Dataset
+    from loopgolf.device import resolve_device
 
     device = resolve_device(args.device or "auto")
     model, loaded = load_model(Path(args.artifact), device=device)
@@ -367,7 +371,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from loopgolf.config import PRESETS
 
     if args.json:
-        print(json.dumps({n: {"description": p.description, "model": p.model.to_dict()} for n, p in PRESETS.items()}, indent=2))
+        from dataclasses import asdict
+
+        out = {n: {"description": p.description, "model": p.model.to_dict(), "train": asdict(p.train), "eval_batch_size": p.eval_batch_size} for n, p in PRESETS.items()}
+        print(json.dumps(out, indent=2))
     else:
         width = max(len(n) for n in PRESETS)
         for n, p in PRESETS.items():
@@ -531,7 +538,6 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     """``loopgolf plan``: predicted bytes of a configuration and the family members that fit."""
     from loopgolf.config import PRESETS
     from loopgolf.export.artifact import CODECS
-    from loopgolf.export.planner import WEIGHTS
 
     p = sub.add_parser(
         "plan",
@@ -551,10 +557,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
     p.add_argument("--codec", default="auto", help="auto (smallest), " + ", ".join(CODECS))
     p.add_argument(
-        "--weights", choices=WEIGHTS, default="trained",
+        "--weights", choices=("trained", "init"), default="trained",  # loopgolf.export.planner.WEIGHTS, not imported to keep startup light
         help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
     )
-    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the scoring path's current size)")
+    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the current size of the code `loopgolf run` needs)")
     p.add_argument("--layers", type=_int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=_int_list, help="also try these loop counts, e.g. 2,3,4")
     p.add_argument("--width-step", type=int, help="width granularity (default: head size x query/KV ratio)")

@@ -26,17 +26,17 @@ import torch
 
 import loopgolf
 from loopgolf.config import Preset, TrainConfig, get_preset
-from loopgolf.data.shards import TokenLoader, find_shards, load_tokens
-from loopgolf.data.stats import find_tokenizer
-from loopgolf.data.tokenizer import ByteTables, build_byte_tables, load_tokenizer
+from loopgolf.data.dataset import Dataset
+from loopgolf.data.shards import TokenLoader
+from loopgolf.device import resolve_device
 from loopgolf.evaluate import EvalResult, evaluate_bpb
-from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_bytes, export_model, load_model
+from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_bytes, code_bytes_scoring, export_model, load_model
 from loopgolf.export.quantize import QuantPolicy, parse_policy
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
 from loopgolf.train.checkpoint import CHECKPOINT_NAME, CheckpointPolicy, check_resumable, read_checkpoint
 from loopgolf.train.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown_distributed
-from loopgolf.train.trainer import TrainResult, resolve_device, train
+from loopgolf.train.trainer import TrainResult, train
 from loopgolf.util import append_jsonl, atomic_write_json
 
 ARTIFACT_NAME = "artifact.lgz"
@@ -70,33 +70,6 @@ class RunOptions:
             raise ValueError(f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
 
 
-@dataclass
-class Dataset:
-    """Shards, tokenizer and byte tables of one prepared dataset directory."""
-
-    root: Path
-    train_shards: list[Path]
-    val_shards: list[Path]
-    tokenizer_path: Path
-    vocab_size: int
-    tables: ByteTables
-
-    @classmethod
-    def open(cls, root: Path, tokenizer: Path | None = None) -> "Dataset":
-        root = Path(root)
-        if not root.is_dir():
-            raise ValueError(f"data directory {root} does not exist")
-        tok = Path(tokenizer) if tokenizer else find_tokenizer(root)
-        if tok is None:
-            raise ValueError(f"no tokenizer found for {root}: pass --tokenizer MODEL (a SentencePiece .model file)")
-        sp = load_tokenizer(tok)
-        vocab = sp.get_piece_size()
-        return cls(root, find_shards(root, "train"), find_shards(root, "val"), tok, vocab, build_byte_tables(sp, vocab))
-
-    def val_tokens(self) -> np.ndarray:
-        return load_tokens(self.val_shards, vocab_size=self.vocab_size)
-
-
 def environment() -> dict[str, Any]:
     env = {
         "loopgolf": loopgolf.__version__,
@@ -122,16 +95,36 @@ def resolve_data(opts: RunOptions, vocab_size: int) -> tuple[Path, str]:
     return ensure_default_dataset(vocab_size=vocab_size, progress=opts.progress), f"embedded:{DEFAULT_CORPUS_NAME}"
 
 
+def budget_changes(train: dict[str, Any], time_budget: float | None, max_steps: int | None) -> dict[str, Any]:
+    """The training-config changes that ``--time`` / ``--steps`` make to ``train`` (a TrainConfig
+    as a dict). ``--steps N`` sets the step budget. ``--time S`` sets the wallclock budget, and on
+    a configuration that stops on steps alone (the default ``cpu`` preset) it replaces that stop,
+    so ``--time 600`` trains for 600 s rather than stopping at the preset's step count; where the
+    configuration already has a wallclock budget (the ``pg`` presets: 20,000 steps or 600 s) its
+    step cap stays. Both together: whichever comes first."""
+    changes: dict[str, Any] = {}
+    if time_budget is not None:
+        changes["time_budget"] = time_budget
+        if max_steps is None and train.get("time_budget") is None:
+            changes["max_steps"] = None
+    if max_steps is not None:
+        changes["max_steps"] = max_steps
+    return changes
+
+
+def describe_budget(cfg: TrainConfig) -> str:
+    """``250 steps``, ``600 s`` or ``600 s or 20,000 steps (whichever comes first)``."""
+    parts = ([f"{cfg.time_budget:g} s"] if cfg.time_budget is not None else []) + ([f"{cfg.max_steps:,} steps"] if cfg.max_steps is not None else [])
+    return " or ".join(parts) + (" (whichever comes first)" if len(parts) == 2 else "")
+
+
 def build_configs(opts: RunOptions) -> Preset:
     preset = get_preset(opts.preset)
     model_cfg = ModelConfig.from_dict({**preset.model.to_dict(), **opts.model_overrides})
     train_kw = dict(opts.train_overrides)
     if opts.seed is not None:
         train_kw["seed"] = opts.seed
-    if opts.time_budget is not None:
-        train_kw["time_budget"] = opts.time_budget
-    if opts.max_steps is not None:
-        train_kw["max_steps"] = opts.max_steps
+    train_kw.update(budget_changes(asdict(preset.train), opts.time_budget, opts.max_steps))
     if opts.device is not None:
         train_kw["device"] = opts.device
     train_cfg = TrainConfig(**{**asdict(preset.train), **train_kw})
@@ -176,9 +169,9 @@ def _resumed_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
         raise ValueError(f"{run_dir} has no config.json: --resume takes a run directory written by `loopgolf run` or `loopgolf train`")
     config = json.loads(path.read_text(encoding="utf-8"))
     train_kw = dict(config["train"])
-    for key, value in (("time_budget", opts.time_budget), ("max_steps", opts.max_steps), ("device", opts.device)):
-        if value is not None:
-            train_kw[key] = value
+    train_kw.update(budget_changes(train_kw, opts.time_budget, opts.max_steps))
+    if opts.device is not None:
+        train_kw["device"] = opts.device
     train_cfg = TrainConfig(**train_kw)
     model_cfg = ModelConfig.from_dict(config["model"])
     eval_bs = config.get("eval_batch_size") or get_preset(config["preset"]).eval_batch_size
@@ -284,7 +277,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     say = print if opts.progress and rs.dist.is_main else (lambda *a, **k: None)
     verb = "train" if opts.train_only else "run"
     say(f"loopgolf {verb}: preset {preset.name} | {model.plan.describe()} | {n_unique:,} unique / {n_effective:,} effective params")
-    say(f"data: {rs.data_name} ({ds.root}) | device {device} x {rs.dist.world_size} | budget {train_cfg.time_budget}s / {train_cfg.max_steps} steps")
+    say(f"data: {rs.data_name} ({ds.root}) | device {device} x {rs.dist.world_size} | budget {describe_budget(train_cfg)}")
     if rs.resume is not None:
         say(f"resuming {out} from step {rs.resume['train']['step']} ({rs.resume['train']['elapsed']:.1f} s of training used)")
 
@@ -351,7 +344,8 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         "baseline_xz_unknown_targets": xz.unknown_targets,
         "artifact_bytes": cap.artifact_bytes,
         "model_bytes": cap.model_bytes,
-        "code_bytes": cap.code_bytes,
+        "code_bytes": cap.code_bytes,  # loopgolf source that `loopgolf run` needs (training, export, scoring)
+        "code_bytes_scoring": code_bytes_scoring(),  # the scoring path alone, for information
         "cap_bytes": cap.cap_bytes,
         "headroom_bytes": cap.headroom,
         "fits": cap.fits,

@@ -231,3 +231,16 @@ def test_trained_weights_shrink_only_the_coded_matrices():
             assert b["predicted_bytes"] < a["predicted_bytes"]
     with pytest.raises(PlanError, match="unknown weights"):
         predict_bytes(cfg, policy, "brotli", weights="pretrained")
+
+
+def test_plan_command_weights_choices_are_the_planners():
+    """The CLI spells the choices out (importing the planner at parser build would load the
+    encoders into every command); they must stay the planner's."""
+    import argparse
+
+    from loopgolf.cli import build_parser
+    from loopgolf.export.planner import WEIGHTS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    weights = next(a for a in sub.choices["plan"]._actions if a.dest == "weights")
+    assert tuple(weights.choices) == WEIGHTS

@@ -84,6 +84,32 @@ def test_params_with_relaxation_flags(capsys):
     assert {"cpu-shared-lora4", "pg-mini-loop", "cpu-wide"} <= set(presets)
 
 
+def test_default_preset_stops_on_steps_and_presets_json_shows_the_budget(capsys):
+    """The default run is reproducible on a loaded machine: it stops at a fixed step count, not a
+    wallclock budget; `--time` makes it a wallclock run; `presets --json` shows each train config."""
+    from loopgolf.config import DEFAULT_PRESET
+    from loopgolf.run import RunOptions, build_configs, describe_budget
+
+    assert main(["presets", "--json"]) == 0
+    presets = json.loads(capsys.readouterr().out)
+    default = presets[DEFAULT_PRESET]["train"]
+    assert default["max_steps"] == 250 and default["time_budget"] is None
+    assert presets["pg-vanilla"]["train"] == {**presets["pg-vanilla"]["train"], "max_steps": 20_000, "time_budget": 600.0}
+    assert presets["cpu-vanilla"]["train"]["time_budget"] == 600.0 and presets["cpu-vanilla"]["model"]["model_dim"] == 256
+
+    def budget(**kw):
+        t = build_configs(RunOptions(**kw)).train
+        return t.max_steps, t.time_budget
+
+    assert budget() == (250, None)
+    assert budget(time_budget=600.0) == (None, 600.0)  # --time alone replaces a steps-only stop
+    assert budget(time_budget=60.0, max_steps=40) == (40, 60.0)  # both: whichever comes first
+    assert budget(max_steps=10) == (10, None)
+    assert budget(preset="pg-vanilla", time_budget=300.0) == (20_000, 300.0)  # a wallclock preset keeps its step cap
+    assert describe_budget(build_configs(RunOptions()).train) == "250 steps"
+    assert describe_budget(build_configs(RunOptions(preset="pg-vanilla")).train) == "600 s or 20,000 steps (whichever comes first)"
+
+
 def test_run_with_int6_policy_qat_and_plan_command(text_dataset, tmp_path, capsys):
     out = tmp_path / "q"
     rc = main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(out), "--plan", "cycle:1x3",

@@ -335,8 +335,8 @@ def search(
 
     For each preset (with ``overrides`` applied, e.g. ``{"per_layer_controls": True}``) and each
     plan variant (``layers`` / ``loops`` replace the plan's unique-layer and loop counts; default:
-    the preset's own), the widest width that fits. ``code_bytes`` defaults to the scoring path's
-    current size. Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
+    the preset's own), the widest width that fits. ``code_bytes`` defaults to the current
+    :func:`loopgolf.export.pack.code_bytes` (the code `loopgolf run` needs). Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
     "unique_params", "effective_params", "uncalibrated", "seq_len", "tokens_per_step",

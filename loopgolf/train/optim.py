@@ -7,12 +7,11 @@ The iteration runs in bfloat16 on CUDA and in float32 on CPU (bf16 matmul is ~10
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from loopgolf.config import OptimizerConfig  # the optimizer settings live with the run config
 from loopgolf.model.roles import parameter_roles
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -71,28 +70,6 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 p.add_(flat[offset : offset + p.numel()].view_as(p), alpha=-group["lr"])
                 offset += p.numel()
-
-
-@dataclass
-class OptimizerConfig:
-    matrix_lr: float = 0.04
-    scalar_lr: float = 0.04
-    embed_lr: float = 0.05  # tied embedding (it is also the output head)
-    head_lr: float = 0.008  # untied output head
-    untied_embed_lr: float = 0.6
-    adapter_lr: float = 0.01  # per-virtual-layer LoRA factors (under either adapter_optimizer)
-    adapter_optimizer: str = "adam"  # "adam" or "muon": per-depth LoRA diverged under Muon in a public report
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    muon_momentum: float = 0.95
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    muon_backend_steps: int = 5
-
-    def __post_init__(self) -> None:
-        if self.adapter_optimizer not in ("adam", "muon"):
-            raise ValueError(f"adapter_optimizer must be 'adam' or 'muon', got {self.adapter_optimizer!r}")
 
 
 # Optimizer group of each parameter role (loopgolf.model.roles).
