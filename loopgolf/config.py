@@ -88,8 +88,8 @@ class Preset:
 
 
 # The default run stops at a fixed step count, not a wallclock budget, so its score does not
-# depend on how busy the machine is: 250 steps is what a quiet 2-core CPU reaches in about 150 s
-# (246 steps in 150.6 s measured 2026-12-04, docs/LOG.md).
+# depend on how busy the machine is: about what a quiet 2-core CPU reaches in the 150 s the default
+# once trained for (246 steps in 150.6 s; 250 steps took 158-162 s; docs/LOG.md, 2026-12-04).
 CPU_DEFAULT_STEPS = 250
 
 
@@ -214,7 +214,7 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "cpu",
-            f"default: 4 x 256 vanilla, seq 128, {CPU_DEFAULT_STEPS} steps (about 150 s on 2 quiet CPU cores; the `loopgolf run` default)",
+            f"default: 4 x 256 vanilla, seq 128, {CPU_DEFAULT_STEPS} steps (about 160 s on 2 quiet CPU cores; the `loopgolf run` default)",
             ModelConfig(model_dim=256, num_heads=4, num_kv_heads=2, plan=PlanSpec("vanilla", layers=4)),
             _cpu_train(),
         ),

@@ -30,7 +30,7 @@ from loopgolf.data.dataset import Dataset
 from loopgolf.data.shards import TokenLoader
 from loopgolf.device import resolve_device
 from loopgolf.evaluate import EvalResult, evaluate_bpb
-from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_bytes, code_bytes_scoring, export_model, load_model
+from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_byte_counts, export_model, load_model
 from loopgolf.export.quantize import QuantPolicy, parse_policy
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
@@ -121,13 +121,13 @@ def describe_budget(cfg: TrainConfig) -> str:
 def build_configs(opts: RunOptions) -> Preset:
     preset = get_preset(opts.preset)
     model_cfg = ModelConfig.from_dict({**preset.model.to_dict(), **opts.model_overrides})
-    train_kw = dict(opts.train_overrides)
+    train_kw = {**asdict(preset.train), **opts.train_overrides}
     if opts.seed is not None:
         train_kw["seed"] = opts.seed
-    train_kw.update(budget_changes(asdict(preset.train), opts.time_budget, opts.max_steps))
+    train_kw.update(budget_changes(train_kw, opts.time_budget, opts.max_steps))
     if opts.device is not None:
         train_kw["device"] = opts.device
-    train_cfg = TrainConfig(**{**asdict(preset.train), **train_kw})
+    train_cfg = TrainConfig(**train_kw)
     return Preset(preset.name, preset.description, model_cfg, train_cfg, preset.eval_batch_size)
 
 
@@ -311,7 +311,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     pre = score(model, ds, val_tokens, train_cfg.seq_len, device, stride=config["eval_stride"], batch_size=eval_bs, progress=opts.progress)
     append_jsonl(log_path, {"event": "eval_pre", **pre.to_dict()})
 
-    n_code = code_bytes()
+    n_code, n_code_scoring = code_byte_counts()
     artifact_path = out / ARTIFACT_NAME
     calibration = None
     if policy_q.gptq:
@@ -345,7 +345,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         "artifact_bytes": cap.artifact_bytes,
         "model_bytes": cap.model_bytes,
         "code_bytes": cap.code_bytes,  # loopgolf source that `loopgolf run` needs (training, export, scoring)
-        "code_bytes_scoring": code_bytes_scoring(),  # the scoring path alone, for information
+        "code_bytes_scoring": n_code_scoring,  # the scoring path alone, for information
         "cap_bytes": cap.cap_bytes,
         "headroom_bytes": cap.headroom,
         "fits": cap.fits,
