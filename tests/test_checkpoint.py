@@ -1,11 +1,13 @@
 """Checkpoints: exact resume (in-process and after a real SIGKILL through the CLI) and atomic
 writes that never leave a half-written checkpoint under its name."""
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,9 @@ from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 from loopgolf.train.checkpoint import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MAGIC,
     CheckpointPolicy,
     TrainState,
     check_resumable,
@@ -159,7 +164,7 @@ def test_checkpoint_payload_and_config_checks(shard, tmp_path):
         check_resumable(ckpt, model.config.to_dict(), {"seq_len": 64})
 
     (tmp_path / "bad.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="corrupted"):
         read_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="no checkpoint"):
         read_checkpoint(tmp_path / "missing")
@@ -260,3 +265,121 @@ def test_rng_states_are_restored(tmp_path):
     draws()  # move every generator on
     state = restore_checkpoint(read_checkpoint(tmp_path / "c.pt"), model=model, optimizers=[], loader=loader)
     assert state.step == 3 and draws() == expected
+
+
+# ------------------------------------------------------------ integrity container
+
+
+@pytest.fixture(scope="module")
+def ckpt_bytes(tmp_path_factory) -> bytes:
+    """The bytes of one small checkpoint written by save_checkpoint."""
+    d = tmp_path_factory.mktemp("container")
+    write_shard(d / "fineweb_train_000000.bin", markov_tokens(1000, vocab=64))
+    _small_checkpoint(d / "checkpoint.pt", 3.0)
+    return (d / "checkpoint.pt").read_bytes()
+
+
+def _refused(path: Path, *words: str) -> str:
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_checkpoint_container_roundtrip(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", markov_tokens(1000, vocab=64))
+    loader = TokenLoader([tmp_path / "fineweb_train_000000.bin"], 32)
+    model = torch.nn.Linear(4, 4)
+    size = save_checkpoint(tmp_path / "checkpoint.pt", model=model, optimizers=[], loader=loader, state=TrainState(step=7))
+    blob = (tmp_path / "checkpoint.pt").read_bytes()
+    assert size == len(blob)
+    assert blob[:8] == MAGIC and int.from_bytes(blob[8:12], "little") == FORMAT_VERSION == 2
+    assert int.from_bytes(blob[12:20], "little") == len(blob) - HEADER_SIZE == len(blob) - 52
+    assert blob[20:52] == hashlib.sha256(blob[52:]).digest() and blob[52:54] == b"PK"
+    ckpt = read_checkpoint(tmp_path)  # a run directory maps to its checkpoint.pt
+    assert ckpt["format"] == 2 and ckpt["train"]["step"] == 7
+    assert torch.equal(ckpt["model"]["weight"], model.weight.detach())
+
+
+# The header's magic, version, length and digest fields; the zip's first local header, its middle
+# (tensor bytes), and the sizes in the last entry of the central directory near the end.
+FLIPS = {
+    "magic": lambda b: 3, "version": lambda b: 8, "length": lambda b: 14, "digest": lambda b: 30,
+    "payload start": lambda b: HEADER_SIZE + 10, "middle": lambda b: len(b) // 2,
+    "central directory": lambda b: b.rfind(b"PK\x01\x02") + 20,
+}
+
+
+@pytest.mark.parametrize("where", list(FLIPS))
+def test_flipped_bit_is_refused_before_unpickling(ckpt_bytes, tmp_path, monkeypatch, where):
+    at = FLIPS[where](ckpt_bytes)
+    assert 0 <= at < len(ckpt_bytes) and (where != "central directory" or at > len(ckpt_bytes) - 2000)
+    blob = bytearray(ckpt_bytes)
+    blob[at] ^= 0x10
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(bytes(blob))
+
+    def unpickled(*a, **k):
+        raise AssertionError("torch.load ran on an unverified checkpoint")
+
+    monkeypatch.setattr(torch, "load", unpickled)
+    _refused(path, "corrupted")
+    if where not in ("magic", "version"):
+        _refused(path, "refusing to resume")
+
+
+def test_truncated_or_extended_file_is_refused(ckpt_bytes, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    for cut in (HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 100, len(ckpt_bytes) - 1):
+        path.write_bytes(ckpt_bytes[:cut])
+        _refused(path, "corrupted", "truncated")
+    path.write_bytes(ckpt_bytes + b"\0")
+    _refused(path, "corrupted", "1 trailing bytes")
+    path.write_bytes(b"")
+    _refused(path, "not a loopgolf checkpoint")
+    payload = b"not a torch archive"  # a sound container around a foreign payload
+    path.write_bytes(ckpt_bytes[:12] + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest() + payload)
+    _refused(path, "not a readable")
+
+
+def test_legacy_bare_zip_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "model": {"w": torch.zeros(3)}, "train": {"step": 1}}, path)  # what format 1 wrote
+    _refused(path, "older loopgolf", "integrity digest", "cannot be verified")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_non_regular_files_are_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "checkpoint.pt"
+    os.mkfifo(fifo)
+    targets = [fifo, tmp_path] + ([Path("/dev/zero")] if Path("/dev/zero").exists() else [])
+    results = {}
+
+    def read_all():
+        for t in targets:
+            try:
+                read_checkpoint(t)
+                results[t] = "accepted"
+            except ValueError as e:
+                results[t] = str(e)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # release a reader blocked on the FIFO before failing
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        pytest.fail("read_checkpoint hung on a non-regular file")
+    for t in targets:
+        assert "is not a regular file" in results[t], results[t]
+    assert str(fifo) in results[fifo] and str(fifo) in results[tmp_path]  # the directory maps to its checkpoint.pt
+
+
+def test_directory_without_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint at .*checkpoint.pt"):
+        read_checkpoint(tmp_path)

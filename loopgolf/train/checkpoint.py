@@ -8,14 +8,31 @@ training seconds used, tokens, recurrence-stage starts, the loss history and the
 the uninterrupted run's losses exactly; the wallclock budget continues from the seconds used.
 
 The file is written to a temporary sibling and renamed over the old one, so a reader (or a run
-killed mid-write) only ever sees the previous complete checkpoint or the new complete one. It is
-loaded with ``torch.load(weights_only=True)``: tensors and plain Python data only, no code runs.
+killed mid-write) only ever sees the previous complete checkpoint or the new complete one.
+
+Container (all integers little-endian), a fixed 52-byte header and then the payload:
+
+    magic     8 bytes   b"LGCKPT\r\n" (the CR LF catches a file mangled by newline translation)
+    version   u32       FORMAT_VERSION (2; also the payload dict's "format")
+    length    u64       payload length in bytes; the file is exactly header + length bytes
+    sha256    32 bytes  of the payload
+    payload   length bytes: ``torch.save`` of the checkpoint dict
+
+:func:`read_checkpoint` opens only regular files, checks the header and the file size before
+reading the payload, and verifies the digest before anything is unpickled; a flipped bit, a
+truncated file or trailing bytes are refused as corrupted, never resumed from. Only then is the
+payload loaded with ``torch.load(weights_only=True)``: tensors and plain Python data only, no code
+runs. Format 1 files (a bare ``torch.save`` zip, no digest) cannot be verified and are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import random
+import stat
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +45,11 @@ from loopgolf.data.shards import TokenLoader
 from loopgolf.util import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAGIC = b"LGCKPT\r\n"
+_HEADER = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256 of the payload
+HEADER_SIZE = _HEADER.size  # 52
+_LEGACY_PREFIX = b"PK\x03\x04"  # format 1: torch.save's zip archive written bare
 # Train-config fields a resumed run may change: the budget (to extend training), where it runs,
 # and compilation. Anything else would make the continuation a different run.
 RESUMABLE_TRAIN_CHANGES = ("max_steps", "time_budget", "device", "compile")
@@ -145,25 +166,80 @@ def save_checkpoint(
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
+    blob = _HEADER.pack(MAGIC, FORMAT_VERSION, len(data), hashlib.sha256(data).digest()) + data
     # A writer killed between creating its temporary file and the rename leaves that file
     # behind; it is never the checkpoint, so clear such leftovers before writing a new one.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    atomic_write_bytes(path, data)
-    return len(data)
+    atomic_write_bytes(path, blob)
+    return len(blob)
+
+
+def _read_verified_payload(path: Path) -> bytes:
+    """The payload bytes of the checkpoint at ``path`` once its header, size and digest check out."""
+    try:
+        st = os.stat(path)  # stat, not open: opening a FIFO would wait for a writer
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"no checkpoint at {path}: train with --checkpoint-every N (or `loopgolf train`) first") from None
+    except OSError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    not_regular = f"{path} is not a regular file; a checkpoint is the {CHECKPOINT_NAME} file a run writes (or its run directory)"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device would block or never end
+        raise ValueError(not_regular)
+    try:
+        # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it cannot hang.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(not_regular)
+        size = st.st_size
+        head = f.read(HEADER_SIZE)
+        if head.startswith(_LEGACY_PREFIX):
+            raise ValueError(
+                f"{path} was written by an older loopgolf (checkpoint format 1) without an integrity digest and "
+                f"cannot be verified; refusing to resume from it (retrain, or resume it with the loopgolf that wrote it)"
+            )
+        if not head.startswith(MAGIC):
+            raise ValueError(f"{path} is not a loopgolf checkpoint (it does not start with {MAGIC!r}), or its header is corrupted")
+        if len(head) < HEADER_SIZE:
+            raise ValueError(f"checkpoint {path} is corrupted: truncated inside its {HEADER_SIZE}-byte header ({size} bytes); refusing to resume from it")
+        _, version, length, digest = _HEADER.unpack(head)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint {path} has format {version}, this loopgolf reads format {FORMAT_VERSION} "
+                f"(written by another loopgolf version, or its header is corrupted); refusing to resume from it"
+            )
+        if size != HEADER_SIZE + length:
+            what = "truncated" if size < HEADER_SIZE + length else f"{size - HEADER_SIZE - length} trailing bytes"
+            raise ValueError(
+                f"checkpoint {path} is corrupted ({what}): its header declares {length} payload bytes, "
+                f"the file holds {size - HEADER_SIZE}; refusing to resume from it"
+            )
+        data = f.read(length + 1)  # one byte more: a file that grew since the fstat is caught too
+    if len(data) != length:
+        raise ValueError(f"checkpoint {path} is corrupted: it changed size while being read; refusing to resume from it")
+    if hashlib.sha256(data).digest() != digest:
+        raise ValueError(
+            f"checkpoint {path} is corrupted: the sha256 of its payload does not match the digest in its header; "
+            f"refusing to resume from it"
+        )
+    return data
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file (tensors on the CPU). Raises ValueError for anything that is not
-    a complete loopgolf checkpoint."""
+    """Load a checkpoint file, or a run directory's ``checkpoint.pt`` (tensors on the CPU).
+    Raises ValueError for anything that is not a complete, intact loopgolf checkpoint: the
+    digest is verified before anything is unpickled."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}: train with --checkpoint-every N (or `loopgolf train`) first")
+    data = _read_verified_payload(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files fail inside the unpickler
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # an intact digest over a payload that is not a torch.save archive
         raise ValueError(f"{path} is not a readable loopgolf checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a loopgolf checkpoint of format {FORMAT_VERSION}")
