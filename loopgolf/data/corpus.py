@@ -18,7 +18,6 @@ keeps source order. The manifest records which (`train_order`, `shuffle_seed`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -33,23 +32,25 @@ import numpy as np
 from tqdm import tqdm
 
 from loopgolf import __version__
+from loopgolf.data.dataset import (  # noqa: F401  (re-exported: the manifest checks live on the counted path)
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    CorpusError,
+    _file_sha256,
+    load_manifest,
+    verify_shards,
+)
 from loopgolf.data.shards import BOS_ID, ShardError, find_shards, load_tokens, read_shard_header, write_shard
 from loopgolf.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from loopgolf.util import atomic_directory, atomic_write_json
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "loopgolf-dataset"
-MANIFEST_VERSION = 1
 TOKENIZER_NAME = "tokenizer.model"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl")
 DEFAULT_VAL_FRACTION = 0.05
 MAX_VOCAB = 1 << 16  # shard bodies are uint16
 _ENCODE_BATCH = 256  # documents per SentencePiece call: amortizes call overhead, bounded memory
 _XZ_PRESET = 9
-
-
-class CorpusError(ValueError):
-    """Bad corpus input (missing file, bad encoding or JSON) or a bad/corrupt dataset directory."""
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,6 @@ def iter_documents(inputs: Sequence[str | os.PathLike]) -> Iterator[Document]:
 
 def _shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _ShardWriter:
@@ -377,27 +370,13 @@ def build_dataset(
 # --------------------------------------------------------------------------------------------
 
 
-def load_manifest(data_dir: str | os.PathLike) -> dict | None:
-    """The dataset's manifest, or None when it has none (e.g. an official FineWeb download)."""
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CorpusError(f"{path}: not a loopgolf dataset manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise CorpusError(f"{path}: unsupported manifest version {manifest.get('version')!r} (expected {MANIFEST_VERSION})")
-    return manifest
-
-
-def verify_dataset(data_dir: str | os.PathLike) -> None:
-    """Check every shard the manifest lists (size and sha256), and that no unlisted shard lies around.
-
-    Without a manifest, only the shard headers can be checked (official downloads have none).
-    Raises CorpusError naming the first bad file.
+def verify_dataset(
+    data_dir: str | os.PathLike, *, splits: Sequence[str] = ("train", "val"), cache: dict | None = None
+) -> None:
+    """Check the tokenizer and the shards of `splits` against the manifest (see
+    `loopgolf.data.dataset.verify_shards`: shape, file set, sizes, sha256; `cache` None hashes
+    every file afresh). Without a manifest, only the shard headers can be checked (official
+    downloads have none). Raises CorpusError naming the first bad file.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -413,33 +392,13 @@ def verify_dataset(data_dir: str | os.PathLike) -> None:
             except ShardError as e:
                 raise CorpusError(str(e)) from e
         return
-    tok = data_dir / manifest.get("tokenizer", TOKENIZER_NAME)
+    name = manifest.get("tokenizer", TOKENIZER_NAME)
+    if not isinstance(name, str) or not name:
+        raise CorpusError(f"{data_dir / MANIFEST_NAME}: malformed manifest: \"tokenizer\" must be a file name, got {name!r}")
+    tok = data_dir / name
     if not tok.is_file():
         raise CorpusError(f"{tok}: tokenizer listed in {data_dir / MANIFEST_NAME} is missing")
-    try:
-        _verify_shards(data_dir, manifest)
-    except (KeyError, TypeError) as e:
-        raise CorpusError(f"{data_dir / MANIFEST_NAME}: malformed shard list ({e!r})") from None
-
-
-def _verify_shards(data_dir: Path, manifest: dict) -> None:
-    for split in ("train", "val"):
-        entries = manifest["splits"][split]["shards"]
-        listed = {e["file"] for e in entries}
-        # A stray shard would be picked up by find_shards and silently change the data.
-        extra = sorted(p.name for p in data_dir.glob(f"fineweb_{split}_*.bin") if p.name not in listed)
-        if extra:
-            raise CorpusError(f"{data_dir / extra[0]}: shard not listed in {MANIFEST_NAME}")
-        for entry in entries:
-            path = data_dir / entry["file"]
-            if not path.is_file():
-                raise CorpusError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise CorpusError(f"{path}: {size} bytes, manifest says {entry['bytes']}")
-            digest = _file_sha256(path)
-            if digest != entry["sha256"]:
-                raise CorpusError(f"{path}: sha256 {digest[:16]}... does not match the manifest ({entry['sha256'][:16]}...)")
+    verify_shards(data_dir, manifest, splits, cache)
 
 
 def _official_tokenizer_guess(data_dir: Path) -> Path | None:
