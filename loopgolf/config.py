@@ -7,11 +7,11 @@ every artifact); the train config describes how it was trained and is stored in 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from loopgolf.model.gpt import ModelConfig, unique_params_formula
+from loopgolf.checks import check_range, check_types, from_dict
+from loopgolf.model.gpt import MAX_SEQ_LEN, ModelConfig, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan
 
 
@@ -35,8 +35,19 @@ class OptimizerConfig:
     muon_backend_steps: int = 5
 
     def __post_init__(self) -> None:
+        check_types(self, "optim")
         if self.adapter_optimizer not in ("adam", "muon"):
             raise ValueError(f"adapter_optimizer must be 'adam' or 'muon', got {self.adapter_optimizer!r}")
+        for name in ("matrix_lr", "scalar_lr", "embed_lr", "head_lr", "untied_embed_lr", "adapter_lr"):
+            check_range("optim", name, getattr(self, name), 0.0)
+        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
+            check_range("optim", name, getattr(self, name), 0.0, 1.0)
+        check_range("optim", "adam_eps", self.adam_eps, 0.0, None, lo_open=True)
+        check_range("optim", "muon_momentum_warmup_steps", self.muon_momentum_warmup_steps, 0)
+        check_range("optim", "muon_backend_steps", self.muon_backend_steps, 1, 100)
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 
 
 @dataclass
@@ -60,7 +71,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
-            self.optim = OptimizerConfig(**self.optim)
+            self.optim = from_dict(OptimizerConfig, self.optim, "optim")
+        if isinstance(self.recurrence_stages, list):  # JSON writes 0.0 as 0.0 but a hand edit may write 0
+            self.recurrence_stages = [float(f) if isinstance(f, int) and not isinstance(f, bool) else f for f in self.recurrence_stages]
+        check_types(self, "train")
+        check_range("train", "seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_range("train", "seed", self.seed, 0, MAX_SEED)
+        check_range("train", "warmup_steps", self.warmup_steps, 0)
+        check_range("train", "grad_clip", self.grad_clip, 0.0)
+        check_range("train", "val_every", self.val_every, 0)
+        check_range("train", "log_every", self.log_every, 1)
+        for name in ("micro_batch_tokens", "val_max_tokens"):
+            if getattr(self, name) is not None:
+                check_range("train", name, getattr(self, name), 1)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"train device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if self.batch_tokens < self.seq_len or self.batch_tokens % self.seq_len:
@@ -71,7 +96,6 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget must be positive seconds, got {self.time_budget}")
-        self.recurrence_stages = [float(f) for f in self.recurrence_stages]
         if any(not 0.0 <= f < 1.0 for f in self.recurrence_stages) or self.recurrence_stages != sorted(self.recurrence_stages):
             raise ValueError(f"recurrence_stages must be increasing fractions in [0, 1), got {self.recurrence_stages}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
@@ -249,18 +273,7 @@ def get_preset(name: str) -> Preset:
     return Preset(p.name, p.description, ModelConfig.from_dict(p.model.to_dict()), replace(p.train, optim=replace(p.train.optim)), p.eval_batch_size)
 
 
-def apply_overrides(obj: Any, overrides: dict[str, Any]) -> Any:
-    """Return a copy of a config dataclass with the given fields replaced (validated)."""
-    names = {f.name for f in dataclasses.fields(obj)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown {type(obj).__name__} field(s) {sorted(unknown)}")
-    return replace(obj, **overrides)
-
-
-def train_config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(**d)
+def train_config_from_dict(d: dict[str, Any], *, required: bool = False) -> TrainConfig:
+    """A TrainConfig from JSON-like data; unknown (and with ``required``, missing) fields are a
+    ValueError naming them."""
+    return from_dict(TrainConfig, d, "train config", required=required)

@@ -23,10 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopgolf.model.plan import DepthPlan, PlanSpec, build_plan
+from loopgolf.checks import check_range, check_types, from_dict
+from loopgolf.model.plan import DepthPlan, PlanSpec, build_plan, parse_plan
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+# Bounds on the shape of a model, far above any model that fits a byte cap: they turn a typo or a
+# crafted artifact header (model_dim = 2**22 once asked for 17 GB) into an error before anything
+# is allocated.
+MAX_MODEL_DIM = 1 << 16
+MAX_MLP_MULT = 64
+MAX_LORA_RANK = 4096
+MAX_SEQ_LEN = 1 << 20
+MAX_ROTARY_ENTRIES = 1 << 24  # max_seq_len x head_dim / 2: each rotary table is 64 MiB at most
 
 
 @dataclass
@@ -51,16 +60,32 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
             self.plan = PlanSpec.from_dict(self.plan)
+        elif isinstance(self.plan, str):  # --model plan=cycle:3x2
+            self.plan = parse_plan(self.plan)
+        check_types(self, "model")
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"model {name} must be a positive integer, got {value!r}")
+        check_range("model", "model_dim", self.model_dim, 1, MAX_MODEL_DIM)
+        check_range("model", "mlp_mult", self.mlp_mult, 1, MAX_MLP_MULT)
+        check_range("model", "max_seq_len", self.max_seq_len, 1, MAX_SEQ_LEN)
+        check_range("model", "rope_base", self.rope_base, 1.0, None, lo_open=True)  # base <= 1: frequencies that do not decay
+        check_range("model", "logit_softcap", self.logit_softcap, 0.0, None, lo_open=True)
+        check_range("model", "tied_embed_init_std", self.tied_embed_init_std, 0.0)
+        if self.num_heads > self.model_dim:
+            raise ValueError(f"num_heads {self.num_heads} is more than model_dim {self.model_dim}")
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if (self.model_dim // self.num_heads) % 2:
             raise ValueError(f"head dim {self.model_dim // self.num_heads} must be even for rotary embeddings")
+        if self.max_seq_len * self.head_dim // 2 > MAX_ROTARY_ENTRIES:
+            raise ValueError(
+                f"max_seq_len {self.max_seq_len} x head dim {self.head_dim} needs rotary tables of more than "
+                f"{MAX_ROTARY_ENTRIES:,} entries; lower max_seq_len"
+            )
         if self.vocab_size > 65536:
             raise ValueError(f"vocab_size {self.vocab_size} does not fit the uint16 shard format (max 65536)")
         build_plan(self.plan)  # validate early
@@ -68,8 +93,8 @@ class ModelConfig:
         for name, rank in self.lora_ranks.items():
             if name not in LORA_TARGETS:
                 raise ValueError(f"unknown LoRA target {name!r}; valid: {', '.join(LORA_TARGETS)}")
-            if not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"LoRA rank for {name!r} must be a positive integer, got {rank!r}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_LORA_RANK:
+                raise ValueError(f"LoRA rank for {name!r} must be an integer in [1, {MAX_LORA_RANK}], got {rank!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
 
@@ -97,10 +122,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {sorted(unknown)}")
-        return cls(**d)
+        return from_dict(cls, d, "model config")
 
 
 def rms_norm(x: Tensor) -> Tensor:

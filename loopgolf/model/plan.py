@@ -15,8 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loopgolf.checks import check_types, from_dict
+
 PLAN_KINDS = ("vanilla", "cycle", "sequence", "cycle-rev", "middle-cycle", "middle-sequence", "mini-loop", "explicit")
 SHARE_MODES = ("block", "mlp", "attn")
+# The most virtual layers a plan may run (the presets run 6-17). A bound, so that a typo or a
+# crafted artifact header asking for a billion layers is an error, not a hang.
+MAX_VIRTUAL_LAYERS = 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class PlanSpec:
     attn_of: tuple[int, ...] | None = None
     mlp_of: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        check_types(self, "plan")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("attn_of", "mlp_of"):
@@ -59,14 +67,12 @@ class PlanSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PlanSpec":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown plan field(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
-        d = dict(d)
-        for key in ("attn_of", "mlp_of"):
-            if d.get(key) is not None:
-                d[key] = tuple(int(i) for i in d[key])
-        return cls(**d)
+        if isinstance(d, dict):
+            d = dict(d)
+            for key in ("attn_of", "mlp_of"):
+                if isinstance(d.get(key), list):  # JSON has no tuples
+                    d[key] = tuple(d[key])
+        return from_dict(cls, d, "plan")
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,19 @@ def _check_map(name: str, ids: tuple[int, ...]) -> None:
         raise ValueError(f"plan {name} never uses stored sublayer(s) {missing}: {list(ids)}")
 
 
+def _virtual_count(spec: PlanSpec) -> int:
+    """How many virtual layers the spec asks for, computed before anything is built."""
+    k, b = spec.layers, spec.loops
+    if spec.kind == "explicit":
+        return max(len(spec.attn_of or ()), len(spec.mlp_of or ()))
+    if spec.kind == "vanilla":
+        return k
+    if spec.kind == "mini-loop":
+        return k + b * max(0, spec.loop_end - spec.loop_start + 1)
+    extra = spec.first + spec.last if spec.kind.startswith("middle-") else 0
+    return k * b + extra
+
+
 def _block_order(spec: PlanSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(block index, pass index) per virtual layer for the shared-block kinds, before sharing
     modes are applied."""
@@ -243,6 +262,9 @@ def build_plan(spec: PlanSpec) -> DepthPlan:
     if spec.share not in SHARE_MODES:
         raise ValueError(f"unknown share mode {spec.share!r}; valid: {', '.join(SHARE_MODES)}")
     _check_fields(spec)
+    n = _virtual_count(spec)
+    if n > MAX_VIRTUAL_LAYERS:
+        raise ValueError(f"the plan asks for {n:,} virtual layers, more than the {MAX_VIRTUAL_LAYERS} allowed")
     if spec.kind == "explicit":
         if spec.attn_of is None or spec.mlp_of is None:
             raise ValueError("an explicit plan needs both attn_of and mlp_of lists")
