@@ -118,7 +118,14 @@ def evaluate_bpb(
                     logits.float().reshape(-1, logits.size(-1)), torch.from_numpy(y).to(device).reshape(-1), reduction="none"
                 ).view(len(batch), length)
                 m = torch.from_numpy(mask).to(device)
-                loss_sum += float(nll[m].double().sum())
+                batch_loss = float(nll[m].double().sum())
+                if not math.isfinite(batch_loss):
+                    # A NaN score with exit 0 is worse than no score: stop and say where.
+                    raise FloatingPointError(
+                        f"evaluation loss is {batch_loss} in the windows starting at token {batch[0][0]:,} "
+                        f"(batch {b // batch_size + 1}); the model gives non-finite logits there"
+                    )
+                loss_sum += batch_loss
                 n_targets += int(mask.sum())
                 n_bytes += int(target_byte_counts(x[mask], y[mask], tables).sum())
     finally:

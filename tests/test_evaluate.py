@@ -159,3 +159,12 @@ def test_bad_arguments(golden):
         evaluate_bpb(model, tokens, tables, 16, stride=17)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         evaluate_bpb(model, tokens, tables, 1000)
+
+
+def test_non_finite_loss_stops_with_an_error_naming_where(golden):
+    _, tables, tokens = golden
+    model = Bigram(1024)
+    with torch.no_grad():
+        model.table[int(tokens[100])] = float("nan")  # one poisoned row: the batches holding it score NaN
+    with pytest.raises(FloatingPointError, match=r"evaluation loss is nan in the windows starting at token"):
+        evaluate_bpb(model, tokens, tables, 16, batch_size=2)

@@ -48,11 +48,12 @@ import lzma
 import math
 import os
 import re
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,91 +128,161 @@ def _too_big(codec: str, max_output: int) -> CodecError:
     return CodecError(f"{codec} stream inflates beyond the allowed {max_output} bytes (possible decompression bomb)")
 
 
-def _checked_output(codec: str, out: bytes, eof: bool, unused: bytes, max_output: int) -> bytes:
-    """``out`` if the stream decoded within bounds and ended exactly where the data ends."""
-    if len(out) > max_output:
-        raise _too_big(codec, max_output)
-    if not eof:
-        raise CodecError(f"{codec} stream is truncated (no end-of-stream marker)")
-    if unused:
-        raise CodecError(f"{codec} stream is followed by {len(unused)} unexpected bytes")
-    return out
+class Inflater:
+    """Incremental decoder of one complete ``codec`` stream that never yields more than
+    ``max_output`` bytes and never holds much more than what was asked for: the reader takes the
+    payload's header first and checks it before it lets the tensor data inflate, so a crafted
+    stream with a bad header costs a few KB, not the gigabyte it declares.
 
+    :meth:`read` / :meth:`readinto` hand out output; :meth:`finish` then checks that the stream
+    ends exactly there (no more output, an end-of-stream marker, no bytes after it)."""
 
-def _decompress_zlib(data: bytes, max_output: int) -> bytes:
-    d = zlib.decompressobj()
-    out = d.decompress(data, max_output + 1)
-    return _checked_output("zlib", out, d.eof, d.unused_data, max_output)
+    IN_CHUNK = 1 << 16  # compressed bytes fed per step
+    ZSTD_IN_CHUNK = 1 << 10  # zstd has no output limit per call: 1 KiB of input inflates to 32 MiB at most
+    OUT_CHUNK = 1 << 20  # output per step for the codecs that take a limit
 
+    def __init__(self, data: bytes | memoryview, codec: str, max_output: int) -> None:
+        _check_codec(codec)
+        if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
+            raise CodecError(f"max_output must be a non-negative int, got {max_output!r}")
+        self.codec, self.max_output = codec, max_output
+        self._data = memoryview(data)
+        self._pos = 0  # compressed bytes consumed
+        self._pending = bytearray()  # decoded, not yet handed out
+        self._produced = 0  # decoded so far, handed out or pending
+        self._done = False  # the decoder has nothing more to give
+        self._unused = 0  # compressed bytes after the end of the stream
+        if codec == "zlib":
+            self._d = zlib.decompressobj()
+        elif codec == "lzma":
+            self._d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+        elif codec == "zstd":
+            # libzstd refuses to produce more than a frame's declared content size: demand one
+            # and check it against the bound before inflating anything.
+            size = self._guard(lambda: zstandard.get_frame_parameters(bytes(self._data[:18])).content_size)
+            if size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+                raise CodecError("zstd frame does not declare its content size")
+            if size > max_output:
+                raise _too_big("zstd", max_output)
+            self._d = zstandard.ZstdDecompressor().decompressobj()
+        else:
+            assert _brotli is not None
+            self._d = _brotli.Decompressor()
 
-def _decompress_lzma(data: bytes, max_output: int) -> bytes:
-    d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    out = d.decompress(data, max_length=max_output + 1)
-    return _checked_output("lzma", out, d.eof, d.unused_data, max_output)
+    def _guard(self, fn):
+        try:
+            return fn()
+        except CodecError:
+            raise
+        except (zlib.error, lzma.LZMAError, zstandard.ZstdError, EOFError, ValueError) as e:
+            raise CodecError(f"{self.codec} stream is corrupt: {e}") from None
+        except Exception as e:  # brotli.error is a plain Exception subclass
+            if _brotli is not None and isinstance(e, _brotli.error):
+                raise CodecError(f"{self.codec} stream is corrupt: {e}") from None
+            raise
 
+    def _next_input(self, size: int) -> bytes:
+        chunk = bytes(self._data[self._pos : self._pos + size])
+        self._pos += len(chunk)
+        return chunk
 
-def _decompress_zstd(data: bytes, max_output: int) -> bytes:
-    # python-zstandard's streaming API has no output cap, but libzstd refuses to produce more than
-    # a frame's declared content size. So: demand a declared size, check it against the bound, and
-    # let libzstd enforce it while decoding.
-    params = zstandard.get_frame_parameters(data)
-    size = params.content_size
-    if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
-        raise CodecError("zstd frame does not declare its content size")
-    if size > max_output:
-        raise _too_big("zstd", max_output)
-    d = zstandard.ZstdDecompressor().decompressobj()
-    out = d.decompress(data)
-    if len(out) > max_output:  # defensive: libzstd already enforces the declared size
-        raise _too_big("zstd", max_output)
-    if not d.eof:
-        raise CodecError("zstd stream is truncated (frame not complete)")
-    if d.unused_data:
-        raise CodecError(f"zstd frame is followed by {len(d.unused_data)} unexpected bytes")
-    return out
+    def _step(self) -> bytes:
+        """Decode a little more; sets ``_done`` when the decoder can give nothing more."""
+        d, n = self._d, self.OUT_CHUNK
+        if self.codec == "zlib":
+            out = d.decompress(d.unconsumed_tail or self._next_input(self.IN_CHUNK), n)
+            if d.eof:
+                self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._done = not d.unconsumed_tail
+            elif not out and not d.unconsumed_tail and self._pos >= len(self._data):
+                self._done = True
+            return out
+        if self.codec == "lzma":
+            if d.eof:
+                self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._done = True
+                return b""
+            out = d.decompress(self._next_input(self.IN_CHUNK) if d.needs_input else b"", max_length=n)
+            if not d.eof and not out and d.needs_input and self._pos >= len(self._data):
+                self._done = True
+            if d.eof:
+                self._unused = len(d.unused_data) + len(self._data) - self._pos
+            return out
+        if self.codec == "zstd":
+            if d.eof or self._pos >= len(self._data):
+                if d.eof:
+                    self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._done = True
+                return b""
+            out = d.decompress(self._next_input(self.ZSTD_IN_CHUNK))
+            if d.eof:
+                self._unused = len(d.unused_data) + len(self._data) - self._pos
+            return out
+        if d.is_finished():
+            self._unused = len(self._data) - self._pos
+            self._done = True
+            return b""
+        if d.can_accept_more_data():
+            if self._pos >= len(self._data):
+                self._done = True
+                return b""
+            return d.process(self._next_input(self.IN_CHUNK), output_buffer_limit=n)
+        return d.process(b"", output_buffer_limit=n)
 
+    def _fill(self, n: int) -> None:
+        while len(self._pending) < n and not self._done:
+            out = self._guard(self._step)
+            self._produced += len(out)
+            if self._produced > self.max_output:
+                raise _too_big(self.codec, self.max_output)
+            self._pending += out
 
-def _decompress_brotli(data: bytes, max_output: int) -> bytes:
-    assert _brotli is not None
-    d = _brotli.Decompressor()
-    parts = [d.process(data, output_buffer_limit=max_output + 1)]
-    total = len(parts[0])
-    # With a limit the decoder may hold back output; drain it with empty input until it either
-    # finishes, asks for more input (= the stream was truncated), or passes the bound.
-    while not d.is_finished() and total <= max_output and not d.can_accept_more_data():
-        chunk = d.process(b"", output_buffer_limit=max_output + 1 - total)
-        parts.append(chunk)
-        total += len(chunk)
-    if total > max_output:
-        raise _too_big("brotli", max_output)
-    if not d.is_finished():
-        raise CodecError("brotli stream is truncated")
-    return b"".join(parts)
+    def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` with the next output; returns how many bytes (fewer only at the end)."""
+        filled = 0
+        while filled < len(buf):
+            self._fill(min(len(buf) - filled, self.OUT_CHUNK))
+            if not self._pending:
+                break
+            k = min(len(buf) - filled, len(self._pending))
+            buf[filled : filled + k] = self._pending[:k]
+            del self._pending[:k]
+            filled += k
+        return filled
 
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` more bytes of output (fewer only at the end of the stream)."""
+        parts, left = [], n
+        while left > 0:
+            self._fill(min(left, self.OUT_CHUNK))
+            if not self._pending:
+                break
+            k = min(left, len(self._pending))
+            parts.append(bytes(self._pending[:k]))
+            del self._pending[:k]
+            left -= k
+        return b"".join(parts)
 
-_DECODERS = {
-    "zlib": _decompress_zlib,
-    "lzma": _decompress_lzma,
-    "zstd": _decompress_zstd,
-    "brotli": _decompress_brotli,
-}
+    def finish(self) -> None:
+        """Check that the output has all been read and the stream ends cleanly right there."""
+        self._fill(1)
+        if self._pending:
+            raise _too_big(self.codec, self._produced - len(self._pending))
+        eof = {"zlib": lambda: self._d.eof, "lzma": lambda: self._d.eof, "zstd": lambda: self._d.eof}.get(
+            self.codec, lambda: self._d.is_finished()
+        )()
+        if not eof:
+            raise CodecError(f"{self.codec} stream is truncated (no end-of-stream marker)")
+        if self._unused:
+            raise CodecError(f"{self.codec} stream is followed by {self._unused} unexpected bytes")
 
 
 def decompress(data: bytes, codec: str, max_output: int) -> bytes:
     """Decode a complete stream of `codec`, refusing to produce more than `max_output` bytes."""
-    _check_codec(codec)
-    if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
-        raise CodecError(f"max_output must be a non-negative int, got {max_output!r}")
-    try:
-        return _DECODERS[codec](bytes(data), max_output)
-    except CodecError:
-        raise
-    except (zlib.error, lzma.LZMAError, zstandard.ZstdError, EOFError) as e:
-        raise CodecError(f"{codec} stream is corrupt: {e}") from None
-    except Exception as e:  # brotli.error is a plain Exception subclass; keep the contract anyway
-        if _brotli is not None and isinstance(e, _brotli.error):
-            raise CodecError(f"{codec} stream is corrupt: {e}") from None
-        raise
+    inflater = Inflater(data, codec, max_output)
+    out = inflater.read(max_output)
+    inflater.finish()
+    return out
 
 
 def best_codec(data: bytes, codecs: tuple[str, ...] | list[str] = CODECS) -> tuple[str, bytes]:
@@ -307,6 +378,8 @@ def validate_quantized(q: QuantizedTensor, name: str = "tensor") -> None:
             )
         if q.scale is not None or q.bits is not None or any(t is not None for t in q.extras()):
             raise ArtifactError(f"{name}: float scheme {q.scheme} must have no scale, bits, outliers or low-rank term")
+        if not bool(torch.isfinite(q.data).all()):
+            raise ArtifactError(f"{name}: non-finite values (NaN or inf)")
         return
     if q.bits != bits:
         raise ArtifactError(f"{name}: scheme {q.scheme} disagrees with bits={q.bits}")
@@ -605,14 +678,30 @@ def seal(payload: bytes, codec: str) -> tuple[str, bytes]:
 # Reading
 
 
-def unseal(data: bytes, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[str, bytes]:
-    """Check the container and return (codec, uncompressed payload)."""
-    n = len(data)
-    if data[: len(MAGIC)] != MAGIC[: min(n, len(MAGIC))]:
-        raise ArtifactError(f"not a loopgolf artifact: bad magic {bytes(data[:len(MAGIC)])!r} (expected {MAGIC!r})")
+@dataclass(frozen=True)
+class _Container:
+    version: int
+    codec_name: bytes
+    raw_len: int
+    comp_len: int
+    fixed: int  # bytes before the compressed payload
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.comp_len + _DIGEST_BYTES
+
+
+# The fixed header is at most this long: prefix, the longest codec name, the two lengths.
+_MAX_FIXED = _PREFIX.size + MAX_CODEC_NAME + _LENGTHS.size
+
+
+def _parse_container(head: bytes, n: int) -> _Container:
+    """Check the fixed header in ``head`` (the file's first bytes) against the file's size ``n``."""
+    if head[: len(MAGIC)] != MAGIC[: min(len(head), len(MAGIC))]:
+        raise ArtifactError(f"not a loopgolf artifact: bad magic {bytes(head[:len(MAGIC)])!r} (expected {MAGIC!r})")
     if n < _PREFIX.size:
         raise ArtifactError(f"artifact is truncated: {n} bytes, shorter than the fixed header")
-    _, version, name_len = _PREFIX.unpack_from(data, 0)
+    _, version, name_len = _PREFIX.unpack_from(head, 0)
     if version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"unsupported artifact format version {version}; this reader supports {', '.join(map(str, READABLE_VERSIONS))}"
@@ -622,34 +711,86 @@ def unseal(data: bytes, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[
         raise ArtifactError(f"artifact is truncated: {n} bytes, shorter than its {fixed}-byte header")
     if not 0 < name_len <= MAX_CODEC_NAME:
         raise ArtifactError(f"bad codec name length {name_len}")
-    raw_len, comp_len = _LENGTHS.unpack_from(data, _PREFIX.size + name_len)
-    expected = fixed + comp_len + _DIGEST_BYTES
-    if n < expected:
-        raise ArtifactError(f"artifact is truncated: {n} bytes, header says {expected}")
-    if n > expected:
-        raise ArtifactError(f"artifact has {n - expected} unexpected trailing bytes (expected {expected} bytes)")
-    body = data[: n - _DIGEST_BYTES]
+    raw_len, comp_len = _LENGTHS.unpack_from(head, _PREFIX.size + name_len)
+    c = _Container(version, bytes(head[_PREFIX.size : _PREFIX.size + name_len]), raw_len, comp_len, fixed)
+    if n < c.total:
+        raise ArtifactError(f"artifact is truncated: {n} bytes, header says {c.total}")
+    if n > c.total:
+        raise ArtifactError(f"artifact has {n - c.total} unexpected trailing bytes (expected {c.total} bytes)")
+    return c
+
+
+def _open_container(data: bytes, max_payload_bytes: int) -> tuple[_Container, str, memoryview]:
+    """Check the container (header, checksum, codec, declared size); return it, its codec and
+    the compressed payload."""
+    c = _parse_container(data[:_MAX_FIXED], len(data))
+    n = len(data)
+    body = memoryview(data)[: n - _DIGEST_BYTES]
     if hashlib.sha256(body).digest() != bytes(data[n - _DIGEST_BYTES :]):
         raise ArtifactError("artifact checksum mismatch: the file is corrupted")
     # Checked only after the checksum so a corrupted byte reads as corruption, not as nonsense.
     try:
-        codec = bytes(data[_PREFIX.size : _PREFIX.size + name_len]).decode("ascii")
+        codec = c.codec_name.decode("ascii")
     except UnicodeDecodeError:
         raise ArtifactError("codec name is not ASCII") from None
     if codec not in CODECS:
         raise ArtifactError(f"artifact uses codec {codec!r}, not available here (available: {', '.join(CODECS)})")
-    if raw_len > max_payload_bytes:
+    if c.raw_len > max_payload_bytes:
         raise ArtifactError(
-            f"artifact claims a {raw_len}-byte payload, above the sane bound of {max_payload_bytes} bytes "
+            f"artifact claims a {c.raw_len}-byte payload, above the sane bound of {max_payload_bytes} bytes "
             "(corrupt or a decompression bomb)"
         )
+    return c, codec, memoryview(data)[c.fixed : c.fixed + c.comp_len]
+
+
+def unseal(data: bytes, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[str, bytes]:
+    """Check the container and return (codec, uncompressed payload)."""
+    c, codec, comp = _open_container(bytes(data), max_payload_bytes)
     try:
-        payload = decompress(bytes(data[fixed : fixed + comp_len]), codec, raw_len)
+        payload = decompress(comp, codec, c.raw_len)
     except CodecError as e:
         raise ArtifactError(f"cannot decompress payload: {e}") from None
-    if len(payload) != raw_len:
-        raise ArtifactError(f"payload decompressed to {len(payload)} bytes, header says {raw_len}")
+    if len(payload) != c.raw_len:
+        raise ArtifactError(f"payload decompressed to {len(payload)} bytes, header says {c.raw_len}")
     return codec, payload
+
+
+def _max_file_bytes(max_payload_bytes: int) -> int:
+    # Compressed data can be a little larger than the payload (stored blocks, incompressible
+    # codes); anything much larger than the payload bound is not an artifact this reader accepts.
+    return _MAX_FIXED + max_payload_bytes + max_payload_bytes // 64 + (1 << 16) + _DIGEST_BYTES
+
+
+def read_file(path: str | os.PathLike, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The bytes of an artifact file, read only after its fixed header checks out: a directory,
+    device or pipe is refused without opening it, a file whose size disagrees with its header
+    (or is far above the payload bound) is refused after reading its first bytes."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such artifact file") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise ArtifactError(f"{path} is {kind}, not an artifact file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_MAX_FIXED)
+            try:
+                c = _parse_container(head, size)
+            except ArtifactError as e:
+                raise ArtifactError(f"{path}: {e}") from None
+            if c.total > _max_file_bytes(max_payload_bytes):
+                raise ArtifactError(f"{path}: {c.total}-byte artifact is above the sane bound for a {max_payload_bytes}-byte payload")
+            data = head + f.read(c.total - len(head) + 1)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) != size:
+        raise ArtifactError(f"{path}: the file changed while it was read")
+    return data
 
 
 def _is_int(x: Any) -> bool:
@@ -669,77 +810,88 @@ def _shape(x: Any, where: str) -> tuple[int, ...]:
     return tuple(x)
 
 
-def _read_part(entry: Any, where: str, blob: memoryview, cursor: int, version: int) -> tuple[torch.Tensor, int]:
-    if not isinstance(entry, dict):
-        raise ArtifactError(f"{where}: part entry must be an object")
-    dtype_name, offset, nbytes = entry.get("dtype"), entry.get("offset"), entry.get("nbytes")
-    if dtype_name not in _DTYPES or (version == 1 and dtype_name == "int32"):
-        raise ArtifactError(f"{where}: unknown dtype {dtype_name!r}; known: {', '.join(_DTYPES)}")
-    shape = _shape(entry.get("shape"), where)
-    if not (_is_int(offset) and _is_int(nbytes)):
-        raise ArtifactError(f"{where}: offset and nbytes must be ints")
-    np_dtype = np.dtype(_DTYPES[dtype_name][1])
-    numel = math.prod(shape)
-    if nbytes != numel * np_dtype.itemsize:
-        raise ArtifactError(f"{where}: nbytes {nbytes} does not match shape {list(shape)} of {dtype_name}")
-    # The writer lays parts out back to back; anything else (gaps, overlaps, out of range) is corrupt.
-    if offset != cursor:
-        raise ArtifactError(f"{where}: offset {offset} is not where the previous tensor ended ({cursor})")
-    if offset + nbytes > len(blob):
-        raise ArtifactError(
-            f"{where}: bytes [{offset}, {offset + nbytes}) lie outside the {len(blob)}-byte tensor data"
-        )
-    layout = entry.get("layout", "plain")
-    if layout == "planes" and version >= 2 and np_dtype.itemsize > 1:
-        planes = np.frombuffer(blob, dtype=np.uint8, count=nbytes, offset=offset).reshape(np_dtype.itemsize, numel)
-        arr = np.ascontiguousarray(planes.T).view(np_dtype).reshape(shape)
-    elif layout == "plain":
-        arr = np.frombuffer(blob, dtype=np_dtype, count=numel, offset=offset).reshape(shape).copy()
-    else:
-        raise ArtifactError(f"{where}: layout {layout!r} is not valid for {dtype_name} in format version {version}")
-    return torch.from_numpy(arr), offset + nbytes
+MAX_HEADER_BYTES = 1 << 26  # a header is a few KB per tensor; 64 MiB is far above any real one
 
 
-def _parse_header(payload: bytes) -> tuple[dict, memoryview]:
-    if len(payload) < _HEADER_LEN.size:
-        raise ArtifactError("payload too short to hold a header")
-    (hlen,) = _HEADER_LEN.unpack_from(payload, 0)
-    end = _HEADER_LEN.size + hlen
-    if end > len(payload):
-        raise ArtifactError(f"header length {hlen} runs past the {len(payload)}-byte payload")
+def _parse_header_bytes(raw: bytes) -> dict:
     try:
-        header = json.loads(payload[_HEADER_LEN.size : end].decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ArtifactError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise ArtifactError("header must be a JSON object")
-    return header, memoryview(payload)[end:]
+    return header
 
 
-def _load_tensors(header: dict, blob: memoryview, version: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+@dataclass
+class _PartSpec:
+    name: str  # part name ("data", "scale", ...)
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    planes: bool
+
+
+@dataclass
+class _TensorSpec:
+    name: str
+    alias_of: str | None
+    scheme: str | None = None
+    bits: int | None = None
+    shape: tuple[int, ...] = ()
+    parts: list[_PartSpec] = field(default_factory=list)
+
+
+def _plan_part(entry: Any, part: str, where: str, cursor: int, data_bytes: int, version: int) -> _PartSpec:
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"{where}: part entry must be an object")
+    dtype_name, offset, nbytes = entry.get("dtype"), entry.get("offset"), entry.get("nbytes")
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES or (version == 1 and dtype_name == "int32"):
+        raise ArtifactError(f"{where}: unknown dtype {dtype_name!r:.40}; known: {', '.join(_DTYPES)}")
+    shape = _shape(entry.get("shape"), where)
+    if not (_is_int(offset) and _is_int(nbytes)):
+        raise ArtifactError(f"{where}: offset and nbytes must be ints")
+    itemsize = np.dtype(_DTYPES[dtype_name][1]).itemsize
+    if nbytes != math.prod(shape) * itemsize:
+        raise ArtifactError(f"{where}: nbytes {nbytes} does not match shape {list(shape)} of {dtype_name}")
+    # The writer lays parts out back to back; anything else (gaps, overlaps, out of range) is corrupt.
+    if offset != cursor:
+        raise ArtifactError(f"{where}: offset {offset} is not where the previous tensor ended ({cursor})")
+    if offset + nbytes > data_bytes:
+        raise ArtifactError(f"{where}: bytes [{offset}, {offset + nbytes}) lie outside the {data_bytes}-byte tensor data")
+    layout = entry.get("layout", "plain")
+    planes = layout == "planes" and version >= 2 and itemsize > 1
+    if not planes and layout != "plain":
+        raise ArtifactError(f"{where}: layout {layout!r:.40} is not valid for {dtype_name} in format version {version}")
+    return _PartSpec(part, dtype_name, shape, offset, nbytes, planes)
+
+
+def _plan_tensors(header: dict, data_bytes: int, version: int) -> list[_TensorSpec]:
+    """Validate the tensor table against the header alone (names, schemes, parts, the byte
+    layout), before any tensor byte is inflated."""
     table = header.get("tensors")
-    data_bytes = header.get("data_bytes")
     if not isinstance(table, list):
         raise ArtifactError("header 'tensors' must be a list")
-    if not _is_int(data_bytes) or data_bytes != len(blob):
-        raise ArtifactError(f"header says {data_bytes!r} bytes of tensor data, payload holds {len(blob)}")
-    state: dict[str, torch.Tensor] = {}
-    quantized: dict[str, QuantizedTensor] = {}
-    rows: list[dict] = []
+    if header.get("data_bytes") != data_bytes or not _is_int(header.get("data_bytes")):
+        raise ArtifactError(f"header says {header.get('data_bytes')!r:.40} bytes of tensor data, payload holds {data_bytes}")
+    specs: list[_TensorSpec] = []
+    stored: set[str] = set()
+    seen: set[str] = set()
     cursor = 0
     for i, entry in enumerate(table):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ArtifactError(f"tensor table entry {i} must be an object with a string 'name'")
         name = entry["name"]
-        where = f"tensor {name!r}"
-        if name in state:
+        where = f"tensor {name!r:.80}"
+        if name in seen:
             raise ArtifactError(f"{where} appears twice in the tensor table")
+        seen.add(name)
         alias_of = entry.get("alias_of")
         if alias_of is not None:
-            if not isinstance(alias_of, str) or alias_of not in quantized:
-                raise ArtifactError(f"{where}: alias_of {alias_of!r} is not an earlier stored tensor")
-            state[name] = state[alias_of]  # the same object, as tied weights were
-            rows.append(_info_row(name, quantized[alias_of], stored_bytes=0, alias_of=alias_of))
+            if not isinstance(alias_of, str) or alias_of not in stored:
+                raise ArtifactError(f"{where}: alias_of {alias_of!r:.80} is not an earlier stored tensor")
+            specs.append(_TensorSpec(name, alias_of))
             continue
         scheme = entry.get("scheme")
         if not isinstance(scheme, str):
@@ -749,47 +901,108 @@ def _load_tensors(header: dict, blob: memoryview, version: int) -> tuple[dict[st
         except ArtifactError as e:
             raise ArtifactError(f"{where}: {e}") from None
         if entry.get("bits") != bits or (bits is not None and not _is_int(entry.get("bits"))):
-            raise ArtifactError(f"{where}: bits {entry.get('bits')!r} does not match scheme {scheme!r}")
+            raise ArtifactError(f"{where}: bits {entry.get('bits')!r:.40} does not match scheme {scheme!r}")
         shape = _shape(entry.get("shape"), where)
         parts = entry.get("parts")
         want_parts = {"data"} if scheme in FLOAT_SCHEMES else {"data", "scale"}
-        # intN tensors of version 2 may add the outlier and low-rank parts (pairs are checked below).
+        # intN tensors of version 2 may add the outlier and low-rank parts (pairs are checked later).
         optional = set(PART_NAMES[2:]) if version >= 2 and scheme not in FLOAT_SCHEMES else set()
         if not isinstance(parts, dict) or not want_parts <= set(parts) <= want_parts | optional:
             raise ArtifactError(f"{where}: scheme {scheme} needs parts {sorted(want_parts)} (optional: {sorted(optional)})")
-        arrays: dict[str, torch.Tensor] = {}
+        spec = _TensorSpec(name, None, scheme, bits, shape)
         for part in PART_NAMES:  # storage order
             if part in parts:
-                arrays[part], cursor = _read_part(parts[part], f"{where} {part}", blob, cursor, version)
-        q = QuantizedTensor(scheme, shape, *(arrays.get(p) for p in PART_NAMES[:2]), bits, *(arrays.get(p) for p in PART_NAMES[2:]))
-        state[name] = dequantize_tensor(q, where)  # validates the tensor first
-        quantized[name] = q
-        rows.append(_info_row(name, q, stored_bytes=q.stored_bytes, alias_of=None))
-    if cursor != len(blob):
-        raise ArtifactError(f"{len(blob) - cursor} bytes of tensor data are not referenced by any tensor")
+                spec.parts.append(_plan_part(parts[part], part, f"{where} {part}", cursor, data_bytes, version))
+                cursor += spec.parts[-1].nbytes
+        specs.append(spec)
+        stored.add(name)
+    if cursor != data_bytes:
+        raise ArtifactError(f"{data_bytes - cursor} bytes of tensor data are not referenced by any tensor")
+    return specs
+
+
+def _read_part(p: _PartSpec, blob: memoryview) -> torch.Tensor:
+    np_dtype = np.dtype(_DTYPES[p.dtype][1])
+    numel = math.prod(p.shape)
+    if p.planes:
+        planes = np.frombuffer(blob, dtype=np.uint8, count=p.nbytes, offset=p.offset).reshape(np_dtype.itemsize, numel)
+        arr = np.ascontiguousarray(planes.T).view(np_dtype).reshape(p.shape)
+    else:
+        arr = np.frombuffer(blob, dtype=np_dtype, count=numel, offset=p.offset).reshape(p.shape).copy()
+    return torch.from_numpy(arr)
+
+
+def _load_tensors(specs: list[_TensorSpec], blob: memoryview) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedTensor] = {}
+    rows: list[dict] = []
+    for spec in specs:
+        if spec.alias_of is not None:
+            state[spec.name] = state[spec.alias_of]  # the same object, as tied weights were
+            rows.append(_info_row(spec.name, quantized[spec.alias_of], stored_bytes=0, alias_of=spec.alias_of))
+            continue
+        arrays = {p.name: _read_part(p, blob) for p in spec.parts}
+        q = QuantizedTensor(
+            spec.scheme, spec.shape, *(arrays.get(n) for n in PART_NAMES[:2]), spec.bits, *(arrays.get(n) for n in PART_NAMES[2:])
+        )
+        state[spec.name] = dequantize_tensor(q, f"tensor {spec.name!r:.80}")  # validates the tensor first
+        quantized[spec.name] = q
+        rows.append(_info_row(spec.name, q, stored_bytes=q.stored_bytes, alias_of=None))
     return state, rows
+
+
+HeaderCheck = Callable[[dict, dict[str, tuple[int, ...]]], None]
 
 
 def read_artifact(
     path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
     *,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    check_header: HeaderCheck | None = None,
 ) -> LoadedArtifact:
-    """Load an artifact from a path or its bytes; raises ArtifactError on anything malformed."""
+    """Load an artifact from a path or its bytes; raises ArtifactError on anything malformed.
+
+    Order of work, so that no input costs much more than a real artifact of its declared size:
+    the fixed header and the file size (before the file is read), the checksum, then the payload's
+    JSON header and tensor table (inflating only that much), then ``check_header(model_config,
+    {stored name: shape})`` (e.g. the model's own shapes, see :func:`loopgolf.export.pack.load_model`),
+    and only then the tensor data, inflated into a buffer of exactly the size the table accounts for."""
     path: Path | None = None
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data = bytes(path_or_bytes)
     else:
         path = Path(path_or_bytes)
-        data = path.read_bytes()
-    codec, payload = unseal(data, max_payload_bytes=max_payload_bytes)
-    version = _PREFIX.unpack_from(data, 0)[1]
-    header, blob = _parse_header(payload)
-    if header.get("format_version") != version:
-        raise ArtifactError(f"payload format_version {header.get('format_version')!r} != container version {version}")
-    model_config, meta = header.get("model_config"), header.get("meta")
-    if not isinstance(model_config, dict) or not isinstance(meta, dict):
-        raise ArtifactError("header 'model_config' and 'meta' must be JSON objects")
-    state, rows = _load_tensors(header, blob, version)
-    info = ArtifactInfo(path, len(data), codec, len(payload), rows)
+        data = read_file(path, max_payload_bytes)
+    c, codec, comp = _open_container(data, max_payload_bytes)
+    try:
+        inflater = Inflater(comp, codec, c.raw_len)
+        head = inflater.read(_HEADER_LEN.size)
+        if len(head) < _HEADER_LEN.size:
+            raise ArtifactError("payload too short to hold a header")
+        (hlen,) = _HEADER_LEN.unpack(head)
+        if _HEADER_LEN.size + hlen > c.raw_len or hlen > MAX_HEADER_BYTES:
+            raise ArtifactError(f"header length {hlen} runs past the {c.raw_len}-byte payload (or the {MAX_HEADER_BYTES}-byte header bound)")
+        raw_header = inflater.read(hlen)
+        if len(raw_header) < hlen:
+            raise ArtifactError(f"payload decompressed to {_HEADER_LEN.size + len(raw_header)} bytes, header says {c.raw_len}")
+        header = _parse_header_bytes(raw_header)
+        if header.get("format_version") != c.version:
+            raise ArtifactError(f"payload format_version {header.get('format_version')!r:.40} != container version {c.version}")
+        model_config, meta = header.get("model_config"), header.get("meta")
+        if not isinstance(model_config, dict) or not isinstance(meta, dict):
+            raise ArtifactError("header 'model_config' and 'meta' must be JSON objects")
+        data_bytes = c.raw_len - _HEADER_LEN.size - hlen
+        specs = _plan_tensors(header, data_bytes, c.version)
+        if check_header is not None:
+            shapes = {s.name: (s.shape if s.alias_of is None else next(t.shape for t in specs if t.name == s.alias_of)) for s in specs}
+            check_header(model_config, shapes)
+        blob = bytearray(data_bytes)
+        got = inflater.readinto(memoryview(blob))
+        if got != data_bytes:
+            raise ArtifactError(f"payload decompressed to {_HEADER_LEN.size + hlen + got} bytes, header says {c.raw_len}")
+        inflater.finish()
+    except CodecError as e:
+        raise ArtifactError(f"cannot decompress payload: {e}") from None
+    state, rows = _load_tensors(specs, memoryview(blob))
+    info = ArtifactInfo(path, len(data), codec, c.raw_len, rows)
     return LoadedArtifact(model_config, state, meta, codec, info)

@@ -250,6 +250,12 @@ def export_model(
         raise ArtifactError("pass either bits= (shorthand for a uniform policy) or policy=, not both")
     policy = QuantPolicy.uniform(bits) if bits is not None else (policy or QuantPolicy())
     state = model.state_dict()  # tied tensors still share storage here, so they are stored once
+    bad = [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ArtifactError(
+            f"cannot export: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+            "the model diverged or was damaged; nothing was written"
+        )
     if hessians is None and calibration is not None and (policy.gptq or policy.lowrank_rank):
         from loopgolf.export.gptq import collect_hessians
 
@@ -267,9 +273,54 @@ def export_model(
     return write_blob(path, blob, info, cap_bytes=cap_bytes, extra_bytes=code_bytes)
 
 
+def _config_from_header(model_config: dict) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(model_config)
+    except ValueError as e:
+        raise ArtifactError(f"artifact model_config is invalid: {e}") from None
+
+
+def check_model_shapes(model_config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ArtifactError unless the model that ``model_config`` describes has exactly the tensors
+    ``shapes`` lists. The model is built on the meta device (no memory, no init), so a header
+    that asks for a huge model costs nothing before it is refused."""
+    cfg = _config_from_header(model_config)
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in GPT(cfg).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(shapes) if expected[n] != tuple(shapes[n]))
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", [f"{n} {list(shapes[n])} != {list(expected[n])}" for n in wrong]))
+            if names
+        )
+        raise ArtifactError(f"the artifact's tensors do not match its model_config: {detail}")
+
+
+PROBE_TOKENS = 16
+
+
+def check_finite_outputs(model: GPT) -> None:
+    """ArtifactError unless one forward pass over a fixed probe sequence gives finite logits:
+    finite weights can still overflow (a scale of 1e38), and a NaN score must not come out of
+    an artifact that loaded cleanly."""
+    n = min(PROBE_TOKENS, model.config.max_seq_len)
+    pos = torch.arange(n, device=next(model.parameters()).device)
+    tokens = torch.stack([pos % model.config.vocab_size, (pos * 7919 + 17) % model.config.vocab_size])
+    with torch.no_grad():
+        logits = model(tokens)
+    if not bool(torch.isfinite(logits).all()):
+        raise ArtifactError("the artifact's weights give non-finite logits (NaN or inf) on a probe sequence")
+
+
 def load_model(artifact: str | Path | bytes, device: torch.device | str = "cpu") -> tuple[GPT, LoadedArtifact]:
-    """Rebuild the model from an artifact: config from its header, dequantized weights loaded strictly."""
-    loaded = read_artifact(artifact)
-    model = GPT(ModelConfig.from_dict(loaded.model_config))
+    """Rebuild the model from an artifact: its header's config is checked against its tensor
+    table before any tensor is inflated, the dequantized weights are loaded strictly, and a probe
+    forward pass must give finite logits. Every failure is an ArtifactError."""
+    loaded = read_artifact(artifact, check_header=check_model_shapes)
+    model = GPT(_config_from_header(loaded.model_config))
     model.load_state_dict(loaded.state_dict, strict=True)
-    return model.to(device), loaded
+    model = model.to(device)
+    check_finite_outputs(model)
+    return model, loaded
