@@ -141,7 +141,12 @@ def run_options(args: argparse.Namespace, train_only: bool = False) -> RunOption
         checkpoint_every=args.checkpoint_every,
         resume=Path(args.resume) if args.resume else None,
         train_only=train_only,
+        verify_data=not args.no_verify_data,
     )
+
+
+EXIT_BAD_INPUT = 2  # a user mistake or a bad file: one line on stderr
+EXIT_OVER_CAP = 3  # the run finished and wrote its report, but code + model exceed the cap
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -151,6 +156,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return 0
     print(summary_json(summary) if args.json else format_summary(summary))
+    if not summary["fits"]:
+        print(
+            f"loopgolf run: artifact is {summary['artifact_bytes']:,} bytes, over the {summary['cap_bytes']:,}-byte cap "
+            f"by {-summary['headroom_bytes']:,} (report written to {summary['run_dir']})",
+            file=sys.stderr,
+        )
+        return EXIT_OVER_CAP
     return 0
 
 
@@ -194,7 +206,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with its config.json (--steps/--time extend the budget)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bars)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory (its old summary, artifact and checkpoint are removed first)")
+    p.add_argument("--no-verify-data", action="store_true", help="skip checking the shards against the dataset's manifest (sizes and sha256)")
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -219,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device or "auto")
     model, loaded = load_model(Path(args.artifact), device=device)
-    ds = Dataset.open(Path(args.data), tokenizer=Path(args.tokenizer) if args.tokenizer else None)
+    ds = Dataset.open(Path(args.data), tokenizer=Path(args.tokenizer) if args.tokenizer else None, verify=not args.no_verify_data, splits=("val",))
     if ds.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {ds.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}")
     seq_len = args.seq_len or int(loaded.meta.get("seq_len", 1024))
@@ -242,6 +255,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: non-overlapping windows)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--no-verify-data", action="store_true", help="skip checking the validation shards against the dataset's manifest")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -579,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="loopgolf", description="Build, train, compress and score the best language model per stored byte.")
     parser.add_argument("--version", action="version", version=f"loopgolf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -590,10 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # User mistakes (bad input, missing files, over-cap artifacts): a clear message, no traceback.
+    except (ValueError, OSError, FloatingPointError) as e:
+        # User mistakes and bad inputs (bad values and files, a diverged run, a full or read-only
+        # disk): one clear line, no traceback; --debug shows it.
+        if args.debug:
+            raise
         print(f"loopgolf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ rank 0 exports and evaluates after training.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 
 import loopgolf
-from loopgolf.config import Preset, TrainConfig, get_preset
+from loopgolf.config import Preset, TrainConfig, get_preset, train_config_from_dict
 from loopgolf.data.dataset import Dataset
-from loopgolf.data.shards import TokenLoader
+from loopgolf.data.shards import TokenLoader, read_shard_header
 from loopgolf.device import resolve_device
 from loopgolf.evaluate import EvalResult, evaluate_bpb
+from loopgolf.export.artifact import CODECS
 from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_byte_counts, export_model, load_model
 from loopgolf.export.quantize import QuantPolicy, parse_policy
 from loopgolf.train.qat import QAT, QATConfig
@@ -64,10 +66,24 @@ class RunOptions:
     checkpoint_every: int | None = None  # steps between checkpoints; None: 0 (none), or the resumed run's setting
     resume: Path | None = None  # run directory to continue from its checkpoint
     train_only: bool = False  # `loopgolf train`: stop after training and the final checkpoint
+    verify_data: bool = True  # check the shards against the dataset's manifest (sizes, sha256) before training
 
     def __post_init__(self) -> None:
+        # Everything that can be checked before training is checked here, so a typo does not
+        # cost a whole training budget before export fails on it.
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
+        if self.codec not in ("auto", *CODECS):
+            raise ValueError(f"unknown codec {self.codec!r}; valid: auto, {', '.join(CODECS)}")
+        parse_policy(self.quant)
+        if self.qat not in ("off", "ste", "noise"):
+            raise ValueError(f"unknown QAT mode {self.qat!r}; valid: off, ste, noise")
+        if not 0.0 <= self.qat_start <= 1.0:  # also refuses NaN
+            raise ValueError(f"qat_start must be a fraction of the budget in [0, 1], got {self.qat_start}")
+        if isinstance(self.cap_bytes, bool) or not isinstance(self.cap_bytes, int) or self.cap_bytes < 1:
+            raise ValueError(f"the byte cap must be a positive integer, got {self.cap_bytes!r}")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(f"--time must be a positive, finite number of seconds, got {self.time_budget}")
 
 
 def environment() -> dict[str, Any]:
@@ -127,7 +143,7 @@ def build_configs(opts: RunOptions) -> Preset:
     train_kw.update(budget_changes(train_kw, opts.time_budget, opts.max_steps))
     if opts.device is not None:
         train_kw["device"] = opts.device
-    train_cfg = TrainConfig(**train_kw)
+    train_cfg = train_config_from_dict(train_kw)
     return Preset(preset.name, preset.description, model_cfg, train_cfg, preset.eval_batch_size)
 
 
@@ -150,6 +166,11 @@ class RunSetup:
     resume: dict[str, Any] | None  # the checkpoint to continue from
 
 
+# The keys of config.json (see _fresh_config); a resumed run refuses a file with others or fewer.
+CONFIG_KEYS = frozenset({"preset", "model", "train", "cap_bytes", "codec", "quant", "eval_stride", "data", "data_dir"})
+OPTIONAL_CONFIG_KEYS = frozenset({"qat", "eval_batch_size", "checkpoint_every"})  # written since 0.1, read with defaults
+
+
 def _fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     preset = build_configs(opts)
     config = {
@@ -167,13 +188,24 @@ def _resumed_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise ValueError(f"{run_dir} has no config.json: --resume takes a run directory written by `loopgolf run` or `loopgolf train`")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    train_kw = dict(config["train"])
-    train_kw.update(budget_changes(train_kw, opts.time_budget, opts.max_steps))
-    if opts.device is not None:
-        train_kw["device"] = opts.device
-    train_cfg = TrainConfig(**train_kw)
-    model_cfg = ModelConfig.from_dict(config["model"])
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    missing, unknown = sorted(CONFIG_KEYS - set(config)), sorted(set(config) - CONFIG_KEYS - OPTIONAL_CONFIG_KEYS)
+    if missing or unknown:
+        raise ValueError(f"{path} is not a run config written by loopgolf: missing keys {missing}, unknown keys {unknown}")
+    try:
+        train_kw = dict(config["train"])
+        train_kw.update(budget_changes(train_kw, opts.time_budget, opts.max_steps))
+        if opts.device is not None:
+            train_kw["device"] = opts.device
+        train_cfg = train_config_from_dict(train_kw, required=True)
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
     eval_bs = config.get("eval_batch_size") or get_preset(config["preset"]).eval_batch_size
     config["train"] = asdict(train_cfg)
     if opts.checkpoint_every is not None:
@@ -203,7 +235,9 @@ def _run_dir(opts: RunOptions, preset_name: str, ctx: DistContext) -> Path:
         out = Path(opts.resume)
     else:
         out = Path(opts.out) if opts.out else Path("runs") / f"{preset_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        if ctx.is_main and out.exists() and any(out.iterdir()) and not opts.force:
+        if ctx.is_main and out.exists() and not out.is_dir():
+            error = f"--out {out} is a file, not a directory"
+        elif ctx.is_main and out.exists() and any(out.iterdir()) and not opts.force:
             error = f"run directory {out} exists and is not empty (pass --force to overwrite, or --resume to continue it)"
     if ctx.enabled:
         out, error = broadcast_object((out, error))
@@ -212,13 +246,37 @@ def _run_dir(opts: RunOptions, preset_name: str, ctx: DistContext) -> Path:
     return out
 
 
+# What a finished run leaves that a new start makes stale (checkpoint.pt only for a fresh start).
+RESULT_FILES = ("summary.json", ARTIFACT_NAME)
+
+
+def clear_stale_results(out: Path, *, fresh: bool) -> None:
+    """Remove what an earlier run in ``out`` left that this one will replace: its summary and
+    artifact (and, for a fresh start over it with --force, its checkpoint), so a run killed early
+    never leaves a directory claiming results it does not have; and the ``.*.tmp`` files of
+    writes that were killed before their rename."""
+    for name in RESULT_FILES + ((CHECKPOINT_NAME,) if fresh else ()):
+        (out / name).unlink(missing_ok=True)
+    for tmp in out.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def check_val_length(ds: Dataset, seq_len: int) -> None:
+    """The final scores need at least one full window of validation tokens."""
+    n = sum(read_shard_header(p) for p in ds.val_shards)
+    if n < seq_len + 1:
+        raise ValueError(f"the validation split has {n:,} tokens, fewer than one seq_len={seq_len} window needs ({seq_len + 1}); lower --seq-len or add validation data")
+
+
 def setup(opts: RunOptions) -> RunSetup:
     """Fix a run's configuration, join the process group under torchrun, open the data and
     (rank 0) create the run directory with ``config.json`` and the first log record."""
     preset, config = _resumed_config(opts) if opts.resume is not None else _fresh_config(opts)
     ctx, device = init_distributed(resolve_device(preset.train.device))
     data_dir, data_name = _data_location(opts, config, preset.model.vocab_size, ctx)
-    ds = Dataset.open(data_dir)
+    ds = Dataset.open(data_dir, verify=opts.verify_data)
+    check_val_length(ds, preset.train.seq_len)
     if ds.vocab_size != preset.model.vocab_size:
         if "vocab_size" in opts.model_overrides or opts.resume is not None:
             raise ValueError(
@@ -234,6 +292,7 @@ def setup(opts: RunOptions) -> RunSetup:
         check_resumable(resume, preset.model.to_dict(), asdict(preset.train))
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clear_stale_results(out, fresh=resume is None)
         atomic_write_json(out / "config.json", config)
         if resume is None:
             log_path = out / "log.jsonl"
