@@ -63,6 +63,10 @@ class ModelConfig:
         elif isinstance(self.plan, str):  # --model plan=cycle:3x2
             self.plan = parse_plan(self.plan)
         check_types(self, "model")
+        for name in ("rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std"):  # JSON may write 3 for 3.0
+            setattr(self, name, float(getattr(self, name)))
+        check_range("model", "qk_gain_init", self.qk_gain_init, -1e4, 1e4)
+        check_range("model", "rope_base", self.rope_base, None, 1e30)
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "max_seq_len"):
             value = getattr(self, name)
             if value < 1:
