@@ -92,10 +92,11 @@ def tiny_model(seed: int = 0) -> GPT:
     return model
 
 
-def build_artifact() -> bytes:
+def build_artifact(model: GPT | None = None) -> bytes:
+    """The bytes of ``model`` (default: :func:`tiny_model`) exported with codec zlib."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "a.lgz"
-        export_model(tiny_model(), path, codec="zlib")
+        export_model(tiny_model() if model is None else model, path, codec="zlib")
         return path.read_bytes()
 
 

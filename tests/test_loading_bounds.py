@@ -2,57 +2,45 @@
 bound, a header must agree with its tensor table before anything is inflated, and nothing
 non-finite is written or loaded. Every failure is an ArtifactError."""
 
-import json
+import hashlib
 import os
 import struct
+import sys
 import threading
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
-from loopgolf.export.artifact import MAGIC, ArtifactError, read_artifact, seal, unseal
+from loopgolf.export.artifact import MAGIC, ArtifactError, read_artifact
 from loopgolf.export.pack import export_model, load_model
-from loopgolf.model.gpt import GPT, ModelConfig
-from loopgolf.model.plan import PlanSpec
 
-HLEN = struct.Struct("<I")
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=1, loops=2), per_layer_controls=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from fuzz_artifact import build_artifact, reseal, split, tiny_model  # noqa: E402  (the fuzzer's own artifact tools)
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> bytes:
-    path = tmp_path_factory.mktemp("art") / "a.lgz"
-    export_model(tiny_model(), path, codec="zlib")
-    return path.read_bytes()
-
-
-def split(blob: bytes) -> tuple[str, dict, bytes]:
-    codec, payload = unseal(blob)
-    (n,) = HLEN.unpack_from(payload)
-    return codec, json.loads(payload[4 : 4 + n]), payload[4 + n :]
+def artifact() -> bytes:
+    return build_artifact()
 
 
 def resealed(blob: bytes, edit_header=lambda h: None, edit_data=lambda d: d) -> bytes:
     """The artifact with its header and/or tensor bytes edited and its checksum recomputed."""
     codec, header, data = split(blob)
     edit_header(header)
-    raw = json.dumps(header).encode()  # allow_nan: a crafted header may hold NaN
-    return seal(HLEN.pack(len(raw)) + raw + edit_data(bytearray(data)), codec)[1]
+    return reseal(codec, header, edit_data(bytearray(data)))
 
 
-def loads_cleanly_or_refuses(blob: bytes) -> None:
-    with pytest.raises(ArtifactError):
-        load_model(blob)
+def traced_peak(fn) -> int:
+    """Peak bytes Python allocated while ``fn`` ran."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def test_valid_artifact_loads(artifact):
@@ -132,19 +120,8 @@ def test_non_finite_logits_are_refused_at_load(artifact):
     model, _ = load_model(artifact)
     with torch.no_grad():
         dict(model.named_parameters())[name].fill_(3e38)
-    path_bytes = _export_bytes(model)
     with pytest.raises(ArtifactError, match="non-finite logits"):
-        load_model(path_bytes)
-
-
-def _export_bytes(model: GPT) -> bytes:
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "m.lgz"
-        export_model(model, path, codec="zlib")
-        return path.read_bytes()
+        load_model(build_artifact(model))
 
 
 def test_non_finite_weights_are_refused_at_export(tmp_path):
@@ -163,16 +140,13 @@ def test_bomb_with_a_bad_header_is_refused_after_inflating_little():
     stream = b"".join(comp.compress(bytes(1 << 24)) for _ in range(16)) + comp.flush()
     name = b"zlib"
     body = MAGIC + struct.pack("<HB", 2, len(name)) + name + struct.pack("<QQ", raw_len, len(stream)) + stream
-    import hashlib
-
     blob = body + hashlib.sha256(body).digest()
-    tracemalloc.start()
-    try:
+
+    def refused():
         with pytest.raises(ArtifactError, match="header"):
             read_artifact(blob)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+
+    peak = traced_peak(refused)
     assert peak < len(blob) + (16 << 20), f"peak {peak:,} bytes while refusing a bomb"
 
 
@@ -215,11 +189,8 @@ def test_huge_sparse_files_are_refused_from_their_header(tmp_path):
     with open(good_magic, "wb") as f:
         f.write(head + struct.pack("<QQ", 1 << 30, comp_len))
         f.truncate(2 << 30)
-    tracemalloc.start()
-    try:
+    def refused():
         with pytest.raises(ArtifactError, match="sane bound"):
             read_artifact(good_magic)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+
+    assert traced_peak(refused) < 1 << 20

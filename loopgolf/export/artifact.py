@@ -181,6 +181,11 @@ class Inflater:
                 raise CodecError(f"{self.codec} stream is corrupt: {e}") from None
             raise
 
+    def _after_end(self, unused_data: bytes = b"") -> int:
+        """Compressed bytes after the end of the stream: what the decoder did not use of the
+        last chunk plus what was never fed."""
+        return len(unused_data) + len(self._data) - self._pos
+
     def _next_input(self, size: int) -> bytes:
         chunk = bytes(self._data[self._pos : self._pos + size])
         self._pos += len(chunk)
@@ -192,34 +197,34 @@ class Inflater:
         if self.codec == "zlib":
             out = d.decompress(d.unconsumed_tail or self._next_input(self.IN_CHUNK), n)
             if d.eof:
-                self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._unused = self._after_end(d.unused_data)
                 self._done = not d.unconsumed_tail
             elif not out and not d.unconsumed_tail and self._pos >= len(self._data):
                 self._done = True
             return out
         if self.codec == "lzma":
             if d.eof:
-                self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._unused = self._after_end(d.unused_data)
                 self._done = True
                 return b""
             out = d.decompress(self._next_input(self.IN_CHUNK) if d.needs_input else b"", max_length=n)
             if not d.eof and not out and d.needs_input and self._pos >= len(self._data):
                 self._done = True
             if d.eof:
-                self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._unused = self._after_end(d.unused_data)
             return out
         if self.codec == "zstd":
             if d.eof or self._pos >= len(self._data):
                 if d.eof:
-                    self._unused = len(d.unused_data) + len(self._data) - self._pos
+                    self._unused = self._after_end(d.unused_data)
                 self._done = True
                 return b""
             out = d.decompress(self._next_input(self.ZSTD_IN_CHUNK))
             if d.eof:
-                self._unused = len(d.unused_data) + len(self._data) - self._pos
+                self._unused = self._after_end(d.unused_data)
             return out
         if d.is_finished():
-            self._unused = len(self._data) - self._pos
+            self._unused = self._after_end()
             self._done = True
             return b""
         if d.can_accept_more_data():
@@ -268,9 +273,7 @@ class Inflater:
         self._fill(1)
         if self._pending:
             raise _too_big(self.codec, self._produced - len(self._pending))
-        eof = {"zlib": lambda: self._d.eof, "lzma": lambda: self._d.eof, "zstd": lambda: self._d.eof}.get(
-            self.codec, lambda: self._d.is_finished()
-        )()
+        eof = self._d.is_finished() if self.codec == "brotli" else self._d.eof
         if not eof:
             raise CodecError(f"{self.codec} stream is truncated (no end-of-stream marker)")
         if self._unused:
@@ -994,7 +997,8 @@ def read_artifact(
         data_bytes = c.raw_len - _HEADER_LEN.size - hlen
         specs = _plan_tensors(header, data_bytes, c.version)
         if check_header is not None:
-            shapes = {s.name: (s.shape if s.alias_of is None else next(t.shape for t in specs if t.name == s.alias_of)) for s in specs}
+            stored = {s.name: s.shape for s in specs if s.alias_of is None}
+            shapes = {s.name: stored[s.alias_of or s.name] for s in specs}
             check_header(model_config, shapes)
         blob = bytearray(data_bytes)
         got = inflater.readinto(memoryview(blob))

@@ -66,7 +66,6 @@ class ModelConfig:
         for name in ("rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std"):  # JSON may write 3 for 3.0
             setattr(self, name, float(getattr(self, name)))
         check_range("model", "qk_gain_init", self.qk_gain_init, -1e4, 1e4)
-        check_range("model", "rope_base", self.rope_base, None, 1e30)
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "max_seq_len"):
             value = getattr(self, name)
             if value < 1:
@@ -74,7 +73,7 @@ class ModelConfig:
         check_range("model", "model_dim", self.model_dim, 1, MAX_MODEL_DIM)
         check_range("model", "mlp_mult", self.mlp_mult, 1, MAX_MLP_MULT)
         check_range("model", "max_seq_len", self.max_seq_len, 1, MAX_SEQ_LEN)
-        check_range("model", "rope_base", self.rope_base, 1.0, None, lo_open=True)  # base <= 1: frequencies that do not decay
+        check_range("model", "rope_base", self.rope_base, 1.0, 1e30, lo_open=True)  # base <= 1: frequencies that do not decay
         check_range("model", "logit_softcap", self.logit_softcap, 0.0, None, lo_open=True)
         check_range("model", "tied_embed_init_std", self.tied_embed_init_std, 0.0)
         if self.num_heads > self.model_dim:
