@@ -45,7 +45,7 @@ def _non_negative_int(text: str) -> int:
 
 def _lora_ranks(text: str) -> dict[str, int]:
     """'all=8' or 'q=4,v=4' -> {target: rank}."""
-    from loopgolf.model.gpt import LORA_TARGETS
+    from loopgolf.model.gpt import LORA_TARGETS, UNGATED_TARGETS
 
     ranks: dict[str, int] = {}
     for item in text.split(","):
@@ -53,7 +53,7 @@ def _lora_ranks(text: str) -> dict[str, int]:
         name = name.strip()
         if not sep or not value.strip().isdigit():
             raise argparse.ArgumentTypeError(f"expected TARGET=RANK items, got {item!r}")
-        targets = LORA_TARGETS if name == "all" else (name,)
+        targets = UNGATED_TARGETS if name == "all" else (name,)  # a gated MLP's mlp_gate is named
         for t in targets:
             if t not in LORA_TARGETS:
                 raise argparse.ArgumentTypeError(f"unknown LoRA target {t!r}; valid: all, {', '.join(LORA_TARGETS)}")
@@ -73,7 +73,7 @@ def add_model_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-mult", type=_positive_int, help="MLP hidden = mlp_mult * width")
     g.add_argument("--per-layer-controls", action="store_true", default=None, help="unshared scales/mixes/q gains per virtual layer")
     g.add_argument("--depth-emb", action="store_true", default=None, help="a learned embedding added at the start of each virtual layer")
-    g.add_argument("--lora", type=_lora_ranks, metavar="RANKS", help="per-virtual-layer LoRA: 'all=8' or 'q=4,v=4,mlp_in=16' (targets q,k,v,o,mlp_in,mlp_out)")
+    g.add_argument("--lora", type=_lora_ranks, metavar="RANKS", help="per-virtual-layer LoRA: 'all=8' or 'q=4,v=4,mlp_in=16' (targets q,k,v,o,mlp_in,mlp_out, and mlp_gate for gated MLPs; all = the first six)")
     g.add_argument("--lora-alpha", type=float, help="LoRA scale alpha/r (default: alpha = r)")
     g.add_argument("--model", dest="model_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any ModelConfig field")
 

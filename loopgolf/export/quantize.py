@@ -59,7 +59,7 @@ class PolicyError(QuantError):
 ROLES: tuple[str, ...] = ("embed", "attn", "mlp", "lora", "control")
 # parameter_role -> export role: the output layer is coded like the embedding (tied, it is the
 # embedding), and depth embeddings are small per-layer vectors like the other control tensors.
-_EXPORT_ROLE = {"embed": "embed", "head": "embed", "attn": "attn", "mlp": "mlp", "lora": "lora", "control": "control", "depth": "control"}
+_EXPORT_ROLE = {"embed": "embed", "head": "embed", "pos": "embed", "attn": "attn", "mlp": "mlp", "lora": "lora", "control": "control", "depth": "control"}
 
 
 def tensor_role(name: str) -> str:

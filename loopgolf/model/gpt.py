@@ -11,6 +11,15 @@ Sharing lives entirely in the plan: the model stores ``plan.num_attn`` attention
 Control tensors (attn/mlp scales, residual mixes, q gains) are tied to the stored sublayer they
 belong to (strict sharing) or kept per virtual layer (``per_layer_controls``).
 
+Architecture options (plain config fields; the defaults are the baseline above) let a model
+converted from another family (Llama, GPT-2, Gemma: loopgolf.convert) be an ordinary loopgolf
+model: ``norm`` (weightless RMS, RMS with a gain, Gemma's (1 + w) gain, LayerNorm with bias),
+``norm_eps``, ``qk_norm``, ``embed_norm`` and ``embed_scale``, ``pos_emb`` (RoPE or learned
+positions), ``unet_skips``, ``logit_softcap`` (None: no cap), ``mlp_act`` (relu^2, tanh-GELU,
+SwiGLU, GeGLU) with ``mlp_hidden``, and ``bias`` (biases on every projection). Norm gains and
+biases are vectors and follow the control-tensor rule: one row per stored sublayer, or per
+virtual layer with ``per_layer_controls``, so a relaxed model can give each virtual layer its own.
+
 This module knows nothing about training, quantization or files.
 """
 
@@ -27,7 +36,13 @@ from loopgolf.checks import check_range, check_types, from_dict
 from loopgolf.model.plan import DepthPlan, PlanSpec, build_plan, parse_plan
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out", "mlp_gate")  # mlp_gate: gated MLPs only
+UNGATED_TARGETS = LORA_TARGETS[:-1]  # the projections every model has
+ATTN_TARGETS = ("q", "k", "v", "o")
+NORMS = ("rms", "rms_scaled", "rms_offset", "layer")  # weightless RMS | RMS * w | RMS * (1 + w) | LayerNorm(w, b)
+MLP_ACTS = ("relu2", "gelu", "swiglu", "geglu")
+GATED_ACTS = ("swiglu", "geglu")
+POS_EMBS = ("rope", "learned")
 # Bounds on the shape of a model, far above any model that fits a byte cap: they turn a typo or a
 # crafted artifact header (model_dim = 2**22 once asked for 17 GB) into an error before anything
 # is allocated.
@@ -53,9 +68,20 @@ class ModelConfig:
     lora_alpha: float | None = None  # LoRA scale alpha / r (None: alpha = r, scale 1)
     rope_base: float = 10000.0
     max_seq_len: int = 4096  # longest sequence the rotary tables cover (built once, not stored)
-    logit_softcap: float = 30.0
+    logit_softcap: float | None = 30.0  # None: no soft cap
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # Architecture options (see the module docstring); the defaults are the Parameter Golf baseline.
+    norm: str = "rms"
+    norm_eps: float | None = None  # None: float32 machine epsilon for RMS norms, 1e-5 for LayerNorm
+    qk_norm: bool = True  # weightless RMS norm of queries and keys (then the q gain sets the temperature)
+    embed_norm: bool = True  # normalize the token embedding before the first layer
+    embed_scale: float = 1.0  # multiply the embedding by this (Gemma: sqrt(model_dim))
+    pos_emb: str = "rope"  # rope | learned (a table of max_seq_len positions added to the embedding)
+    unet_skips: bool = True
+    mlp_act: str = "relu2"
+    mlp_hidden: int | None = None  # MLP width; None: mlp_mult * model_dim
+    bias: bool = False  # a bias on every attention and MLP projection
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
@@ -63,8 +89,17 @@ class ModelConfig:
         elif isinstance(self.plan, str):  # --model plan=cycle:3x2
             self.plan = parse_plan(self.plan)
         check_types(self, "model")
-        for name in ("rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std"):  # JSON may write 3 for 3.0
-            setattr(self, name, float(getattr(self, name)))
+        for name in ("rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std", "norm_eps", "embed_scale"):  # JSON may write 3 for 3.0
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
+        for name, valid in (("norm", NORMS), ("mlp_act", MLP_ACTS), ("pos_emb", POS_EMBS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"model {name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+        if self.norm_eps is not None:
+            check_range("model", "norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        check_range("model", "embed_scale", self.embed_scale, 0.0, 1e6, lo_open=True)
+        if self.mlp_hidden is not None:
+            check_range("model", "mlp_hidden", self.mlp_hidden, 1, MAX_MODEL_DIM * MAX_MLP_MULT)
         check_range("model", "qk_gain_init", self.qk_gain_init, -1e4, 1e4)
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "max_seq_len"):
             value = getattr(self, name)
@@ -74,7 +109,8 @@ class ModelConfig:
         check_range("model", "mlp_mult", self.mlp_mult, 1, MAX_MLP_MULT)
         check_range("model", "max_seq_len", self.max_seq_len, 1, MAX_SEQ_LEN)
         check_range("model", "rope_base", self.rope_base, 1.0, 1e30, lo_open=True)  # base <= 1: frequencies that do not decay
-        check_range("model", "logit_softcap", self.logit_softcap, 0.0, None, lo_open=True)
+        if self.logit_softcap is not None:
+            check_range("model", "logit_softcap", self.logit_softcap, 0.0, None, lo_open=True)
         check_range("model", "tied_embed_init_std", self.tied_embed_init_std, 0.0)
         if self.num_heads > self.model_dim:
             raise ValueError(f"num_heads {self.num_heads} is more than model_dim {self.model_dim}")
@@ -89,6 +125,8 @@ class ModelConfig:
                 f"max_seq_len {self.max_seq_len} x head dim {self.head_dim} needs rotary tables of more than "
                 f"{MAX_ROTARY_ENTRIES:,} entries; lower max_seq_len"
             )
+        if self.pos_emb == "learned" and self.max_seq_len * self.model_dim > MAX_ROTARY_ENTRIES:
+            raise ValueError(f"a learned position table of max_seq_len {self.max_seq_len} x model_dim {self.model_dim} is too large; lower max_seq_len")
         if self.vocab_size > 65536:
             raise ValueError(f"vocab_size {self.vocab_size} does not fit the uint16 shard format (max 65536)")
         build_plan(self.plan)  # validate early
@@ -96,6 +134,8 @@ class ModelConfig:
         for name, rank in self.lora_ranks.items():
             if name not in LORA_TARGETS:
                 raise ValueError(f"unknown LoRA target {name!r}; valid: {', '.join(LORA_TARGETS)}")
+            if name == "mlp_gate" and self.mlp_act not in GATED_ACTS:
+                raise ValueError(f"LoRA target 'mlp_gate' needs a gated MLP (mlp_act {' or '.join(GATED_ACTS)}), not {self.mlp_act!r}")
             if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_LORA_RANK:
                 raise ValueError(f"LoRA rank for {name!r} must be an integer in [1, {MAX_LORA_RANK}], got {rank!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -109,10 +149,24 @@ class ModelConfig:
     def depth_plan(self) -> DepthPlan:
         return build_plan(self.plan)
 
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the MLP."""
+        return self.mlp_hidden if self.mlp_hidden is not None else self.mlp_mult * self.model_dim
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp_act in GATED_ACTS
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The projections each virtual layer runs (the LoRA and bias targets)."""
+        return tuple(t for t in LORA_TARGETS if t != "mlp_gate" or self.gated)
+
     def lora_shape(self, target: str) -> tuple[int, int]:
-        """(in, out) features of a LoRA target projection."""
-        d, kv, h = self.model_dim, self.num_kv_heads * self.head_dim, self.mlp_mult * self.model_dim
-        return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp_in": (d, h), "mlp_out": (h, d)}[target]
+        """(in, out) features of a projection (a LoRA target)."""
+        d, kv, h = self.model_dim, self.num_kv_heads * self.head_dim, self.hidden_dim
+        return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp_in": (d, h), "mlp_out": (h, d), "mlp_gate": (d, h)}[target]
 
     def lora_scale(self, target: str) -> float:
         r = self.lora_ranks[target]
@@ -196,13 +250,19 @@ class LoRABank(nn.Module):
 
 
 class Adapters:
-    """The adapters of one virtual layer, handed to the stored sublayers it runs."""
+    """What one virtual layer adds to the projections of the stored sublayers it runs: its LoRA
+    adapters and the projection biases (``bias``), which are control vectors (one row per stored
+    sublayer, or per virtual layer with ``per_layer_controls``)."""
 
-    def __init__(self, banks: nn.ModuleDict, v: int) -> None:
-        self.banks, self.v = banks, v
+    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, v: int, attn_row: int, mlp_row: int) -> None:
+        self.banks, self.biases, self.v = banks, biases, v
+        self.attn_row, self.mlp_row = attn_row, mlp_row
 
     def __call__(self, target: str, x: Tensor, y: Tensor) -> Tensor:
-        """``y`` (the shared projection of ``x``) plus this layer's adapter for ``target``, if any."""
+        """``y`` (the shared projection of ``x``) plus this layer's bias and adapter for ``target``."""
+        if target in self.biases:
+            row = self.attn_row if target in ATTN_TARGETS else self.mlp_row
+            y = y + self.biases[target][row].to(y.dtype)
         if target in self.banks:
             return self.banks[target].add_to(self.v, x, y)
         return y
@@ -213,25 +273,29 @@ def _no_adapter(target: str, x: Tensor, y: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal GQA self-attention with QK-norm and RoPE. The q gain is applied by the caller
-    because it may belong to the virtual layer rather than to this stored sublayer."""
+    """Causal GQA self-attention with (optional) QK-norm and RoPE. The q gain is applied by the
+    caller because it may belong to the virtual layer rather than to this stored sublayer."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qk_norm = cfg.qk_norm
         self.c_q = Linear(d, d)
         self.c_k = Linear(d, kv)
         self.c_v = Linear(d, kv)
         self.proj = Linear(d, d, zero_init=True)
 
-    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, adapt=_no_adapter) -> Tensor:
+    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor | None, sin: Tensor | None, adapt=_no_adapter) -> Tensor:
         b, t, _ = x.shape
         q = adapt("q", x, self.c_q(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = adapt("k", x, self.c_k(x)).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = adapt("v", x, self.c_v(x)).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(rms_norm(q), cos, sin) * q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * q_gain.to(q.dtype)[None, :, None, None]
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -242,14 +306,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``proj(act(fc x))``, or gated ``proj(act(gate x) * fc x)`` (SwiGLU, GeGLU)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        hidden = cfg.mlp_mult * cfg.model_dim
+        hidden = cfg.hidden_dim
+        self.act = cfg.mlp_act
         self.fc = Linear(cfg.model_dim, hidden)
+        self.gate = Linear(cfg.model_dim, hidden) if cfg.gated else None
         self.proj = Linear(hidden, cfg.model_dim, zero_init=True)
 
     def forward(self, x: Tensor, adapt=_no_adapter) -> Tensor:
-        h = F.relu(adapt("mlp_in", x, self.fc(x))).square()
+        u = adapt("mlp_in", x, self.fc(x))
+        if self.act == "relu2":
+            h = F.relu(u).square()
+        elif self.act == "gelu":
+            h = F.gelu(u, approximate="tanh")
+        else:
+            g = adapt("mlp_gate", x, self.gate(x))
+            h = (F.silu(g) if self.act == "swiglu" else F.gelu(g, approximate="tanh")) * u
         return adapt("mlp_out", h, self.proj(h))
 
 
@@ -260,6 +335,7 @@ class GPT(nn.Module):
         self.plan = plan = cfg.depth_plan
         d, v_layers = cfg.model_dim, plan.num_virtual
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, d) if cfg.pos_emb == "learned" else None
         self.attn = nn.ModuleList(Attention(cfg) for _ in range(plan.num_attn))
         self.mlps = nn.ModuleList(MLP(cfg) for _ in range(plan.num_mlp))
         # Control tensors: one row per stored sublayer (strict sharing) or per virtual layer.
@@ -269,19 +345,31 @@ class GPT(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(n_mlp_ctrl, d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(n_attn_ctrl, d), torch.zeros(n_attn_ctrl, d)], dim=1))
         self.q_gain = nn.Parameter(torch.full((n_attn_ctrl, cfg.num_heads), cfg.qk_gain_init))
+        # Norm gains (and LayerNorm biases): before attention, before the MLP, and the final norm.
+        # (1 + w) gains start at w = 0, the others at 1: every variant starts as the weightless norm.
+        gain = 0.0 if cfg.norm == "rms_offset" else 1.0
+        norm_rows = {"attn_norm": n_attn_ctrl, "mlp_norm": n_mlp_ctrl, "final_norm": 1}
+        for name, rows in norm_rows.items():
+            setattr(self, name, nn.Parameter(torch.full((rows, d), gain)) if cfg.norm != "rms" else None)
+            setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(rows, d)) if cfg.norm == "layer" else None)
+        self.bias = nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(n_attn_ctrl if t in ATTN_TARGETS else n_mlp_ctrl, cfg.lora_shape(t)[1])) for t in cfg.projections}
+            if cfg.bias else {}
+        )
         # U-Net skips pair the first half of the virtual layers with the second half (plan.skip_pairs).
-        self.skip_weight = nn.Parameter(torch.ones(v_layers // 2, d))
+        self.skip_weight = nn.Parameter(torch.ones(v_layers // 2, d)) if cfg.unet_skips else None
         self.depth_emb = nn.Parameter(torch.zeros(v_layers, d)) if cfg.depth_embeddings else None
         self.lora = nn.ModuleDict(
             {t: LoRABank(v_layers, *cfg.lora_shape(t), cfg.lora_ranks[t], cfg.lora_scale(t)) for t in LORA_TARGETS if t in cfg.lora_ranks}
         )
         self.lm_head = None if cfg.tie_embeddings else Linear(d, cfg.vocab_size, zero_init=True)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.max_seq_len)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.pos_emb == "rope" else None
         # U-Net skips, fixed once from the full plan: decoder layer v adds encoder layer e's
         # output through skip_weight[row]. A progressive-recurrence stage that leaves e or v out
         # drops that pair; it never hands a row to another pair.
-        self.skip_from = {dec: (row, enc) for row, (enc, dec) in enumerate(plan.skip_pairs)}
-        self.skip_sources = frozenset(enc for enc, _ in plan.skip_pairs)
+        pairs = plan.skip_pairs if cfg.unet_skips else ()
+        self.skip_from = {dec: (row, enc) for row, (enc, dec) in enumerate(pairs)}
+        self.skip_sources = frozenset(enc for enc, _ in pairs)
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
         self.stage: int | None = None  # progressive recurrence: None runs every virtual layer
@@ -302,24 +390,49 @@ class GPT(nn.Module):
             return v, v
         return self.plan.attn_of[v], self.plan.mlp_of[v]
 
-    def layer(self, v: int, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def norm(self, x: Tensor, which: str, row: int = 0) -> Tensor:
+        """The ``which`` norm (attn_norm, mlp_norm, final_norm) with its gain row ``row``."""
+        cfg, shape = self.config, (x.size(-1),)
+        if cfg.norm == "rms":
+            return F.rms_norm(x, shape, eps=cfg.norm_eps)
+        w = getattr(self, which)[row].to(x.dtype)
+        if cfg.norm == "rms_scaled":
+            return F.rms_norm(x, shape, w, eps=cfg.norm_eps)
+        if cfg.norm == "rms_offset":
+            return F.rms_norm(x, shape, 1.0 + w, eps=cfg.norm_eps)
+        b = getattr(self, f"{which}_bias")[row].to(x.dtype)
+        return F.layer_norm(x, shape, w, b, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps)
+
+    def layer(self, v: int, x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
         """Run virtual layer ``v``."""
         a, m = self._ctrl_index(v)
-        adapt = Adapters(self.lora, v) if len(self.lora) else _no_adapter
+        adapt = Adapters(self.lora, self.bias, v, a, m) if len(self.lora) or len(self.bias) else _no_adapter
         if self.depth_emb is not None:
             x = x + self.depth_emb[v].to(x.dtype)
         mix = self.resid_mix[a].to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attn = self.attn[self.plan.attn_of[v]](rms_norm(x), self.q_gain[a], cos, sin, adapt)
+        attn = self.attn[self.plan.attn_of[v]](self.norm(x, "attn_norm", a), self.q_gain[a], cos, sin, adapt)
         x = x + self.attn_scale[a].to(x.dtype) * attn
-        x = x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](rms_norm(x), adapt)
+        x = x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](self.norm(x, "mlp_norm", m), adapt)
         return x
 
-    def hidden(self, idx: Tensor) -> Tensor:
-        """Final normalized hidden states (B, T, D)."""
-        cos, sin = self.rotary(idx.size(1))
-        x = rms_norm(self.tok_emb(idx))
-        x0, outputs = x, {}
+    def embed(self, idx: Tensor) -> Tensor:
+        """The input of the first virtual layer (also kept as x0 for the residual mixes)."""
+        x = self.tok_emb(idx)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        if self.pos_emb is not None:
+            if idx.size(1) > self.config.max_seq_len:
+                raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the model's max_seq_len={self.config.max_seq_len} learned positions")
+            x = x + self.pos_emb.weight[: idx.size(1)]
+        return rms_norm(x) if self.config.embed_norm else x
+
+    def hidden_states(self, idx: Tensor, exits: tuple[int, ...] = ()) -> list[Tensor]:
+        """Final-normed hidden states (B, T, D) after each virtual layer in ``exits`` (in order of
+        depth) and after the last active layer (always last in the list)."""
+        cos, sin = self.rotary(idx.size(1)) if self.rotary is not None else (None, None)
+        x = self.embed(idx)
+        x0, outputs, states = x, {}, []
         for v in self.active_layers:
             row, enc = self.skip_from.get(v, (None, None))
             if enc in outputs:
@@ -327,13 +440,34 @@ class GPT(nn.Module):
             x = self.layer(v, x, x0, cos, sin)
             if v in self.skip_sources:
                 outputs[v] = x
-        return rms_norm(x)
+            if v in exits:
+                states.append(self.norm(x, "final_norm"))
+        states.append(self.norm(x, "final_norm"))
+        return states
 
-    def logits(self, idx: Tensor) -> Tensor:
-        h = self.hidden(idx)
+    def hidden(self, idx: Tensor) -> Tensor:
+        """Final normalized hidden states (B, T, D)."""
+        return self.hidden_states(idx)[-1]
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits (float32, soft-capped) of final-normed hidden states."""
         z = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
         c = self.config.logit_softcap
-        return c * torch.tanh(z.float() / c)
+        return z.float() if c is None else c * torch.tanh(z.float() / c)
+
+    def logits(self, idx: Tensor) -> Tensor:
+        return self.head(self.hidden(idx))
+
+    def loop_exits(self) -> tuple[int, ...]:
+        """The last virtual layer of every pass but the last: where early exit can read a
+        prediction (``plan.loop_of``; for CYCLE K x B, layers K-1, 2K-1, ...)."""
+        loop_of = self.plan.loop_of
+        active = self.active_layers
+        return tuple(v for i, v in enumerate(active[:-1]) if loop_of[active[i + 1]] != loop_of[v])
+
+    def loop_logits(self, idx: Tensor) -> list[Tensor]:
+        """Logits after each pass of the plan, the full-depth logits last."""
+        return [self.head(h) for h in self.hidden_states(idx, self.loop_exits())]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits when ``targets`` is None, else the cross-entropy in nats (``reduction`` as in
@@ -352,22 +486,45 @@ def unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sublayer_params(cfg: ModelConfig) -> tuple[int, int]:
+    """Matrix parameters of one stored attention and one stored MLP sublayer."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+    return 2 * d * d + 2 * d * kv, (3 if cfg.gated else 2) * d * cfg.hidden_dim
+
+
+def _control_params(cfg: ModelConfig, n_attn: int, n_mlp: int) -> int:
+    """Control vectors for ``n_attn`` attention rows and ``n_mlp`` MLP rows: scales, residual
+    mixes, q gains, norm gains and biases, projection biases."""
+    d = cfg.model_dim
+    per_attn, per_mlp = 3 * d + cfg.num_heads, d
+    norm_vectors = {"rms": 0, "rms_scaled": 1, "rms_offset": 1, "layer": 2}[cfg.norm]
+    per_attn += norm_vectors * d
+    per_mlp += norm_vectors * d
+    if cfg.bias:
+        per_attn += sum(cfg.lora_shape(t)[1] for t in ATTN_TARGETS)
+        per_mlp += sum(cfg.lora_shape(t)[1] for t in cfg.projections if t not in ATTN_TARGETS)
+    return n_attn * per_attn + n_mlp * per_mlp + norm_vectors * d  # + the final norm
+
+
+def _model_wide_params(cfg: ModelConfig) -> int:
+    """Embeddings, positions, head, skips and depth embeddings."""
+    d, v_layers = cfg.model_dim, cfg.depth_plan.num_virtual
+    total = cfg.vocab_size * d
+    total += cfg.max_seq_len * d if cfg.pos_emb == "learned" else 0
+    total += 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    total += (v_layers // 2) * d if cfg.unet_skips else 0
+    total += v_layers * d if cfg.depth_embeddings else 0
+    return total
+
+
 def effective_params(model: GPT) -> int:
     """Executed parameters: what an unrolled copy with one private set of weights per virtual
     layer would hold (the count a vanilla model of the same virtual depth would have), plus the
     relaxation parameters, each of which runs once."""
-    plan, cfg = model.plan, model.config
-    per_attn = sum(p.numel() for p in model.attn[0].parameters())
-    per_mlp = sum(p.numel() for p in model.mlps[0].parameters())
-    d, v_layers = cfg.model_dim, plan.num_virtual
-    controls = v_layers * (3 * d + d + cfg.num_heads)  # attn/mlp scale, 2-row mix, q gain
-    total = model.tok_emb.weight.numel() + v_layers * (per_attn + per_mlp) + controls
-    total += model.skip_weight.numel() + sum(p.numel() for p in model.lora.parameters())
-    if model.depth_emb is not None:
-        total += model.depth_emb.numel()
-    if model.lm_head is not None:
-        total += model.lm_head.weight.numel()
-    return total
+    cfg = model.config
+    v_layers = model.plan.num_virtual
+    per_attn, per_mlp = _sublayer_params(cfg)
+    return _model_wide_params(cfg) + v_layers * (per_attn + per_mlp) + _control_params(cfg, v_layers, v_layers) + lora_params(cfg)
 
 
 def lora_params(cfg: ModelConfig) -> int:
@@ -378,16 +535,11 @@ def lora_params(cfg: ModelConfig) -> int:
 def unique_params_formula(cfg: ModelConfig) -> int:
     """Closed form of :func:`unique_params`, used by tests and the byte planner."""
     plan = cfg.depth_plan
-    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
-    attn = 2 * d * d + 2 * d * kv
-    mlp = 2 * d * cfg.mlp_mult * d
+    per_attn, per_mlp = _sublayer_params(cfg)
     n_a = plan.num_virtual if cfg.per_layer_controls else plan.num_attn
     n_m = plan.num_virtual if cfg.per_layer_controls else plan.num_mlp
-    controls = n_a * (3 * d + cfg.num_heads) + n_m * d
-    skips = (plan.num_virtual // 2) * d
-    depth = plan.num_virtual * d if cfg.depth_embeddings else 0
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    return cfg.vocab_size * d + plan.num_attn * attn + plan.num_mlp * mlp + controls + skips + depth + lora_params(cfg) + head
+    matrices = plan.num_attn * per_attn + plan.num_mlp * per_mlp
+    return _model_wide_params(cfg) + matrices + _control_params(cfg, n_a, n_m) + lora_params(cfg)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, num_layers: int | None = None) -> int:
@@ -396,8 +548,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, num_layers: int | No
     context (seq_len + 1) / 2). ``num_layers`` counts only that many virtual layers (a
     progressive-recurrence stage)."""
     v_layers = cfg.depth_plan.num_virtual if num_layers is None else num_layers
-    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = 2 * d * d + 2 * d * kv + 2 * d * cfg.mlp_mult * d
+    d = cfg.model_dim
+    per_layer = sum(_sublayer_params(cfg))
     per_layer += sum(r * sum(cfg.lora_shape(t)) for t, r in cfg.lora_ranks.items())
     matmul = v_layers * per_layer + d * cfg.vocab_size
     attention = v_layers * 2 * d * (seq_len + 1) / 2

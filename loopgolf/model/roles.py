@@ -11,8 +11,9 @@ Roles:
 - ``attn`` / ``mlp``: the weights of the stored attention and MLP sublayers (the matrices that
   virtual layers share);
 - ``lora``: per-virtual-layer LoRA factors;
-- ``control``: per-sublayer or per-virtual-layer vectors (attn/mlp scales, residual mixes, q gains)
-  and the U-Net skip weights;
+- ``pos``: a learned position table;
+- ``control``: per-sublayer or per-virtual-layer vectors (attn/mlp scales, residual mixes, q gains,
+  norm gains and biases, projection biases) and the U-Net skip weights;
 - ``depth``: per-virtual-layer depth embeddings.
 """
 
@@ -22,17 +23,21 @@ import re
 
 from torch import nn
 
-ROLES: tuple[str, ...] = ("embed", "head", "attn", "mlp", "lora", "control", "depth")
+ROLES: tuple[str, ...] = ("embed", "head", "pos", "attn", "mlp", "lora", "control", "depth")
 SHARED_MATRIX_ROLES: tuple[str, ...] = ("attn", "mlp")
 
-_CONTROL_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+_CONTROL_NAMES = (
+    "attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight",
+    "attn_norm", "mlp_norm", "final_norm", "attn_norm_bias", "mlp_norm_bias", "final_norm_bias",
+)
 _ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("embed", re.compile(r"^tok_emb\.weight$")),
     ("head", re.compile(r"^lm_head\.weight$")),
+    ("pos", re.compile(r"^pos_emb\.weight$")),
     ("attn", re.compile(r"^attn\.\d+\.(c_q|c_k|c_v|proj)\.weight$")),
-    ("mlp", re.compile(r"^mlps\.\d+\.(fc|proj)\.weight$")),
+    ("mlp", re.compile(r"^mlps\.\d+\.(fc|gate|proj)\.weight$")),
     ("lora", re.compile(r"^lora\.[a-z_]+\.(A|B)\.\d+$")),
-    ("control", re.compile(rf"^({'|'.join(_CONTROL_NAMES)})$")),
+    ("control", re.compile(rf"^({'|'.join(_CONTROL_NAMES)}|bias\.[a-z_]+)$")),
     ("depth", re.compile(r"^depth_emb$")),
 )
 

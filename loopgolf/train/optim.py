@@ -73,7 +73,7 @@ class Muon(torch.optim.Optimizer):
 
 
 # Optimizer group of each parameter role (loopgolf.model.roles).
-GROUP_OF_ROLE = {"attn": "matrix", "mlp": "matrix", "embed": "embed", "head": "head", "lora": "adapter", "control": "scalar", "depth": "scalar"}
+GROUP_OF_ROLE = {"attn": "matrix", "mlp": "matrix", "embed": "embed", "head": "head", "pos": "scalar", "lora": "adapter", "control": "scalar", "depth": "scalar"}
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
