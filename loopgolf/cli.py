@@ -101,6 +101,7 @@ _RESUME_FIXED = (
     ("plan", "--plan"), ("dim", "--dim"), ("heads", "--heads"), ("kv_heads", "--kv-heads"), ("mlp_mult", "--mlp-mult"),
     ("per_layer_controls", "--per-layer-controls"), ("depth_emb", "--depth-emb"), ("lora", "--lora"),
     ("lora_alpha", "--lora-alpha"), ("model_set", "--model"), ("force", "--force"),
+    ("init_from", "--init-from"), ("distill_from", "--distill-from"),
 )
 
 
@@ -142,6 +143,11 @@ def run_options(args: argparse.Namespace, train_only: bool = False) -> RunOption
         resume=Path(args.resume) if args.resume else None,
         train_only=train_only,
         verify_data=not args.no_verify_data,
+        init_from=Path(args.init_from) if args.init_from else None,
+        distill_from=Path(args.distill_from) if args.distill_from else None,
+        distill_weight=args.distill_weight,
+        distill_temp=args.distill_temp,
+        exit_loss_weight=args.exit_loss_weight,
     )
 
 
@@ -201,6 +207,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--train", dest="train_set", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     add_model_overrides(p)
+    u = p.add_argument_group("uptraining (after `loopgolf convert`)")
+    u.add_argument("--init-from", metavar="SOURCE", help="start from this model: a `loopgolf convert` or run directory, an artifact, or a Hugging Face directory")
+    u.add_argument("--distill-from", metavar="SOURCE", help="teacher for forward-KL distillation (any source `loopgolf convert` reads)")
+    u.add_argument("--distill-weight", type=float, default=0.5, metavar="W", help="loss = (1 - W) CE + W T^2 KL(teacher || student) (default 0.5)")
+    u.add_argument("--distill-temp", type=float, default=1.0, metavar="T", help="distillation temperature (default 1)")
+    u.add_argument("--exit-loss-weight", type=float, default=0.0, metavar="W", help="weight of the intermediate-loop losses that prepare early exit (e.g. 0.1)")
     g = p.add_argument_group("checkpoints and resume")
     g.add_argument("--checkpoint-every", type=_non_negative_int, metavar="N", help="write DIR/checkpoint.pt every N steps and when the budget ends (0: none; `train` always writes the final one)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with its config.json (--steps/--time extend the budget)")
@@ -585,7 +597,15 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run_parser, add_eval_parser, add_data_parser, add_info_parsers, add_bench_parser, add_plan_parser)
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    from loopgolf.convert.command import add_convert_parser as add
+
+    add(sub)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_run_parser, add_eval_parser, add_convert_parser, add_data_parser, add_info_parsers, add_bench_parser, add_plan_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

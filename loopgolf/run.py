@@ -67,6 +67,11 @@ class RunOptions:
     resume: Path | None = None  # run directory to continue from its checkpoint
     train_only: bool = False  # `loopgolf train`: stop after training and the final checkpoint
     verify_data: bool = True  # check the shards against the dataset's manifest (sizes, sha256) before training
+    init_from: Path | None = None  # start from this model (a `loopgolf convert` directory, run directory, artifact or HF directory)
+    distill_from: Path | None = None  # teacher for forward-KL distillation (any source `loopgolf convert` reads)
+    distill_weight: float = 0.5  # loss = (1 - w) CE + w T^2 KL(teacher || student)
+    distill_temp: float = 1.0
+    exit_loss_weight: float = 0.0  # weight of the intermediate-loop (early-exit) losses
 
     def __post_init__(self) -> None:
         # Everything that can be checked before training is checked here, so a typo does not
@@ -84,6 +89,16 @@ class RunOptions:
             raise ValueError(f"the byte cap must be a positive integer, got {self.cap_bytes!r}")
         if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
             raise ValueError(f"--time must be a positive, finite number of seconds, got {self.time_budget}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if not (math.isfinite(self.distill_temp) and self.distill_temp > 0):
+            raise ValueError(f"--distill-temp must be a positive, finite number, got {self.distill_temp}")
+        if not (math.isfinite(self.exit_loss_weight) and self.exit_loss_weight >= 0):
+            raise ValueError(f"--exit-loss-weight must be a finite number >= 0, got {self.exit_loss_weight}")
+        if self.qat != "off" and (self.distill_from is not None or self.exit_loss_weight > 0):
+            raise ValueError("QAT cannot be combined with distillation or exit losses yet: uptrain first, then run QAT on the result")
+        if self.init_from is not None and self.model_overrides:
+            raise ValueError(f"--init-from takes the model from {self.init_from}; model overrides ({', '.join(sorted(self.model_overrides))}) cannot change it")
 
 
 def environment() -> dict[str, Any]:
@@ -168,16 +183,28 @@ class RunSetup:
 
 # The keys of config.json (see _fresh_config); a resumed run refuses a file with others or fewer.
 CONFIG_KEYS = frozenset({"preset", "model", "train", "cap_bytes", "codec", "quant", "eval_stride", "data", "data_dir"})
-OPTIONAL_CONFIG_KEYS = frozenset({"qat", "eval_batch_size", "checkpoint_every"})  # written since 0.1, read with defaults
+OPTIONAL_CONFIG_KEYS = frozenset({"qat", "eval_batch_size", "checkpoint_every", "uptrain"})  # written since 0.1, read with defaults
 
 
 def _fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     preset = build_configs(opts)
+    if opts.init_from is not None:
+        from loopgolf.convert.sources import load_source
+
+        preset.model = load_source(opts.init_from).config  # checked here, before any data is touched
     config = {
         "preset": preset.name, "model": preset.model.to_dict(), "train": asdict(preset.train), "cap_bytes": opts.cap_bytes,
         "codec": opts.codec, "quant": opts.quant, "qat": {"mode": opts.qat, "start_frac": opts.qat_start}, "eval_stride": opts.stride, "eval_batch_size": preset.eval_batch_size,
         "checkpoint_every": opts.checkpoint_every or 0,
     }
+    if opts.init_from is not None or opts.distill_from is not None or opts.exit_loss_weight > 0:
+        config["uptrain"] = {
+            "init_from": None if opts.init_from is None else str(opts.init_from),
+            "distill_from": None if opts.distill_from is None else str(opts.distill_from),
+            "distill_weight": opts.distill_weight if opts.distill_from is not None else 0.0,
+            "distill_temp": opts.distill_temp,
+            "exit_loss_weight": opts.exit_loss_weight,
+        }
     return preset, config
 
 
@@ -278,7 +305,7 @@ def setup(opts: RunOptions) -> RunSetup:
     ds = Dataset.open(data_dir, verify=opts.verify_data)
     check_val_length(ds, preset.train.seq_len)
     if ds.vocab_size != preset.model.vocab_size:
-        if "vocab_size" in opts.model_overrides or opts.resume is not None:
+        if "vocab_size" in opts.model_overrides or opts.resume is not None or opts.init_from is not None:
             raise ValueError(
                 f"tokenizer {ds.tokenizer_path} has {ds.vocab_size} pieces but the model was asked for vocab_size "
                 f"{preset.model.vocab_size}: they must match"
@@ -351,6 +378,10 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     policy_q = parse_policy(config.get("quant", ""))
     qat_cfg = config.get("qat") or {"mode": "off"}
     qat = build_qat(model, qat_cfg, policy_q, seed=train_cfg.seed)
+    uptrain = config.get("uptrain")
+    objective = None
+    if uptrain is not None:
+        objective = build_objective(model, uptrain, fresh=rs.resume is None, device=device, say=say)
 
     every = int(config.get("checkpoint_every") or 0)
     policy = None
@@ -358,11 +389,14 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         policy = CheckpointPolicy(out / CHECKPOINT_NAME, every=every, config={"model": model_cfg.to_dict(), "train": asdict(train_cfg)})
     result = train(
         model, loader, train_cfg, device=device, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path,
-        validate=validate, on_step=qat, forward=None if qat is None else qat.forward, progress=opts.progress,
+        validate=validate, on_step=qat, forward=qat.forward if qat is not None else objective, progress=opts.progress,
         checkpoint=policy, resume=rs.resume,
     )
+    uptrain_info = None if objective is None else uptrain_summary(objective, uptrain, result)
     if opts.train_only or not rs.dist.is_main:
         summary = _train_summary(result, rs, policy, t_start)
+        if uptrain_info is not None:
+            summary["uptrain"] = uptrain_info
         if rs.dist.is_main:
             append_jsonl(log_path, {"event": "train_end", **{k: summary[k] for k in ("steps", "train_seconds", "tokens_per_second")}})
         return summary
@@ -436,10 +470,46 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
         "loopgolf_version": loopgolf.__version__,
         "torch_version": torch.__version__,
     }
+    if uptrain_info is not None:
+        summary["uptrain"] = uptrain_info
     atomic_write_json(out / "summary.json", summary)
     append_jsonl(log_path, {"event": "end", "total_seconds": summary["total_seconds"]})
     summary["run_dir"] = str(out)
     return summary
+
+
+def build_objective(model: torch.nn.Module, uptrain: dict[str, Any], *, fresh: bool, device: torch.device, say=print):
+    """Load the start weights (fresh runs) and the teacher; return the training objective, or
+    None when the loss is plain cross-entropy."""
+    from loopgolf.convert.sources import load_source
+    from loopgolf.train.checkpoint import load_model_state
+    from loopgolf.train.distill import TrainingObjective
+
+    if fresh and uptrain.get("init_from"):
+        load_model_state(model, load_source(uptrain["init_from"]).state)
+        say(f"initialised from {uptrain['init_from']}")
+    teacher = None
+    if uptrain.get("distill_from"):
+        teacher = load_source(uptrain["distill_from"]).model(device)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the teacher {uptrain['distill_from']} has vocab {teacher.config.vocab_size}, the student {model.config.vocab_size}: they must match")
+        n = unique_params(teacher)
+        say(f"teacher {uptrain['distill_from']}: {teacher.plan.describe()} | {n:,} params ({4 * n / 2**20:.1f} MiB in float32) | weight {uptrain['distill_weight']}, T {uptrain['distill_temp']}")
+    if teacher is None and not uptrain.get("exit_loss_weight"):
+        return None
+    return TrainingObjective(model, teacher=teacher, distill_weight=uptrain["distill_weight"], distill_temp=uptrain["distill_temp"], exit_weight=uptrain["exit_loss_weight"])
+
+
+def uptrain_summary(objective: Any, uptrain: dict[str, Any], result: TrainResult) -> dict[str, Any]:
+    """What uptraining used: the start, the teacher's size and time, the loss weights."""
+    info = dict(uptrain)
+    if objective is not None and objective.teacher is not None:
+        n = unique_params(objective.teacher)
+        info.update(teacher_params=n, teacher_param_bytes=4 * n, teacher_seconds=objective.teacher_seconds,
+                    teacher_time_fraction=objective.teacher_seconds / max(result.train_seconds, 1e-9))
+    if objective is not None:
+        info["last_loss_parts"] = objective.log_values()
+    return info
 
 
 def _train_summary(result: TrainResult, rs: RunSetup, policy: CheckpointPolicy | None, t_start: float) -> dict[str, Any]:

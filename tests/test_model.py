@@ -175,3 +175,44 @@ def test_rotary_keeps_the_activation_dtype(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 64, (1, 6)))
     assert seen and all(out == x == torch.bfloat16 for x, out in seen)
+
+
+OPTION_SETS = [
+    dict(norm="rms_scaled", qk_norm=False, embed_norm=False, unet_skips=False, logit_softcap=None, mlp_act="swiglu", mlp_hidden=40),
+    dict(norm="rms_offset", embed_scale=5.0, mlp_act="geglu", lora_ranks={"mlp_gate": 2, "q": 3}, bias=True),
+    dict(norm="layer", norm_eps=1e-5, pos_emb="learned", max_seq_len=64, mlp_act="gelu", bias=True, tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("per_layer_controls", [False, True])
+def test_architecture_options_count_train_and_have_roles(options, per_layer_controls):
+    from loopgolf.model.roles import parameter_roles
+    from loopgolf.train.optim import split_parameters
+
+    cfg = tiny(PlanSpec("cycle", layers=2, loops=2), per_layer_controls=per_layer_controls, **options)
+    model = GPT(cfg)
+    assert unique_params(model) == unique_params_formula(cfg)
+    roles = parameter_roles(model)
+    assert len(roles) == len(list(model.parameters()))
+    assert sum(len(g) for g in split_parameters(model).values()) == len(roles)
+    with torch.no_grad():  # zero-initialised output projections would hide the gains' gradients
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, 64, (2, 16))
+    loss = model(x, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    touched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    for name in ("attn_norm", "mlp_norm", "final_norm", "bias.q", "mlps.0.gate.weight", "pos_emb.weight"):
+        if name in roles:
+            assert name in touched, name  # every option's parameters are really used
+    assert len(model.loop_logits(x)) == 2
+
+
+def test_default_options_are_the_baseline_and_bad_options_are_refused():
+    cfg = tiny(PlanSpec("vanilla", layers=2))
+    assert (cfg.norm, cfg.qk_norm, cfg.embed_norm, cfg.pos_emb, cfg.mlp_act, cfg.bias) == ("rms", True, True, "rope", "relu2", False)
+    for bad in (dict(norm="batch"), dict(mlp_act="tanh"), dict(pos_emb="alibi"), dict(lora_ranks={"mlp_gate": 2}), dict(norm_eps=0.0), dict(embed_scale=-1.0)):
+        with pytest.raises(ValueError):
+            tiny(PlanSpec("vanilla", layers=2), **bad)

@@ -163,6 +163,19 @@ def save_checkpoint(
         "config": config or {},
         "hook": hook_state,
     }
+    return _write_payload(path, payload)
+
+
+def save_weights(path: str | Path, state: dict[str, Tensor], config: dict[str, Any]) -> int:
+    """Write a weights-only checkpoint (step 0, no optimizer or loader state), in the same
+    verified format: what `loopgolf convert` leaves for `train --init-from`. It cannot be
+    resumed (there is no run to continue), only started from."""
+    payload = {"format": FORMAT_VERSION, "model": {k: v.detach().cpu() for k, v in state.items()}, "optimizers": [], "loader": None,
+               "rng": None, "train": asdict(TrainState()), "config": config, "hook": None, "weights_only": True}
+    return _write_payload(Path(path), payload)
+
+
+def _write_payload(path: Path, payload: dict[str, Any]) -> int:
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -249,6 +262,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def check_resumable(ckpt: dict[str, Any], model_config: dict[str, Any], train_config: dict[str, Any]) -> None:
     """A checkpoint continues only the run that wrote it: same model, same training recipe
     (the budget, device and compilation may change)."""
+    if ckpt.get("weights_only"):
+        raise ValueError("this checkpoint holds start weights only (from `loopgolf convert`): train from it with --init-from DIR, it has no run to resume")
     saved = ckpt.get("config") or {}
     if "model" in saved and saved["model"] != model_config:
         diff = sorted(k for k in set(saved["model"]) | set(model_config) if saved["model"].get(k) != model_config.get(k))

@@ -223,7 +223,8 @@ def train(
     quantization-aware training over the last part of the budget, hook in here. A hook with
     ``state_dict()``/``load_state_dict()`` methods is checkpointed with the run. ``forward``
     replaces ``model(inputs, targets)`` as the training loss (e.g. ``QAT.forward``); evaluation
-    and everything else use the model itself.
+    and everything else use the model itself. A ``forward`` with a ``log_values()`` method (such
+    as ``loopgolf.train.distill.TrainingObjective``) adds its loss parts to each log record.
 
     Under torch.distributed (torchrun) every rank calls this with its rank's loader; gradients
     are averaged across ranks and rank 0 alone logs, validates, shows progress and checkpoints.
@@ -268,6 +269,7 @@ def train(
         broadcast_parameters(model)
 
     step_fn: Callable[..., torch.Tensor] = model if forward is None else forward
+    log_parts = getattr(forward, "log_values", None)
     if cfg.compile:
         step_fn = compile_model(step_fn)
         stages: list[int | None] = list(range(model.plan.num_loops)) if staged else [None]
@@ -358,7 +360,10 @@ def train(
             state.step, state.elapsed = step, clock.at(step)
             tok_s = state.tokens / max(state.elapsed, 1e-9)
             if log_now:
-                log({"event": "train", "step": step, "loss": loss_value, "lr_mul": mul, "tokens": state.tokens, "elapsed": state.elapsed, "tokens_per_second": tok_s})
+                record = {"event": "train", "step": step, "loss": loss_value, "lr_mul": mul, "tokens": state.tokens, "elapsed": state.elapsed, "tokens_per_second": tok_s}
+                if log_parts is not None:  # the parts of the last micro-batch's loss (distillation, exit losses)
+                    record["parts"] = log_parts()
+                log(record)
             if bar is not None:
                 eta = _eta(step, state.elapsed, cfg)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:.0f}s")
