@@ -657,3 +657,16 @@ def test_fuzz_thousands_of_mutated_payloads_behind_valid_checksums():
     rng = np.random.default_rng(1)
     outcomes = [_read_never_crashes(seal(_mutate(rng, payload), "zlib")[1]) for _ in range(2500)]
     assert 0 < sum(outcomes) < len(outcomes)  # mutated tensor bytes may still be valid values
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma", "zstd", "brotli"])
+def test_multi_megabyte_streams_inflate_whole(codec):
+    # Regression: a brotli stream whose input ran out while the decoder still owed output (a
+    # 4 MB payload, compressed to more than one input chunk) was cut short and refused as
+    # truncated, so a real cpu-vanilla artifact written with brotli could not be loaded.
+    from loopgolf.export.artifact import compress, decompress
+
+    rng = np.random.default_rng(0)
+    for raw in (rng.normal(0, 8, 4_000_000).clip(-127, 127).astype(np.int8).tobytes(),
+                rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes() + bytes(4_000_000)):
+        assert decompress(compress(raw, codec), codec, len(raw)) == raw

@@ -227,12 +227,17 @@ class Inflater:
             self._unused = self._after_end()
             self._done = True
             return b""
-        if d.can_accept_more_data():
-            if self._pos >= len(self._data):
-                self._done = True
-                return b""
+        if d.can_accept_more_data() and self._pos < len(self._data):
             return d.process(self._next_input(self.IN_CHUNK), output_buffer_limit=n)
-        return d.process(b"", output_buffer_limit=n)
+        # Out of input, or output held back by the limit: brotli may still owe output for input
+        # it has already taken (can_accept_more_data() does not say it has none), so ask for it
+        # and stop only when it gives nothing.
+        out = d.process(b"", output_buffer_limit=n)
+        if not out:
+            self._done = True
+            if d.is_finished():
+                self._unused = self._after_end()
+        return out
 
     def _fill(self, n: int) -> None:
         while len(self._pending) < n and not self._done:
