@@ -597,10 +597,35 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    from loopgolf.convert.command import add_convert_parser as add
+CONVERT_INITS = ("stepwise", "average", "lower", "upper", "random")  # loopgolf.convert.recursive.INITS (a test checks)
 
-    add(sub)
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from loopgolf.convert.command import cmd_convert as run_convert
+
+    return run_convert(args)
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="tie a trained model's layers into a recursive one (Stepwise/Average/... init, SVD LoRA)",
+        description="Convert a trained vanilla model (a loopgolf run directory or artifact, or a Hugging Face Llama/SmolLM/"
+        "TinyLlama, Gemma or GPT-2 directory with safetensors) into a CYCLE or SEQUENCE recursive model, optionally "
+        "relaxed by per-virtual-layer LoRA initialised from the truncated SVD of what the tying lost.",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="run directory, artifact, or Hugging Face model directory")
+    p.add_argument("--plan", required=True, help="cycle:KxB or sequence:KxB with K * B = the source's layers")
+    p.add_argument("--init", choices=CONVERT_INITS, default="stepwise", help="shared-block initialisation (default stepwise)")
+    p.add_argument("--lora-rank", type=_non_negative_int, metavar="R", help="LoRA rank on every projection of the model (0: strict recursion)")
+    p.add_argument("--lora-ranks", type=_lora_ranks, metavar="RANKS", help="per-projection ranks, e.g. q=8,v=8,mlp_in=32")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default: scale 1); the SVD factors are divided by it")
+    p.add_argument("--controls", choices=("auto", "per-layer", "shared"), default="auto",
+                   help="norm gains, biases and scales per virtual layer or per stored block (auto: per layer when relaxed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh init (Random blocks, adapter A factors)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_convert)
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (

@@ -108,6 +108,10 @@ def test_svd_factors_leave_the_eckart_young_tail():
 
 
 def test_each_init_picks_the_documented_layers():
+    from loopgolf.cli import CONVERT_INITS
+    from loopgolf.convert.recursive import INITS
+
+    assert CONVERT_INITS == INITS
     assert stepwise_layers(6, 3) == [0, 2, 5]  # the paper's layers 1, 3, 6 (1-based)
     assert stepwise_layers(6, 2) == [0, 5]
     cycle = [[0, 3], [1, 4], [2, 5]]

@@ -1,5 +1,6 @@
 """`loopgolf convert`: a source model -> a recursive (relaxed) model in a directory that
-`loopgolf train --init-from DIR` (or `run --init-from`) uptrains.
+`loopgolf train --init-from DIR` (or `run --init-from`) uptrains. (The parser is in cli.py, so
+that a plain `loopgolf run` loads none of loopgolf.convert.)
 
 The directory holds ``config.json`` (the model config and how it was made), ``checkpoint.pt``
 (weights only, in the verified checkpoint format) and ``convert.json`` (the per-layer report).
@@ -11,23 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from loopgolf.util import atomic_write_json
-
-from loopgolf.convert.recursive import INITS
-
-
-def parse_ranks(text: str) -> dict[str, int]:
-    """'q=8,v=8,mlp_in=32' -> {target: rank}."""
-    ranks = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"expected TARGET=RANK items with ranks >= 1, got {item!r}")
-        ranks[name.strip()] = int(value)
-    return ranks
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -69,29 +56,3 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(report.format())
         print(f"  wrote {out}/config.json, {CHECKPOINT_NAME}, convert.json; next: loopgolf train --init-from {out} [--distill-from {source.path}]")
     return 0
-
-
-def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert", help="tie a trained model's layers into a recursive one (Stepwise/Average/... init, SVD LoRA)",
-        description="Convert a trained vanilla model (a loopgolf run directory or artifact, or a Hugging Face Llama/SmolLM/"
-        "TinyLlama, Gemma or GPT-2 directory with safetensors) into a CYCLE or SEQUENCE recursive model, optionally "
-        "relaxed by per-virtual-layer LoRA initialised from the truncated SVD of what the tying lost.",
-    )
-    p.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="run directory, artifact, or Hugging Face model directory")
-    p.add_argument("--plan", required=True, help="cycle:KxB or sequence:KxB with K * B = the source's layers")
-    p.add_argument("--init", choices=INITS, default="stepwise", help="shared-block initialisation (default stepwise)")
-    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank on every projection (0: strict recursion)")
-    p.add_argument("--lora-ranks", type=parse_ranks, metavar="RANKS", help="per-projection ranks, e.g. q=8,v=8,mlp_in=32")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default: scale 1); the SVD factors are divided by it")
-    p.add_argument("--controls", choices=("auto", "per-layer", "shared"), default="auto",
-                   help="norm gains, biases and scales per virtual layer or per stored block (auto: per layer when relaxed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh init (Random blocks, adapter A factors)")
-    p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_convert)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: loopgolf convert ...")
