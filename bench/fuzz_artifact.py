@@ -176,20 +176,19 @@ def mut_config(rng, header, data) -> str:
         return "config: model_config is not a dict, skipped"
     plan = mc.get("plan")
     if isinstance(plan, dict) and rng.random() < 0.4:
-        key = _pick(rng, PLAN_FIELDS + ["bogus"])
-        if rng.random() < 0.1:
-            plan.pop(key, None)
-            return f"config: del h['model_config']['plan'][{key!r}]"
-        value = _value(rng, PLAN_EXTRA)
-        plan[key] = value
-        return f"config: h['model_config']['plan'][{key!r}] = {value!r:.80}"
-    key = _pick(rng, CONFIG_FIELDS + ["bogus"])
+        return _mutate_field(rng, plan, PLAN_FIELDS, PLAN_EXTRA, "h['model_config']['plan']")
+    return _mutate_field(rng, mc, CONFIG_FIELDS, CONFIG_EXTRA, "h['model_config']")
+
+
+def _mutate_field(rng, target: dict, fields: list[str], extra, label: str) -> str:
+    """Delete (1 in 10) or overwrite one field of ``target`` (or an unknown "bogus" one)."""
+    key = _pick(rng, fields + ["bogus"])
     if rng.random() < 0.1:
-        mc.pop(key, None)
-        return f"config: del h['model_config'][{key!r}]"
-    value = _value(rng, CONFIG_EXTRA)
-    mc[key] = value
-    return f"config: h['model_config'][{key!r}] = {value!r:.80}"
+        target.pop(key, None)
+        return f"config: del {label}[{key!r}]"
+    value = _value(rng, extra)
+    target[key] = value
+    return f"config: {label}[{key!r}] = {value!r:.80}"
 
 
 def mut_table(rng, header, data) -> str:

@@ -33,7 +33,7 @@ class Source:
 
 
 def _read_run_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    from loopgolf.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+    from loopgolf.train.checkpoint import CHECKPOINT_NAME, check_state_matches, read_checkpoint
 
     cfg_path = path / "config.json"
     try:
@@ -47,12 +47,10 @@ def _read_run_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     with torch.device("meta"):
         names = GPT(model_cfg).state_dict()
     state = ckpt["model"]
-    missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
-    if missing or unexpected:
-        raise ConversionError(f"{path / CHECKPOINT_NAME} does not match its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, t in names.items():
-        if tuple(state[name].shape) != tuple(t.shape):
-            raise ConversionError(f"{path / CHECKPOINT_NAME}: tensor {name!r} has shape {tuple(state[name].shape)}, its config says {tuple(t.shape)}")
+    try:
+        check_state_matches(names, state, where=f"{path / CHECKPOINT_NAME} (against its config.json)")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     return model_cfg, {k: v.float() for k, v in state.items()}
 
 

@@ -95,16 +95,23 @@ def model_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: t.detach() for n, t in model.state_dict(keep_vars=True).items()}
 
 
+def check_state_matches(own: dict[str, Tensor], state: dict[str, Tensor], where: str = "checkpoint") -> None:
+    """Raise ValueError unless ``state`` has exactly the names and shapes of ``own`` (a model's
+    state dict, meta tensors allowed); ``where`` names the file in the message."""
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in own.items():
+        if t.shape != state[name].shape:
+            raise ValueError(f"{where} tensor {name} has shape {tuple(state[name].shape)}, the model's is {tuple(t.shape)}")
+
+
 def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy ``state`` into the model's tensors (strict: same names and shapes)."""
     own = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    check_state_matches(own, state)
     with torch.no_grad():
         for name, t in own.items():
-            if t.shape != state[name].shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, the model's is {tuple(t.shape)}")
             t.copy_(state[name])
 
 
