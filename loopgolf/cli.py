@@ -495,16 +495,24 @@ def measure_matmul_rate() -> tuple[float, str]:
     return peak.flops, f"{peak.size} x {peak.size} {peak.dtype} matmuls on {device.type}"
 
 
+def script_code_bytes(preset: str) -> int:
+    """The bytes of the train_gpt.py a default run of ``preset`` generates (what the run counts)."""
+    from loopgolf.run import RunOptions, fresh_config
+    from loopgolf.submit.bundle import code_counts
+
+    return code_counts(fresh_config(RunOptions(preset=preset))[1]).code_bytes
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from loopgolf.config import get_preset
-    from loopgolf.export.pack import code_bytes
-    from loopgolf.export.planner import UNCALIBRATED, default_family, predict_bytes, run_overrides, search, train_step_seconds
+    from loopgolf.export.planner import UNCALIBRATED, default_family, family_presets, predict_bytes, run_overrides, search, train_step_seconds
     from loopgolf.export.quantize import parse_policy
     from loopgolf.model.gpt import ModelConfig
 
     policy = parse_policy(args.quant)
     overrides = model_overrides(args)
-    n_code = code_bytes() if args.code_bytes is None else args.code_bytes
+    family = args.family or ([args.preset] if args.preset else default_family())  # a list: that preset, not its family
+    n_code = script_code_bytes(args.preset or family_presets(family)[0]) if args.code_bytes is None else args.code_bytes
     out: dict[str, Any] = {"cap_bytes": args.cap, "code_bytes": n_code, "quant": policy.describe()}
     if args.preset:
         preset = get_preset(args.preset)
@@ -517,7 +525,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "fits": total <= args.cap, "headroom_bytes": args.cap - total, "unique_params": pred["unique_params"],
             "uncalibrated": pred["uncalibrated"], "tensors": pred["tensors"],
         }
-    family = args.family or ([args.preset] if args.preset else default_family())  # a list: that preset, not its family
     search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
     candidates = search(
         args.cap, family, policy, codec=args.codec, code_bytes=n_code, overrides=search_overrides,
@@ -586,7 +593,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "--weights", choices=("trained", "init"), default="trained",  # loopgolf.export.planner.WEIGHTS, not imported to keep startup light
         help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
     )
-    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the current size of the code `loopgolf run` needs)")
+    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the size of the train_gpt.py a run of the preset generates)")
     p.add_argument("--layers", type=_int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=_int_list, help="also try these loop counts, e.g. 2,3,4")
     p.add_argument("--width-step", type=int, help="width granularity (default: head size x query/KV ratio)")

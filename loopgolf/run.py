@@ -32,7 +32,7 @@ from loopgolf.data.shards import TokenLoader, read_shard_header
 from loopgolf.device import resolve_device
 from loopgolf.evaluate import EvalResult, evaluate_bpb
 from loopgolf.export.artifact import CODECS
-from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, code_byte_counts, export_model, load_model
+from loopgolf.export.pack import DEFAULT_CAP_BYTES, CapReport, export_model, load_model
 from loopgolf.export.quantize import QuantPolicy, parse_policy
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params
@@ -72,6 +72,11 @@ class RunOptions:
     distill_weight: float = 0.5  # loss = (1 - w) CE + w T^2 KL(teacher || student)
     distill_temp: float = 1.0
     exit_loss_weight: float = 0.0  # weight of the intermediate-loop (early-exit) losses
+    tokenizer: Path | None = None  # None: found from the data directory (manifest, *.model, or the official layout)
+    # Set by a generated train_gpt.py: (its own size, its code id) instead of measuring loopgolf's
+    # files, and no xz reference baseline (its code is not part of the script).
+    code: tuple[int, str] | None = None
+    xz_baseline: bool = True
 
     def __post_init__(self) -> None:
         # Everything that can be checked before training is checked here, so a typo does not
@@ -181,12 +186,12 @@ class RunSetup:
     resume: dict[str, Any] | None  # the checkpoint to continue from
 
 
-# The keys of config.json (see _fresh_config); a resumed run refuses a file with others or fewer.
+# The keys of config.json (see fresh_config); a resumed run refuses a file with others or fewer.
 CONFIG_KEYS = frozenset({"preset", "model", "train", "cap_bytes", "codec", "quant", "eval_stride", "data", "data_dir"})
 OPTIONAL_CONFIG_KEYS = frozenset({"qat", "eval_batch_size", "checkpoint_every", "uptrain"})  # written since 0.1, read with defaults
 
 
-def _fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
+def fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     preset = build_configs(opts)
     if opts.init_from is not None:
         from loopgolf.convert.sources import load_source
@@ -299,10 +304,10 @@ def check_val_length(ds: Dataset, seq_len: int) -> None:
 def setup(opts: RunOptions) -> RunSetup:
     """Fix a run's configuration, join the process group under torchrun, open the data and
     (rank 0) create the run directory with ``config.json`` and the first log record."""
-    preset, config = _resumed_config(opts) if opts.resume is not None else _fresh_config(opts)
+    preset, config = _resumed_config(opts) if opts.resume is not None else fresh_config(opts)
     ctx, device = init_distributed(resolve_device(preset.train.device))
     data_dir, data_name = _data_location(opts, config, preset.model.vocab_size, ctx)
-    ds = Dataset.open(data_dir, verify=opts.verify_data)
+    ds = Dataset.open(data_dir, opts.tokenizer, verify=opts.verify_data)
     check_val_length(ds, preset.train.seq_len)
     if ds.vocab_size != preset.model.vocab_size:
         if "vocab_size" in opts.model_overrides or opts.resume is not None or opts.init_from is not None:
@@ -404,7 +409,13 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     pre = score(model, ds, val_tokens, train_cfg.seq_len, device, stride=config["eval_stride"], batch_size=eval_bs, progress=opts.progress)
     append_jsonl(log_path, {"event": "eval_pre", **pre.to_dict()})
 
-    n_code, n_code_scoring = code_byte_counts()
+    if opts.code is None:
+        from loopgolf.submit.bundle import code_counts
+
+        counted = code_counts(config)  # the plain train_gpt.py this configuration generates
+        n_code, code_id, n_code_scoring = counted.code_bytes, counted.code_id, counted.code_bytes_scoring
+    else:
+        (n_code, code_id), n_code_scoring = opts.code, None
     artifact_path = out / ARTIFACT_NAME
     calibration = None
     if policy_q.gptq:
@@ -423,22 +434,25 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
     post = score(reloaded, ds, val_tokens, train_cfg.seq_len, device, stride=config["eval_stride"], batch_size=eval_bs, progress=opts.progress)
     append_jsonl(log_path, {"event": "eval_post", **post.to_dict()})
 
-    from loopgolf.data.corpus import baseline_xz_bpb
+    xz = None
+    if opts.xz_baseline:
+        from loopgolf.data.corpus import baseline_xz_bpb
 
-    xz = baseline_xz_bpb(rs.data_dir)
+        xz = baseline_xz_bpb(rs.data_dir)
     summary = {
         "val_bpb_pre": pre.val_bpb,
         "val_bpb_post": post.val_bpb,
         "val_loss_pre": pre.val_loss,
         "val_loss_post": post.val_loss,
         "quant_gap_bpb": post.val_bpb - pre.val_bpb,
-        "baseline_xz_bpb": xz.bpb,
-        "baseline_xz_approximate": xz.approximate,  # decoded from the shards: tokenizer-normalized text
-        "baseline_xz_unknown_targets": xz.unknown_targets,
+        "baseline_xz_bpb": None if xz is None else xz.bpb,
+        "baseline_xz_approximate": None if xz is None else xz.approximate,  # decoded from the shards: tokenizer-normalized text
+        "baseline_xz_unknown_targets": None if xz is None else xz.unknown_targets,
         "artifact_bytes": cap.artifact_bytes,
         "model_bytes": cap.model_bytes,
-        "code_bytes": cap.code_bytes,  # loopgolf source that `loopgolf run` needs (training, export, scoring)
-        "code_bytes_scoring": n_code_scoring,  # the scoring path alone, for information
+        "code_bytes": cap.code_bytes,  # the train_gpt.py this configuration generates (loopgolf.submit.bundle)
+        "code_id": code_id,  # sha256 of that script's embedded sources and configuration
+        "code_bytes_scoring": n_code_scoring,  # the scoring path's source alone, for information
         "cap_bytes": cap.cap_bytes,
         "headroom_bytes": cap.headroom,
         "fits": cap.fits,
@@ -557,7 +571,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ("train time / tokens per s", f"{s['train_seconds']:.1f} s / {s['tokens_per_second']:,.0f}"),
         ("val_bpb pre-export", f"{s['val_bpb_pre']:.4f}"),
         ("val_bpb post-roundtrip", f"{s['val_bpb_post']:.4f}  (gap {s['quant_gap_bpb']:+.4f})"),
-        ("baseline xz bpb", f"{s['baseline_xz_bpb']:.4f}" + (f"  (approximate, {s.get('baseline_xz_unknown_targets', 0):,} unknown-piece targets)" if s.get("baseline_xz_approximate") else "")),
+        ("baseline xz bpb", "not measured" if s.get("baseline_xz_bpb") is None else f"{s['baseline_xz_bpb']:.4f}" + (f"  (approximate, {s.get('baseline_xz_unknown_targets', 0):,} unknown-piece targets)" if s.get("baseline_xz_approximate") else "")),
         ("artifact bytes", f"{s['model_bytes']:,} model ({s['codec']}) + {s['code_bytes']:,} code = {s['artifact_bytes']:,}"),
         ("cap", f"{s['cap_bytes']:,}: " + (f"fits, {s['headroom_bytes']:,} to spare" if s["fits"] else f"OVER by {-s['headroom_bytes']:,} bytes")),
         ("device / total time", f"{s['device']} / {s['total_seconds']:.1f} s"),

@@ -4,13 +4,14 @@ counted code bytes."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from loopgolf.export.artifact import ArtifactError, dequantize_tensor, read_artifact
 from loopgolf.export.gptq import calibration_tokens, collect_hessians
-from loopgolf.export.pack import CapReport, code_bytes, code_bytes_scoring, export_model, load_model, run_modules, scoring_modules
+from loopgolf.export.pack import CapReport, code_bytes_scoring, export_model, load_model, scoring_modules
 from loopgolf.export.quantize import QuantPolicy, encode_state, parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
@@ -161,9 +162,11 @@ def test_summary_accounting(tmp_path):
     assert read_artifact(tmp_path / "a.lgz").info.to_summary()["bytes_per_matrix_param"] is None  # shares need the writer
 
 
-# Loaded by `loopgolf run` but not counted (see loopgolf.export.pack): the argument parser and
-# the xz reference baseline (dataset preparation, which it lives beside).
-NOT_COUNTED = ("loopgolf.cli", "loopgolf.data.corpus")
+# Loaded by `loopgolf run` but not counted (see loopgolf.export.pack): the argument parser, the
+# xz reference baseline (dataset preparation, which it lives beside) and the script generator
+# that does the counting. Counted but not run by `loopgolf run`: the script's entry point.
+NOT_COUNTED = ("loopgolf.cli", "loopgolf.data.corpus", "loopgolf.submit.bundle")
+SCRIPT_ONLY = ("loopgolf.submit", "loopgolf.submit.entry")
 
 
 def _loaded_loopgolf_files(script: str) -> dict[str, str]:
@@ -177,10 +180,11 @@ def _loaded_loopgolf_files(script: str) -> dict[str, str]:
 
 
 def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path):
-    """Independent of code_bytes' own mechanism: run `loopgolf run` (GPTQ export, so the lazily
-    imported encoders load too) in a fresh interpreter, list the loopgolf files it loaded, measure
-    them with os.stat, and compare with the code_bytes the run reported."""
-    import os
+    """Independent of the bundler's own closure: run `loopgolf run` (GPTQ export, so the lazily
+    imported encoders load too) in a fresh interpreter and list the loopgolf files it loaded. The
+    script it counts embeds exactly those files' bytes (plus the script's entry point), and its
+    size is the code_bytes the run reported."""
+    from loopgolf.submit.bundle import Bundle, script_modules
 
     out = tmp_path / "run"
     loaded = _loaded_loopgolf_files(
@@ -191,13 +195,16 @@ def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path)
     counted = {n: f for n, f in loaded.items() if n not in NOT_COUNTED}
     assert {"loopgolf.run", "loopgolf.train.trainer", "loopgolf.train.optim", "loopgolf.export.quantize",
             "loopgolf.export.gptq", "loopgolf.export.pack", "loopgolf.evaluate", "loopgolf.model.gpt"} <= set(counted)
-    assert summary["code_bytes"] == sum(os.stat(f).st_size for f in counted.values())
-    # What the run lists as its code is what a plain import of the run module loads, nothing more.
-    assert sorted(counted) == run_modules()
+    # What the script embeds is what the run executed, nothing more, plus its entry point.
+    assert sorted(set(counted) | set(SCRIPT_ONLY)) == script_modules()
+    bundle = Bundle.of(json.loads((out / "config.json").read_text()))
+    for name, path in counted.items():
+        assert bundle.sources[name][1].encode("utf-8") == Path(path).read_bytes(), name
+    assert summary["code_bytes"] == len(bundle.render().encode("utf-8"))
+    assert summary["code_id"] == bundle.code_id
     # The scoring path is a strict part of it, and much smaller.
     assert set(scoring_modules()) < set(counted)
     assert summary["code_bytes_scoring"] == code_bytes_scoring() < 0.7 * summary["code_bytes"]
-    assert code_bytes() == summary["code_bytes"]
 
 
 def test_eval_loads_no_training_code(tmp_path, text_dataset):

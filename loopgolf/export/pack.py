@@ -7,16 +7,16 @@ artifact never loads them.
 
 Byte accounting: an artifact's file plus the counted code must fit the cap
 (:data:`DEFAULT_CAP_BYTES`, the Parameter Golf 16,000,000). Parameter Golf counts the code that
-trains *and* scores (its whole ``train_gpt.py``), so :func:`code_bytes` is the UTF-8 bytes of the
-loopgolf source files that ``loopgolf run`` needs: the import closure, in a fresh interpreter, of
-:data:`RUN_ENTRY_POINTS` (the run orchestration with training, the encoders it imports lazily,
-export and scoring) and the package ``__init__`` files on the way. Not counted: the command-line
-parser (``loopgolf.cli``, an argument front end over ``loopgolf.run.run`` that also holds the
-unrelated subcommands), dataset preparation (``data build``, ``data fineweb``, the embedded corpus:
-the official count leaves out its download script too), the xz reference baseline, and third-party
-libraries (torch, numpy, sentencepiece, zstandard), as the official count does not count PyTorch.
-:func:`code_bytes_scoring` counts the scoring path alone (what ``loopgolf eval`` loads), for
-information.
+trains *and* scores (its whole ``train_gpt.py``), so a run counts the UTF-8 bytes of the one-file
+script that loopgolf generates for its configuration (:mod:`loopgolf.submit.bundle`): the
+sources of the import closure of :data:`RUN_ENTRY_POINTS` (the run orchestration with training,
+the encoders it imports lazily, export and scoring) and the script's entry point, embedded
+verbatim, with the configuration. Not counted, as they are not in the script: the command-line
+parser (``loopgolf.cli``), dataset preparation (``data build``, ``data fineweb``, the embedded
+corpus: the official count leaves out its download script too), the xz reference baseline, and
+third-party libraries (torch, numpy, sentencepiece, zstandard), as the official count does not
+count PyTorch. :func:`code_bytes_scoring` counts the scoring path alone (what ``loopgolf eval``
+loads), for information.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ def package_modules(*entry_point_sets: tuple[str, ...]) -> list[list[str]]:
     return json.loads(out)
 
 
-def run_modules() -> list[str]:
-    """The loopgolf modules ``loopgolf run`` needs (training, export, scoring)."""
-    return package_modules(RUN_ENTRY_POINTS)[0]
-
-
 def scoring_modules() -> list[str]:
     """The loopgolf modules ``loopgolf eval`` needs (rebuild a model, open a dataset, score)."""
     return package_modules(SCORING_ENTRY_POINTS)[0]
@@ -103,23 +98,9 @@ def source_bytes(modules: list[str]) -> int:
     return sum(len(module_file(n).read_bytes()) for n in modules)
 
 
-def code_bytes() -> int:
-    """The code bytes counted against the cap: the source of every loopgolf module ``loopgolf run``
-    needs to train, export and score (see the module docstring for what is and is not counted)."""
-    return source_bytes(run_modules())
-
-
 def code_bytes_scoring() -> int:
     """Source bytes of the scoring path alone (``loopgolf eval``), for information."""
     return source_bytes(scoring_modules())
-
-
-def code_byte_counts() -> tuple[int, int]:
-    """``(code_bytes(), code_bytes_scoring())`` from one fresh interpreter instead of two. The
-    run's entry points import the scoring ones, so importing the scoring set first and the run's
-    after it gives the run's closure unchanged."""
-    scoring, run = package_modules(SCORING_ENTRY_POINTS, RUN_ENTRY_POINTS)
-    return source_bytes(run), source_bytes(scoring)
 
 
 @dataclass

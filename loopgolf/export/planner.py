@@ -323,7 +323,7 @@ def search(
     policy: QuantPolicy | None = None,
     *,
     codec: str = "auto",
-    code_bytes: int | None = None,
+    code_bytes: int,
     overrides: dict[str, Any] | None = None,
     layers: list[int] | None = None,
     loops: list[int] | None = None,
@@ -335,8 +335,8 @@ def search(
 
     For each preset (with ``overrides`` applied, e.g. ``{"per_layer_controls": True}``) and each
     plan variant (``layers`` / ``loops`` replace the plan's unique-layer and loop counts; default:
-    the preset's own), the widest width that fits. ``code_bytes`` defaults to the current
-    :func:`loopgolf.export.pack.code_bytes` (the code `loopgolf run` needs). Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
+    the preset's own), the widest width that fits. ``code_bytes``: the code counted beside the
+    model (a run counts its generated ``train_gpt.py``, :mod:`loopgolf.submit.bundle`). Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
     "unique_params", "effective_params", "uncalibrated", "seq_len", "tokens_per_step",
@@ -344,10 +344,6 @@ def search(
     from loopgolf.config import get_preset
 
     policy = policy or QuantPolicy()
-    if code_bytes is None:
-        from loopgolf.export.pack import code_bytes as measure_code_bytes
-
-        code_bytes = measure_code_bytes()
     budget = cap_bytes - code_bytes
     if budget <= 0:
         raise PlanError(f"the cap of {cap_bytes:,} bytes leaves nothing for the model after {code_bytes:,} bytes of code")

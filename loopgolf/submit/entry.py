@@ -1,0 +1,135 @@
+"""What a generated ``train_gpt.py`` runs: its baked configuration, changed by the environment
+variables the official Parameter Golf script reads, through :func:`loopgolf.run.run`.
+
+This module is embedded in every script (:mod:`loopgolf.submit.bundle`), so it imports only what
+the run itself imports. Rank 0 prints the run's summary and the official closing lines; the run
+directory (``OUT_DIR``, default ``runs/RUN_ID``) holds ``log.jsonl``, the artifact and
+``summary.json`` as for ``loopgolf run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from loopgolf.config import OptimizerConfig, TrainConfig
+from loopgolf.model.gpt import ModelConfig
+from loopgolf.run import RunOptions, format_summary, run
+
+DEFAULT_SEED = 1337  # the official script's default SEED
+# The official script's variable names, and the loopgolf setting each one sets.
+OFFICIAL_ENV: dict[str, tuple[str, str]] = {
+    "ITERATIONS": ("train", "max_steps"),
+    "MAX_WALLCLOCK_SECONDS": ("train", "time_budget"),  # 0: no time limit, as in the official script
+    "TRAIN_BATCH_TOKENS": ("train", "batch_tokens"),
+    "TRAIN_SEQ_LEN": ("train", "seq_len"),
+    "WARMUP_STEPS": ("train", "warmup_steps"),
+    "VAL_LOSS_EVERY": ("train", "val_every"),
+    "TRAIN_LOG_EVERY": ("train", "log_every"),
+    "GRAD_CLIP_NORM": ("train", "grad_clip"),
+    "MATRIX_LR": ("optim", "matrix_lr"),
+    "SCALAR_LR": ("optim", "scalar_lr"),
+    "TIED_EMBED_LR": ("optim", "embed_lr"),
+    "EMBED_LR": ("optim", "untied_embed_lr"),
+    "HEAD_LR": ("optim", "head_lr"),
+    "BETA1": ("optim", "beta1"),
+    "BETA2": ("optim", "beta2"),
+    "ADAM_EPS": ("optim", "adam_eps"),
+    "MUON_MOMENTUM": ("optim", "muon_momentum"),
+    "MUON_MOMENTUM_WARMUP_START": ("optim", "muon_momentum_warmup_start"),
+    "MUON_MOMENTUM_WARMUP_STEPS": ("optim", "muon_momentum_warmup_steps"),
+    "MUON_BACKEND_STEPS": ("optim", "muon_backend_steps"),
+    "VOCAB_SIZE": ("model", "vocab_size"),
+    "MODEL_DIM": ("model", "model_dim"),
+    "NUM_HEADS": ("model", "num_heads"),
+    "NUM_KV_HEADS": ("model", "num_kv_heads"),
+    "MLP_MULT": ("model", "mlp_mult"),
+    "TIE_EMBEDDINGS": ("model", "tie_embeddings"),
+    "ROPE_BASE": ("model", "rope_base"),
+    "LOGIT_SOFTCAP": ("model", "logit_softcap"),
+    "QK_GAIN_INIT": ("model", "qk_gain_init"),
+    "TIED_EMBED_INIT_STD": ("model", "tied_embed_init_std"),
+}
+_SECTIONS = {"train": TrainConfig, "optim": OptimizerConfig, "model": ModelConfig}
+
+
+def _parse(var: str, text: str, default: Any) -> Any:
+    """An environment value in the type of the setting's default (JSON for anything else)."""
+    try:
+        if isinstance(default, bool):
+            if text.strip().lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return text.strip().lower() in ("1", "true")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        return json.loads(text)
+    except ValueError:
+        raise ValueError(f"{var}={text!r} is not a valid value for a setting whose default is {default!r}") from None
+
+
+def _field_default(section: str, name: str) -> Any:
+    for f in fields(_SECTIONS[section]):
+        if f.name == name:
+            return f.default
+    raise AssertionError(f"{section}.{name} is not a loopgolf setting")  # OFFICIAL_ENV is checked by the tests
+
+
+def options_from_env(config: dict[str, Any], env: Mapping[str, str]) -> RunOptions:
+    """The run a script with baked ``config`` makes under ``env``."""
+    model = dict(config["model"])
+    train = json.loads(json.dumps(config["train"]))  # a deep copy
+    train["seed"] = _parse("SEED", env["SEED"], 0) if env.get("SEED") else DEFAULT_SEED
+    targets = {"train": train, "optim": train.setdefault("optim", {}), "model": model}
+    for var, (section, name) in OFFICIAL_ENV.items():
+        if env.get(var):
+            current = targets[section].get(name, _field_default(section, name))
+            value = _parse(var, env[var], current if current is not None else _field_default(section, name))
+            if var in ("MAX_WALLCLOCK_SECONDS", "ITERATIONS") and value == 0:
+                value = None  # 0 turns that limit off
+            targets[section][name] = value
+    if env.get("LOOPGOLF_OVERRIDES"):
+        try:
+            extra = json.loads(env["LOOPGOLF_OVERRIDES"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"LOOPGOLF_OVERRIDES is not valid JSON ({e})") from None
+        if not isinstance(extra, dict) or set(extra) - {"train", "model"}:
+            raise ValueError('LOOPGOLF_OVERRIDES must be a JSON object {"train": {...}, "model": {...}}')
+        optim = extra.get("train", {}).pop("optim", {})
+        train.update(extra.get("train", {}))
+        train["optim"].update(optim)
+        model.update(extra.get("model", {}))
+    data = Path(env.get("DATA_PATH") or f"./data/datasets/fineweb10B_sp{model['vocab_size']}")
+    out = Path(env.get("OUT_DIR") or Path("runs") / (env.get("RUN_ID") or str(uuid.uuid4())))
+    qat = config.get("qat") or {"mode": "off"}
+    return RunOptions(
+        preset=config["preset"], data=data, tokenizer=Path(env["TOKENIZER_PATH"]) if env.get("TOKENIZER_PATH") else None,
+        out=out, cap_bytes=config["cap_bytes"], codec=config["codec"], quant=config.get("quant", ""),
+        qat=qat["mode"], qat_start=qat.get("start_frac", 0.85), stride=config.get("eval_stride"),
+        device=env.get("DEVICE") or None, model_overrides=model, train_overrides=train,
+        progress=env.get("PROGRESS", "0") not in ("", "0"), xz_baseline=False,
+    )
+
+
+def main(config: dict[str, Any], *, code_path: str, code_id: str, env: Mapping[str, str] | None = None) -> int:
+    """Train, export and score; the exit status is 0, 2 for bad settings or data, 3 over the cap."""
+    env = os.environ if env is None else env
+    try:
+        opts = options_from_env(config, env)
+        opts.code = (os.path.getsize(code_path), code_id)  # this file is the counted code
+        summary = run(opts)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"train_gpt.py: error: {e}", file=sys.stderr)
+        return 2
+    if "val_bpb_post" not in summary:  # ranks other than 0
+        return 0
+    print(format_summary(summary))
+    print(f"final_roundtrip_exact val_loss:{summary['val_loss_post']:.8f} val_bpb:{summary['val_bpb_post']:.8f}")
+    print(f"Total submission size: {summary['artifact_bytes']} bytes (model {summary['model_bytes']} + code {summary['code_bytes']})")
+    return 0 if summary["fits"] else 3
