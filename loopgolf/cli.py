@@ -678,8 +678,15 @@ def add_submission_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_submission)
 
 
+def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
+    from loopgolf.lab.commands import add_lab_parsers as add
+
+    add(sub)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_run_parser, add_eval_parser, add_convert_parser, add_submission_parser, add_data_parser, add_info_parsers, add_bench_parser, add_plan_parser,
+    add_lab_parsers,
 )
 
 

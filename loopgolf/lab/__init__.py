@@ -1,0 +1,1 @@
+"""Sweeps, the results store, significance tests and reports (the hypothesis ledger)."""

@@ -1,0 +1,154 @@
+"""The ``sweep``, ``runs`` and ``report`` subcommands (the heavy modules load when one runs)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = Path("runs") / "loopgolf.sqlite"
+DEFAULT_COLUMNS = ("ledger", "variant", "seed", "status", "val_bpb_post", "artifact_bytes", "unique_params", "steps", "tokens_per_second", "run_dir")
+
+
+def store_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("LOOPGOLF_STORE") or DEFAULT_STORE)
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    items = _list(text)
+    if items is None:
+        return None
+    try:
+        seeds = [int(s) for s in items]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from loopgolf.lab.ledger import load_ledger, resolve
+    from loopgolf.lab.sweep import plan_runs, run_sweep
+
+    ledger = load_ledger(args.ledger)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / ledger.name
+    variants, seeds = _list(args.variants), _seeds(args.seeds)
+    if args.list:
+        for r in plan_runs(ledger, out, data=args.data, variants=variants, seeds=seeds, device=args.device):
+            rv = resolve(ledger, ledger.variant(r.variant))
+            budget = f"{rv.max_steps} steps" if rv.max_steps is not None else f"{rv.time_budget:g} s"
+            print(f"{'done' if r.finished else 'todo'}  {r.variant:16s} seed {r.seed:<4d} {budget:>12s}  {r.out}")
+        return 0
+    res = run_sweep(ledger, out, store_path(args.store), jobs=args.jobs, threads=args.threads, data=args.data,
+                    variants=variants, seeds=seeds, device=args.device, progress=not args.quiet)
+    for run_dir, tail in res.failed:
+        print(f"failed: {run_dir} (see {run_dir}/sweep.log)\n  " + tail.replace("\n", "\n  "), file=sys.stderr)
+    return 1 if res.failed else 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from loopgolf.lab.store import Store
+
+    with Store(store_path(args.store)) as store:
+        if args.runs_command == "add":
+            for d in args.run_dirs:
+                row = store.add(Path(d), ledger=args.ledger, variant=args.variant)
+                print(f"added {row.run_dir} (ledger {row.ledger}, variant {row.variant}, seed {row.seed})")
+            return 0
+        where = []
+        for item in args.where:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--where takes KEY=VALUE, got {item!r}")
+            where.append((key, value))
+        rows = store.query(ledger=args.ledger, where=where, sort=args.sort)
+    columns = _list(args.columns) or list(DEFAULT_COLUMNS)
+    table = [[_cell(r.value(c)) for c in columns] for r in rows]
+    if args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(table)
+        return 0
+    if not rows:
+        print("no runs match")
+        return 0
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    return 0
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from loopgolf.lab.ledger import load_ledger
+    from loopgolf.lab.report import write_report
+    from loopgolf.lab.store import Store
+
+    ledger = load_ledger(args.ledger)
+    with Store(store_path(args.store)) as store:
+        rows = store.rows(args.store_ledger or ledger.name)
+    command = args.command_note or ("loopgolf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else None)
+    path = write_report(ledger, rows, Path(args.out), command=command)
+    print(f"loopgolf report: {path} (+ bpb_vs_bytes.png, bpb_vs_flops.png, loss_curves.png)")
+    return 0
+
+
+def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
+    store_help = f"results store (default $LOOPGOLF_STORE or {DEFAULT_STORE})"
+    p = sub.add_parser("sweep", help="run a ledger's variants x seeds (resumable, parallel, into the results store)",
+                       description="Run every (variant, seed) of LEDGER (a TOML file or a built-in name: cpu-seed, pg-seed) as a normal "
+                       "run directory OUT/<variant>/seed<N>. Finished runs are skipped; failed or killed ones are redone. Runs go in "
+                       "parallel worker processes, each pinned to its own cores, never more jobs x threads than cores.")
+    p.add_argument("ledger", metavar="LEDGER")
+    p.add_argument("--out", help="sweep directory (default runs/sweeps/<ledger name>)")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--data", help="dataset directory for every run (default: the ledger's data, usually the embedded corpus)")
+    p.add_argument("--jobs", type=int, help="parallel runs (default: cores // threads; 1 on CUDA)")
+    p.add_argument("--threads", type=int, default=1, help="threads (cores) per run (default 1)")
+    p.add_argument("--variants", help="comma-separated variants to run (default: all)")
+    p.add_argument("--seeds", help="comma-separated seeds, replacing the ledger's (e.g. 1,2,3 for the best variants)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: each run's default)")
+    p.add_argument("--list", action="store_true", help="list the runs and whether each is done; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("runs", help="query the results store (or `runs add RUN_DIR` to add runs made outside a sweep)")
+    r.add_argument("--store", help=store_help)
+    r.add_argument("--ledger", help="only this ledger's runs (with `add`: the ledger to file them under)")
+    r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE", help="keep rows whose field equals VALUE (a column, summary key or dotted config path); repeatable")
+    r.add_argument("--sort", help="sort by this field (--sort=-KEY for descending)")
+    r.add_argument("--columns", help=f"comma-separated fields to show (default {','.join(DEFAULT_COLUMNS)})")
+    r.add_argument("--csv", action="store_true", help="CSV on stdout")
+    rsub = r.add_subparsers(dest="runs_command", metavar="add")
+    a = rsub.add_parser("add", help="add finished run directories to the store")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("--ledger", default=argparse.SUPPRESS, help="the ledger to file them under")
+    a.add_argument("--variant", help="variant name to file them under (default: the run's preset)")
+    r.set_defaults(func=cmd_runs)
+
+    q = sub.add_parser("report", help="a ledger's runs -> markdown report with Welch t-tests and PNG plots")
+    q.add_argument("ledger", metavar="LEDGER")
+    q.add_argument("--out", required=True, help="report directory (report.md and the PNGs)")
+    q.add_argument("--store", help=store_help)
+    q.add_argument("--store-ledger", help="read the store's runs filed under this name (default: the ledger's name)")
+    q.add_argument("--command-note", help="the command to print in the report (default: this one)")
+    q.set_defaults(func=cmd_report)

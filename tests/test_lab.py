@@ -1,0 +1,278 @@
+"""The hypothesis ledger: ledger files, the results store, sweeps, Welch's test and reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from loopgolf.cli import main as cli_main
+from loopgolf.lab.ledger import LedgerError, builtin_ledgers, load_ledger, parse_ledger, resolve
+from loopgolf.lab.report import pareto, variant_stats, write_report
+from loopgolf.lab.stats import mean_std, welch
+from loopgolf.lab.store import Store
+from loopgolf.lab.sweep import plan_runs, run_sweep
+
+TINY = """\
+name = "tiny"
+description = "two debug variants"
+baseline = "a"
+seeds = [1]
+
+[budget]
+steps = 3
+
+[[variant]]
+name = "a"
+preset = "debug"
+
+[[variant]]
+name = "b"
+preset = "debug"
+model = { model_dim = 48, num_heads = 2, num_kv_heads = 1 }
+"""
+
+
+# ---------------------------------------------------------------- ledger files
+
+
+def test_builtin_ledgers_load_and_resolve():
+    names = builtin_ledgers()
+    assert {"cpu-seed", "pg-seed"} <= set(names)
+    cpu = load_ledger("cpu-seed")
+    assert cpu.baseline == "vanilla" and cpu.variant("vanilla").seeds == (1, 2, 3)
+    want = {"vanilla", "shared", "shared-scales", "shared-depth", "shared-lora4", "shared-lora16", "mlp-share", "attn-share", "k1", "k3", "mini-loop", "wide"}
+    assert {v.name for v in cpu.variants} == want
+    # Equal training compute: the FLOPs of every variant's budget agree to within one step.
+    for v in cpu.variants:
+        rv = resolve(cpu, v)
+        assert abs(rv.train_flops(rv.max_steps) - cpu.budget) <= rv.train_flops(1) / 2 + 1
+    # Equal stored bytes for the reinvested-width variant: its unique parameters match vanilla's.
+    from loopgolf.config import get_preset
+    from loopgolf.model.gpt import unique_params_formula
+
+    vanilla, wide = unique_params_formula(get_preset("cpu-vanilla").model), unique_params_formula(get_preset("cpu-wide").model)
+    assert 0.8 * vanilla <= wide <= vanilla
+    assert load_ledger("pg-seed").budget_kind == "seconds"
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (lambda t: t.replace('preset = "debug"\nmodel', 'preset = "debug"\ncolour = "red"\nmodel'), ["line 16", "variant[1].colour", "unknown key"]),
+        (lambda t: t.replace("steps = 3", "steps = -3"), ["line 7", "budget.steps", "positive"]),
+        (lambda t: t.replace("steps = 3", "steps = 3\nseconds = 4"), ["exactly one"]),
+        (lambda t: t.replace('baseline = "a"', 'baseline = "zzz"'), ["line 3", "'baseline'", "names no variant"]),
+        (lambda t: t.replace("seeds = [1]", "seeds = [1, 1]"), ["line 4", "'seeds'", "repeats"]),
+        (lambda t: t.replace('name = "b"\npreset = "debug"', 'name = "b"\npreset = "nope"'), ["line 15", "variant[1].preset", "unknown preset"]),
+        (lambda t: t.replace("model_dim = 48", "model_dim = -48"), ["line 15", "variant[1].preset", "does not build", "model_dim"]),
+        (lambda t: t.replace('name = "a"', 'name = "b"'), ["line 14", "defined twice"]),
+        (lambda t: t + "\n[[variant]\n", ["not valid TOML", "line"]),
+        (lambda t: t.replace('name = "tiny"\n', 'name = "tiny"\nextra = 1\n'), ["line 2", "'extra'", "unknown key"]),
+    ],
+)
+def test_malformed_ledger_names_line_and_key(edit, needles):
+    with pytest.raises(LedgerError) as e:
+        parse_ledger(edit(TINY), source="bad.toml")
+    msg = str(e.value)
+    assert msg.startswith("bad.toml")
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_missing_ledger_file_lists_builtins(tmp_path):
+    with pytest.raises(LedgerError, match="cpu-seed"):
+        load_ledger(tmp_path / "nope.toml")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_welch_matches_scipy_and_hand_computation():
+    from scipy import stats
+
+    a, b = [2.01, 2.03, 2.02, 2.05], [2.10, 2.08, 2.12]
+    w = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w.t == pytest.approx(ref.statistic, rel=1e-12)
+    assert w.p == pytest.approx(ref.pvalue, rel=1e-12)
+    # By hand: means 2.0275 and 2.10, sample variances 0.000291667 and 0.0004.
+    va, vb = 0.00029166666666666 / 4, 0.0004 / 3
+    assert w.diff == pytest.approx(2.0275 - 2.10, abs=1e-12)
+    assert w.t == pytest.approx(-0.0725 / math.sqrt(va + vb), rel=1e-9)
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    assert w.df == pytest.approx(df, rel=1e-9)
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert (w.ci_low, w.ci_high) == pytest.approx((w.diff - half, w.diff + half), rel=1e-9)
+    assert w.ci_low < w.diff < w.ci_high < 0  # significant: the interval excludes 0
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        welch([1.0], [1.0, 2.0])
+    same = welch([1.0, 1.0], [1.0, 1.0])
+    assert same.p == 1.0 and same.diff == 0.0
+
+
+def test_pareto_frontier():
+    pts = [(1.0, 3.0, "a"), (2.0, 2.0, "b"), (3.0, 2.5, "c"), (4.0, 1.0, "d"), (2.5, 2.0, "e")]
+    assert [p[2] for p in pareto(pts)] == ["a", "b", "d"]
+
+
+# ---------------------------------------------------------------- results store
+
+
+def _fake_run(root: Path, name: str, *, bpb: float, seed: int, artifact: int = 1000, steps: int = 5, dim: int = 32) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    config = {"preset": "debug", "model": {"vocab_size": 384, "model_dim": dim, "num_heads": 2, "num_kv_heads": 1, "plan": {"kind": "vanilla", "layers": 2}},
+              "train": {"seq_len": 32, "batch_tokens": 256, "seed": seed}}
+    summary = {"val_bpb_post": bpb, "val_bpb_pre": bpb - 0.01, "artifact_bytes": artifact, "unique_params": 1000 * dim, "effective_params": 1000 * dim,
+               "tokens_per_second": 1234.5, "train_tokens": 256 * steps, "steps": steps, "seed": seed, "data": "synthetic", "preset": "debug"}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "summary.json").write_text(json.dumps(summary))
+    events = [{"event": "start", "env": {"python": "3.11", "torch": "x"}}] + [{"event": "train", "step": s, "loss": 6.0 - 0.3 * s + bpb} for s in range(1, steps + 1)]
+    (d / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "tr')  # torn last line, as a killed run leaves
+    return d
+
+
+def test_store_round_trips_a_summary(tmp_path):
+    d = _fake_run(tmp_path, "r1", bpb=2.5, seed=7)
+    with Store(tmp_path / "s.sqlite") as store:
+        row = store.add(d, ledger="L", variant="v")
+        assert row.status == "done" and row.seed == 7 and row.variant == "v"
+        assert row.summary == json.loads((d / "summary.json").read_text())
+        assert row.config["model"]["model_dim"] == 32 and row.environment == {"python": "3.11", "torch": "x"}
+        assert row.value("model.model_dim") == 32 and row.value("val_bpb_post") == 2.5
+    with Store(tmp_path / "s.sqlite") as store:  # persisted
+        assert [r.run_dir for r in store.rows("L")] == [str(d.resolve())]
+        with pytest.raises(ValueError, match="no summary.json"):
+            store.add(tmp_path)
+
+
+def _writer(path: str, prefix: str, n: int) -> None:
+    with Store(path) as store:
+        for i in range(n):
+            run_dir = Path(path).parent / f"{prefix}{i}"
+            store.start(run_dir, ledger="par", variant=prefix, seed=i)
+            store.finish(run_dir, error="fake")
+
+
+def test_parallel_writers_never_lose_a_row(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    Store(path).close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, p, 60)) for p in ("x", "y")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with Store(path) as store:
+        rows = store.rows("par")
+    assert len(rows) == 120 and {r.status for r in rows} == {"failed"}
+    assert sorted((r.variant, r.seed) for r in rows) == sorted((p, i) for p in ("x", "y") for i in range(60))
+
+
+def test_runs_command_where_sort_csv_and_add(tmp_path, capsys):
+    store = tmp_path / "s.sqlite"
+    for i, bpb in enumerate([2.7, 2.5, 2.6]):
+        assert cli_main(["runs", "--store", str(store), "add", str(_fake_run(tmp_path, f"r{i}", bpb=bpb, seed=i, dim=32 + 16 * (i % 2))), "--ledger", "L"]) == 0
+    capsys.readouterr()
+    assert cli_main(["runs", "--store", str(store), "--ledger", "L", "--sort", "val_bpb_post", "--csv", "--columns", "seed,val_bpb_post,model.model_dim"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows == [["seed", "val_bpb_post", "model.model_dim"], ["1", "2.5", "48"], ["2", "2.6", "32"], ["0", "2.7", "32"]]
+    assert cli_main(["runs", "--store", str(store), "--where", "model.model_dim=32", "--sort=-val_bpb_post", "--columns", "seed"]) == 0
+    assert capsys.readouterr().out.split() == ["seed", "0", "2"]
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_on_a_fake_store(tmp_path):
+    from matplotlib.image import imread
+
+    ledger = parse_ledger(TINY)
+    with Store(tmp_path / "s.sqlite") as store:
+        for seed, (a, b) in enumerate([(2.60, 2.50), (2.62, 2.51), (2.61, 2.49)], 1):
+            store.add(_fake_run(tmp_path / "runs", f"a{seed}", bpb=a, seed=seed, artifact=1000), ledger="tiny", variant="a")
+            store.add(_fake_run(tmp_path / "runs", f"b{seed}", bpb=b, seed=seed, artifact=1500, dim=48), ledger="tiny", variant="b")
+        store.start(tmp_path / "runs" / "killed", ledger="tiny", variant="b", seed=9)  # never finished
+        rows = store.rows("tiny")
+    groups = {g.name: g for g in variant_stats(ledger, rows)}
+    assert groups["b"].test is not None and groups["b"].test.p < 0.01 and groups["a"].test is None
+    path = write_report(ledger, rows, tmp_path / "rep", command="loopgolf report tiny --out rep")
+    text = path.read_text()
+    assert "| b | 3 | 2.5000 ± 0.0100 | 1,500 ± 0 |" in text
+    assert "| a (baseline) | 3 | 2.6100 ± 0.0100 |" in text
+    assert "`b` has the lowest mean val_bpb" in text and "significant at p < 0.01" in text and "not significant" not in text
+    assert "Not counted: 1 run(s) not finished (running)" in text
+    for png in ("bpb_vs_bytes.png", "bpb_vs_flops.png", "loss_curves.png"):
+        img = imread(tmp_path / "rep" / png)
+        assert img.shape[:2] == (550, 800), png
+        assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_report_without_runs_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="loopgolf sweep tiny"):
+        variant_stats(parse_ledger(TINY), [])
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def test_sweep_runs_resumes_and_redoes_unfinished(tmp_path, text_dataset):
+    ledger_file = tmp_path / "tiny.toml"
+    ledger_file.write_text(TINY)
+    ledger = load_ledger(ledger_file)
+    out, store = tmp_path / "sweep", tmp_path / "s.sqlite"
+    res = run_sweep(ledger, out, store, jobs=1, threads=1, data=str(text_dataset), progress=False)
+    assert (res.planned, res.skipped, len(res.done), res.failed) == (2, 0, 2, [])
+    with Store(store) as s:
+        rows = s.rows("tiny")
+    assert [(r.variant, r.seed, r.status, r.summary["steps"]) for r in rows] == [("a", 1, "done", 3), ("b", 1, "done", 3)]
+    assert rows[1].config["model"]["model_dim"] == 48
+    a_summary = out / "a" / "seed1" / "summary.json"
+    stamp = a_summary.stat().st_mtime_ns
+    # A killed run: its directory without a summary (and a half-written log) is redone; the finished one is skipped.
+    (out / "b" / "seed1" / "summary.json").unlink()
+    (out / "b" / "seed1" / "log.jsonl").write_text('{"event": "sta')
+    assert [r.finished for r in plan_runs(ledger, out)] == [True, False]
+    res = run_sweep(ledger, out, store, jobs=1, threads=1, data=str(text_dataset), progress=False)
+    assert (res.planned, res.skipped, len(res.done), res.failed) == (2, 1, 1, [])
+    assert a_summary.stat().st_mtime_ns == stamp
+    assert (out / "b" / "seed1" / "summary.json").is_file()
+    # More seeds for one variant: only the new ones run.
+    res = run_sweep(ledger, out, store, jobs=1, threads=1, data=str(text_dataset), variants=["a"], seeds=[1, 2], progress=False)
+    assert (res.planned, res.skipped, len(res.done)) == (2, 1, 1)
+    with Store(store) as s:
+        assert sorted((r.variant, r.seed, r.status) for r in s.rows("tiny")) == [("a", 1, "done"), ("a", 2, "done"), ("b", 1, "done")]
+
+
+def test_sweep_records_failures_and_refuses_oversubscription(tmp_path, text_dataset):
+    ledger = parse_ledger(TINY.replace("steps = 3", "steps = 2"))
+    with pytest.raises(LedgerError, match="oversubscribe"):
+        run_sweep(ledger, tmp_path / "o", tmp_path / "s.sqlite", jobs=os.cpu_count() + 1, threads=1, progress=False)
+    # A run that fails (its data directory does not exist) is recorded as failed, with its error.
+    res = run_sweep(ledger, tmp_path / "o", tmp_path / "s.sqlite", jobs=1, threads=1, data=str(tmp_path / "missing"), variants=["a"], progress=False)
+    assert len(res.failed) == 1 and not res.done
+    with Store(tmp_path / "s.sqlite") as s:
+        (row,) = s.rows("tiny")
+    assert row.status == "failed" and "missing" in row.error
+
+
+def test_sweep_cli_list(tmp_path, capsys):
+    ledger_file = tmp_path / "tiny.toml"
+    ledger_file.write_text(TINY)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli_main(["sweep", str(ledger_file), "--out", str(tmp_path / "o"), "--list"]) == 0
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("todo  a") and "3 steps" in lines[0]
+    assert cli_main(["sweep", str(tmp_path / "nope.toml")]) == 2
+    assert "no ledger file" in capsys.readouterr().err
