@@ -93,8 +93,9 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 def _colours(names: list[str]) -> dict[str, Any]:
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20" if len(names) > 10 else "tab10"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    # tab10 first (the most distinct), then tab20's lighter shades for variants 11-20.
+    tab10, tab20 = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20"]
+    return {n: tab10(i) if i < 10 else tab20((2 * (i - 10) + 1) % 20) for i, n in enumerate(names)}
 
 
 def make_plots(groups: list[VariantStats], out: Path, title: str) -> list[Path]:
@@ -105,6 +106,7 @@ def make_plots(groups: list[VariantStats], out: Path, title: str) -> list[Path]:
     import matplotlib.ticker
 
     colours = _colours([g.name for g in groups])
+    markers = {g.name: "osD^vPX*<>pHh8d"[i % 15] for i, g in enumerate(groups)}  # shape as well as colour tells variants apart
     paths = []
 
     def scatter(xkey: str, xlabel: str, fname: str, frontier: bool) -> None:
@@ -112,9 +114,9 @@ def make_plots(groups: list[VariantStats], out: Path, title: str) -> list[Path]:
         means = []
         for g in groups:
             xs = [float(r.summary["artifact_bytes"]) if xkey == "artifact_bytes" else train_flops(r) for r in g.rows]
-            ax.scatter(xs, g.bpb, color=colours[g.name], alpha=0.45, s=18)
+            ax.scatter(xs, g.bpb, color=colours[g.name], marker=markers[g.name], alpha=0.45, s=18)
             mx, my = g.metrics[xkey][0], g.metrics["val_bpb"][0]
-            ax.scatter([mx], [my], color=colours[g.name], s=70, edgecolor="black", label=f"{g.name} (n={len(g.rows)})")
+            ax.scatter([mx], [my], color=colours[g.name], marker=markers[g.name], s=70, edgecolor="black", label=f"{g.name} (n={len(g.rows)})")
             means.append((mx, my, g.name))
         if frontier:
             front = pareto(means)
@@ -151,9 +153,9 @@ def make_plots(groups: list[VariantStats], out: Path, title: str) -> list[Path]:
     return paths
 
 
-def _pm(ms: tuple[float, float], fmt: str) -> str:
+def _pm(ms: tuple[float, float], fmt: str, n: int) -> str:
     m, s = ms
-    return f"{m:{fmt}} ± {s:{fmt}}"
+    return f"{m:{fmt}} ± {s:{fmt}}" if n > 1 else f"{m:{fmt}}"  # one seed: no spread to show
 
 
 def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRow], command: str | None = None) -> str:
@@ -172,14 +174,19 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
     failed = [r for r in rows if r.status != "done"]
     if failed:
         lines.append(f"- Not counted: {len(failed)} run(s) not finished ({', '.join(sorted({r.status for r in failed}))}).")
-    lines += ["", "## Per variant (mean ± std over seeds)", "",
+    lines += ["", "## Variants", "", "| variant | preset | steps | what it is |", "|---|---|---:|---|"]
+    for g in groups:
+        v = ledger.variant(g.name)
+        steps = sorted({int(r.summary["steps"]) for r in g.rows})
+        lines.append(f"| {g.name} | `{v.preset}`{' + overrides' if v.model or v.train else ''} | {', '.join(map(str, steps))} | {v.description} |")
+    lines += ["", "## Per variant (mean ± std over seeds; one seed: the value)", "",
               "| variant | seeds | val_bpb | artifact bytes | unique params | effective params | tokens/s | training FLOPs |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for g in sorted(groups, key=lambda g: g.metrics["val_bpb"][0]):
-        m = g.metrics
+        m, n = g.metrics, len(g.rows)
         lines.append(
-            f"| {g.name}{' (baseline)' if g is base else ''} | {len(g.rows)} | {_pm(m['val_bpb'], '.4f')} | {_pm(m['artifact_bytes'], ',.0f')} | "
-            f"{m['unique_params'][0]:,.0f} | {m['effective_params'][0]:,.0f} | {_pm(m['tokens_per_second'], ',.0f')} | {m['train_flops'][0]:.3g} |"
+            f"| {g.name}{' (baseline)' if g is base else ''} | {len(g.rows)} | {_pm(m['val_bpb'], '.4f', n)} | {_pm(m['artifact_bytes'], ',.0f', n)} | "
+            f"{m['unique_params'][0]:,.0f} | {m['effective_params'][0]:,.0f} | {_pm(m['tokens_per_second'], ',.0f', n)} | {m['train_flops'][0]:.3g} |"
         )
     lines += ["", f"## Against the baseline (Welch's t-test, two-sided; effect = variant − `{ledger.baseline}`, negative is better)", ""]
     tested = [g for g in groups if g.test is not None]

@@ -36,11 +36,16 @@ class PlannedRun:
         return (self.out / "summary.json").is_file()
 
 
-def usable_cores() -> int:
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (empty where the OS does not say)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return []
+
+
+def usable_cores() -> int:
+    return len(allowed_cpus()) or os.cpu_count() or 1
 
 
 def plan_runs(ledger: Ledger, out: Path, *, data: str | None = None, variants: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None) -> list[PlannedRun]:
@@ -101,6 +106,7 @@ def run_sweep(ledger: Ledger, out: Path, store: Path, *, jobs: int | None = None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {ledger.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    allowed = allowed_cpus()
     free_slots = list(range(jobs))
     lock = threading.Lock()
     done: list[str] = []
@@ -109,7 +115,7 @@ def run_sweep(ledger: Ledger, out: Path, store: Path, *, jobs: int | None = None
     def execute(run: PlannedRun) -> None:
         with lock:
             slot = free_slots.pop()
-        cpus = list(range(slot * threads, (slot + 1) * threads)) if hasattr(os, "sched_setaffinity") and cores == (os.cpu_count() or cores) else None
+        cpus = allowed[slot * threads : (slot + 1) * threads] if allowed else None
         cmd, env = _worker_command(run, ledger=ledger.name, store=store, cpus=cpus, threads=threads)
         run.out.mkdir(parents=True, exist_ok=True)
         log = run.out / "sweep.log"
