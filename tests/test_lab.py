@@ -276,3 +276,20 @@ def test_sweep_cli_list(tmp_path, capsys):
     assert len(lines) == 2 and lines[0].startswith("todo  a") and "3 steps" in lines[0]
     assert cli_main(["sweep", str(tmp_path / "nope.toml")]) == 2
     assert "no ledger file" in capsys.readouterr().err
+
+
+def test_train_flops_counts_each_recurrence_stage_at_its_depth():
+    from loopgolf.config import get_preset
+    from loopgolf.lab.report import train_flops
+    from loopgolf.lab.store import RunRow
+    from loopgolf.model.gpt import forward_flops_per_token
+
+    p = get_preset("cpu-mini-loop")
+    config = {"model": p.model.to_dict(), "train": {"seq_len": p.train.seq_len}}
+    tokens = 10 * p.train.batch_tokens
+    row = RunRow("x", None, None, 1, "done", config, {"steps": 10, "stage_steps": [0, 4], "train_tokens": tokens}, None, None, None, None, None)
+    shallow, full = (forward_flops_per_token(p.model, p.train.seq_len, num_layers=n) for n in (4, 6))
+    assert shallow < full
+    assert train_flops(row) == pytest.approx(3 * tokens * (0.4 * shallow + 0.6 * full), rel=1e-12)
+    row.summary["stage_steps"] = [0]
+    assert train_flops(row) == pytest.approx(3 * tokens * full, rel=1e-12)

@@ -2,7 +2,7 @@
 
 Per variant: mean +- std over seeds of the roundtrip val_bpb, artifact bytes, unique and
 effective parameters, tokens/s and training FLOPs (3 x forward FLOPs per token x training
-tokens). Each variant with at least two seeds is tested against the baseline (Welch's t-test,
+tokens; a progressive-recurrence run's stages each at their own depth). Each variant with at least two seeds is tested against the baseline (Welch's t-test,
 two-sided; the effect is variant - baseline in bpb, negative = better). Plots (PNG): val_bpb
 against artifact bytes with the Pareto frontier of the variant means, val_bpb against training
 FLOPs, and every run's training loss curve.
@@ -33,7 +33,18 @@ def train_flops(row: RunRow) -> float | None:
     if not row.config or not row.summary:
         return None
     cfg = ModelConfig.from_dict(row.config["model"])
-    return 3.0 * forward_flops_per_token(cfg, int(row.config["train"]["seq_len"])) * float(row.summary["train_tokens"])
+    seq_len, steps, tokens = int(row.config["train"]["seq_len"]), int(row.summary["steps"]), float(row.summary["train_tokens"])
+    starts = list(row.summary.get("stage_steps") or [])
+    if len(starts) < 2 or steps <= 0:
+        return 3.0 * forward_flops_per_token(cfg, seq_len) * tokens
+    # Progressive recurrence: each stage's steps at that stage's depth (stage i runs from
+    # starts[i] to starts[i + 1]).
+    bounds = starts + [steps]
+    flops = 0.0
+    for stage, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        layers = len(cfg.depth_plan.active_layers(stage))
+        flops += 3.0 * forward_flops_per_token(cfg, seq_len, num_layers=layers) * tokens * (b - a) / steps
+    return flops
 
 
 def loss_curve(row: RunRow) -> tuple[list[int], list[float]]:
