@@ -293,3 +293,12 @@ def test_train_flops_counts_each_recurrence_stage_at_its_depth():
     assert train_flops(row) == pytest.approx(3 * tokens * (0.4 * shallow + 0.6 * full), rel=1e-12)
     row.summary["stage_steps"] = [0]
     assert train_flops(row) == pytest.approx(3 * tokens * full, rel=1e-12)
+
+
+def test_cli_help_spells_the_lab_defaults():
+    """cli.py builds the ledger parsers without importing loopgolf.lab, so it spells the defaults itself."""
+    from loopgolf import cli
+    from loopgolf.lab import commands
+
+    assert cli.LAB_DEFAULT_STORE == commands.DEFAULT_STORE.as_posix()
+    assert cli.LAB_DEFAULT_COLUMNS == ",".join(commands.DEFAULT_COLUMNS)
