@@ -37,7 +37,7 @@ class EvalResult:
         return asdict(self)
 
 
-def _windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def scoring_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) for each window: inputs tokens[start:end], targets
     tokens[start+1:end+1], of which those at target positions >= first_scored are counted."""
     if stride >= seq_len:
@@ -80,7 +80,7 @@ def evaluate_bpb(
         tokens = tokens[: max_tokens + 1]
     if len(tokens) < seq_len + 1 and stride == seq_len:
         raise ValueError(f"validation set has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    windows = _windows(len(tokens), seq_len, stride)
+    windows = scoring_windows(len(tokens), seq_len, stride)
     device = torch.device(device)
     vocab = int(tables.base_bytes.shape[0])
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

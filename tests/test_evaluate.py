@@ -9,7 +9,7 @@ from torch import nn
 
 from loopgolf.data.shards import load_shard
 from loopgolf.data.tokenizer import build_byte_tables, load_tokenizer
-from loopgolf.evaluate import _windows, evaluate_bpb
+from loopgolf.evaluate import evaluate_bpb, scoring_windows
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # vendored official files, see assets/README.md
 
@@ -139,7 +139,7 @@ def test_sliding_window_scores_each_target_once(golden):
     _, tables, tokens = golden
     model = Bigram(1024, seed=5)
     for seq_len, stride in [(16, 4), (16, 16), (20, 7), (137, 1)]:
-        wins = _windows(len(tokens), seq_len, stride)
+        wins = scoring_windows(len(tokens), seq_len, stride)
         scored = [t for start, end, first in wins for t in range(first, end)]
         if stride < seq_len:
             assert scored == list(range(len(tokens) - 1))

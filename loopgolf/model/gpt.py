@@ -26,7 +26,7 @@ This module knows nothing about training, quantization or files.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +268,32 @@ class Adapters:
         return y
 
 
+class RowAdapters:
+    """:class:`Adapters` for a batch whose rows run at different virtual layers (rows of one
+    virtual layer contiguous): biases picked per row, each layer's LoRA on its own rows."""
+
+    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, vs: list[int], attn_rows: Tensor, mlp_rows: Tensor) -> None:
+        self.banks, self.biases = banks, biases
+        self.attn_rows, self.mlp_rows = attn_rows, mlp_rows
+        self.runs: list[tuple[int, int, int]] = []  # (virtual layer, first row, end row)
+        for i, u in enumerate(vs):
+            if self.runs and self.runs[-1][0] == u and self.runs[-1][2] == i:
+                self.runs[-1] = (u, self.runs[-1][1], i + 1)
+            else:
+                self.runs.append((u, i, i + 1))
+        if len({u for u, _, _ in self.runs}) != len(self.runs):
+            raise ValueError("rows of one virtual layer must be contiguous")
+
+    def __call__(self, target: str, x: Tensor, y: Tensor) -> Tensor:
+        if target in self.biases:
+            rows = self.attn_rows if target in ATTN_TARGETS else self.mlp_rows
+            y = y + self.biases[target][rows].to(y.dtype).unsqueeze(-2)
+        if target in self.banks:
+            bank = self.banks[target]
+            y = torch.cat([bank.add_to(u, x[i:j], y[i:j]) for u, i, j in self.runs]) if len(self.runs) > 1 else bank.add_to(self.runs[0][0], x, y)
+        return y
+
+
 def _no_adapter(target: str, x: Tensor, y: Tensor) -> Tensor:
     return y
 
@@ -286,7 +312,10 @@ class Attention(nn.Module):
         self.c_v = Linear(d, kv)
         self.proj = Linear(d, d, zero_init=True)
 
-    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor | None, sin: Tensor | None, adapt=_no_adapter) -> Tensor:
+    def project(self, x: Tensor, q_gain: Tensor, cos: Tensor | None, sin: Tensor | None, adapt=_no_adapter) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, H, T, hd) and keys and values (B, H_kv, T, hd), normed, rotated and gained:
+        what attention reads, and what a KV cache keeps. ``q_gain`` is one row (H,) or one per
+        batch row (B, H)."""
         b, t, _ = x.shape
         q = adapt("q", x, self.c_q(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = adapt("k", x, self.c_k(x)).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -295,14 +324,30 @@ class Attention(nn.Module):
             q, k = rms_norm(q), rms_norm(k)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q * q_gain.to(q.dtype)[None, :, None, None]
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        g = q_gain.to(q.dtype)
+        q = q * (g[None, :, None, None] if g.dim() == 1 else g[:, :, None, None])
+        return q, k, v
+
+    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor | None, sin: Tensor | None, adapt=_no_adapter, attend=None) -> Tensor:
+        """``attend(q, k, v) -> (B, H, T, hd)`` replaces causal attention over this call's own
+        tokens (a KV cache's attention over past and present keys, for one)."""
+        b, t, _ = x.shape
+        q, k, v = self.project(x, q_gain, cos, sin, adapt)
+        y = causal_attention(q, k, v) if attend is None else attend(q, k, v)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return adapt("o", y, self.proj(y))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """Scaled dot-product attention with grouped key/value heads repeated to the query heads."""
+    if k.size(1) != q.size(1):
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):
@@ -403,28 +448,85 @@ class GPT(nn.Module):
         b = getattr(self, f"{which}_bias")[row].to(x.dtype)
         return F.layer_norm(x, shape, w, b, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps)
 
-    def layer(self, v: int, x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-        """Run virtual layer ``v``."""
-        a, m = self._ctrl_index(v)
-        adapt = Adapters(self.lora, self.bias, v, a, m) if len(self.lora) or len(self.bias) else _no_adapter
-        if self.depth_emb is not None:
-            x = x + self.depth_emb[v].to(x.dtype)
-        mix = self.resid_mix[a].to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        attn = self.attn[self.plan.attn_of[v]](self.norm(x, "attn_norm", a), self.q_gain[a], cos, sin, adapt)
-        x = x + self.attn_scale[a].to(x.dtype) * attn
-        x = x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](self.norm(x, "mlp_norm", m), adapt)
-        return x
+    def _layer_inputs(self, v: Sequence[int], x: Tensor, x0: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Any, int, int]:
+        """What virtual layers ``v`` (one per batch row) do before attention: (the mixed
+        residual, functions picking each row's attention and MLP control rows, the adapters, and
+        the stored attention and MLP indices the rows share)."""
+        plan, vs = self.plan, list(v)
+        if len(vs) != x.size(0):
+            raise ValueError(f"{len(vs)} virtual layers given for a batch of {x.size(0)} rows")
+        stored = plan.attn_of[vs[0]], plan.mlp_of[vs[0]]
+        if any((plan.attn_of[u], plan.mlp_of[u]) != stored for u in vs):
+            raise ValueError("rows run in one call must share their stored attention and MLP sublayers")
+        rows = [self._ctrl_index(u) for u in vs]
+        a_idx = torch.tensor([r[0] for r in rows], device=x.device)
+        m_idx = torch.tensor([r[1] for r in rows], device=x.device)
 
-    def embed(self, idx: Tensor) -> Tensor:
-        """The input of the first virtual layer (also kept as x0 for the residual mixes)."""
+        def pick_a(p: Tensor) -> Tensor:
+            return p[a_idx].to(x.dtype).unsqueeze(-2)
+
+        def pick_m(p: Tensor) -> Tensor:
+            return p[m_idx].to(x.dtype).unsqueeze(-2)
+
+        if self.depth_emb is not None:
+            x = x + self.depth_emb[torch.tensor(vs, device=x.device)].to(x.dtype).unsqueeze(-2)
+        mix = self.resid_mix[a_idx].to(x.dtype)  # (rows, 2, D)
+        x = mix[:, 0].unsqueeze(-2) * x + mix[:, 1].unsqueeze(-2) * x0
+        adapt = RowAdapters(self.lora, self.bias, vs, a_idx, m_idx) if len(self.lora) or len(self.bias) else _no_adapter
+        return x, pick_a, pick_m, adapt, stored[0], stored[1]
+
+    def _norm_rows(self, x: Tensor, which: str, pick: Callable[[Tensor], Tensor]) -> Tensor:
+        """``norm`` with a gain (and bias) row per batch row, picked by ``pick``."""
+        cfg, shape = self.config, (x.size(-1),)
+        if cfg.norm == "rms":
+            return F.rms_norm(x, shape, eps=cfg.norm_eps)
+        w = pick(getattr(self, which))
+        if cfg.norm == "rms_scaled":
+            return F.rms_norm(x, shape, eps=cfg.norm_eps) * w
+        if cfg.norm == "rms_offset":
+            return F.rms_norm(x, shape, eps=cfg.norm_eps) * (1.0 + w)
+        return F.layer_norm(x, shape, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps) * w + pick(getattr(self, f"{which}_bias"))
+
+    def layer(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None, attend=None) -> Tensor:
+        """Run virtual layer ``v``. With a sequence ``v`` (one virtual layer per batch row, all over
+        the same stored sublayers) each row runs at its own depth: the shared projections run once
+        over every row, and each row gets its own controls, biases and adapters. ``attend``
+        replaces causal attention (see :meth:`Attention.forward`)."""
+        if isinstance(v, int):  # the training path, kept exactly as it was
+            a, m = self._ctrl_index(v)
+            adapt = Adapters(self.lora, self.bias, v, a, m) if len(self.lora) or len(self.bias) else _no_adapter
+            if self.depth_emb is not None:
+                x = x + self.depth_emb[v].to(x.dtype)
+            mix = self.resid_mix[a].to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+            attn = self.attn[self.plan.attn_of[v]](self.norm(x, "attn_norm", a), self.q_gain[a], cos, sin, adapt, attend)
+            x = x + self.attn_scale[a].to(x.dtype) * attn
+            return x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](self.norm(x, "mlp_norm", m), adapt)
+        x, pick_a, pick_m, adapt, ai, mi = self._layer_inputs(v, x, x0)
+        q_gain = pick_a(self.q_gain).squeeze(-2)
+        attn = self.attn[ai](self._norm_rows(x, "attn_norm", pick_a), q_gain, cos, sin, adapt, attend)
+        x = x + pick_a(self.attn_scale) * attn
+        return x + pick_m(self.mlp_scale) * self.mlps[mi](self._norm_rows(x, "mlp_norm", pick_m), adapt)
+
+    def layer_kv(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The keys and values virtual layer ``v`` would cache for residual ``x``, without running
+        its attention or MLP: what a token that exited early leaves for deeper layers."""
+        if isinstance(v, int):
+            v = [v] * x.size(0)
+        x, pick_a, _, adapt, ai, _ = self._layer_inputs(v, x, x0)
+        _, k, val = self.attn[ai].project(self._norm_rows(x, "attn_norm", pick_a), pick_a(self.q_gain).squeeze(-2), cos, sin, adapt)
+        return k, val
+
+    def embed(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+        """The input of the first virtual layer (also kept as x0 for the residual mixes).
+        ``positions`` (shaped like ``idx``) places tokens that are not at 0..T-1 (a KV cache's)."""
         x = self.tok_emb(idx)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         if self.pos_emb is not None:
             if idx.size(1) > self.config.max_seq_len:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the model's max_seq_len={self.config.max_seq_len} learned positions")
-            x = x + self.pos_emb.weight[: idx.size(1)]
+            x = x + (self.pos_emb.weight[: idx.size(1)] if positions is None else self.pos_emb(positions))
         return rms_norm(x) if self.config.embed_norm else x
 
     def hidden_states(self, idx: Tensor, exits: tuple[int, ...] = ()) -> list[Tensor]:
