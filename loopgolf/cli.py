@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from loopgolf.export.pack import DEFAULT_CAP_BYTES
 from loopgolf.model.plan import PLAN_SYNTAX
+from loopgolf.serve.exits import CRITERION_SYNTAX
 
 if TYPE_CHECKING:
     from loopgolf.run import RunOptions
@@ -235,6 +236,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.early_exit:
+        return _lazy_command("loopgolf.serve.commands", "cmd_eval_early_exit")(args)
     import torch
 
     from loopgolf.evaluate import evaluate_bpb
@@ -249,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"tokenizer has {ds.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}")
     seq_len = args.seq_len or int(loaded.meta.get("seq_len", 1024))
     with torch.no_grad():
-        r = evaluate_bpb(model, ds.val_tokens(), ds.tables, seq_len, stride=args.stride, batch_size=args.batch_size, device=device, progress=not args.json)
+        r = evaluate_bpb(model, ds.val_tokens(), ds.tables, seq_len, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens, device=device, progress=not args.json)
     out = {**r.to_dict(), "artifact": str(args.artifact), "artifact_file_bytes": loaded.info.total_bytes, "codec": loaded.codec, "data": str(args.data)}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -268,6 +271,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--no-verify-data", action="store_true", help="skip checking the validation shards against the dataset's manifest")
+    p.add_argument("--max-tokens", type=_positive_int, help="score only this many validation tokens (a cheaper estimate; the official score uses all)")
+    p.add_argument("--early-exit", metavar="CRITERION", help=f"score with early exit after each pass of a recursive plan, token by token through the KV cache: {CRITERION_SYNTAX}; "
+                   "reports val_bpb and the mean passes per token (non-overlapping windows)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -447,7 +453,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from loopgolf.config import DEFAULT_PRESET, PRESETS
 
     p = sub.add_parser("bench", help="benchmarks: training throughput and MFU")
-    bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="{train}")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="{train,serve}")
     t = bsub.add_parser(
         "train", help="tokens/s, step time, memory and MFU of the training step on synthetic tokens",
         description="Run the trainer on synthetic tokens (warm-up steps, then measured steps) and report tokens/s, step time, "
@@ -468,6 +474,75 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_model_overrides(t)
     t.add_argument("--json", action="store_true", help="print the result as one JSON line")
     t.set_defaults(func=cmd_bench_train)
+
+    s = bsub.add_parser(
+        "serve", help="tokens/s and latency of static, sequence and depth-wise batching; early exit's bpb cost; a server load test",
+        description="Serve one request stream (prompts cut from the validation tokens, greedy) on the static full-depth, "
+        "sequence-level continuous and continuous depth-wise engines (and sequence batching with early exit, to separate the "
+        "two effects); score val_bpb with and without early exit; load-test `loopgolf serve` from a second process. "
+        "With --json the last line is the JSON result.",
+    )
+    s.add_argument("model", metavar="ARTIFACT_OR_RUN", help="a recursive model: an artifact or a run directory")
+    s.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
+    s.add_argument("--data", help="dataset for prompts and scoring (default: the run's)")
+    s.add_argument("--early-exit", default="agree", metavar="CRITERION", help=f"{CRITERION_SYNTAX} (default agree)")
+    s.add_argument("--requests", type=_positive_int, default=32, help="requests in the stream (default 32)")
+    s.add_argument("--prompt-len", type=_int_list, default=[16, 96], metavar="MIN,MAX", help="prompt tokens (default 16,96)")
+    s.add_argument("--output-len", type=_int_list, default=[16, 64], metavar="MIN,MAX", help="generated tokens (default 16,64)")
+    s.add_argument("--arrival-rate", type=float, default=0.0, help="Poisson arrivals per second (default 0: all at once)")
+    s.add_argument("--slots", type=_positive_int, default=8, help="requests decoded at once (default 8)")
+    s.add_argument("--eval-tokens", type=_positive_int, default=16384, help="validation tokens for the bpb cost (default 16384)")
+    s.add_argument("--server-requests", type=_non_negative_int, default=16, help="requests in the server load test (0: skip it; default 16)")
+    s.add_argument("--concurrency", type=_positive_int, default=4, help="client threads in the load test (default 4)")
+    s.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    s.add_argument("--seed", type=_non_negative_int, default=0, help="request stream seed")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    s.set_defaults(func=_serve_command("cmd_bench_serve"))
+
+
+# ----------------------------------------------------------------------- serve
+
+
+def _serve_command(name: str) -> Callable[[argparse.Namespace], int]:
+    return _lazy_command("loopgolf.serve.commands", name)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="ARTIFACT_OR_RUN", help="an artifact, or a run directory holding artifact.lgz")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one of the data the run trained on)")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--early-exit", metavar="CRITERION", help=f"stop a token after a pass of a recursive plan when: {CRITERION_SYNTAX} (default: full depth)")
+
+
+def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate text from an artifact or run (KV cache per virtual layer, optional early exit)")
+    _add_model_source(g)
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1)")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: all)")
+    g.add_argument("--seed", type=_non_negative_int, help="sampling seed (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
+    g.set_defaults(func=_serve_command("cmd_generate"))
+
+    s = sub.add_parser("serve", help="an OpenAI-style completions server (localhost) on a continuous-batching engine",
+                       description="Serve POST /v1/completions (stream via server-sent events), GET /v1/models and GET /health with "
+                       "starlette + uvicorn. Requests share one engine (continuous depth-wise batching by default); a full queue "
+                       "answers 429, a request past --timeout 504; SIGTERM finishes in-flight requests for --shutdown-grace seconds.")
+    _add_model_source(s)
+    s.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    s.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1, this machine only)")
+    s.add_argument("--allow-remote", action="store_true", help="allow a --host other than localhost")
+    s.add_argument("--name", help="the model id clients ask for (default: the run directory's name)")
+    s.add_argument("--schedule", choices=("depthwise", "sequence", "static"), default="depthwise", help="engine schedule (default depthwise)")
+    s.add_argument("--slots", type=_positive_int, default=8, help="requests decoded at once (default 8)")
+    s.add_argument("--context", type=_positive_int, help="prompt + completion tokens per request (default: the training seq_len)")
+    s.add_argument("--max-queue", type=_non_negative_int, default=64, help="waiting requests before 429 (default 64)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queueing included (default 120)")
+    s.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default 10)")
+    s.set_defaults(func=_serve_command("cmd_serve"))
 
 
 # ------------------------------------------------------------------------ plan
@@ -678,16 +753,21 @@ def add_submission_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_submission)
 
 
-def _lab_command(name: str) -> Callable[[argparse.Namespace], int]:
-    """The ledger commands live in loopgolf.lab; building the parser must not import it (eval stays light)."""
+def _lazy_command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command whose code lives in ``module`` (loopgolf.lab, loopgolf.serve): building the parser
+    must not import it, so eval and the counted code closure stay light."""
 
     def run(args: argparse.Namespace) -> int:
-        from loopgolf.lab import commands
+        import importlib
 
-        return getattr(commands, name)(args)
+        return getattr(importlib.import_module(module), name)(args)
 
     run.__name__ = name
     return run
+
+
+def _lab_command(name: str) -> Callable[[argparse.Namespace], int]:
+    return _lazy_command("loopgolf.lab.commands", name)
 
 
 # The defaults of loopgolf.lab.commands, spelled here for the help text (a test keeps them equal).
@@ -739,7 +819,7 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_run_parser, add_eval_parser, add_convert_parser, add_submission_parser, add_data_parser, add_info_parsers, add_bench_parser, add_plan_parser,
-    add_lab_parsers,
+    add_lab_parsers, add_serve_parsers,
 )
 
 

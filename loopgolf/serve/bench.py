@@ -1,0 +1,273 @@
+"""`loopgolf bench serve`: the three engines on one model and one request stream, the quality
+cost of early exit, and a load test against `loopgolf serve` from a second process.
+
+Requests: prompts cut from the validation tokens at random offsets, prompt and output lengths
+drawn uniformly from the given ranges, greedy decoding (so every engine generates the same
+tokens and the comparison is of speed alone), all submitted at t = 0 unless ``--arrival-rate``
+spaces them as a Poisson stream. Tokens/s counts generated tokens over the wall time of the whole
+stream; latency is submit -> last token per request, queueing included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loopgolf.serve.engine import Engine
+from loopgolf.serve.exits import ExitCriterion, parse_criterion
+from loopgolf.serve.request import Request
+from loopgolf.serve.sampling import SamplingParams
+
+
+@dataclass
+class StreamSpec:
+    requests: int = 32
+    prompt_len: tuple[int, int] = (16, 96)
+    output_len: tuple[int, int] = (16, 64)
+    arrival_rate: float = 0.0  # requests/s; 0: all at once
+    seed: int = 0
+
+
+def make_requests(tokens: np.ndarray, spec: StreamSpec) -> list[Request]:
+    rng = random.Random(spec.seed)
+    t, out = 0.0, []
+    for _ in range(spec.requests):
+        n = rng.randint(*spec.prompt_len)
+        start = rng.randrange(0, len(tokens) - n)
+        if spec.arrival_rate > 0:
+            t += rng.expovariate(spec.arrival_rate)
+        out.append(Request([int(x) for x in tokens[start : start + n]], rng.randint(*spec.output_len), SamplingParams(0.0), arrival=t))
+    return out
+
+
+def _copy(reqs: list[Request]) -> list[Request]:
+    return [Request(list(r.prompt_ids), r.max_new_tokens, r.sampling, arrival=r.arrival) for r in reqs]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def run_engine(model, reqs: list[Request], schedule: str, criterion: ExitCriterion | None, slots: int, max_len: int) -> dict[str, Any]:
+    """Serve ``reqs`` (copied) on a fresh engine; tokens/s, latency, passes and the time split."""
+    warm = Engine(model, schedule=schedule, slots=slots, max_len=max_len, criterion=criterion)
+    warm.run_offline(_copy(reqs[:2]), realtime=False)  # first-call costs out of the measurement
+    eng = Engine(model, schedule=schedule, slots=slots, max_len=max_len, criterion=criterion)
+    mine = _copy(reqs)
+    wall = eng.run_offline(mine, realtime=any(r.arrival > 0 for r in mine))
+    tokens = sum(len(r.generated) for r in mine)
+    lat = [r.latency() for r in mine]
+    ttft = [r.first_token_at - r.submitted_at for r in mine]
+    loops = [x for r in mine for x in r.loops]
+    sec = dict(eng.runner.seconds)
+    return {
+        "schedule": schedule,
+        "early_exit": str(criterion) if criterion is not None else "off",
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_latency_s": _pct(lat, 50),
+        "p99_latency_s": _pct(lat, 99),
+        "p50_ttft_s": _pct(ttft, 50),
+        "mean_loops_per_token": sum(loops) / len(loops),
+        "engine_steps": eng.steps,
+        "layer_calls": eng.runner.layer_calls,
+        "rows_per_layer_call": eng.runner.layer_rows / max(1, eng.runner.layer_calls),
+        "seconds": {**{k: round(v, 4) for k, v in sec.items()}, "scheduling_and_rest": round(wall - sum(sec.values()), 4)},
+        "outputs": [r.generated for r in mine],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def load_test(model_path: str, tokenizer: str | None, reqs: list[Request], criterion: str | None, slots: int, concurrency: int,
+              timeout: float = 300.0) -> dict[str, Any]:
+    """Start `loopgolf serve` in a second process on a free localhost port, send ``reqs`` from
+    ``concurrency`` client threads, then SIGTERM it; bounded by ``timeout`` seconds overall."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "loopgolf", "serve", model_path, "--port", str(port), "--slots", str(slots), "--device", "cpu"]
+    if tokenizer:
+        cmd += ["--tokenizer", tokenizer]
+    if criterion:
+        cmd += ["--early-exit", criterion]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`loopgolf serve` exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not answer /health in time")
+            time.sleep(0.2)
+        queue = list(reqs)
+        lock = threading.Lock()
+        results: list[tuple[float, int]] = []
+        errors: list[str] = []
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    r = queue.pop(0)
+                t0 = time.perf_counter()
+                try:
+                    out = _post(base + "/v1/completions", {"prompt": r.prompt_ids, "max_tokens": r.max_new_tokens, "temperature": 0},
+                                max(1.0, deadline - time.monotonic()))
+                    with lock:
+                        results.append((time.perf_counter() - t0, out["usage"]["completion_tokens"]))
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(concurrency)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+        wall = time.perf_counter() - start
+    finally:
+        t_term = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        shutdown = time.perf_counter() - t_term
+    lat = [x for x, _ in results]
+    tokens = sum(n for _, n in results)
+    return {
+        "requests": len(reqs), "ok": len(results), "errors": errors[:5], "concurrency": concurrency, "tokens": tokens,
+        "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0, "p50_latency_s": _pct(lat, 50), "p99_latency_s": _pct(lat, 99),
+        "sigterm_exit_code": rc, "shutdown_s": shutdown,
+    }
+
+
+def bench_serve(
+    model_path: str,
+    *,
+    tokenizer: str | None = None,
+    data: str | None = None,
+    criterion: str = "agree",
+    spec: StreamSpec = StreamSpec(),
+    slots: int = 8,
+    eval_tokens: int = 16384,
+    server_requests: int = 16,
+    concurrency: int = 4,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    from loopgolf.data.dataset import Dataset
+    from loopgolf.serve.load import load_served, run_data_dir
+    from loopgolf.serve.scoring import evaluate_early_exit
+
+    if threads:
+        torch.set_num_threads(threads)
+    served = load_served(model_path, tokenizer, "cpu")
+    model = served.model
+    data_dir = Path(data) if data else run_data_dir(served.artifact.parent)
+    if data_dir is None:
+        raise ValueError("no dataset for the prompts and the quality check: pass --data DIR")
+    ds = Dataset.open(data_dir, tokenizer=served.tokenizer_path, verify=False, splits=("val",))
+    val = ds.val_tokens()
+    crit = parse_criterion(criterion)
+    if not model.loop_exits():
+        raise ValueError(f"the model's plan ({model.plan.describe()}) has one pass: early exit needs a recursive plan")
+    reqs = make_requests(val, spec)
+    max_len = min(model.config.max_seq_len, spec.prompt_len[1] + spec.output_len[1])
+    engines = {}
+    with torch.inference_mode():
+        # Warm the process once over the whole stream (allocator, thread pool, kernels) so that the
+        # engine measured first is not charged for it.
+        Engine(model, schedule="depthwise", slots=slots, max_len=max_len, criterion=crit).run_offline(_copy(reqs), realtime=False)
+        for name, schedule, c in (("static", "static", None), ("sequence", "sequence", None), ("sequence_exit", "sequence", crit),
+                                  ("depthwise", "depthwise", crit)):
+            engines[name] = run_engine(model, reqs, schedule, c, slots, max_len)
+        seq_len = min(served.seq_len, model.config.max_seq_len)
+        full = evaluate_early_exit(model, val, ds.tables, seq_len, parse_criterion("never"), max_tokens=eval_tokens)
+        early = evaluate_early_exit(model, val, ds.tables, seq_len, crit, max_tokens=eval_tokens)
+    same = engines["static"]["outputs"] == engines["sequence"]["outputs"]
+    exit_same = engines["sequence_exit"]["outputs"] == engines["depthwise"]["outputs"]
+    for e in engines.values():
+        e.pop("outputs")
+    server = None
+    if server_requests > 0:
+        server = load_test(str(model_path), tokenizer, reqs[:server_requests], criterion, slots, concurrency)
+    d, s, q = engines["depthwise"], engines["static"], engines["sequence"]
+    return {
+        "model": str(served.artifact),
+        "plan": model.plan.describe(),
+        "criterion": str(crit),
+        "requests": spec.requests,
+        "prompt_len": list(spec.prompt_len),
+        "output_len": list(spec.output_len),
+        "slots": slots,
+        "threads": torch.get_num_threads(),
+        "speedup_vs_static": d["tokens_per_s"] / s["tokens_per_s"],
+        "speedup_vs_sequence_batching": d["tokens_per_s"] / q["tokens_per_s"],
+        "bpb_full": full.val_bpb,
+        "bpb_early_exit": early.val_bpb,
+        "bpb_cost_fraction": (early.val_bpb - full.val_bpb) / full.val_bpb,
+        "eval_tokens": full.num_targets,
+        "eval_mean_loops": early.mean_loops,
+        "mean_loops_per_token": d["mean_loops_per_token"],
+        "full_loops": model.plan.num_loops,
+        "full_depth_engines_agree": same,
+        "exit_engines_agree": exit_same,
+        "engines": engines,
+        "server": server,
+    }
+
+
+def format_bench_serve(r: dict[str, Any]) -> str:
+    lines = [
+        f"model {r['model']}  plan {r['plan']}  early exit {r['criterion']}  {r['requests']} requests "
+        f"(prompt {r['prompt_len'][0]}-{r['prompt_len'][1]}, output {r['output_len'][0]}-{r['output_len'][1]} tokens), {r['slots']} slots, {r['threads']} threads",
+        f"{'engine':<15}{'exit':>10}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'passes':>8}{'rows/call':>10}  time split (s)",
+    ]
+    for name, e in r["engines"].items():
+        split = ", ".join(f"{k} {v:.2f}" for k, v in e["seconds"].items())
+        lines.append(f"{name:<15}{e['early_exit']:>10}{e['tokens_per_s']:>9.1f}{e['p50_latency_s']:>8.2f}{e['p99_latency_s']:>8.2f}"
+                     f"{e['mean_loops_per_token']:>8.2f}{e['rows_per_layer_call']:>10.1f}  {split}")
+    lines.append(f"depth-wise vs static {r['speedup_vs_static']:.2f}x, vs sequence batching {r['speedup_vs_sequence_batching']:.2f}x; "
+                 f"val_bpb {r['bpb_full']:.5f} -> {r['bpb_early_exit']:.5f} with early exit ({100 * r['bpb_cost_fraction']:+.3f}%, "
+                 f"{r['eval_mean_loops']:.2f} of {r['full_loops']} passes, {r['eval_tokens']:,} tokens)")
+    if r["server"]:
+        s = r["server"]
+        lines.append(f"server load test: {s['ok']}/{s['requests']} ok from {s['concurrency']} clients, {s['tokens_per_s']:.1f} tok/s, "
+                     f"p50 {s['p50_latency_s']:.2f} s, p99 {s['p99_latency_s']:.2f} s; SIGTERM -> exit {s['sigterm_exit_code']} in {s['shutdown_s']:.2f} s")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Run tokens through a model's virtual layers one layer at a time, each token at its own depth,
+over a KV cache keyed by (virtual layer, slot): the core that cached generation, early-exit
+scoring and every serving engine share.
+
+A token is one row. Each call to :meth:`LayerRunner.advance` moves every given token on by one
+virtual layer; tokens whose next layers run the same stored sublayers go through the model in one
+call (``GPT.layer`` with a virtual layer per row), so a batch may mix tokens at different depths
+and a new request's prompt. Keys and values are written to the cache before any row attends, so
+prompt tokens entering together attend to each other causally.
+
+Early exit: after a token finishes a pass of the plan (``GPT.loop_exits``) the shared final norm
+and head predict, and the criterion may stop it there. The keys and values the deeper virtual
+layers need from that position later are then computed from the token's exit state ("state
+copying": each deeper layer's attention input is built from the residual the token exited with,
+through that layer's own mix, norm, controls and adapters; U-Net skip additions are not applied).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loopgolf.model.gpt import GPT, attention
+from loopgolf.serve.exits import ExitCriterion
+
+
+@dataclass(eq=False)
+class Token:
+    """One token in flight: where it sits (cache slot and position), how deep it has run, and
+    what it predicted once done."""
+
+    slot: int
+    pos: int
+    token_id: int
+    emit: bool = True  # its prediction is wanted (a prompt's last token or a generated one)
+    can_exit: bool = True  # the exit criterion applies to it
+    owner: Any = None  # whatever the caller keeps with it (a request)
+    x: Tensor | None = None  # residual (1, D)
+    x0: Tensor | None = None
+    layer: int = 0  # index into LayerRunner.layers of the next virtual layer to run
+    skips: dict[int, Tensor] = field(default_factory=dict)  # U-Net encoder outputs waiting for their decoder layer
+    prev_pred: int | None = None  # argmax at the previous pass's exit (the "agree" criterion)
+    loops: int = 0  # passes run, set when done
+    logits: Tensor | None = None  # (V,) float32, set when done for an emitting token
+    done: bool = False
+
+
+class KVCache:
+    """Keys and values per (virtual layer, slot, position): a shared stored block run at several
+    depths writes a different entry at each. Slots are reused by whoever is given them."""
+
+    def __init__(self, model: GPT, slots: int, max_len: int) -> None:
+        cfg = model.config
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} is longer than the model's max_seq_len={cfg.max_seq_len}")
+        p = next(model.parameters())
+        # One flat (layer, slot) axis: gathering rows is then one index_select over a sliced
+        # view, about 5x faster on CPU than advanced indexing over two axes (measured).
+        shape = (model.plan.num_virtual * slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        self.v = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        self.slots, self.max_len = slots, max_len
+
+    def _rows(self, v_idx: Tensor, s_idx: Tensor) -> Tensor:
+        return v_idx * self.slots + s_idx
+
+    def write(self, v_idx: Tensor, s_idx: Tensor, p_idx: Tensor, k: Tensor, val: Tensor) -> None:
+        """Rows' keys and values (N, H_kv, 1, hd) into their (layer, slot, position) entries."""
+        rows = self._rows(v_idx, s_idx)
+        self.k[rows, :, p_idx] = k[:, :, 0].to(self.k.dtype)
+        self.v[rows, :, p_idx] = val[:, :, 0].to(self.v.dtype)
+
+    def attend(self, v_idx: Tensor, s_idx: Tensor, p_idx: Tensor, q: Tensor) -> Tensor:
+        """Each row's query (N, H, 1, hd) over its slot's keys at positions <= its own."""
+        length = int(p_idx.max()) + 1
+        rows = self._rows(v_idx, s_idx)
+        k = self.k[:, :, :length].index_select(0, rows).to(q.dtype)
+        val = self.v[:, :, :length].index_select(0, rows).to(q.dtype)
+        mask = torch.arange(length, device=q.device)[None, :] <= p_idx[:, None]
+        return attention(q, k, val, mask[:, None, None, :])
+
+
+class LayerRunner:
+    """Moves tokens through ``model`` layer by layer over a :class:`KVCache` of ``slots`` x
+    ``max_len``; ``criterion`` (None: never) decides early exits."""
+
+    def __init__(self, model: GPT, slots: int, max_len: int, criterion: ExitCriterion | None = None) -> None:
+        self.model = model
+        self.cache = KVCache(model, slots, max_len)
+        self.layers = model.active_layers
+        self.criterion = criterion if criterion is not None and criterion.fires else None
+        self.exit_points = frozenset(model.loop_exits()) if self.criterion is not None else frozenset()
+        self.loop_of = model.plan.loop_of
+        self.device = next(model.parameters()).device
+        self.layer_calls = 0  # model calls made (one per group of rows per advance)
+        self.layer_rows = 0  # rows those calls ran (layer_rows / layer_calls: the batch a call sees)
+        self.seconds = {"layers": 0.0, "heads": 0.0, "exit_fill": 0.0}  # where the time goes
+
+    # ------------------------------------------------------------------ helpers
+
+    def _index(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, device=self.device, dtype=torch.long)
+
+    def _rotary(self, p_idx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        rot = self.model.rotary
+        if rot is None:
+            return None, None
+        return rot.cos[0, 0][p_idx][:, None, None, :], rot.sin[0, 0][p_idx][:, None, None, :]
+
+    def _check_position(self, t: Token) -> None:
+        if not 0 <= t.pos < self.cache.max_len:
+            raise ValueError(f"position {t.pos} is outside the cache's {self.cache.max_len} positions")
+        if not 0 <= t.slot < self.cache.slots:
+            raise ValueError(f"slot {t.slot} is outside the cache's {self.cache.slots} slots")
+
+    # ------------------------------------------------------------------ stepping
+
+    def start(self, tokens: list[Token]) -> None:
+        """Embed new tokens (their first layer comes with the next :meth:`advance`)."""
+        if not tokens:
+            return
+        for t in tokens:
+            self._check_position(t)
+        ids = self._index([t.token_id for t in tokens])[:, None]
+        x = self.model.embed(ids, self._index([t.pos for t in tokens])[:, None])
+        for row, t in enumerate(tokens):
+            t.x = t.x0 = x[row]
+            t.layer, t.skips, t.prev_pred, t.done, t.logits = 0, {}, None, False, None
+
+    def advance(self, tokens: list[Token]) -> list[Token]:
+        """Run each token's next virtual layer; returns the tokens that finished in this call
+        (ran their last layer, or exited)."""
+        model, plan = self.model, self.model.plan
+        groups: dict[tuple[int, int], list[Token]] = {}
+        for t in tokens:
+            v = self.layers[t.layer]
+            groups.setdefault((plan.attn_of[v], plan.mlp_of[v]), []).append(t)
+        finished: list[Token] = []
+        for group in groups.values():
+            group.sort(key=lambda t: self.layers[t.layer])  # rows of one virtual layer contiguous
+            vs = [self.layers[t.layer] for t in group]
+            x = torch.stack([t.x for t in group])
+            x0 = torch.stack([t.x0 for t in group])
+            for row, (t, v) in enumerate(zip(group, vs)):
+                skip_row, enc = model.skip_from.get(v, (None, None))
+                if enc in t.skips:
+                    x[row] = x[row] + model.skip_weight[skip_row].to(x.dtype) * t.skips.pop(enc)
+            v_idx, s_idx, p_idx = self._index(vs), self._index([t.slot for t in group]), self._index([t.pos for t in group])
+            cos, sin = self._rotary(p_idx)
+
+            def attend(q: Tensor, k: Tensor, val: Tensor) -> Tensor:
+                self.cache.write(v_idx, s_idx, p_idx, k, val)
+                return self.cache.attend(v_idx, s_idx, p_idx, q)
+
+            t0 = time.perf_counter()
+            y = model.layer(vs, x, x0, cos, sin, attend)
+            self.seconds["layers"] += time.perf_counter() - t0
+            self.layer_calls += 1
+            self.layer_rows += len(group)
+            for row, (t, v) in enumerate(zip(group, vs)):
+                t.x = y[row]
+                if v in model.skip_sources:
+                    t.skips[v] = y[row]
+                t.layer += 1
+            finished.extend(self._finish(group, vs))
+        return finished
+
+    def _finish(self, group: list[Token], vs: list[int]) -> list[Token]:
+        """Predict for the rows at their last layer or at an exit point; retire those done."""
+        last = len(self.layers)
+        ending = [t for t in group if t.layer == last]
+        probing = [t for t, v in zip(group, vs) if t.layer < last and t.emit and t.can_exit and v in self.exit_points]
+        passes = [self.loop_of[v] + 1 for t, v in zip(group, vs) if t.layer < last and t.emit and t.can_exit and v in self.exit_points]
+        heads = [t for t in ending if t.emit] + probing
+        if heads:
+            t0 = time.perf_counter()
+            logits = self.model.head(self.model.norm(torch.stack([t.x for t in heads]), "final_norm"))[:, 0]
+            self.seconds["heads"] += time.perf_counter() - t0
+            for row, t in enumerate(heads):
+                t.logits = logits[row]
+        exited: list[Token] = []
+        if probing:
+            fire = self.criterion.should_exit(torch.stack([t.logits for t in probing]), [t.prev_pred for t in probing], passes)
+            for t, f in zip(probing, fire):
+                if f:
+                    exited.append(t)
+                else:
+                    t.prev_pred = int(t.logits.argmax())
+                    t.logits = None
+            if exited:
+                t0 = time.perf_counter()
+                self._fill_from_exit(exited)
+                self.seconds["exit_fill"] += time.perf_counter() - t0
+        for t in ending:
+            t.loops = self.loop_of[self.layers[-1]] + 1
+        for t in exited:
+            t.loops = self.loop_of[self.layers[t.layer - 1]] + 1
+        done = ending + exited
+        for t in done:
+            t.done = True
+            t.skips = {}
+        return done
+
+    def _fill_from_exit(self, exited: list[Token]) -> None:
+        """Cache the deeper layers' keys and values of exited tokens from their exit states."""
+        by_layer: dict[int, list[Token]] = {}
+        for t in exited:
+            for j in range(t.layer, len(self.layers)):
+                by_layer.setdefault(self.layers[j], []).append(t)
+        for v, rows in by_layer.items():
+            x = torch.stack([t.x for t in rows])
+            x0 = torch.stack([t.x0 for t in rows])
+            s_idx, p_idx = self._index([t.slot for t in rows]), self._index([t.pos for t in rows])
+            cos, sin = self._rotary(p_idx)
+            k, val = self.model.layer_kv([v] * len(rows), x, x0, cos, sin)
+            self.cache.write(self._index([v] * len(rows)), s_idx, p_idx, k, val)
+
+    def run(self, tokens: list[Token]) -> None:
+        """Embed ``tokens`` and run them until every one is done (full depth or exit)."""
+        self.start(tokens)
+        pending = list(tokens)
+        while pending:
+            self.advance(pending)
+            pending = [t for t in pending if not t.done]
