@@ -247,3 +247,268 @@ def test_early_exit_scoring_never_equals_evaluate_bpb():
     # After loop 1 every token exits, and the deeper layers' keys come from exit states that no
     # later token reads at a shallower layer, so scoring equals the first loop alone.
     assert early.val_bpb == pytest.approx(first.val_bpb, rel=1e-5)
+
+
+# ---------------------------------------------------------------- artifacts, CLI and the HTTP server
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(text_dataset, tmp_path_factory):
+    """A random cycle model over the synthetic dataset's 384-piece tokenizer, exported at int8."""
+    from loopgolf.data.stats import find_tokenizer
+    from loopgolf.export.pack import export_model
+
+    model = random_model(PlanSpec("cycle", layers=2, loops=2), seed=8, vocab_size=384, max_seq_len=128)
+    path = tmp_path_factory.mktemp("artifact") / "tiny.ptz"
+    export_model(model, path, bits=8)
+    return path, find_tokenizer(text_dataset)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(artifact, tokenizer, *, slots=4, max_queue=16, **cfg):
+    """An in-process uvicorn server on a free localhost port (stopped on exit)."""
+    import uvicorn
+
+    from loopgolf.serve.load import load_served
+    from loopgolf.serve.server import ServerConfig, build_app
+
+    served = load_served(artifact, tokenizer)
+    engine = Engine(served.model, schedule="depthwise", slots=slots, max_len=96, decode=served.tokenizer.decode, max_queue=max_queue)
+    port = _free_port()
+    app = build_app(engine, served.tokenizer, ServerConfig("tiny", port=port, **cfg))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", served, engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_client_streams_and_matches_the_generator(tiny_artifact):
+    import openai
+
+    artifact, tok = tiny_artifact
+    with running_server(artifact, tok) as (url, served, _):
+        want = Generator(served.model, served.tokenizer).generate("the model", 8, temperature=0.0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        out = client.completions.create(model="tiny", prompt="the model", max_tokens=8, temperature=0)
+        assert out.choices[0].text == want.text and out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 8
+        chunks = list(client.completions.create(model="tiny", prompt="the model", max_tokens=8, temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == want.text
+        assert chunks[-1].choices[0].finish_reason == "length"
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+def test_concurrent_clients_each_get_their_alone_output(tiny_artifact):
+    import openai
+
+    artifact, tok = tiny_artifact
+    prompts = ["the model", "data flows", "each loop adds", "a few unique blocks", "training stable", "the cap"]
+    with running_server(artifact, tok, slots=3) as (url, served, engine):
+        gen = Generator(served.model, served.tokenizer)
+        want = [gen.generate(p, 6 + i, temperature=0.0).text for i, p in enumerate(prompts)]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(i: int) -> str:
+            if i % 2:  # raw HTTP beside the official client
+                status, body = _post(url, {"prompt": prompts[i], "max_tokens": 6 + i, "temperature": 0})
+                assert status == 200, body
+                return body["choices"][0]["text"]
+            return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=6 + i, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(ask, range(len(prompts))))
+        assert got == want
+        assert engine.idle
+
+
+def test_bad_requests_get_the_right_status(tiny_artifact):
+    artifact, tok = tiny_artifact
+    with running_server(artifact, tok, max_body_bytes=4096) as (url, _, _):
+        cases = [
+            (None, b"{not json", 400, "malformed JSON"),
+            ([1, 2], None, 400, "JSON object"),
+            ({"prompt": "x", "temperature": 0, "frobnicate": 1}, None, 400, "frobnicate"),
+            ({"prompt": "x", "model": "gpt-4"}, None, 404, "gpt-4"),
+            ({"prompt": "x", "temperature": -1}, None, 400, "temperature"),
+            ({"prompt": "x", "top_p": 0}, None, 400, "top_p"),
+            ({"prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
+            ({"prompt": "x", "max_tokens": "many"}, None, 400, "max_tokens"),
+            ({"prompt": []}, None, 400, "prompt"),  # (an empty string is fine: it continues BOS)
+            ({"prompt": [5000]}, None, 400, "token ids"),
+            ({"prompt": "x", "stream": "yes"}, None, 400, "stream"),
+            ({"prompt": "the model " * 60, "max_tokens": 4}, None, 400, "context"),
+            ({"prompt": "x" * 5000}, None, 413, "limit"),
+            ({"prompt": "x", "n": 2}, None, 400, "n=1"),
+        ]
+        for body, raw, status, words in cases:
+            got, payload = _post(url, body, raw)
+            assert got == status, (body, raw, payload)
+            assert words in payload["error"]["message"], payload
+
+
+def test_full_queue_answers_429_and_slow_requests_504(tiny_artifact):
+    artifact, tok = tiny_artifact
+    with running_server(artifact, tok, max_queue=0) as (url, _, _):
+        status, payload = _post(url, {"prompt": "x", "max_tokens": 2})
+        assert status == 429 and "busy" in payload["error"]["message"]
+    with running_server(artifact, tok, request_timeout=0.05) as (url, _, engine):
+        status, payload = _post(url, {"prompt": "the model", "max_tokens": 90, "temperature": 0})
+        assert status == 504 and "cancelled" in payload["error"]["message"]
+        deadline = time.monotonic() + 10
+        while not engine.idle:  # the timed-out request is retired, its slot freed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "loopgolf", *args], capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def test_generate_cli_streams_text_and_json(tiny_artifact):
+    artifact, tok = tiny_artifact
+    r = _cli("generate", str(artifact), "--tokenizer", str(tok), "--prompt", "the model", "--max-new-tokens", "6", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length" and out["loops"] == [2] * 6
+    plain = _cli("generate", str(artifact), "--tokenizer", str(tok), "--prompt", "the model", "--max-new-tokens", "6", "--temperature", "0")
+    assert plain.returncode == 0 and plain.stdout == "the model" + out["text"] + "\n"
+    bad = _cli("generate", str(artifact), "--tokenizer", str(tok), "--prompt", "x", "--early-exit", "maxprob:2")
+    assert bad.returncode != 0 and "maxprob" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _cli("generate", str(artifact), "--prompt", "x")
+    assert missing.returncode != 0 and "--tokenizer" in missing.stderr
+
+
+def test_serve_shuts_down_cleanly_on_sigterm_with_a_request_in_flight(tiny_artifact):
+    artifact, tok = tiny_artifact
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loopgolf", "serve", str(artifact), "--tokenizer", str(tok), "--port", str(port), "--context", "128",
+         "--shutdown-grace", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        results: list[dict] = [{} for _ in range(4)]
+        started = threading.Event()
+
+        def stream(result: dict) -> None:  # long streamed completions, in flight when SIGTERM comes
+            body = json.dumps({"prompt": "the", "max_tokens": 120, "stream": True}).encode()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body), timeout=60) as r:
+                    lines = []
+                    for line in r:
+                        lines.append(line.decode())
+                        started.set()
+                    result["body"] = "".join(lines)
+            except Exception as e:  # noqa: BLE001 - a reset connection is an acceptable end
+                result["error"] = repr(e)
+            started.set()
+
+        threads = [threading.Thread(target=stream, args=(r,)) for r in results]
+        for t in threads:
+            t.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=60)
+        for t in threads:
+            t.join(timeout=60)
+            assert not t.is_alive()
+        assert rc == 0, proc.stderr.read()
+        assert time.monotonic() - t0 < 30
+        for result in results:  # each finished (by length) or was told it was cancelled: never hung, never cut off
+            body = result.get("body", "")
+            assert "error" not in result, result
+            assert body.endswith("data: [DONE]\n\n"), body[-200:]
+            assert '"finish_reason": "length"' in body or "shutting down" in body, body[-300:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_eval_early_exit_cli_never_equals_plain_eval(tiny_artifact, text_dataset):
+    artifact, _ = tiny_artifact
+    common = [str(artifact), "--data", str(text_dataset), "--seq-len", "32", "--max-tokens", "256", "--json"]
+    plain = _cli("eval", *common)
+    assert plain.returncode == 0, plain.stderr
+    never = _cli("eval", *common, "--early-exit", "never")
+    assert never.returncode == 0, never.stderr
+    early = _cli("eval", *common, "--early-exit", "after:1")
+    assert early.returncode == 0, early.stderr
+    p, n, e = (json.loads(r.stdout[r.stdout.index("{") :]) for r in (plain, never, early))
+    assert n["val_bpb"] == pytest.approx(p["val_bpb"], rel=1e-6) and n["mean_loops"] == 2.0
+    assert e["mean_loops"] == 1.0 and e["loop_histogram"][0] == e["num_targets"]
+    bad = _cli("eval", *common, "--early-exit", "sometimes")
+    assert bad.returncode != 0 and "unknown exit criterion" in bad.stderr
+
+
+def test_bench_serve_smoke(tiny_artifact, text_dataset):
+    artifact, tok = tiny_artifact
+    r = _cli("bench", "serve", str(artifact), "--tokenizer", str(tok), "--data", str(text_dataset), "--requests", "4",
+             "--prompt-len", "4,8", "--output-len", "3,6", "--slots", "2", "--eval-tokens", "128", "--server-requests", "2",
+             "--concurrency", "2", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("speedup_vs_static", "speedup_vs_sequence_batching", "bpb_cost_fraction", "mean_loops_per_token"):
+        assert isinstance(out[key], float), key
+    assert set(out["engines"]) == {"static", "sequence", "sequence_exit", "depthwise"}
+    for e in out["engines"].values():
+        assert e["tokens_per_s"] > 0 and e["p99_latency_s"] >= e["p50_latency_s"] > 0
+    assert out["full_depth_engines_agree"] and out["exit_engines_agree"]
+    assert out["server"]["ok"] == 2 and out["server"]["sigterm_exit_code"] == 0
+    assert "depth-wise vs static" in r.stdout

@@ -44,6 +44,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     _rng: Any = None
+    _streamed: str = ""  # the text sent in events so far
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -81,11 +82,16 @@ class Request:
             cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
             if cut >= 0:
                 full, reason = full[:cut], "stop"
-            if full.startswith(self.text):
-                delta = full[len(self.text) :]
             self.text = full
         if reason is None and len(self.generated) >= self.max_new_tokens:
             reason = "length"
+        if decode is not None:
+            # Byte-fallback pieces of one character decode to U+FFFD until the character is
+            # complete: hold a trailing run back so the streamed deltas add up to ``text``.
+            ready = self.text if reason is not None else self.text.rstrip("\ufffd")
+            if ready.startswith(self._streamed):
+                delta = ready[len(self._streamed) :]
+                self._streamed = ready
         event = TokenEvent(token_id, delta, loops, reason)
         if reason is not None:
             self.finish(reason, at=now)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 import uuid
@@ -56,6 +57,7 @@ class EngineThread:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.stopping = False
+        self.cancel_message: str | None = None  # set from another thread: end every request at the next step
         self.error: str | None = None
         self.thread = threading.Thread(target=self._loop, name="loopgolf-engine", daemon=True)
 
@@ -67,15 +69,25 @@ class EngineThread:
         with torch.inference_mode():
             while True:
                 with eng.wakeup:
-                    while eng.idle and not self.stopping:
+                    while eng.idle and not self.stopping and self.cancel_message is None:
                         eng.wakeup.wait(timeout=0.5)
+                    message, self.cancel_message = self.cancel_message, None
                 if self.stopping:
                     break
+                if message is not None:
+                    eng.fail_all(message, reason="cancelled")
+                    continue
                 try:
                     eng.step()
                 except Exception as e:  # the engine cannot go on: fail every request, keep serving errors
                     self.error = f"{type(e).__name__}: {e}"
                     eng.fail_all(f"engine error: {self.error}")
+
+    def cancel_all(self, message: str) -> None:
+        """End every request on the engine's own thread, between two steps (thread-safe)."""
+        with self.engine.wakeup:
+            self.cancel_message = message
+            self.engine.wakeup.notify_all()
 
     def stop(self) -> None:
         with self.engine.wakeup:
@@ -269,4 +281,27 @@ def serve(engine: Engine, tokenizer, config: ServerConfig) -> None:
     import uvicorn
 
     app = build_app(engine, tokenizer, config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=config.shutdown_grace)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal at the
+    # previous handler; with the default one the process would die by the signal (exit -15)
+    # after a clean shutdown. Handlers that ignore it let serve() return and the CLI exit 0.
+    grace = config.shutdown_grace
+    engine_thread: EngineThread = app.state.engine_thread
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # uvicorn waits ``grace`` seconds for open responses, then drops them mid-stream; a
+            # little before that, end the requests still running so that each client is told
+            # it was cancelled (an error event, or a 503) rather than cut off silently.
+            if not self.should_exit:
+                timer = threading.Timer(max(grace / 2, grace - 1.0), engine_thread.cancel_all, ("the server is shutting down",))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=grace)
+        Server(uv_config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
