@@ -512,3 +512,13 @@ def test_bench_serve_smoke(tiny_artifact, text_dataset):
     assert out["full_depth_engines_agree"] and out["exit_engines_agree"]
     assert out["server"]["ok"] == 2 and out["server"]["sigterm_exit_code"] == 0
     assert "depth-wise vs static" in r.stdout
+
+
+def test_cli_spells_the_criterion_syntax_of_serve_and_a_run_does_not_import_serve():
+    import loopgolf.cli as cli
+    from loopgolf.serve import exits
+
+    assert cli.CRITERION_SYNTAX == exits.CRITERION_SYNTAX
+    code = "import sys, loopgolf.cli, loopgolf.run; print(any(m.startswith('loopgolf.serve') for m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
