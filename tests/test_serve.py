@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -522,3 +523,62 @@ def test_cli_spells_the_criterion_syntax_of_serve_and_a_run_does_not_import_serv
     code = "import sys, loopgolf.cli, loopgolf.run; print(any(m.startswith('loopgolf.serve') for m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+@torch.no_grad()
+def frozen_exit_reference(model: GPT, ids: list[int], threshold: float) -> tuple[Tensor, list[int]]:
+    """Full-sequence forward where a position whose top probability after a pass reaches
+    ``threshold`` keeps that residual for every deeper layer (its keys and values there come
+    from it; no U-Net skip is added to it): the runner's documented exit-state fill, written as
+    a plain causal forward. Returns each position's logits (at its exit) and passes run."""
+    idx = torch.tensor([ids])
+    cos, sin = model.rotary(idx.size(1)) if model.rotary is not None else (None, None)
+    x = model.embed(idx)
+    x0, outputs = x, {}
+    frozen = torch.zeros(len(ids), dtype=torch.bool)
+    kept = x.clone()
+    logits = torch.zeros(len(ids), model.config.vocab_size)
+    loops = [0] * len(ids)
+    exits = set(model.loop_exits())
+    for v in model.active_layers:
+        row, enc = model.skip_from.get(v, (None, None))
+        if enc in outputs:
+            x = x + model.skip_weight[row].to(x.dtype) * outputs.pop(enc)
+        x = torch.where(frozen[None, :, None], kept, x)
+        x = model.layer(v, x, x0, cos, sin)
+        if v in model.skip_sources:
+            outputs[v] = x
+        if v in exits:
+            probs = model.head(model.norm(x, "final_norm"))[0].softmax(-1)
+            fire = (probs.max(-1).values >= threshold) & ~frozen
+            for p in fire.nonzero()[:, 0].tolist():
+                logits[p], loops[p] = model.head(model.norm(x, "final_norm"))[0, p], model.plan.loop_of[v] + 1
+            kept = torch.where(fire[None, :, None], x, kept)
+            frozen |= fire
+    final = model.head(model.norm(x, "final_norm"))[0]
+    for p in (~frozen).nonzero()[:, 0].tolist():
+        logits[p], loops[p] = final[p], model.plan.loop_of[model.active_layers[-1]] + 1
+    return logits, loops
+
+
+@pytest.mark.parametrize("name", ["cycle", "cycle+lora+controls", "middle-cycle"])
+def test_exited_tokens_leave_keys_and_values_from_their_exit_state(name):
+    from loopgolf.serve.runner import LayerRunner, Token
+
+    plan, kw = PLANS[name]
+    model = random_model(plan, seed=21, **kw)
+    ids = [int(i) for i in torch.randint(0, 64, (24,), generator=torch.Generator().manual_seed(0))]
+    probs = []
+    with torch.no_grad():  # a threshold that makes roughly half the positions exit somewhere
+        for lg in model.loop_logits(torch.tensor([ids]))[:-1]:
+            probs.append(lg[0].softmax(-1).max(-1).values)
+    threshold = float(torch.cat(probs).median())
+    ref_logits, ref_loops = frozen_exit_reference(model, ids, threshold)
+    assert 0 < sum(n < model.plan.num_loops for n in ref_loops) < len(ids)  # some exit, some do not
+    runner = LayerRunner(model, 1, 32, parse_criterion(f"maxprob:{threshold}"))
+    tokens = [Token(0, p, t) for p, t in enumerate(ids)]
+    with torch.inference_mode():
+        runner.run(tokens)
+    assert [t.loops for t in tokens] == ref_loops
+    got = torch.stack([t.logits for t in tokens])
+    assert torch.allclose(got, ref_logits, atol=1e-4), float((got - ref_logits).abs().max())

@@ -75,9 +75,41 @@ class KVCache:
         self.v[rows, :, p_idx] = val[:, :, 0].to(self.v.dtype)
 
     def attend(self, v_idx: Tensor, s_idx: Tensor, p_idx: Tensor, q: Tensor) -> Tensor:
-        """Each row's query (N, H, 1, hd) over its slot's keys at positions <= its own."""
-        length = int(p_idx.max()) + 1
+        """Each row's query (N, H, 1, hd) over its slot's keys at positions <= its own.
+
+        A row alone at its (layer, slot) (a decoding token) gathers that slot's keys for itself.
+        Rows sharing one (a prompt's tokens) gather them once and attend as one causal block: a
+        prompt of n tokens copies n times fewer keys than row by row (measured: gathers were most
+        of the depth-wise engine's time)."""
         rows = self._rows(v_idx, s_idx)
+        _, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+        shared = counts[inverse] > 1
+        if not bool(shared.any()):
+            return self._attend_alone(rows, p_idx, q)
+        out = torch.empty_like(q)
+        alone = (~shared).nonzero()[:, 0]
+        if len(alone):
+            out[alone] = self._attend_alone(rows[alone], p_idx[alone], q[alone])
+        idx = shared.nonzero()[:, 0]
+        pair_rows, pair_of = torch.unique(rows[idx], return_inverse=True)  # (P,), (n,) in 0..P-1
+        order = torch.argsort(pair_of, stable=True)
+        starts = torch.searchsorted(pair_of[order], torch.arange(len(pair_rows), device=q.device))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(idx), device=q.device) - starts[pair_of[order]]
+        n_pairs, width = len(pair_rows), int(rank.max()) + 1
+        length = int(p_idx[idx].max()) + 1
+        k = self.k[:, :, :length].index_select(0, pair_rows).to(q.dtype)
+        val = self.v[:, :, :length].index_select(0, pair_rows).to(q.dtype)
+        block = q.new_zeros(n_pairs, q.shape[1], width, q.shape[3])
+        block[pair_of, :, rank] = q[idx, :, 0]
+        q_pos = torch.zeros(n_pairs, width, dtype=p_idx.dtype, device=q.device)  # padding sees key 0 only
+        q_pos[pair_of, rank] = p_idx[idx]
+        mask = torch.arange(length, device=q.device)[None, None, :] <= q_pos[:, :, None]
+        out[idx] = attention(block, k, val, mask[:, None])[pair_of, :, rank][:, :, None]
+        return out
+
+    def _attend_alone(self, rows: Tensor, p_idx: Tensor, q: Tensor) -> Tensor:
+        length = int(p_idx.max()) + 1
         k = self.k[:, :, :length].index_select(0, rows).to(q.dtype)
         val = self.v[:, :, :length].index_select(0, rows).to(q.dtype)
         mask = torch.arange(length, device=q.device)[None, :] <= p_idx[:, None]
@@ -207,17 +239,23 @@ class LayerRunner:
 
     def _fill_from_exit(self, exited: list[Token]) -> None:
         """Cache the deeper layers' keys and values of exited tokens from their exit states."""
-        by_layer: dict[int, list[Token]] = {}
+        # One call per stored sublayer pair (as in advance): the deeper virtual layers that run
+        # the same shared block fill together, each row with its own layer's controls.
+        plan = self.model.plan
+        groups: dict[tuple[int, int], list[tuple[int, Token]]] = {}
         for t in exited:
             for j in range(t.layer, len(self.layers)):
-                by_layer.setdefault(self.layers[j], []).append(t)
-        for v, rows in by_layer.items():
-            x = torch.stack([t.x for t in rows])
-            x0 = torch.stack([t.x0 for t in rows])
-            s_idx, p_idx = self._index([t.slot for t in rows]), self._index([t.pos for t in rows])
+                v = self.layers[j]
+                groups.setdefault((plan.attn_of[v], plan.mlp_of[v]), []).append((v, t))
+        for entries in groups.values():
+            entries.sort(key=lambda e: e[0])  # rows of one virtual layer contiguous (adapters)
+            vs = [v for v, _ in entries]
+            x = torch.stack([t.x for _, t in entries])
+            x0 = torch.stack([t.x0 for _, t in entries])
+            s_idx, p_idx = self._index([t.slot for _, t in entries]), self._index([t.pos for _, t in entries])
             cos, sin = self._rotary(p_idx)
-            k, val = self.model.layer_kv([v] * len(rows), x, x0, cos, sin)
-            self.cache.write(self._index([v] * len(rows)), s_idx, p_idx, k, val)
+            k, val = self.model.layer_kv(vs, x, x0, cos, sin)
+            self.cache.write(self._index(vs), s_idx, p_idx, k, val)
 
     def run(self, tokens: list[Token]) -> None:
         """Embed ``tokens`` and run them until every one is done (full depth or exit)."""
