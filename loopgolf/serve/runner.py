@@ -13,6 +13,8 @@ and head predict, and the criterion may stop it there. The keys and values the d
 layers need from that position later are then computed from the token's exit state ("state
 copying": each deeper layer's attention input is built from the residual the token exited with,
 through that layer's own mix, norm, controls and adapters; U-Net skip additions are not applied).
+Prompt tokens exit by the same rule (their predictions are read at the exit points, then
+dropped), so a served model computes for every token exactly what ``eval --early-exit`` scores.
 """
 
 from __future__ import annotations
@@ -205,8 +207,8 @@ class LayerRunner:
         """Predict for the rows at their last layer or at an exit point; retire those done."""
         last = len(self.layers)
         ending = [t for t in group if t.layer == last]
-        probing = [t for t, v in zip(group, vs) if t.layer < last and t.emit and t.can_exit and v in self.exit_points]
-        passes = [self.loop_of[v] + 1 for t, v in zip(group, vs) if t.layer < last and t.emit and t.can_exit and v in self.exit_points]
+        probing = [t for t, v in zip(group, vs) if t.layer < last and t.can_exit and v in self.exit_points]
+        passes = [self.loop_of[v] + 1 for t, v in zip(group, vs) if t.layer < last and t.can_exit and v in self.exit_points]
         heads = [t for t in ending if t.emit] + probing
         if heads:
             t0 = time.perf_counter()
