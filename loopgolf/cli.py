@@ -494,6 +494,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--server-requests", type=_non_negative_int, default=16, help="requests in the server load test (0: skip it; default 16)")
     s.add_argument("--concurrency", type=_positive_int, default=4, help="client threads in the load test (default 4)")
     s.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    s.add_argument("--repeats", type=_positive_int, default=3, help="rounds of the four engines; medians reported (default 3)")
     s.add_argument("--seed", type=_non_negative_int, default=0, help="request stream seed")
     s.add_argument("--json", action="store_true", help="print the result as one JSON line")
     s.set_defaults(func=_serve_command("cmd_bench_serve"))

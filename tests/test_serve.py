@@ -502,7 +502,7 @@ def test_bench_serve_smoke(tiny_artifact, text_dataset):
     artifact, tok = tiny_artifact
     r = _cli("bench", "serve", str(artifact), "--tokenizer", str(tok), "--data", str(text_dataset), "--requests", "4",
              "--prompt-len", "4,8", "--output-len", "3,6", "--slots", "2", "--eval-tokens", "128", "--server-requests", "2",
-             "--concurrency", "2", "--json")
+             "--concurrency", "2", "--repeats", "2", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("speedup_vs_static", "speedup_vs_sequence_batching", "bpb_cost_fraction", "mean_loops_per_token"):
@@ -512,7 +512,8 @@ def test_bench_serve_smoke(tiny_artifact, text_dataset):
         assert e["tokens_per_s"] > 0 and e["p99_latency_s"] >= e["p50_latency_s"] > 0
     assert out["full_depth_engines_agree"] and out["exit_engines_agree"]
     assert out["server"]["ok"] == 2 and out["server"]["sigterm_exit_code"] == 0
-    assert "depth-wise vs static" in r.stdout
+    assert "depth-wise vs static" in r.stdout and out["repeats"] == 2
+    assert all(len(e["tokens_per_s_rounds"]) == 2 for e in out["engines"].values())
 
 
 def test_cli_spells_the_criterion_syntax_of_serve_and_a_run_does_not_import_serve():

@@ -5,7 +5,9 @@ Requests: prompts cut from the validation tokens at random offsets, prompt and o
 drawn uniformly from the given ranges, greedy decoding (so every engine generates the same
 tokens and the comparison is of speed alone), all submitted at t = 0 unless ``--arrival-rate``
 spaces them as a Poisson stream. Tokens/s counts generated tokens over the wall time of the whole
-stream; latency is submit -> last token per request, queueing included.
+stream; latency is submit -> last token per request, queueing included. The four engines run
+back to back in each of ``repeats`` rounds; speedups are medians of within-round ratios (a shared
+CPU's speed drifts by tens of percent over a minute), per-engine figures the median round's.
 """
 
 from __future__ import annotations
@@ -190,11 +192,14 @@ def bench_serve(
     server_requests: int = 16,
     concurrency: int = 4,
     threads: int | None = None,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     from loopgolf.data.dataset import Dataset
     from loopgolf.serve.load import load_served, run_data_dir
     from loopgolf.serve.scoring import evaluate_early_exit
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if threads:
         torch.set_num_threads(threads)
     served = load_served(model_path, tokenizer, "cpu")
@@ -209,25 +214,36 @@ def bench_serve(
         raise ValueError(f"the model's plan ({model.plan.describe()}) has one pass: early exit needs a recursive plan")
     reqs = make_requests(val, spec)
     max_len = min(model.config.max_seq_len, spec.prompt_len[1] + spec.output_len[1])
-    engines = {}
+    setups = (("static", "static", None), ("sequence", "sequence", None), ("sequence_exit", "sequence", crit), ("depthwise", "depthwise", crit))
+    rounds: list[dict[str, dict[str, Any]]] = []
     with torch.inference_mode():
         # Warm the process once over the whole stream (allocator, thread pool, kernels) so that the
         # engine measured first is not charged for it.
         Engine(model, schedule="depthwise", slots=slots, max_len=max_len, criterion=crit).run_offline(_copy(reqs), realtime=False)
-        for name, schedule, c in (("static", "static", None), ("sequence", "sequence", None), ("sequence_exit", "sequence", crit),
-                                  ("depthwise", "depthwise", crit)):
-            engines[name] = run_engine(model, reqs, schedule, c, slots, max_len)
+        # Rounds of all four engines back to back: a shared machine's speed drifts over seconds,
+        # so the speedups are ratios within a round, and the medians over rounds are reported.
+        for _ in range(repeats):
+            rounds.append({name: run_engine(model, reqs, schedule, c, slots, max_len) for name, schedule, c in setups})
         seq_len = min(served.seq_len, model.config.max_seq_len)
         full = evaluate_early_exit(model, val, ds.tables, seq_len, parse_criterion("never"), max_tokens=eval_tokens)
         early = evaluate_early_exit(model, val, ds.tables, seq_len, crit, max_tokens=eval_tokens)
-    same = engines["static"]["outputs"] == engines["sequence"]["outputs"]
-    exit_same = engines["sequence_exit"]["outputs"] == engines["depthwise"]["outputs"]
-    for e in engines.values():
-        e.pop("outputs")
+    same = all(r["static"]["outputs"] == r["sequence"]["outputs"] == rounds[0]["static"]["outputs"] for r in rounds)
+    exit_same = all(r["sequence_exit"]["outputs"] == r["depthwise"]["outputs"] == rounds[0]["depthwise"]["outputs"] for r in rounds)
+    for r in rounds:
+        for e in r.values():
+            e.pop("outputs")
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(r[a]["tokens_per_s"] / r[b]["tokens_per_s"] for r in rounds)
+
+    engines = {}
+    for name, _, _ in setups:  # the round with the median tokens/s stands for each engine
+        by_speed = sorted((r[name] for r in rounds), key=lambda e: e["tokens_per_s"])
+        engines[name] = {**by_speed[(len(by_speed) - 1) // 2], "tokens_per_s_rounds": [round(r[name]["tokens_per_s"], 1) for r in rounds]}
     server = None
     if server_requests > 0:
         server = load_test(str(model_path), tokenizer, reqs[:server_requests], criterion, slots, concurrency)
-    d, s, q = engines["depthwise"], engines["static"], engines["sequence"]
+    d = engines["depthwise"]
     return {
         "model": str(served.artifact),
         "plan": model.plan.describe(),
@@ -237,8 +253,10 @@ def bench_serve(
         "output_len": list(spec.output_len),
         "slots": slots,
         "threads": torch.get_num_threads(),
-        "speedup_vs_static": d["tokens_per_s"] / s["tokens_per_s"],
-        "speedup_vs_sequence_batching": d["tokens_per_s"] / q["tokens_per_s"],
+        "repeats": repeats,
+        "speedup_vs_static": ratio("depthwise", "static"),
+        "speedup_vs_sequence_batching": ratio("depthwise", "sequence"),
+        "speedup_exit_vs_sequence_batching": ratio("sequence_exit", "sequence"),
         "bpb_full": full.val_bpb,
         "bpb_early_exit": early.val_bpb,
         "bpb_cost_fraction": (early.val_bpb - full.val_bpb) / full.val_bpb,
@@ -263,7 +281,8 @@ def format_bench_serve(r: dict[str, Any]) -> str:
         split = ", ".join(f"{k} {v:.2f}" for k, v in e["seconds"].items())
         lines.append(f"{name:<15}{e['early_exit']:>10}{e['tokens_per_s']:>9.1f}{e['p50_latency_s']:>8.2f}{e['p99_latency_s']:>8.2f}"
                      f"{e['mean_loops_per_token']:>8.2f}{e['rows_per_layer_call']:>10.1f}  {split}")
-    lines.append(f"depth-wise vs static {r['speedup_vs_static']:.2f}x, vs sequence batching {r['speedup_vs_sequence_batching']:.2f}x; "
+    lines.append(f"median of {r['repeats']} rounds: depth-wise vs static {r['speedup_vs_static']:.2f}x, vs sequence batching "
+                 f"{r['speedup_vs_sequence_batching']:.2f}x (sequence batching with exit vs without {r['speedup_exit_vs_sequence_batching']:.2f}x); "
                  f"val_bpb {r['bpb_full']:.5f} -> {r['bpb_early_exit']:.5f} with early exit ({100 * r['bpb_cost_fraction']:+.3f}%, "
                  f"{r['eval_mean_loops']:.2f} of {r['full_loops']} passes, {r['eval_tokens']:,} tokens)")
     if r["server"]:

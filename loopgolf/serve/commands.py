@@ -95,7 +95,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--arrival-rate must be >= 0, got {args.arrival_rate}")
     spec = StreamSpec(args.requests, tuple(args.prompt_len), tuple(args.output_len), args.arrival_rate, args.seed)
     r = bench_serve(args.model, tokenizer=args.tokenizer, data=args.data, criterion=args.early_exit, spec=spec, slots=args.slots,
-                    eval_tokens=args.eval_tokens, server_requests=args.server_requests, concurrency=args.concurrency, threads=args.threads)
+                    eval_tokens=args.eval_tokens, server_requests=args.server_requests, concurrency=args.concurrency, threads=args.threads, repeats=args.repeats)
     print(format_bench_serve(r))
     if args.json:
         print(json.dumps(r))
