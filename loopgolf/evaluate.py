@@ -36,6 +36,15 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_sums(cls, loss_sum: float, n_targets: int, n_bytes: int, seq_len: int, stride: int, **extra):
+        """The result of summed nats over ``n_targets`` targets carrying ``n_bytes`` bytes."""
+        if n_bytes == 0:
+            raise ValueError("validation targets carry zero bytes (only control/unknown tokens?)")
+        val_loss = loss_sum / n_targets
+        return cls(val_loss=val_loss, val_bpb=(val_loss / math.log(2)) * (n_targets / n_bytes), num_targets=n_targets,
+                   target_bytes=n_bytes, seq_len=seq_len, stride=stride, **extra)
+
 
 def scoring_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) for each window: inputs tokens[start:end], targets
@@ -130,14 +139,4 @@ def evaluate_bpb(
                 n_bytes += int(target_byte_counts(x[mask], y[mask], tables).sum())
     finally:
         model.train(was_training)
-    if n_bytes == 0:
-        raise ValueError("validation targets carry zero bytes (only control/unknown tokens?)")
-    val_loss = loss_sum / n_targets
-    return EvalResult(
-        val_loss=val_loss,
-        val_bpb=(val_loss / math.log(2)) * (n_targets / n_bytes),
-        num_targets=n_targets,
-        target_bytes=n_bytes,
-        seq_len=seq_len,
-        stride=stride,
-    )
+    return EvalResult.from_sums(loss_sum, n_targets, n_bytes, seq_len, stride)

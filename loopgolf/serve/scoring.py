@@ -91,16 +91,12 @@ def evaluate_early_exit(
         model.train(was_training)
         if bar is not None:
             bar.close()
-    if n_bytes == 0:
-        raise ValueError("validation targets carry zero bytes (only control/unknown tokens?)")
-    val_loss = loss_sum / n_targets
-    return EarlyExitResult(
-        val_loss=val_loss,
-        val_bpb=(val_loss / math.log(2)) * (n_targets / n_bytes),
-        num_targets=n_targets,
-        target_bytes=n_bytes,
-        seq_len=seq_len,
-        stride=seq_len,
+    return EarlyExitResult.from_sums(
+        loss_sum,
+        n_targets,
+        n_bytes,
+        seq_len,
+        seq_len,
         criterion=str(criterion),
         mean_loops=sum((i + 1) * n for i, n in enumerate(hist)) / max(1, sum(hist)),
         full_loops=loops_full,
