@@ -12,7 +12,9 @@ def tiny(plan: PlanSpec, **kw) -> ModelConfig:
 
 
 def test_baseline_param_count_matches_official():
-    # REFERENCE.md: the naive baseline (9 x 512, 8/4 heads, vocab 1024, tied) has 17,059,912 params.
+    # The official naive baseline (9 x 512, 8/4 heads, vocab 1024, tied) has 17,059,912 params: its
+    # record's train.log (openai/parameter-golf, records/track_10min_16mb/2026-03-17_NaiveBaseline)
+    # prints model_params:17059912.
     with torch.device("meta"):
         model = GPT(ModelConfig())
     assert unique_params(model) == 17_059_912

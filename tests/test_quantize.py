@@ -48,9 +48,9 @@ def big(rows: int = 300, cols: int = 400, seed: int = 0) -> torch.Tensor:
 
 
 def test_default_policy_is_the_parameter_golf_baseline_export():
-    # REFERENCE.md "Baseline export": at most 65,536 elements stay float (fp32 control tensors,
-    # fp16 otherwise); larger 2-D tensors per-row int8, clip at the 99.99984th percentile of |w|
-    # per row, scale = clip / 127 stored fp16.
+    # The export of the official train_gpt.py (openai/parameter-golf; docs/background.md): at most
+    # 65,536 elements stay float (fp32 control tensors, fp16 otherwise); larger 2-D tensors per-row
+    # int8, clip at the 99.99984th percentile of |w| per row, scale = clip / 127 stored fp16.
     p = QuantPolicy()
     assert p == parse_policy("") == parse_policy(None)
     assert all(p.bits_for(r) == 8 for r in ("embed", "attn", "mlp", "lora")) and p.bits_for("control") is None

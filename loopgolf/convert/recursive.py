@@ -1,5 +1,6 @@
 """Tie a vanilla model's layers into a recursive one, and relax the tying with SVD-initialised
-per-virtual-layer LoRA (Bae et al. 2025, REFERENCE.md section 3).
+per-virtual-layer LoRA: the conversion of "Relaxed Recursive Transformers" (Bae et al., ICLR 2025,
+arXiv:2410.20672; summarised in docs/background.md).
 
 An L-layer source becomes a plan with V = L virtual layers over K stored blocks (CYCLE K x B or
 SEQUENCE K x B, K * B = L); virtual layer v takes the place of source layer v. Stored block j
@@ -22,7 +23,8 @@ Relaxation: for each virtual layer v and LoRA target t, the residual ``R = W_v -
 layer minus its stored block) is factored by truncated SVD, ``R ~ U_r S_r V_r^T``; loopgolf's
 adapter computes ``y += s * (x @ A) @ B`` with ``A`` (in, r) and ``B`` (r, out), so ``A = V_r``
 and ``B = S_r U_r^T / s``: dividing by the runtime scale s = alpha / r makes ``s A B = R_r^T``
-exactly (an unscaled factor is the defect REFERENCE.md section 4 lists first). Where R is zero
+exactly (factors left unscaled while the forward multiplies by s would not reproduce the source,
+the first pitfall docs/background.md lists for recursive-model code). Where R is zero
 (a Stepwise block's own source layer) the adapter keeps its fresh init: A random, B zero, so it
 starts at zero and can still learn. At full rank the converted model reproduces the source.
 """

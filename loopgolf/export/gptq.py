@@ -25,7 +25,7 @@ from loopgolf.data.shards import load_shard
 from loopgolf.export.artifact import qmax_for_bits
 from loopgolf.model.roles import shared_matrices
 
-BOS_ID = 1  # documents start with BOS (REFERENCE.md, shard format)
+BOS_ID = 1  # every document starts with BOS (id 1) in the official shard format (docs/background.md)
 
 
 class CalibrationError(ValueError):

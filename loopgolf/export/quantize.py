@@ -4,9 +4,10 @@ A tensor's *role* comes from :func:`loopgolf.model.roles.parameter_role`, groupe
 (:func:`tensor_role`): the embedding (and an untied output layer), the shared attention and MLP
 matrices, the per-virtual-layer LoRA factors, and the control tensors (scales, residual mixes, q
 gains, skip weights, depth embeddings). A :class:`QuantPolicy` gives each role its bits and says
-how codes are chosen. The default policy is the Parameter Golf baseline export (REFERENCE.md,
-"Baseline export"): tensors of at most 65,536 elements stay float (fp32 for control tensors, fp16
-otherwise), larger matrices are per-row int8 clipped at the 99.99984th percentile of |w|.
+how codes are chosen. The default policy is the Parameter Golf baseline export (the official
+``train_gpt.py`` of openai/parameter-golf; docs/background.md): tensors of at most 65,536 elements
+stay float (fp32 for control tensors, fp16 otherwise), larger matrices are per-row int8 clipped at
+the 99.99984th percentile of |w|.
 
 Per tensor (:func:`encode_tensor`): control tensors stay float32 (or float16); small, non-2-D or
 ``fp16``-role tensors stay float16; every other matrix becomes per-row symmetric intN:

@@ -7,8 +7,9 @@
            + w_exit * mean over earlier loops b of [CE(loop b) + KL(sg(final) || loop b)]
 
 - distillation: forward KL from the teacher's temperature-``T`` distribution to the student's,
-  computed online from a teacher in eval mode without gradients (REFERENCE.md section 3:
-  forward KL to the full-size model). ``T^2`` keeps the gradient scale independent of T.
+  computed online from a teacher in eval mode without gradients (Relaxed Recursive Transformers,
+  arXiv:2410.20672, uptrains with distillation from the full-size model; docs/background.md).
+  ``T^2`` keeps the gradient scale independent of T.
 - early exit: after every pass but the last (``GPT.loop_exits``) the shared final norm and head
   predict; each such prediction gets the cross-entropy and a self-distillation term towards the
   *detached* final-loop distribution, so the exits learn from the full depth without pulling
