@@ -432,7 +432,7 @@ def add_info_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from loopgolf.bench import bench_json, bench_train, format_bench
+    from loopgolf.bench.train import bench_json, bench_train, format_bench
 
     train_set: dict[str, Any] = dict(args.train_set)
     for flag, key in (("seq_len", "seq_len"), ("batch_tokens", "batch_tokens"), ("micro_batch_tokens", "micro_batch_tokens")):
@@ -567,7 +567,7 @@ def measure_matmul_rate() -> tuple[float, str]:
     1024 x 1024 float32 matmuls on CPU (well under a second), the bench's bf16 size on CUDA."""
     import torch
 
-    from loopgolf.bench import matmul_peak
+    from loopgolf.device import matmul_peak
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = matmul_peak(device, size=None if device.type == "cuda" else 1024, reps=2, trials=3)
@@ -584,7 +584,7 @@ def script_code_bytes(preset: str) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from loopgolf.config import get_preset
-    from loopgolf.export.planner import UNCALIBRATED, default_family, family_presets, predict_bytes, run_overrides, search, train_step_seconds
+    from loopgolf.budget import UNCALIBRATED, default_family, family_presets, predict_bytes, run_overrides, search, train_step_seconds
     from loopgolf.export.quantize import parse_policy
     from loopgolf.model.gpt import ModelConfig
 
@@ -669,7 +669,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
     p.add_argument("--codec", default="auto", help="auto (smallest), " + ", ".join(CODECS))
     p.add_argument(
-        "--weights", choices=("trained", "init"), default="trained",  # loopgolf.export.planner.WEIGHTS, not imported to keep startup light
+        "--weights", choices=("trained", "init"), default="trained",  # loopgolf.budget.WEIGHTS, not imported to keep startup light
         help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
     )
     p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the size of the train_gpt.py a run of the preset generates)")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import loopgolf
-from loopgolf.config import Preset, TrainConfig, get_preset, train_config_from_dict
+from loopgolf.config import Preset, get_preset
+from loopgolf.train.config import TrainConfig, train_config_from_dict
 from loopgolf.data.dataset import Dataset
 from loopgolf.data.shards import TokenLoader, read_shard_header
 from loopgolf.device import resolve_device
@@ -194,7 +195,7 @@ OPTIONAL_CONFIG_KEYS = frozenset({"qat", "eval_batch_size", "checkpoint_every", 
 def fresh_config(opts: RunOptions) -> tuple[Preset, dict[str, Any]]:
     preset = build_configs(opts)
     if opts.init_from is not None:
-        from loopgolf.convert.sources import load_source
+        from loopgolf.sources.load import load_source
 
         preset.model = load_source(opts.init_from).config  # checked here, before any data is touched
     config = {
@@ -495,7 +496,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> dict[str, Any]:
 def build_objective(model: torch.nn.Module, uptrain: dict[str, Any], *, fresh: bool, device: torch.device, say=print):
     """Load the start weights (fresh runs) and the teacher; return the training objective, or
     None when the loss is plain cross-entropy."""
-    from loopgolf.convert.sources import load_source
+    from loopgolf.sources.load import load_source
     from loopgolf.train.checkpoint import load_model_state
     from loopgolf.train.distill import TrainingObjective
 

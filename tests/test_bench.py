@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from loopgolf.bench import matmul_peak
+from loopgolf.device import matmul_peak
 from loopgolf.cli import main
 from loopgolf.config import get_preset
 from loopgolf.model.gpt import ModelConfig, forward_flops_per_token

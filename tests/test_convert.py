@@ -12,9 +12,9 @@ import torch
 
 from hf_models import FAMILIES, VOCAB, build_hf, hf_logits
 from loopgolf.cli import main
-from loopgolf.convert.hf import ConversionError, import_hf
+from loopgolf.sources.hf import ConversionError, import_hf
 from loopgolf.convert.recursive import block_sources, convert, stepwise_layers, truncated_svd_factors
-from loopgolf.convert.sources import as_vanilla, load_source
+from loopgolf.sources.load import as_vanilla, load_source
 from loopgolf.export.pack import export_model
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec, parse_plan

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopgolf.config import TrainConfig
+from loopgolf.train.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec

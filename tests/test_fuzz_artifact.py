@@ -1,4 +1,4 @@
-"""Fuzz load_model with mutated, resealed artifacts (bench/fuzz_artifact.py): every case must be
+"""Fuzz load_model with mutated, resealed artifacts (loopgolf/bench/fuzz_artifact.py): every case must be
 refused with an ArtifactError or load with a finite forward pass: no other exception, no NaN,
 no hang."""
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fuzzed_artifacts_fail_cleanly_or_load_finite():
-    cmd = [sys.executable, "bench/fuzz_artifact.py", "--cases", "300", "--seed", "1", "--json", "--max-memory-gb", "6"]
+    cmd = [sys.executable, "-m", "loopgolf.bench.fuzz_artifact", "--cases", "300", "--seed", "1", "--json", "--max-memory-gb", "6"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip(), f"no output (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     summary = json.loads(proc.stdout)

@@ -98,7 +98,7 @@ def test_cuda_compiled_qat_switches_on_without_recompiling(tmp_path):
 
 @cuda_only
 def test_cuda_bench_reports_bf16_peak():
-    from loopgolf.bench import bench_train
+    from loopgolf.bench.train import bench_train
 
     r = bench_train("debug", steps=2, warmup=1, device="cuda", peak_size=2048)
     assert r["peak_dtype"] == "bfloat16" and r["memory_kind"] == "cuda_max_allocated"

@@ -16,7 +16,7 @@ import pytest
 from loopgolf.cli import main as cli_main
 from loopgolf.lab.ledger import LedgerError, builtin_ledgers, load_ledger, parse_ledger, resolve
 from loopgolf.lab.report import pareto, variant_stats, write_report
-from loopgolf.lab.stats import mean_std, welch
+from loopgolf.lab.significance import mean_std, welch
 from loopgolf.lab.store import Store
 from loopgolf.lab.sweep import plan_runs, run_sweep
 

@@ -17,8 +17,7 @@ import torch
 from loopgolf.export.artifact import MAGIC, ArtifactError, read_artifact
 from loopgolf.export.pack import export_model, load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from fuzz_artifact import build_artifact, reseal, split, tiny_model  # noqa: E402  (the fuzzer's own artifact tools)
+from loopgolf.bench.fuzz_artifact import build_artifact, reseal, split, tiny_model  # the fuzzer's own artifact tools
 
 
 @pytest.fixture(scope="module")

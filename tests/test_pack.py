@@ -16,7 +16,7 @@ from loopgolf.export.quantize import QuantPolicy, encode_state, parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 
-ENCODER_MODULES = ("loopgolf.export.quantize", "loopgolf.export.gptq", "loopgolf.export.planner", "loopgolf.train.qat")
+ENCODER_MODULES = ("loopgolf.export.quantize", "loopgolf.export.gptq", "loopgolf.budget", "loopgolf.train.qat")
 
 
 def trained_like(plan: PlanSpec, seed: int = 0, **kw) -> GPT:

@@ -4,15 +4,15 @@ import json
 import pytest
 import torch
 
-import loopgolf.bench
+import loopgolf.device
 import loopgolf.cli
-import loopgolf.export.planner
-from loopgolf.bench import Peak
+import loopgolf.budget
+from loopgolf.device import Peak
 from loopgolf.cli import add_model_overrides, add_plan_parser, measure_matmul_rate, model_overrides
 from loopgolf.config import PRESETS, get_preset
 from loopgolf.export.artifact import FLOAT_SCHEMES
 from loopgolf.export.pack import export_model
-from loopgolf.export.planner import (
+from loopgolf.budget import (
     UNCALIBRATED,
     PlanError,
     calibration_table,
@@ -167,7 +167,7 @@ def test_the_default_family_follows_the_machine(monkeypatch, capsys, cuda, famil
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert default_family() == family
     searched = []
-    monkeypatch.setattr(loopgolf.export.planner, "search", lambda cap, fam, *a, **kw: searched.append(fam) or [])
+    monkeypatch.setattr(loopgolf.budget, "search", lambda cap, fam, *a, **kw: searched.append(fam) or [])
     monkeypatch.setattr(loopgolf.cli, "measure_matmul_rate", lambda: (1e9, "fake"))
     parser = plan_parser()
     args = parser.parse_args(["plan", "--cap", "1000000", "--code-bytes", "50000", "--json"])
@@ -186,7 +186,7 @@ def test_the_matmul_rate_is_measured_on_the_training_device(monkeypatch, cuda):
         return Peak(flops=3e10, dtype="float32", size=size or 8192)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(loopgolf.bench, "matmul_peak", fake_peak)
+    monkeypatch.setattr(loopgolf.device, "matmul_peak", fake_peak)
     rate, what = measure_matmul_rate()
     assert rate == 3e10 and calls == [("cuda", None) if cuda else ("cpu", 1024)] and ("cuda" if cuda else "cpu") in what
 
@@ -239,7 +239,7 @@ def test_plan_command_weights_choices_are_the_planners():
     import argparse
 
     from loopgolf.cli import build_parser
-    from loopgolf.export.planner import WEIGHTS
+    from loopgolf.budget import WEIGHTS
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     weights = next(a for a in sub.choices["plan"]._actions if a.dest == "weights")

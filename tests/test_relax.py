@@ -3,7 +3,7 @@ import torch
 
 from loopgolf.model.gpt import GPT, UNGATED_TARGETS, ModelConfig
 from loopgolf.model.plan import PlanSpec
-from loopgolf.config import OptimizerConfig
+from loopgolf.train.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers, split_parameters
 
 TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)

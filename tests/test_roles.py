@@ -7,7 +7,7 @@ import torch
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 from loopgolf.model.roles import _ROLE_PATTERNS, ROLES, UnknownParameterError, parameter_role, parameter_roles, shared_matrices
-from loopgolf.config import OptimizerConfig
+from loopgolf.train.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers
 
 TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)

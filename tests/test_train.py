@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import markov_tokens
-from loopgolf.config import TrainConfig, get_preset
+from loopgolf.config import get_preset
+from loopgolf.train.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
-from loopgolf.config import OptimizerConfig
+from loopgolf.train.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers, newton_schulz, split_parameters
 from loopgolf.train.trainer import accumulation_steps, lr_multiplier, train
 

@@ -19,7 +19,7 @@ from loopgolf.util import atomic_write_json
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from loopgolf.convert.recursive import convert
-    from loopgolf.convert.sources import as_vanilla, load_source
+    from loopgolf.sources.load import as_vanilla, load_source
     from loopgolf.model.plan import parse_plan
     from loopgolf.train.checkpoint import CHECKPOINT_NAME, save_weights
 

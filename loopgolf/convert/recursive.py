@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopgolf.convert.hf import ConversionError
+from loopgolf.sources.hf import ConversionError
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 

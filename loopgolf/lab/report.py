@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loopgolf.lab.ledger import Ledger
-from loopgolf.lab.stats import Welch, mean_std, welch
+from loopgolf.lab.significance import Welch, mean_std, welch
 from loopgolf.lab.store import RunRow
 
 SIGNIFICANCE = 0.01  # Parameter Golf's bar for a new record

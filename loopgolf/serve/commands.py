@@ -86,7 +86,7 @@ def cmd_eval_early_exit(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from loopgolf.serve.bench import StreamSpec, bench_serve, format_bench_serve
+    from loopgolf.bench.serve import StreamSpec, bench_serve, format_bench_serve
 
     for flag, pair in (("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
         if len(pair) != 2 or pair[0] > pair[1]:

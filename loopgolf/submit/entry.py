@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from loopgolf.config import OptimizerConfig, TrainConfig
+from loopgolf.train.config import OptimizerConfig, TrainConfig
 from loopgolf.model.gpt import ModelConfig
 from loopgolf.run import RunOptions, format_summary, run
 

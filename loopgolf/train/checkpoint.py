@@ -33,7 +33,7 @@ import os
 import random
 import stat
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from loopgolf.data.shards import TokenLoader
+from loopgolf.train.config import TrainConfig, may_change_on_resume
 from loopgolf.util import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -50,9 +51,9 @@ MAGIC = b"LGCKPT\r\n"
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256 of the payload
 HEADER_SIZE = _HEADER.size  # 52
 _LEGACY_PREFIX = b"PK\x03\x04"  # format 1: torch.save's zip archive written bare
-# Train-config fields a resumed run may change: the budget (to extend training), where it runs,
-# and compilation. Anything else would make the continuation a different run.
-RESUMABLE_TRAIN_CHANGES = ("max_steps", "time_budget", "device", "compile")
+# Train-config fields a resumed run may change (marked on TrainConfig): the budget (to extend
+# training), where it runs, and compilation. Anything else would make the continuation a different run.
+RESUMABLE_TRAIN_CHANGES = tuple(f.name for f in fields(TrainConfig) if may_change_on_resume(f))
 
 
 @dataclass

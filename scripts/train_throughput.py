@@ -1,9 +1,10 @@
 """Training throughput and MFU of several presets (the `loopgolf bench train` measurement, in a
 table). Default: the `cpu` preset on CPU; on a GPU the official 9 x 512 baseline (seq 1024,
 524,288 tokens/step), compiled, for comparison with the published baseline's per-GPU rate
-(about 12M tokens/s on 8 x H100 = 1.5M tokens/s per GPU, REFERENCE.md section 1).
+(13,780 steps of 524,288 tokens in 600 s on 8 x H100: about 12M tokens/s, 1.5M per GPU; the
+baseline record's README in openai/parameter-golf, docs/background.md).
 
-    python bench/train_throughput.py [--presets cpu,cpu-cycle] [--steps 10] [--warmup 3] [--compile] [--json]
+    python scripts/train_throughput.py [--presets cpu,cpu-cycle] [--steps 10] [--warmup 3] [--compile] [--json]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 
 import torch
 
-from loopgolf.bench import bench_train
+from loopgolf.bench.train import bench_train
 
 BASELINE_TOKENS_PER_SECOND_PER_GPU = 524_288 / 0.0435 / 8  # 13,780 steps at 43.5 ms on 8 x H100
 

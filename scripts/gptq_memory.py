@@ -5,9 +5,9 @@ memory-mapped file (what `loopgolf run` does) reads only the chosen windows; loa
 shard and converting it to int64 (what it did before 2026-12-04) costs about 1 GB. Each mode runs
 in its own process (ru_maxrss is a per-process high-water mark):
 
-    python bench/gptq_memory.py --dir /tmp/lg-gptq-mem make      # writes a 1e8-token shard (200 MB)
-    python bench/gptq_memory.py --dir /tmp/lg-gptq-mem shards    # windows from the memmap
-    python bench/gptq_memory.py --dir /tmp/lg-gptq-mem int64     # the whole shard as int64, for comparison
+    python scripts/gptq_memory.py --dir /tmp/lg-gptq-mem make      # writes a 1e8-token shard (200 MB)
+    python scripts/gptq_memory.py --dir /tmp/lg-gptq-mem shards    # windows from the memmap
+    python scripts/gptq_memory.py --dir /tmp/lg-gptq-mem int64     # the whole shard as int64, for comparison
 
 The model is the `cpu` preset, freshly initialised (memory does not depend on the weights' values).
 """

@@ -4,7 +4,7 @@ preset family that fit a cap.
 Prediction (:func:`predict_bytes`): the model is built on the meta device (no memory, no
 training) to list its unique stored tensors; each gets the scheme the exporter would give it
 under the quantization policy (``quantize.stored_scheme``) and a compressed size from the measured
-rates in ``planner_calibration.json`` (regenerate with ``python bench/quant_calibrate.py
+rates in ``budget_calibration.json`` (regenerate with ``python scripts/quant_calibrate.py
 --write``): rates of Gaussian rows, scaled for coded matrices by ``trained_factor`` (measured on
 trained models) unless ``weights="init"`` asks for a freshly initialised model. The header is
 built by the artifact writer itself on placeholder tensors and compressed, and the container's
@@ -36,8 +36,8 @@ from loopgolf.export.quantize import QuantPolicy, stored_scheme, tensor_role
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, forward_flops_per_token, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
 
-# The measured rates, written by ``python bench/quant_calibrate.py --write`` (package data).
-CALIBRATION_PATH = Path(__file__).with_name("planner_calibration.json")
+# The measured rates, written by ``python scripts/quant_calibrate.py --write`` (package data).
+CALIBRATION_PATH = Path(__file__).with_name("budget_calibration.json")
 
 # A run's meta in the artifact header (preset, seed, steps, seq_len) is unknown before training;
 # this stand-in has the same keys and typical lengths.
@@ -50,7 +50,7 @@ class PlanError(ValueError):
 
 @functools.cache
 def calibration_table() -> dict:
-    """The measured compression rates the planner predicts with (``planner_calibration.json``)."""
+    """The measured compression rates the planner predicts with (``budget_calibration.json``)."""
     return json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
 
 
@@ -100,7 +100,7 @@ WEIGHTS: tuple[str, ...] = ("trained", "init")
 
 def trained_factor(table: dict, codec: str, clip: str, bits: int) -> float:
     """How much smaller trained matrices code than Gaussian rows (measured on trained models by
-    ``bench/quant_calibrate.py --trained``), for the nearest measured bit width; 1 if unmeasured."""
+    ``scripts/quant_calibrate.py --trained``), for the nearest measured bit width; 1 if unmeasured."""
     by_bits = table.get("trained_factor", {}).get(codec, {}).get(clip, {})
     if not by_bits:
         return 1.0

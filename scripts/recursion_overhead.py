@@ -10,8 +10,8 @@ full trainer step (loader, forward, backward, optimizers) of both and reports
   (proportional to depth within 10% means every deviation is under 10%);
 - model FLOPs per token and MFU per point.
 
-    python bench/recursion_overhead.py [--preset cpu] [--depths 1,2,3,4,5,6,7,8] [--steps 6] [--threads 1] [--json]
-    python bench/recursion_overhead.py --preset baseline --compile   # one GPU (the preset runs 65,536 tokens per forward)
+    python scripts/recursion_overhead.py [--preset cpu] [--depths 1,2,3,4,5,6,7,8] [--steps 6] [--threads 1] [--json]
+    python scripts/recursion_overhead.py --preset baseline --compile   # one GPU (the preset runs 65,536 tokens per forward)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from loopgolf.bench import bench_train
+from loopgolf.bench.train import bench_train
 from loopgolf.model.plan import parse_plan
 
 

@@ -2,16 +2,16 @@
 
 First train the models (step budgets; see bench/quant_train.py):
 
-    python bench/quant_train.py --steps 200 --qat off   --out /tmp/lgq/off
-    python bench/quant_train.py --steps 200 --qat ste   --out /tmp/lgq/ste
-    python bench/quant_train.py --steps 200 --qat noise --out /tmp/lgq/noise
+    python scripts/quant_train.py --steps 200 --qat off   --out /tmp/lgq/off
+    python scripts/quant_train.py --steps 200 --qat ste   --out /tmp/lgq/ste
+    python scripts/quant_train.py --steps 200 --qat noise --out /tmp/lgq/noise
 
 then
 
-    python bench/quant_bench.py bytes   --run /tmp/lgq/off     # bytes per matrix parameter, codecs, code packing
-    python bench/quant_bench.py gap     --runs /tmp/lgq/off /tmp/lgq/ste /tmp/lgq/noise   # int6 roundtrip gaps
-    python bench/quant_bench.py gptq    --run /tmp/lgq/off     # RTN vs GPTQ (train / self calibration) at int6, int5
-    python bench/quant_bench.py planner --run /tmp/lgq/off     # predicted vs exported bytes on the trained model
+    python scripts/quant_bench.py bytes   --run /tmp/lgq/off     # bytes per matrix parameter, codecs, code packing
+    python scripts/quant_bench.py gap     --runs /tmp/lgq/off /tmp/lgq/ste /tmp/lgq/noise   # int6 roundtrip gaps
+    python scripts/quant_bench.py gptq    --run /tmp/lgq/off     # RTN vs GPTQ (train / self calibration) at int6, int5
+    python scripts/quant_bench.py planner --run /tmp/lgq/off     # predicted vs exported bytes on the trained model
 
 Every subcommand prints a table and, with --json FILE, writes its numbers. Scores are val_bpb on
 the whole validation split of the embedded default corpus, non-overlapping windows of the
@@ -38,7 +38,7 @@ from loopgolf.evaluate import evaluate_bpb  # noqa: E402
 from loopgolf.export.artifact import CODECS, compress  # noqa: E402
 from loopgolf.export.gptq import calibration_tokens, collect_hessians  # noqa: E402
 from loopgolf.export.pack import export_model, load_model  # noqa: E402
-from loopgolf.export.planner import predict_bytes  # noqa: E402
+from loopgolf.budget import predict_bytes  # noqa: E402
 from loopgolf.export.quantize import encode_state, parse_policy  # noqa: E402
 
 # c_k / c_v of the 256-wide CPU models hold 32,768 weights: below this threshold they would stay

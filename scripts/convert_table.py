@@ -1,6 +1,6 @@
 """The conversion benchmark of docs/results/convert.md, at CPU scale.
 
-    python bench/convert_table.py --source RUN_DIR --work DIR --uptrain-steps 60 [--out docs/results/convert.md]
+    python scripts/convert_table.py --source RUN_DIR --work DIR --uptrain-steps 60 [--out docs/results/convert.md]
 
 RUN_DIR is a vanilla model trained with `loopgolf train` (e.g. `loopgolf train --preset cpu-vanilla
 --steps 500 --out RUN_DIR`). The script scores it (`run --resume`), converts it to CYCLE 3x2 and 2x3
@@ -88,7 +88,7 @@ def main() -> None:
     lines = [
         "# Conversion to recursive models at CPU scale",
         "",
-        f"Made by `python bench/convert_table.py --source {args.source} --work {work} --uptrain-steps {u} --ranks {args.ranks}`",
+        f"Made by `python scripts/convert_table.py --source {args.source} --work {work} --uptrain-steps {u} --ranks {args.ranks}`",
         f"(source: `loopgolf train --preset {args.preset} ...`, {src['steps']} steps). Every val_bpb is the post-export roundtrip score",
         "on the embedded corpus's validation split; uptraining is "
         f"{u} steps of the source's recipe; KD is forward KL to the source with weight 0.5, T = 1.",

@@ -1,9 +1,9 @@
 """Train the models the quantization benchmarks score, with or without loop-aware QAT, and keep
 their float weights (``loopgolf run`` keeps only the exported artifact).
 
-    python bench/quant_train.py --preset cpu-shared --steps 200 --qat off   --out /tmp/lgq/off
-    python bench/quant_train.py --preset cpu-shared --steps 200 --qat ste   --out /tmp/lgq/ste
-    python bench/quant_train.py --preset cpu-shared --steps 200 --qat noise --out /tmp/lgq/noise
+    python scripts/quant_train.py --preset cpu-shared --steps 200 --qat off   --out /tmp/lgq/off
+    python scripts/quant_train.py --preset cpu-shared --steps 200 --qat ste   --out /tmp/lgq/ste
+    python scripts/quant_train.py --preset cpu-shared --steps 200 --qat noise --out /tmp/lgq/noise
 
 Each run directory gets ``model.pt`` (float state dict), ``config.json`` and ``train.json``
 (steps, seconds, final loss, the float model's val_bpb). Step budgets, not time budgets: the two

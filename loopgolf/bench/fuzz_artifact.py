@@ -13,8 +13,8 @@ Each case runs ``load_model(blob)`` and, if it loads, one forward pass on a fixe
 Outcomes: clean_error (ArtifactError), loaded_finite, traceback (any other exception, including
 MemoryError under the RLIMIT_AS cap), nan (loaded but non-finite output), hang (over --timeout).
 
-    python bench/fuzz_artifact.py --cases 10000 [--seed 0] [--json] [--max-memory-gb 8]
-    python bench/fuzz_artifact.py --seed 0 --case 1234 -v     # replay one case
+    python -m loopgolf.bench.fuzz_artifact --cases 10000 [--seed 0] [--json] [--max-memory-gb 8]
+    python -m loopgolf.bench.fuzz_artifact --seed 0 --case 1234 -v     # replay one case
 
 Case i uses ``numpy.random.default_rng([seed, i])``, so any case replays on its own. Exit status
 1 if any traceback, nan or hang occurred.
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
             slowest = (dt, i)
         if outcome in BAD:
             findings.append({"case": i, "outcome": outcome, "mutations": desc, "detail": detail,
-                             "replay": f"python bench/fuzz_artifact.py --seed {args.seed} --case {i} -v"})
+                             "replay": f"python -m loopgolf.bench.fuzz_artifact --seed {args.seed} --case {i} -v"})
         if args.verbose and not args.json:
             print(f"case {i}: {outcome} ({dt:.3f} s) {desc}")
             if detail:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from loopgolf.convert.hf import ConversionError, import_hf
+from loopgolf.sources.hf import ConversionError, import_hf
 from loopgolf.model.gpt import GPT, ModelConfig
 
 

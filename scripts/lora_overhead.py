@@ -7,7 +7,7 @@ extra time with the extra FLOPs the plan predicts. The adapters run as two thin 
 are less efficient than the big shared ones, so the time overhead is expected to exceed the FLOP
 overhead somewhat.
 
-    python bench/lora_overhead.py [--width 256] [--plan cycle:2x3] [--seq 128] [--batch 32] [--json]
+    python scripts/lora_overhead.py [--width 256] [--plan cycle:2x3] [--seq 128] [--batch 32] [--json]
 """
 
 from __future__ import annotations

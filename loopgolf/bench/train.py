@@ -27,54 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopgolf.config import TrainConfig, get_preset
+from loopgolf.config import get_preset
+from loopgolf.train.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token
-from loopgolf.device import resolve_device
+from loopgolf.device import matmul_peak, resolve_device
 from loopgolf.train.trainer import train
 from loopgolf.util import read_jsonl
 
 # Synthetic shards wrap around, so they need not hold every step's tokens.
 MAX_SHARD_TOKENS = 4_000_000
-
-
-@dataclass
-class Peak:
-    flops: float  # FLOP/s of the best timed batch of matmuls
-    dtype: str
-    size: int  # n of the n x n matmuls
-    cpu_time_flops: float | None = None  # CPU only: FLOPs per second of process CPU time (all threads)
-
-
-def matmul_peak(device: torch.device, size: int | None = None, reps: int = 4, trials: int = 5) -> Peak:
-    """Best observed n x n matmul throughput: float32 on CPU, bf16 on CUDA (the dtypes training
-    computes in)."""
-    cuda = device.type == "cuda"
-    n = size or (8192 if cuda else 2048)
-    if n < 1:
-        raise ValueError(f"peak matmul size must be positive, got {n}")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    torch.mm(a, b, out=out)  # first call: library initialisation, not throughput
-    sync()
-    best = best_cpu = float("inf")
-    for _ in range(trials):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(reps):
-            torch.mm(a, b, out=out)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / reps)
-        best_cpu = min(best_cpu, (time.process_time() - c0) / reps)
-    flops = 2 * n**3
-    return Peak(flops=flops / best, dtype=str(dtype).removeprefix("torch."), size=n, cpu_time_flops=None if cuda else flops / max(best_cpu, 1e-9))
 
 
 def _synthetic_shard(directory: Path, cfg: TrainConfig, vocab_size: int, steps: int) -> Path:

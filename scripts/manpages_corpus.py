@@ -6,7 +6,7 @@ page under ``usr/share/man`` to plain UTF-8 text with groff (``groff -man -Tutf8
 bold/underline overstrikes), and writes one ``{"text": ...}`` JSON line per page, in sorted path
 order. Then build the dataset with loopgolf::
 
-    python bench/manpages_corpus.py --out /tmp/manpages.jsonl
+    python scripts/manpages_corpus.py --out /tmp/manpages.jsonl
     loopgolf data build --input /tmp/manpages.jsonl --out /tmp/manpages-sp1024 --vocab-size 1024 --seed 1
 
 manpages 6.9.1-1 (Debian 13 "trixie"): 323 pages (symbolic-link aliases skipped), 2,734,508

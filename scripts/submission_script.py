@@ -2,7 +2,7 @@
 
 Bytes: for each preset, the script in every form (plain, minified, each optionally wrapped in an
 lzma or brotli self-extracting stub), beside the official baseline's 47,642 bytes and the
-record's 158,429 (REFERENCE.md). The plain form's size is what ``loopgolf run`` reports as
+1.0611 record's 158,429 (their records folders in openai/parameter-golf; docs/background.md). The plain form's size is what ``loopgolf run`` reports as
 ``code_bytes``.
 
 Speed (``--time-steps N``): train the ``cpu`` preset for N steps on the same data and seed, once
@@ -11,7 +11,7 @@ DATA_PATH, TOKENIZER_PATH and SEED set), alternating ``--repeats`` times, and co
 step time (train seconds / steps) from each run's summary. Both are subprocesses so neither
 inherits the other's warm state. Run it on a quiet machine.
 
-    python bench/submission_script.py [--presets cpu,baseline] [--time-steps 60 --data DIR --repeats 2] [--json]
+    python scripts/submission_script.py [--presets cpu,baseline] [--time-steps 60 --data DIR --repeats 2] [--json]
 """
 
 from __future__ import annotations
