@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_model
 from loopgolf.data.shards import load_shard
 from loopgolf.data.tokenizer import build_byte_tables, load_tokenizer
 from loopgolf.evaluate import evaluate_bpb, scoring_windows
@@ -48,11 +49,9 @@ class Lookback(nn.Module):
 def tiny_gpt(seed: int = 0) -> nn.Module:
     """A tiny loopgolf GPT with every weight random: the zero-initialised output projections of a
     fresh model would leave it context-free."""
-    from loopgolf.model.gpt import GPT, ModelConfig
     from loopgolf.model.plan import PlanSpec
 
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=1024, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2), max_seq_len=64))
+    model = tiny_model(seed=seed, vocab_size=1024, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2), max_seq_len=64)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

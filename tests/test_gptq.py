@@ -6,10 +6,10 @@ import torch
 
 from loopgolf.data.shards import load_tokens, write_shard
 from loopgolf.export.artifact import dequantize_tensor
-from conftest import output_error
+from helpers import output_error, tiny_model
 from loopgolf.export.gptq import CalibrationError, calibration_tokens, collect_hessians, gptq_quantize
 from loopgolf.export.quantize import QuantPolicy, choose_scales, encode_tensor, round_codes
-from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 
 
@@ -127,8 +127,7 @@ def test_gptq_with_outliers_has_less_output_error_than_without(bits):
 
 
 def tiny(plan: PlanSpec, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=plan))
+    return tiny_model(seed=seed, num_heads=2, num_kv_heads=1, plan=plan)
 
 
 def test_hessians_accumulate_over_every_use_of_a_shared_layer():

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import markov_tokens
+from helpers import markov_tokens, tiny_model
 from loopgolf.config import get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
-from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 from loopgolf.train.optim import build_optimizers
 from loopgolf.train.trainer import compile_model, run_step, train, warm_up_compiled
@@ -22,9 +22,8 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def staged_model(**kw) -> GPT:
-    torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, per_layer_controls=True,
-                           plan=PlanSpec("mini-loop", layers=3, loops=2, loop_start=1, loop_end=1), **kw))
+    return tiny_model(seed=0, num_heads=2, num_kv_heads=1, per_layer_controls=True,
+                      plan=PlanSpec("mini-loop", layers=3, loops=2, loop_start=1, loop_end=1), **kw)
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_ranks": {"q": 2, "mlp_in": 2}, "depth_embeddings": True}])

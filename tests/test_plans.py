@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from loopgolf.model.gpt import GPT, ModelConfig, effective_params, unique_params, unique_params_formula
+from helpers import tiny_config
+from loopgolf.model.gpt import GPT, effective_params, unique_params, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
-
-TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
 
 EXPECTED = [
     ("vanilla:3", [0, 1, 2], [0, 1, 2], [0, 0, 0]),
@@ -46,7 +45,7 @@ RELAX = [
 @pytest.mark.parametrize("text", [e[0] for e in EXPECTED])
 @pytest.mark.parametrize("relax", RELAX, ids=lambda r: "+".join(r) or "strict")
 def test_unique_params_formula_every_plan(text, relax):
-    cfg = ModelConfig(**TINY, plan=parse_plan(text), **relax)
+    cfg = tiny_config(plan=parse_plan(text), **relax)
     model = GPT(cfg)
     assert unique_params(model) == unique_params_formula(cfg)
     ids = [id(p) for p in model.parameters()]
@@ -57,7 +56,7 @@ def test_unique_params_formula_every_plan(text, relax):
 def test_closed_form_cycle_with_lora():
     # Hand-written formula for CYCLE K x B with rank-r LoRA on q and per-layer controls.
     k, b, r, d = 2, 3, 4, 32
-    cfg = ModelConfig(**TINY, plan=PlanSpec("cycle", layers=k, loops=b), per_layer_controls=True, lora_ranks={"q": r})
+    cfg = tiny_config(plan=PlanSpec("cycle", layers=k, loops=b), per_layer_controls=True, lora_ranks={"q": r})
     v = k * b
     kv = 2 * (d // 4)
     block = 2 * d * d + 2 * d * kv + 2 * d * 2 * d
@@ -67,7 +66,7 @@ def test_closed_form_cycle_with_lora():
 
 
 def test_stage_runs_only_the_enabled_passes():
-    model = GPT(ModelConfig(**TINY, plan=PlanSpec("cycle", layers=2, loops=3)))
+    model = GPT(tiny_config(plan=PlanSpec("cycle", layers=2, loops=3)))
     assert model.active_layers == tuple(range(6))
     model.set_stage(0)
     assert model.active_layers == (0, 1)
@@ -79,7 +78,7 @@ def test_stage_runs_only_the_enabled_passes():
         model.set_stage(3)
     # stage 0 of a CYCLE plan is the K-block vanilla stack, without its skip: the full plan's
     # skips pair (2, 3), (1, 4), (0, 5), none of which runs at stage 0
-    flat = GPT(ModelConfig(**TINY, plan=PlanSpec("vanilla", layers=2)))
+    flat = GPT(tiny_config(plan=PlanSpec("vanilla", layers=2)))
     model.set_stage(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -97,7 +96,7 @@ def test_skip_pairs_are_fixed_by_the_full_plan_at_every_stage():
     from loopgolf.config import get_preset
 
     plan = get_preset("pg-mini-loop").model.plan
-    model = GPT(ModelConfig(**TINY, plan=plan))
+    model = GPT(tiny_config(plan=plan))
     pairs = model.plan.skip_pairs
     v = model.plan.num_virtual
     assert pairs == tuple((v // 2 - 1 - i, v // 2 + i) for i in range(v // 2))

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens
+from helpers import markov_tokens, tiny_config
 from loopgolf.config import PRESETS, get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
-from loopgolf.model.gpt import GPT, ModelConfig, unique_params, unique_params_formula
+from loopgolf.model.gpt import GPT, unique_params, unique_params_formula
 from loopgolf.model.plan import PlanSpec
 from loopgolf.train.trainer import train
 
@@ -53,7 +53,7 @@ def test_wide_recurrent_reinvests_the_saved_bytes(scale):
 
 
 def test_progressive_recurrence_switches_at_the_right_step(shard, tmp_path):
-    cfg = ModelConfig(vocab_size=1024, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("mini-loop", layers=3, loops=2, loop_start=1, loop_end=1))
+    cfg = tiny_config(vocab_size=1024, num_heads=2, num_kv_heads=1, plan=PlanSpec("mini-loop", layers=3, loops=2, loop_start=1, loop_end=1))
     model = GPT(cfg)
     tcfg = replace(get_preset("debug").train, max_steps=20, recurrence_stages=[0.35, 0.5], val_every=0)
     seen = []
@@ -75,7 +75,7 @@ def test_progressive_recurrence_switches_at_the_right_step(shard, tmp_path):
 
 
 def test_progressive_recurrence_needs_one_fraction_per_extra_pass(shard):
-    model = GPT(ModelConfig(vocab_size=1024, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=1, loops=3)))
+    model = GPT(tiny_config(vocab_size=1024, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=1, loops=3)))
     tcfg = replace(get_preset("debug").train, recurrence_stages=[0.5])
     with pytest.raises(ValueError, match="2 extra pass"):
         train(model, TokenLoader([shard], tcfg.seq_len), tcfg, device=torch.device("cpu"), progress=False)

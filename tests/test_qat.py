@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import markov_tokens
+from helpers import markov_tokens, tiny_config
 from loopgolf.config import get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.export.pack import export_model, load_model
@@ -19,7 +19,7 @@ from loopgolf.train.trainer import compile_model, run_step, train, warm_up_compi
 
 def looped_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=3), lora_ranks={"q": 2})
+    cfg = tiny_config(num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=3), lora_ranks={"q": 2})
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():

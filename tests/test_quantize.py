@@ -4,7 +4,7 @@ policy strings, clip searches, outliers, low-rank corrections, and the error bou
 import pytest
 import torch
 
-from conftest import output_error
+from helpers import output_error, tiny_config
 from loopgolf.config import get_preset
 from loopgolf.export.artifact import QuantizedTensor, dequantize_tensor
 from loopgolf.export.quantize import (
@@ -23,7 +23,7 @@ from loopgolf.export.quantize import (
     stored_scheme,
     tensor_role,
 )
-from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 from loopgolf.model.roles import UnknownParameterError
 
@@ -82,7 +82,7 @@ def test_default_policy_is_the_parameter_golf_baseline_export():
 
 
 def test_roles_of_every_model_tensor_come_from_parameter_role():
-    cfg = ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=2),
+    cfg = tiny_config(num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=2),
                       per_layer_controls=True, depth_embeddings=True, lora_ranks={"q": 2, "mlp_out": 1}, tie_embeddings=False)
     roles = {n: tensor_role(n) for n in GPT(cfg).state_dict()}
     assert roles["tok_emb.weight"] == roles["lm_head.weight"] == "embed"  # the output layer codes like the embedding
