@@ -1,5 +1,5 @@
-"""Byte planner: a configuration's artifact size before training, and the configurations of a
-preset family that fit a cap.
+"""The byte budget (``loopgolf budget``): a configuration's artifact size before training, and
+the configurations of a preset family that fit a cap.
 
 Prediction (:func:`predict_bytes`): the model is built on the meta device (no memory, no
 training) to list its unique stored tensors; each gets the scheme the exporter would give it
@@ -336,7 +336,7 @@ def search(
     For each preset (with ``overrides`` applied, e.g. ``{"per_layer_controls": True}``) and each
     plan variant (``layers`` / ``loops`` replace the plan's unique-layer and loop counts; default:
     the preset's own), the widest width that fits. ``code_bytes``: the code counted beside the
-    model (a run counts its generated ``train_gpt.py``, :mod:`loopgolf.submit.bundle`). Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
+    model (a run counts its generated ``train_gpt.py``, :mod:`loopgolf.codebytes`). Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
     "unique_params", "effective_params", "uncalibrated", "seq_len", "tokens_per_step",
@@ -417,3 +417,103 @@ def _widest_fitting(
         else:
             hi = mid - 1
     return cache[lo]
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def measure_matmul_rate() -> tuple[float, str]:
+    """(FLOP/s, what was measured) of a short matmul benchmark on this machine's training device:
+    1024 x 1024 float32 matmuls on CPU (well under a second), the bench's bf16 size on CUDA."""
+    from loopgolf import device as devices
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = devices.matmul_peak(dev, size=None if dev.type == "cuda" else 1024, reps=2, trials=3)
+    return peak.flops, f"{peak.size} x {peak.size} {peak.dtype} matmuls on {dev.type}"
+
+
+def script_code_bytes(preset: str) -> int:
+    """The bytes of the train_gpt.py a default run of ``preset`` generates (what the run counts)."""
+    from loopgolf.codebytes import code_counts
+    from loopgolf.config import RunConfig, get_preset
+
+    return code_counts(RunConfig.from_preset(get_preset(preset))).code_bytes
+
+
+def _dedupe(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row once: layer/loop variants can land on the preset's own plan, which would list
+    byte-identical rows (the same command, the same prediction)."""
+    seen, out = set(), []
+    for c in candidates:
+        key = json.dumps(c, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def budget_report(
+    cap: int, *, preset: str | None, family: str | None, policy: QuantPolicy, codec: str, weights: str, code_bytes: int | None,
+    overrides: dict[str, Any], layers: list[int] | None = None, loops: list[int] | None = None, width_step: int | None = None,
+    top: int = 10, matmul_flops: float | None = None,
+) -> dict[str, Any]:
+    """What ``loopgolf budget`` prints: ``preset``'s predicted bytes (with ``overrides``), and the
+    widest configurations of ``family`` (default: ``preset``, else the family that suits this
+    machine) fitting ``cap``, each with its forward FLOPs per token and an estimated step time."""
+    from loopgolf.config import get_preset
+
+    fam = family or ([preset] if preset else default_family())  # a list: that preset, not its family
+    n_code = script_code_bytes(preset or family_presets(fam)[0]) if code_bytes is None else code_bytes
+    out: dict[str, Any] = {"cap_bytes": cap, "code_bytes": n_code, "quant": policy.describe()}
+    if preset:
+        base = get_preset(preset)
+        cfg = ModelConfig.from_dict({**base.model.to_dict(), **overrides})
+        pred = predict_bytes(cfg, policy, codec, weights=weights)
+        total = pred["model_bytes"] + n_code
+        out["config"] = {
+            "preset": preset, "overrides": run_overrides(base.model, cfg), "predicted_bytes": total,
+            "predicted_model_bytes": pred["model_bytes"], "codec": pred["codec"], "by_codec": pred["by_codec"],
+            "fits": total <= cap, "headroom_bytes": cap - total, "unique_params": pred["unique_params"],
+            "uncalibrated": pred["uncalibrated"], "tensors": pred["tensors"],
+        }
+    search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
+    candidates = _dedupe(search(cap, fam, policy, codec=codec, code_bytes=n_code, overrides=search_overrides,
+                                layers=layers, loops=loops, width_step=width_step, weights=weights))[:top]
+    rate, measured = (matmul_flops, "given by --matmul-flops") if matmul_flops else measure_matmul_rate()
+    for c in candidates:
+        c["est_step_seconds"] = train_step_seconds(c["forward_flops_per_token"], c["tokens_per_step"], rate)
+    out["family"] = fam if isinstance(fam, str) else ",".join(fam)
+    out["matmul_flops"] = {"flops_per_second": rate, "measured": measured}
+    out["candidates"] = candidates
+    return out
+
+
+def format_budget_report(out: dict[str, Any]) -> str:
+    lines = []
+    cap, n_code, candidates = out["cap_bytes"], out["code_bytes"], out["candidates"]
+    notes = {key for c in [*candidates, out.get("config", {})] for key in c.get("uncalibrated", [])}
+    if "config" in out:
+        c = out["config"]
+        verdict = f"fits, {c['headroom_bytes']:,} to spare" if c["fits"] else f"OVER by {-c['headroom_bytes']:,}"
+        mark = " (uncalibrated)" if c["uncalibrated"] else ""
+        lines.append(f"{c['preset']} {' '.join(c['overrides'])}".rstrip())
+        lines.append(f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {cap:,}: {verdict}")
+    lines.append(f"candidates of family {out['family']} fitting {cap:,} bytes with quant {out['quant']} (widest, deepest, most loops first):")
+    if not candidates:
+        lines.append("  none: lower the bits, or raise the cap")
+    else:
+        lines.append(f"  {'bytes':>12}  {'d':<5} {'V':<3} {'loops':<5} {'unique':>11}  {'fwd FLOPs/tok':>13}  {'~step s':>8}  command")
+    for c in candidates:
+        mark = "*" if c["uncalibrated"] else " "
+        lines.append(
+            f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
+            f"{c['forward_flops_per_token']:>13.3g}  {c['est_step_seconds']:>8.3g}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
+        )
+    if candidates:
+        rate, measured = out["matmul_flops"]["flops_per_second"], out["matmul_flops"]["measured"]
+        lines.append(
+            f"  ~step s: an estimate of one training step here, 3 x forward FLOPs/token x tokens/step / {rate / 1e9:,.1f} GFLOP/s "
+            f"({measured}); real steps are slower (elementwise work, optimizer, data)"
+        )
+    lines += [f"  * uncalibrated: {UNCALIBRATED[key]}" for key in sorted(notes)]
+    return "\n".join(lines)

@@ -1,18 +1,340 @@
-"""Run configuration and named presets.
+"""A run's configuration, typed, and the named presets it starts from.
 
-A preset is a (ModelConfig, TrainConfig) pair derived from a base; command-line overrides are
-applied on top. The model config is the only thing needed to rebuild a model (it travels inside
-every artifact); the train config describes how it was trained and is stored in ``config.json``.
+:class:`RunConfig` is everything that decides what a run computes: the model (``model``, the
+only thing needed to rebuild it; it travels inside every artifact), how it trains (``train``),
+how it is stored (``export``), how it is scored (``eval``), what it starts from and learns
+towards when it uptrains a converted model (``uptrain``), the checkpoint interval and the data.
+It is the only thing a run writes to ``config.json`` (:mod:`loopgolf.rundir`) and reads back
+losslessly: ``RunConfig.from_dict(cfg.to_dict()) == cfg``.
+
+Which fields a resumed run may change is marked on the fields themselves
+(:data:`MAY_CHANGE_ON_RESUME`): the budget, the device, compilation, the
+checkpoint interval and where the data lives. :meth:`RunConfig.fixed_changes` lists the others
+that differ between two configurations, which is what a resume refuses.
+
+A preset is a (ModelConfig, TrainConfig) pair derived from a base; a run's configuration is a
+preset with the command line's changes applied (:meth:`RunConfig.from_preset`, then
+:meth:`RunConfig.with_changes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from loopgolf.model.gpt import ModelConfig, unique_params_formula
+from loopgolf.checks import check_range, check_types, from_dict
+from loopgolf.export.artifact import CODECS
+from loopgolf.export.pack import DEFAULT_CAP_BYTES
+from loopgolf.model.gpt import MAX_SEQ_LEN, ModelConfig, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan
-from loopgolf.train.config import OptimizerConfig, TrainConfig
+
+# Field metadata: a resumed run may give this field a new value (the budget, where it runs);
+# every other field of a run's configuration is fixed by its first start.
+MAY_CHANGE_ON_RESUME = {"on_resume": "may change"}
+
+
+def may_change_on_resume(f: Any) -> bool:
+    """Whether dataclass field ``f`` may take a new value when a run resumes."""
+    return f.metadata.get("on_resume") == "may change"
+
+@dataclass
+class OptimizerConfig:
+    """Learning rates and settings of the Muon + Adam optimizers (loopgolf.train.optim)."""
+
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    embed_lr: float = 0.05  # tied embedding (it is also the output head)
+    head_lr: float = 0.008  # untied output head
+    untied_embed_lr: float = 0.6
+    adapter_lr: float = 0.01  # per-virtual-layer LoRA factors (under either adapter_optimizer)
+    adapter_optimizer: str = "adam"  # "adam" or "muon": per-depth LoRA diverged under Muon in a public report
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+
+    def __post_init__(self) -> None:
+        check_types(self, "optim")
+        if self.adapter_optimizer not in ("adam", "muon"):
+            raise ValueError(f"adapter_optimizer must be 'adam' or 'muon', got {self.adapter_optimizer!r}")
+        for name in ("matrix_lr", "scalar_lr", "embed_lr", "head_lr", "untied_embed_lr", "adapter_lr"):
+            check_range("optim", name, getattr(self, name), 0.0)
+        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
+            check_range("optim", name, getattr(self, name), 0.0, 1.0)
+        check_range("optim", "adam_eps", self.adam_eps, 0.0, None, lo_open=True)
+        check_range("optim", "muon_momentum_warmup_steps", self.muon_momentum_warmup_steps, 0)
+        check_range("optim", "muon_backend_steps", self.muon_backend_steps, 1, 100)
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    batch_tokens: int = 524_288  # global tokens per optimizer step (all ranks, all micro-steps)
+    micro_batch_tokens: int | None = None  # at most this many tokens per rank per forward; None = batch_tokens / world
+    max_steps: int | None = field(default=20_000, metadata=MAY_CHANGE_ON_RESUME)
+    time_budget: float | None = field(default=600.0, metadata=MAY_CHANGE_ON_RESUME)  # seconds of training (validation excluded)
+    warmup_steps: int = 0  # linear lr warmup (the baseline uses none)
+    warmdown_frac: float = 0.1  # linear decay to zero over the last fraction of the budget
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    grad_clip: float = 0.0
+    recurrence_stages: list[float] = field(default_factory=list)  # progressive recurrence: training fraction at which each extra pass switches on
+    val_every: int = 0  # steps between periodic validations (0 = only at the end)
+    val_max_tokens: int | None = 65_536  # periodic validation scores a prefix this long
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)  # torch.compile (inductor): CUDA, or CPU with a C++ compiler; compiled before the clock starts
+    device: str = field(default="auto", metadata=MAY_CHANGE_ON_RESUME)  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):
+            self.optim = from_dict(OptimizerConfig, self.optim, "optim")
+        if isinstance(self.recurrence_stages, list):  # JSON writes 0.0 as 0.0 but a hand edit may write 0
+            self.recurrence_stages = [float(f) if isinstance(f, int) and not isinstance(f, bool) else f for f in self.recurrence_stages]
+        check_types(self, "train")
+        check_range("train", "seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_range("train", "seed", self.seed, 0, MAX_SEED)
+        check_range("train", "warmup_steps", self.warmup_steps, 0)
+        check_range("train", "grad_clip", self.grad_clip, 0.0)
+        check_range("train", "val_every", self.val_every, 0)
+        check_range("train", "log_every", self.log_every, 1)
+        for name in ("micro_batch_tokens", "val_max_tokens"):
+            if getattr(self, name) is not None:
+                check_range("train", name, getattr(self, name), 1)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"train device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+        if self.batch_tokens < self.seq_len or self.batch_tokens % self.seq_len:
+            raise ValueError(f"batch_tokens {self.batch_tokens} must be a positive multiple of seq_len {self.seq_len}")
+        if self.max_steps is None and self.time_budget is None:
+            raise ValueError("training needs a stop: set max_steps and/or time_budget")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive seconds, got {self.time_budget}")
+        if any(not 0.0 <= f < 1.0 for f in self.recurrence_stages) or self.recurrence_stages != sorted(self.recurrence_stages):
+            raise ValueError(f"recurrence_stages must be increasing fractions in [0, 1), got {self.recurrence_stages}")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ValueError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+
+
+def train_config_from_dict(d: dict[str, Any], *, required: bool = False) -> TrainConfig:
+    """A TrainConfig from JSON-like data; unknown (and with ``required``, missing) fields are a
+    ValueError naming them."""
+    return from_dict(TrainConfig, d, "train config", required=required)
+
+
+QAT_MODES = ("off", "ste", "noise")
+
+
+@dataclass
+class QATSchedule:
+    """Loop-aware QAT over the end of training (:mod:`loopgolf.train.qat`): ``off``, ``ste``
+    (straight-through fake quantization) or ``noise`` (quantization-sized noise), on after
+    ``start_frac`` of the budget."""
+
+    mode: str = "off"
+    start_frac: float = 0.85
+
+    def __post_init__(self) -> None:
+        check_types(self, "export qat")
+        if self.mode not in QAT_MODES:
+            raise ValueError(f"unknown QAT mode {self.mode!r}; valid: {', '.join(QAT_MODES)}")
+        check_range("export qat", "start_frac", self.start_frac, 0.0, 1.0)
+
+
+@dataclass
+class ExportConfig:
+    """How the trained model is stored: under which byte cap (code included), with which codec
+    (``auto``: the smallest) and quantization policy (``""``: the int8 baseline;
+    :func:`loopgolf.export.quantize.parse_policy` syntax), and the QAT that prepares for it."""
+
+    cap_bytes: int = DEFAULT_CAP_BYTES
+    codec: str = "auto"
+    quant: str = ""
+    qat: QATSchedule = field(default_factory=QATSchedule)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.qat, dict):
+            self.qat = from_dict(QATSchedule, self.qat, "export qat")
+        check_types(self, "export")
+        if self.cap_bytes < 1:
+            raise ValueError(f"the byte cap must be a positive integer, got {self.cap_bytes!r}")
+        if self.codec not in ("auto", *CODECS):
+            raise ValueError(f"unknown codec {self.codec!r}; valid: auto, {', '.join(CODECS)}")
+        from loopgolf.export.quantize import parse_policy  # the encoders load only where a policy is checked
+
+        parse_policy(self.quant)
+
+
+@dataclass
+class EvalConfig:
+    """How the final scores are computed: sliding windows every ``stride`` tokens (None:
+    non-overlapping windows of the training seq_len), ``batch_size`` windows per forward."""
+
+    stride: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check_types(self, "eval")
+        if self.stride is not None:
+            check_range("eval", "stride", self.stride, 1)
+        check_range("eval", "batch_size", self.batch_size, 1)
+
+
+@dataclass
+class UptrainConfig:
+    """Uptraining after ``loopgolf convert``: start weights (``init_from``: a convert or run
+    directory, an artifact or a Hugging Face directory), a teacher for forward-KL distillation
+    (loss = (1 - w) CE + w T^2 KL(teacher || student)), and the weight of the intermediate-loop
+    losses that prepare early exit."""
+
+    init_from: str | None = None
+    distill_from: str | None = None
+    distill_weight: float = 0.0
+    distill_temp: float = 1.0
+    exit_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_types(self, "uptrain")
+        check_range("uptrain", "distill_weight", self.distill_weight, 0.0, 1.0)
+        check_range("uptrain", "distill_temp", self.distill_temp, 0.0, None, lo_open=True)
+        check_range("uptrain", "exit_loss_weight", self.exit_loss_weight, 0.0)
+
+
+@dataclass
+class DataRef:
+    """Which data a run trains on: its name (the path as given, or ``embedded:<corpus>``) and
+    the directory it was found in."""
+
+    name: str
+    dir: str
+
+    def __post_init__(self) -> None:
+        check_types(self, "data")
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides what a run computes (see the module docstring)."""
+
+    preset: str
+    model: ModelConfig
+    train: TrainConfig
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    uptrain: UptrainConfig | None = None
+    checkpoint_every: int = field(default=0, metadata=MAY_CHANGE_ON_RESUME)  # steps between checkpoints; 0: none
+    data: DataRef | None = field(default=None, metadata=MAY_CHANGE_ON_RESUME)  # None until the run opens its data
+
+    def __post_init__(self) -> None:
+        parts = {"model": (ModelConfig, "model config"), "train": (TrainConfig, "train config"), "export": (ExportConfig, "export"),
+                 "eval": (EvalConfig, "eval"), "uptrain": (UptrainConfig, "uptrain"), "data": (DataRef, "data")}
+        for name, (cls, where) in parts.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, from_dict(cls, value, where, required=name in ("data",)))
+        check_types(self, "run config")
+        check_range("run config", "checkpoint_every", self.checkpoint_every, 0)
+        if self.uptrain is not None and self.export.qat.mode != "off" and (self.uptrain.distill_from is not None or self.uptrain.exit_loss_weight > 0):
+            raise ValueError("QAT cannot be combined with distillation or exit losses yet: uptrain first, then run QAT on the result")
+
+    @classmethod
+    def from_preset(cls, preset: "Preset") -> "RunConfig":
+        return cls(preset.name, preset.model, preset.train, eval=EvalConfig(batch_size=preset.eval_batch_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, in the layout ``config.json`` holds."""
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunConfig":
+        """The configuration a ``to_dict`` (or an older loopgolf's flat ``config.json``) wrote;
+        a ValueError naming the key or field for anything else. Every field of the train, export
+        and eval parts must be present: a file that lacks one was not written by this loopgolf."""
+        if isinstance(d, dict) and "cap_bytes" in d:
+            d = _from_flat_layout(d)
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = sorted({"preset", "model", "train", "export", "eval"} - set(d)), sorted(set(d) - names)
+        if missing or unknown:
+            raise ValueError(f"not a run config written by loopgolf: missing keys {missing}, unknown keys {unknown}")
+        export = d["export"]
+        if isinstance(export, dict) and isinstance(export.get("qat"), dict):
+            export = {**export, "qat": from_dict(QATSchedule, export["qat"], "export qat", required=True)}
+        return cls(**{
+            **d,
+            "train": from_dict(TrainConfig, d["train"], "train config", required=True),
+            "export": from_dict(ExportConfig, export, "export", required=True),
+            "eval": from_dict(EvalConfig, d["eval"], "eval", required=True),
+        })
+
+    def with_changes(self, changes: dict[str, Any]) -> "RunConfig":
+        """A copy with ``changes`` applied: dotted paths (``train.seq_len``, ``export.qat.mode``,
+        ``model.plan``) -> new values, checked as the fields are rebuilt."""
+        tree = self.to_dict()
+        for path, value in changes.items():
+            node = tree
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            node[leaf] = value
+        return RunConfig.from_dict(tree)
+
+    def fixed_changes(self, other: "RunConfig") -> list[tuple[str, Any, Any]]:
+        """``(dotted path, this value, other's value)`` of every field that differs between the
+        two configurations and may not change when a run resumes."""
+        mine, theirs = dict(_leaves(self)), dict(_leaves(other))
+        out = []
+        for path in sorted(set(mine) | set(theirs)):
+            (a, a_free), (b, b_free) = mine.get(path, (None, False)), theirs.get(path, (None, False))
+            if a != b and not (a_free or b_free):
+                out.append((path, a, b))
+        return out
+
+
+def _leaves(obj: Any, prefix: str = "", free: bool = False) -> Iterator[tuple[str, tuple[Any, bool]]]:
+    """(dotted path, (value, may change on resume)) for every leaf field of a config dataclass.
+    A field inside one marked as changeable (``data``) is changeable too."""
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+        changeable = free or may_change_on_resume(f)
+        if dataclasses.is_dataclass(value) and not isinstance(value, PlanSpec):
+            yield from _leaves(value, path + ".", changeable)
+        else:
+            yield path, (value.to_dict() if isinstance(value, PlanSpec) else value, changeable)
+
+
+# The keys of the flat config.json loopgolf wrote before RunConfig had parts.
+_FLAT_KEYS = frozenset({"preset", "model", "train", "cap_bytes", "codec", "quant", "eval_stride", "data", "data_dir", "qat", "eval_batch_size", "checkpoint_every", "uptrain"})
+
+
+def _from_flat_layout(d: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(d) - _FLAT_KEYS)
+    if unknown:
+        raise ValueError(f"not a run config written by loopgolf: unknown keys {unknown}")
+    out: dict[str, Any] = {k: d[k] for k in ("preset", "model", "train", "uptrain") if k in d}
+    out["export"] = {"cap_bytes": d["cap_bytes"], "codec": d.get("codec", "auto"), "quant": d.get("quant", ""), "qat": d.get("qat") or {"mode": "off"}}
+    out["eval"] = {"stride": d.get("eval_stride")}
+    if d.get("eval_batch_size") is not None:
+        out["eval"]["batch_size"] = d["eval_batch_size"]
+    out["checkpoint_every"] = d.get("checkpoint_every") or 0
+    if "data" in d or "data_dir" in d:
+        out["data"] = {"name": d.get("data"), "dir": d.get("data_dir")}
+    return out
 
 
 @dataclass

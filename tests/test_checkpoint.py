@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens
+from helpers import markov_tokens, tiny_config, tiny_model
 from loopgolf.cli import main
 from loopgolf.config import get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
-from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
+from loopgolf.rundir import RunDir
 from loopgolf.train.checkpoint import (
     FORMAT_VERSION,
     HEADER_SIZE,
@@ -50,7 +51,7 @@ def shard(tmp_path_factory) -> Path:
 def staged_setup(seed: int):
     """A mini-loop model with progressive recurrence, gradient accumulation and per-layer
     controls: every piece of state a resume has to restore."""
-    cfg = ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, per_layer_controls=True,
+    cfg = tiny_config(num_heads=2, num_kv_heads=1, per_layer_controls=True,
                       plan=PlanSpec("mini-loop", layers=3, loops=1, loop_start=1, loop_end=1))
     torch.manual_seed(seed)
     tcfg = replace(get_preset("debug").train, max_steps=10, micro_batch_tokens=128, recurrence_stages=[0.45], val_every=3)
@@ -128,11 +129,12 @@ def test_cli_run_killed_then_resumed_matches_uninterrupted(text_dataset, tmp_pat
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert read_checkpoint(killed)["train"]["step"] == 3
+    assert RunDir(killed).read_checkpoint()["train"]["step"] == 3
 
     # A resume may not change what the run is.
     assert main(["run", "--resume", str(killed), "--plan", "cycle:1x4"]) == 2
-    assert "drop --plan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot change: model.plan (stored" in err and "given" in err  # the field, from the config's own resume rules
 
     assert main(["run", "--resume", str(killed), "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out)
@@ -171,7 +173,7 @@ def test_checkpoint_payload_and_config_checks(shard, tmp_path):
 
 
 def test_model_state_roundtrip_is_strict():
-    cfg = ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2))
+    cfg = tiny_config(num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2))
     torch.manual_seed(0)
     a = GPT(cfg)
     state = model_state(a)
@@ -184,8 +186,7 @@ def test_model_state_roundtrip_is_strict():
 
 
 def _small_checkpoint(path: Path, fill: float) -> None:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2)))
+    model = tiny_model(seed=0, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2))
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(fill)

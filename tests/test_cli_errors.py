@@ -75,7 +75,8 @@ def test_resumed_config_with_a_missing_or_unknown_key(text_dataset, tmp_path, ca
     assert main(["train", "--preset", "debug", "--data", str(text_dataset), "--out", str(run_dir), "--quiet", "--steps", "2"]) == 0
     good = _config(run_dir)
     for edit, message in (
-        (lambda c: c.pop("codec"), "missing keys ['codec']"),
+        (lambda c: c.pop("export"), "missing keys ['export']"),
+        (lambda c: c["export"].pop("codec"), "missing field(s) ['codec']"),
         (lambda c: c.__setitem__("surprise", 1), "unknown keys ['surprise']"),
         (lambda c: c["train"].pop("seq_len"), "missing field(s) ['seq_len']"),
         (lambda c: c["train"].__setitem__("nope", 1), "unknown train config field"),

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from loopgolf.train.config import TrainConfig
+from helpers import tiny_config
+from loopgolf.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
-from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 from loopgolf.train.distill import TrainingObjective, kl_to
 from loopgolf.train.trainer import train
-
-CFG = dict(vocab_size=48, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
 
 
 def test_kl_equals_the_hand_computed_value():
@@ -37,11 +36,11 @@ def test_kl_equals_the_hand_computed_value():
 
 def _pair():
     torch.manual_seed(0)
-    teacher = GPT(ModelConfig(**CFG, plan=PlanSpec("vanilla", layers=4), tie_embeddings=False))
+    teacher = GPT(tiny_config(vocab_size=48, plan=PlanSpec("vanilla", layers=4), tie_embeddings=False))
     with torch.no_grad():
         teacher.lm_head.weight.normal_(0, 0.5)
     torch.manual_seed(1)
-    student = GPT(ModelConfig(**CFG, plan=PlanSpec("cycle", layers=2, loops=2)))
+    student = GPT(tiny_config(vocab_size=48, plan=PlanSpec("cycle", layers=2, loops=2)))
     return teacher, student
 
 
@@ -85,7 +84,7 @@ def _loader(tmp_path, seed=0):
 
 def _train(tmp_path, exit_weight: float | None, log_name: str):
     torch.manual_seed(5)
-    model = GPT(ModelConfig(**CFG, plan=PlanSpec("cycle", layers=2, loops=3)))
+    model = GPT(tiny_config(vocab_size=48, plan=PlanSpec("cycle", layers=2, loops=3)))
     cfg = TrainConfig(seq_len=16, batch_tokens=128, max_steps=6, time_budget=None, log_every=1, warmdown_frac=0.5)
     forward = None if exit_weight is None else TrainingObjective(model, exit_weight=exit_weight)
     result = train(model, _loader(tmp_path), cfg, device=torch.device("cpu"), forward=forward, progress=False, log_path=tmp_path / log_name)
@@ -107,7 +106,7 @@ def test_exit_loss_weight_zero_is_plain_training_bit_for_bit(tmp_path):
 
 
 def test_exit_losses_need_loops_and_weights_are_checked():
-    vanilla = GPT(ModelConfig(**CFG, plan=PlanSpec("vanilla", layers=2)))
+    vanilla = GPT(tiny_config(vocab_size=48, plan=PlanSpec("vanilla", layers=2)))
     with pytest.raises(ValueError, match="more than one pass"):
         TrainingObjective(vanilla, exit_weight=0.1)
     with pytest.raises(ValueError, match="teacher"):

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_config, tiny_model
 from loopgolf.export.artifact import ArtifactError, dequantize_tensor, read_artifact
 from loopgolf.export.gptq import calibration_tokens, collect_hessians
-from loopgolf.export.pack import CapReport, code_bytes_scoring, export_model, load_model, scoring_modules
+from loopgolf.codebytes import code_bytes_scoring, scoring_modules
+from loopgolf.export.pack import CapReport, export_model, load_model
 from loopgolf.export.quantize import QuantPolicy, encode_state, parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
@@ -32,7 +34,7 @@ def trained_like(plan: PlanSpec, seed: int = 0, **kw) -> GPT:
 
 def relaxed_looped(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=96, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=3),
+    cfg = tiny_config(vocab_size=96, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=3),
                       per_layer_controls=True, depth_embeddings=True, lora_ranks={"q": 2, "mlp_in": 2})
     model = GPT(cfg)
     with torch.no_grad():
@@ -162,10 +164,10 @@ def test_summary_accounting(tmp_path):
     assert read_artifact(tmp_path / "a.lgz").info.to_summary()["bytes_per_matrix_param"] is None  # shares need the writer
 
 
-# Loaded by `loopgolf run` but not counted (see loopgolf.export.pack): the argument parser, the
-# xz reference baseline (dataset preparation, which it lives beside) and the script generator
-# that does the counting. Counted but not run by `loopgolf run`: the script's entry point.
-NOT_COUNTED = ("loopgolf.cli", "loopgolf.data.corpus", "loopgolf.submit.bundle")
+# Loaded by `loopgolf run` but not counted (see loopgolf.codebytes): the command line, the xz
+# reference baseline (dataset preparation, which it lives beside) and the script generator that
+# does the counting. Counted but not run by `loopgolf run`: the script's entry point.
+NOT_COUNTED = ("loopgolf.cli", "loopgolf.commands", "loopgolf.commands.args", "loopgolf.commands.run", "loopgolf.data.corpus", "loopgolf.codebytes")
 SCRIPT_ONLY = ("loopgolf.submit", "loopgolf.submit.entry")
 
 
@@ -184,7 +186,8 @@ def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path)
     imported encoders load too) in a fresh interpreter and list the loopgolf files it loaded. The
     script it counts embeds exactly those files' bytes (plus the script's entry point), and its
     size is the code_bytes the run reported."""
-    from loopgolf.submit.bundle import Bundle, script_modules
+    from loopgolf.codebytes import Bundle, script_modules
+    from loopgolf.rundir import RunDir
 
     out = tmp_path / "run"
     loaded = _loaded_loopgolf_files(
@@ -197,7 +200,7 @@ def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path)
             "loopgolf.export.gptq", "loopgolf.export.pack", "loopgolf.evaluate", "loopgolf.model.gpt"} <= set(counted)
     # What the script embeds is what the run executed, nothing more, plus its entry point.
     assert sorted(set(counted) | set(SCRIPT_ONLY)) == script_modules()
-    bundle = Bundle.of(json.loads((out / "config.json").read_text()))
+    bundle = Bundle.of(RunDir(out).read_config())
     for name, path in counted.items():
         assert bundle.sources[name][1].encode("utf-8") == Path(path).read_bytes(), name
     assert summary["code_bytes"] == len(bundle.render().encode("utf-8"))
@@ -209,8 +212,7 @@ def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path)
 
 def test_eval_loads_no_training_code(tmp_path, text_dataset):
     """`loopgolf eval` rebuilds and scores without the trainer, the run orchestration or the encoders."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=384, model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2)))
+    model = tiny_model(seed=0, vocab_size=384, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2))
     export_model(model, tmp_path / "a.lgz", codec="zlib")
     loaded = _loaded_loopgolf_files(
         "from loopgolf.cli import main\n"
@@ -218,8 +220,11 @@ def test_eval_loads_no_training_code(tmp_path, text_dataset):
     )
     for heavy in ("loopgolf.train", "loopgolf.run", "loopgolf.data.corpus", *ENCODER_MODULES):
         assert not any(m == heavy or m.startswith(heavy + ".") for m in loaded), heavy
-    # Beyond the scoring path: the argument parser and the preset table it lists as choices.
-    assert set(loaded) - {"loopgolf.cli", "loopgolf.config"} <= set(scoring_modules())
+    # Beyond the scoring path: the command line (the eval command and the early-exit syntax its
+    # help names), and the helper that opens any model source (run directories, checkpoints).
+    parser = {"loopgolf.cli", "loopgolf.commands", "loopgolf.commands.args", "loopgolf.commands.eval", "loopgolf.serve", "loopgolf.serve.exits"}
+    opening = {"loopgolf.sources", "loopgolf.sources.open", "loopgolf.rundir", "loopgolf.config", "loopgolf.data.stats"}
+    assert set(loaded) - parser - opening <= set(scoring_modules())
 
 
 def test_reading_and_scoring_never_load_the_encoders(tmp_path):

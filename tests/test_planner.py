@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import loopgolf.device
-import loopgolf.cli
 import loopgolf.budget
 from loopgolf.device import Peak
-from loopgolf.cli import add_model_overrides, add_plan_parser, measure_matmul_rate, model_overrides
+from loopgolf.commands.args import add_model_overrides, model_overrides
 from loopgolf.config import PRESETS, get_preset
 from loopgolf.export.artifact import FLOAT_SCHEMES
 from loopgolf.export.pack import export_model
@@ -18,6 +17,7 @@ from loopgolf.budget import (
     calibration_table,
     default_family,
     family_presets,
+    measure_matmul_rate,
     plan_to_cli,
     predict_bytes,
     run_overrides,
@@ -126,8 +126,11 @@ def test_plan_to_cli_roundtrips_every_preset_plan():
 
 
 def plan_parser() -> argparse.ArgumentParser:
+    """The `loopgolf budget` parser, under its old name `plan`."""
+    from loopgolf.commands import budget
+
     parser = argparse.ArgumentParser()
-    add_plan_parser(parser.add_subparsers(dest="command"))
+    budget.register("budget", parser.add_subparsers(dest="command").add_parser("plan"))
     return parser
 
 
@@ -168,7 +171,7 @@ def test_the_default_family_follows_the_machine(monkeypatch, capsys, cuda, famil
     assert default_family() == family
     searched = []
     monkeypatch.setattr(loopgolf.budget, "search", lambda cap, fam, *a, **kw: searched.append(fam) or [])
-    monkeypatch.setattr(loopgolf.cli, "measure_matmul_rate", lambda: (1e9, "fake"))
+    monkeypatch.setattr(loopgolf.budget, "measure_matmul_rate", lambda: (1e9, "fake"))
     parser = plan_parser()
     args = parser.parse_args(["plan", "--cap", "1000000", "--code-bytes", "50000", "--json"])
     assert args.func(args) == 0
@@ -231,16 +234,3 @@ def test_trained_weights_shrink_only_the_coded_matrices():
             assert b["predicted_bytes"] < a["predicted_bytes"]
     with pytest.raises(PlanError, match="unknown weights"):
         predict_bytes(cfg, policy, "brotli", weights="pretrained")
-
-
-def test_plan_command_weights_choices_are_the_planners():
-    """The CLI spells the choices out (importing the planner at parser build would load the
-    encoders into every command); they must stay the planner's."""
-    import argparse
-
-    from loopgolf.cli import build_parser
-    from loopgolf.budget import WEIGHTS
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    weights = next(a for a in sub.choices["plan"]._actions if a.dest == "weights")
-    assert tuple(weights.choices) == WEIGHTS

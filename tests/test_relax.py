@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from loopgolf.model.gpt import GPT, UNGATED_TARGETS, ModelConfig
+from helpers import tiny_config
+from loopgolf.model.gpt import GPT, UNGATED_TARGETS
 from loopgolf.model.plan import PlanSpec
-from loopgolf.train.config import OptimizerConfig
+from loopgolf.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers, split_parameters
 
-TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
 PLAN = PlanSpec("cycle", layers=2, loops=3)
 
 
@@ -28,8 +28,8 @@ def load_shared(dst: GPT, src: GPT) -> None:
 
 def test_zero_init_relaxation_equals_strict_sharing():
     torch.manual_seed(0)
-    strict = randomized(GPT(ModelConfig(**TINY, plan=PLAN)))
-    relaxed = GPT(ModelConfig(**TINY, plan=PLAN, depth_embeddings=True, lora_ranks={t: 3 for t in UNGATED_TARGETS}, lora_alpha=6.0))
+    strict = randomized(GPT(tiny_config(plan=PLAN)))
+    relaxed = GPT(tiny_config(plan=PLAN, depth_embeddings=True, lora_ranks={t: 3 for t in UNGATED_TARGETS}, lora_alpha=6.0))
     load_shared(relaxed, strict)
     x = torch.randint(0, 64, (2, 12))
     torch.testing.assert_close(relaxed(x), strict(x), rtol=0, atol=0)
@@ -40,8 +40,8 @@ def test_zero_init_relaxation_equals_strict_sharing():
 
 
 def test_per_layer_controls_start_equal_to_shared_controls():
-    strict = randomized(GPT(ModelConfig(**TINY, plan=PLAN)))
-    relaxed = GPT(ModelConfig(**TINY, plan=PLAN, per_layer_controls=True))
+    strict = randomized(GPT(tiny_config(plan=PLAN)))
+    relaxed = GPT(tiny_config(plan=PLAN, per_layer_controls=True))
     state = strict.state_dict()
     plan = strict.plan
     for name in ("attn_scale", "resid_mix", "q_gain"):
@@ -53,7 +53,7 @@ def test_per_layer_controls_start_equal_to_shared_controls():
 
 
 def test_lora_is_the_low_rank_update_without_materialising_it():
-    cfg = ModelConfig(**TINY, plan=PLAN, lora_ranks={"mlp_in": 4}, lora_alpha=2.0)
+    cfg = tiny_config(plan=PLAN, lora_ranks={"mlp_in": 4}, lora_alpha=2.0)
     model = randomized(GPT(cfg))
     bank = model.lora["mlp_in"]
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_lora_is_the_low_rank_update_without_materialising_it():
 
 
 def test_adapters_train_with_adam_unless_asked():
-    model = GPT(ModelConfig(**TINY, plan=PLAN, lora_ranks={"q": 2}))
+    model = GPT(tiny_config(plan=PLAN, lora_ranks={"q": 2}))
     roles = split_parameters(model)
     assert roles["adapter"] and all(n.startswith("lora.") for n, _ in roles["adapter"])
     adam, muon = build_optimizers(model, OptimizerConfig(), tied=True)
@@ -81,6 +81,6 @@ def test_adapters_train_with_adam_unless_asked():
 
 def test_bad_lora_config():
     with pytest.raises(ValueError, match="unknown LoRA target"):
-        ModelConfig(**TINY, lora_ranks={"gate": 4})
+        tiny_config(lora_ranks={"gate": 4})
     with pytest.raises(ValueError, match=r"integer in \[1, 4096\], got 0"):
-        ModelConfig(**TINY, lora_ranks={"q": 0})
+        tiny_config(lora_ranks={"q": 0})

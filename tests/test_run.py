@@ -88,7 +88,7 @@ def test_default_preset_stops_on_steps_and_presets_json_shows_the_budget(capsys)
     """The default run is reproducible on a loaded machine: it stops at a fixed step count, not a
     wallclock budget; `--time` makes it a wallclock run; `presets --json` shows each train config."""
     from loopgolf.config import DEFAULT_PRESET
-    from loopgolf.run import RunOptions, build_configs, describe_budget
+    from loopgolf.run import RunOptions, build_config, describe_budget
 
     assert main(["presets", "--json"]) == 0
     presets = json.loads(capsys.readouterr().out)
@@ -98,7 +98,7 @@ def test_default_preset_stops_on_steps_and_presets_json_shows_the_budget(capsys)
     assert presets["cpu-vanilla"]["train"]["time_budget"] == 600.0 and presets["cpu-vanilla"]["model"]["model_dim"] == 256
 
     def budget(**kw):
-        t = build_configs(RunOptions(**kw)).train
+        t = build_config(RunOptions(**kw)).train
         return t.max_steps, t.time_budget
 
     assert budget() == (250, None)
@@ -106,8 +106,8 @@ def test_default_preset_stops_on_steps_and_presets_json_shows_the_budget(capsys)
     assert budget(time_budget=60.0, max_steps=40) == (40, 60.0)  # both: whichever comes first
     assert budget(max_steps=10) == (10, None)
     assert budget(preset="pg-vanilla", time_budget=300.0) == (20_000, 300.0)  # a wallclock preset keeps its step cap
-    assert describe_budget(build_configs(RunOptions()).train) == "250 steps"
-    assert describe_budget(build_configs(RunOptions(preset="pg-vanilla")).train) == "600 s or 20,000 steps (whichever comes first)"
+    assert describe_budget(build_config(RunOptions()).train) == "250 steps"
+    assert describe_budget(build_config(RunOptions(preset="pg-vanilla")).train) == "600 s or 20,000 steps (whichever comes first)"
 
 
 def test_run_with_int6_policy_qat_and_plan_command(text_dataset, tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_run_with_int6_policy_qat_and_plan_command(text_dataset, tmp_path, capsy
     assert s["qat"] == {"mode": "ste", "start_frac": 0.5} and "6" in s["quant"] and s["codec"] == "zlib"
     assert s["export"]["codec"] == "zlib" and s["export"]["tensors"]
     config = json.loads((out / "config.json").read_text())
-    assert config["quant"] == "int6,embed=8,fp16max=1024"
+    assert config["export"]["quant"] == "int6,embed=8,fp16max=1024"
     # the artifact holds no fake-quant parametrizations and scores the same standalone
     assert main(["eval", str(out / "artifact.lgz"), "--data", str(text_dataset), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["val_bpb"] == pytest.approx(s["val_bpb_post"], rel=1e-9)

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import synthetic_documents
+from helpers import synthetic_documents
 from loopgolf.cli import main
-from loopgolf.submit.bundle import COMPRESSORS, FORMS, Bundle, render_script
+from loopgolf.codebytes import COMPRESSORS, FORMS, Bundle, render_script
+from loopgolf.rundir import RunDir
 from loopgolf.submit.entry import OFFICIAL_ENV, _field_default, options_from_env
 from loopgolf.submit.records import SubmissionInfo, first_difference, write_records
 from loopgolf.util import read_jsonl
@@ -103,7 +104,7 @@ def assert_reproduces(ref: Path, got: Path) -> None:
 
 
 def test_plain_script_is_self_contained_byte_exact_and_reproduces_the_run(reference_run, official_layout, tmp_path):
-    config = json.loads((reference_run / "config.json").read_text())
+    config = RunDir(reference_run).read_config()
     summary = json.loads((reference_run / "summary.json").read_text())
     script = tmp_path / "train_gpt.py"
     text = render_script(config)
@@ -123,7 +124,7 @@ def test_plain_script_is_self_contained_byte_exact_and_reproduces_the_run(refere
 
 @pytest.mark.parametrize("form,compress", [("minify", None), ("plain", "lzma"), ("minify", "brotli")])
 def test_minified_and_compressed_scripts_give_the_same_numbers(reference_run, official_layout, tmp_path, form, compress):
-    config = json.loads((reference_run / "config.json").read_text())
+    config = RunDir(reference_run).read_config()
     plain = render_script(config)
     text = render_script(config, form=form, compress=compress)
     assert len(text) < len(plain)
@@ -142,7 +143,7 @@ def test_minified_and_compressed_scripts_give_the_same_numbers(reference_run, of
 
 def test_script_reports_bad_settings_and_missing_data(reference_run, tmp_path):
     script = tmp_path / "train_gpt.py"
-    script.write_text(render_script(json.loads((reference_run / "config.json").read_text())), encoding="utf-8")
+    script.write_text(render_script(RunDir(reference_run).read_config()), encoding="utf-8")
     proc = run_script(script, tmp_path, tmp_path / "out", ITERATIONS="many")
     assert proc.returncode == 2 and "ITERATIONS='many'" in proc.stderr
     proc = run_script(script, tmp_path, tmp_path / "out")  # no ./data here
@@ -152,24 +153,30 @@ def test_script_reports_bad_settings_and_missing_data(reference_run, tmp_path):
 def test_official_env_names_real_settings_and_parses_them():
     for var, (section, name) in OFFICIAL_ENV.items():
         _field_default(section, name)  # raises for a name that is not a loopgolf field
-    config = {"preset": "debug", "model": {"vocab_size": 1024, "model_dim": 32}, "train": {"max_steps": 8, "optim": {}},
-              "cap_bytes": 16_000_000, "codec": "auto", "quant": ""}
+    from loopgolf.codebytes import script_config
+    from loopgolf.config import RunConfig, get_preset
+    from loopgolf.run import build_config
+
+    config = script_config(RunConfig.from_preset(get_preset("debug")))  # what a script bakes in
     env = {"SEED": "7", "ITERATIONS": "5", "MAX_WALLCLOCK_SECONDS": "0", "MATRIX_LR": "0.02", "TIE_EMBEDDINGS": "0",
            "RUN_ID": "abc", "LOOPGOLF_OVERRIDES": '{"train": {"warmup_steps": 2}}'}
     opts = options_from_env(config, env)
-    assert opts.train_overrides["seed"] == 7 and opts.train_overrides["max_steps"] == 5
-    assert opts.train_overrides["time_budget"] is None and opts.train_overrides["warmup_steps"] == 2
-    assert opts.train_overrides["optim"]["matrix_lr"] == 0.02 and opts.model_overrides["tie_embeddings"] is False
+    run_config = build_config(opts)
+    assert run_config.train.seed == 7 and run_config.train.max_steps == 5
+    assert run_config.train.time_budget is None and run_config.train.warmup_steps == 2
+    assert run_config.train.optim.matrix_lr == 0.02 and run_config.model.tie_embeddings is False
     assert opts.data == Path("data/datasets/fineweb10B_sp1024") and opts.out == Path("runs/abc")
-    assert options_from_env(config, {}).train_overrides["seed"] == 1337
+    assert build_config(options_from_env(config, {})).train.seed == 1337
     for bad, match in [({"TIE_EMBEDDINGS": "maybe"}, "TIE_EMBEDDINGS"), ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
-                       ({"LOOPGOLF_OVERRIDES": "{"}, "not valid JSON"), ({"LOOPGOLF_OVERRIDES": '{"data": 1}'}, "JSON object")]:
+                       ({"LOOPGOLF_OVERRIDES": "{"}, "not valid JSON"), ({"LOOPGOLF_OVERRIDES": '{"data": 1}'}, "JSON object"),
+                       ({"LOOPGOLF_OVERRIDES": '{"train": 5}'}, "JSON object"), ({"LOOPGOLF_OVERRIDES": '[1]'}, "JSON object"),
+                       ({"LOOPGOLF_OVERRIDES": '{"train": {"optim": 3}}'}, "optim"), ({"LOOPGOLF_OVERRIDES": "[" * 100_000}, "not valid JSON")]:
         with pytest.raises(ValueError, match=match):
             options_from_env(config, bad)
 
 
 def test_unknown_forms_are_refused(reference_run):
-    bundle = Bundle.of(json.loads((reference_run / "config.json").read_text()))
+    bundle = Bundle.of(RunDir(reference_run).read_config())
     with pytest.raises(ValueError, match="valid: plain, minify"):
         bundle.render("tiny")
     with pytest.raises(ValueError, match="valid: lzma, brotli"):
@@ -180,7 +187,16 @@ def test_unknown_forms_are_refused(reference_run):
     args = build_parser().parse_args(["submission", "r", "--out", "o", "--compress"])
     assert args.compress == "lzma"
     sub = next(a for a in build_parser()._subparsers._group_actions[0].choices["submission"]._actions if a.dest == "compress")
-    assert tuple(sub.choices) == COMPRESSORS  # the parser (in cli.py, which must not import bundle) agrees
+    assert tuple(sub.choices) == COMPRESSORS
+
+
+def set_logged_bpb(run: Path, bpb: float) -> None:
+    """Make the log's eval_post record say ``bpb`` (a fake seed's files must agree with each other)."""
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    for rec in lines:
+        if rec.get("event") == "eval_post":
+            rec["val_bpb"] = bpb
+    (run / "log.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in lines))
 
 
 def copy_as_seed(run: Path, dest: Path, seed: int, *, config_change=None, summary_change=None) -> Path:
@@ -191,6 +207,7 @@ def copy_as_seed(run: Path, dest: Path, seed: int, *, config_change=None, summar
         if name == "summary.json":
             data["seed"] = seed
             data["val_bpb_post"] += 0.01 * seed
+            set_logged_bpb(dest, data["val_bpb_post"])
         if change:
             change(data)
         (dest / name).write_text(json.dumps(data))
@@ -263,7 +280,7 @@ def test_repeated_seeds_changed_code_and_over_cap_are_refused(reference_run, tmp
         write_records([stale], tmp_path / "out", info=SubmissionInfo())
     write_records([stale], tmp_path / "out", info=SubmissionInfo(), allow_code_change=True)
     model_bytes = json.loads((reference_run / "summary.json").read_text())["model_bytes"]
-    tight = copy_as_seed(reference_run, tmp_path / "tight", 3, config_change=lambda c: c.update(cap_bytes=model_bytes + 1000))
+    tight = copy_as_seed(reference_run, tmp_path / "tight", 3, config_change=lambda c: c["export"].update(cap_bytes=model_bytes + 1000))
     with pytest.raises(ValueError, match="would exceed the cap.*try --minify"):
         write_records([tight], tmp_path / "out2", info=SubmissionInfo(), allow_code_change=True)
     assert not (tmp_path / "out2").exists()

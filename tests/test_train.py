@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens
+from helpers import markov_tokens, tiny_config
 from loopgolf.config import get_preset
-from loopgolf.train.config import TrainConfig
+from loopgolf.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
-from loopgolf.train.config import OptimizerConfig
+from loopgolf.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers, newton_schulz, split_parameters
 from loopgolf.train.trainer import accumulation_steps, lr_multiplier, train
 
@@ -53,7 +53,7 @@ def test_newton_schulz_orthogonalizes():
 
 
 def test_every_parameter_in_exactly_one_group():
-    model = GPT(ModelConfig(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, tie_embeddings=False, plan=PlanSpec("cycle", layers=2, loops=2)))
+    model = GPT(tiny_config(tie_embeddings=False, plan=PlanSpec("cycle", layers=2, loops=2)))
     roles = split_parameters(model)
     names = [n for group in roles.values() for n, _ in group]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())

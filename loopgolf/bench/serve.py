@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from loopgolf.serve.engine import Engine
-from loopgolf.serve.exits import ExitCriterion, parse_criterion
+from loopgolf.serve.exits import ExitCriterion, check_fires, parse_criterion
 from loopgolf.serve.request import Request
 from loopgolf.serve.sampling import SamplingParams
 
@@ -180,12 +180,17 @@ def load_test(model_path: str, tokenizer: str | None, reqs: list[Request], crite
     }
 
 
+def default_criterion(model) -> ExitCriterion:
+    """``agree`` where it can fire (plans of 3 or more passes), else ``maxprob:0.5``."""
+    return parse_criterion("agree" if len(model.loop_exits()) >= 2 else "maxprob:0.5")
+
+
 def bench_serve(
     model_path: str,
     *,
     tokenizer: str | None = None,
     data: str | None = None,
-    criterion: str = "agree",
+    criterion: str | None = None,
     spec: StreamSpec = StreamSpec(),
     slots: int = 8,
     eval_tokens: int = 16384,
@@ -194,24 +199,19 @@ def bench_serve(
     threads: int | None = None,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    from loopgolf.data.dataset import Dataset
-    from loopgolf.serve.load import load_served, run_data_dir
     from loopgolf.serve.scoring import evaluate_early_exit
+    from loopgolf.sources.open import open_data, open_for_text
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if threads:
         torch.set_num_threads(threads)
-    served = load_served(model_path, tokenizer, "cpu")
+    served = open_for_text(model_path, tokenizer, "cpu")
     model = served.model
-    data_dir = Path(data) if data else run_data_dir(served.artifact.parent)
-    if data_dir is None:
-        raise ValueError("no dataset for the prompts and the quality check: pass --data DIR")
-    ds = Dataset.open(data_dir, tokenizer=served.tokenizer_path, verify=False, splits=("val",))
+    ds = open_data(served.opened, data, served.tokenizer_path, verify=False)
     val = ds.val_tokens()
-    crit = parse_criterion(criterion)
-    if not model.loop_exits():
-        raise ValueError(f"the model's plan ({model.plan.describe()}) has one pass: early exit needs a recursive plan")
+    crit = parse_criterion(criterion) if criterion else default_criterion(model)
+    check_fires(crit, model)
     reqs = make_requests(val, spec)
     max_len = min(model.config.max_seq_len, spec.prompt_len[1] + spec.output_len[1])
     setups = (("static", "static", None), ("sequence", "sequence", None), ("sequence_exit", "sequence", crit), ("depthwise", "depthwise", crit))
@@ -224,7 +224,7 @@ def bench_serve(
         # so the speedups are ratios within a round, and the medians over rounds are reported.
         for _ in range(repeats):
             rounds.append({name: run_engine(model, reqs, schedule, c, slots, max_len) for name, schedule, c in setups})
-        seq_len = min(served.seq_len, model.config.max_seq_len)
+        seq_len = min(served.opened.seq_len, model.config.max_seq_len)
         full = evaluate_early_exit(model, val, ds.tables, seq_len, parse_criterion("never"), max_tokens=eval_tokens)
         early = evaluate_early_exit(model, val, ds.tables, seq_len, crit, max_tokens=eval_tokens)
     same = all(r["static"]["outputs"] == r["sequence"]["outputs"] == rounds[0]["static"]["outputs"] for r in rounds)
@@ -245,7 +245,7 @@ def bench_serve(
         server = load_test(str(model_path), tokenizer, reqs[:server_requests], criterion, slots, concurrency)
     d = engines["depthwise"]
     return {
-        "model": str(served.artifact),
+        "model": str(served.opened.path),
         "plan": model.plan.describe(),
         "criterion": str(crit),
         "requests": spec.requests,

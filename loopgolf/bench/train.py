@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from loopgolf.config import get_preset
-from loopgolf.train.config import TrainConfig
+from loopgolf.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token
 from loopgolf.device import matmul_peak, resolve_device
@@ -92,7 +92,7 @@ def bench_train(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        log_path = Path(tmp) / "log.jsonl"
+        log_path = Path(tmp) / "train_records.jsonl"
         cpu0 = time.process_time()
         result = train(model, loader, replace(train_cfg, max_steps=steps), device=dev, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path, progress=False)
         cpu_seconds = time.process_time() - cpu0

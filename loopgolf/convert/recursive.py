@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from loopgolf.sources.hf import ConversionError
+from loopgolf.sources.load import Source
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
 
@@ -222,3 +223,20 @@ def convert(
 
 
 __all__ = ["INITS", "ConversionReport", "block_sources", "convert", "stepwise_layers", "target_config", "truncated_svd_factors"]
+
+
+def as_vanilla(source: Source) -> Source:
+    """The source with a vanilla plan and per-virtual-layer controls, the form conversion starts
+    from. A vanilla loopgolf model has one control row per layer either way, so this only
+    relabels; a source with LoRA adapters or another plan is refused."""
+    cfg = source.config
+    if cfg.plan.kind != "vanilla" or cfg.plan.share != "block":
+        raise ConversionError(
+            f"{source.path}: the source has a {cfg.plan.kind} plan ({cfg.depth_plan.describe()}); conversion starts from a vanilla model"
+        )
+    if cfg.lora_ranks:
+        raise ConversionError(f"{source.path}: the source already has LoRA adapters; convert the model they relax instead")
+    if cfg.per_layer_controls:
+        return source
+    vanilla = ModelConfig.from_dict({**cfg.to_dict(), "per_layer_controls": True})
+    return Source(vanilla, source.state, source.origin, source.path)

@@ -6,24 +6,14 @@ outliers, low-rank correction) are imported inside :func:`export_model` only, so
 artifact never loads them.
 
 Byte accounting: an artifact's file plus the counted code must fit the cap
-(:data:`DEFAULT_CAP_BYTES`, the Parameter Golf 16,000,000). Parameter Golf counts the code that
-trains *and* scores (its whole ``train_gpt.py``), so a run counts the UTF-8 bytes of the one-file
-script that loopgolf generates for its configuration (:mod:`loopgolf.submit.bundle`): the
-sources of the import closure of :data:`RUN_ENTRY_POINTS` (the run orchestration with training,
-the encoders it imports lazily, export and scoring) and the script's entry point, embedded
-verbatim, with the configuration. Not counted, as they are not in the script: the command-line
-parser (``loopgolf.cli``), dataset preparation (``data build``, ``data fineweb``, the embedded
-corpus: the official count leaves out its download script too), the xz reference baseline, and
-third-party libraries (torch, numpy, sentencepiece, zstandard), as the official count does not
-count PyTorch. :func:`code_bytes_scoring` counts the scoring path alone (what ``loopgolf eval``
-loads), for information.
+(:data:`DEFAULT_CAP_BYTES`, the Parameter Golf 16,000,000; :class:`CapReport`). Which code is
+counted, and how, is :mod:`loopgolf.codebytes`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from importlib import util as importlib_util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,60 +38,6 @@ if TYPE_CHECKING:
     from loopgolf.export.quantize import QuantPolicy
 
 DEFAULT_CAP_BYTES = 16_000_000
-
-# What `loopgolf run` executes: the run module (which imports training, export and scoring) and
-# the modules it imports inside functions for export. Listed explicitly so that moving an import
-# into a function cannot make its bytes disappear from the count.
-RUN_ENTRY_POINTS = ("loopgolf.run", "loopgolf.export.quantize", "loopgolf.export.gptq")
-# What `loopgolf eval` executes: rebuild a model from an artifact, open a dataset, score it.
-SCORING_ENTRY_POINTS = ("loopgolf.export.pack", "loopgolf.evaluate", "loopgolf.data.dataset", "loopgolf.device")
-
-
-# ------------------------------------------------------------------------------ byte budget
-
-
-def package_modules(*entry_point_sets: tuple[str, ...]) -> list[list[str]]:
-    """The loopgolf modules that importing each set of entry points loads, computed in one fresh
-    interpreter so that whatever this process already imported does not leak in. The sets are
-    imported in turn and list ``i`` is what is loaded after sets ``0..i``: the import closure of
-    their union, which includes the earlier lists."""
-    import json
-    import subprocess
-    import sys
-
-    code = (
-        "import importlib, json, sys\n"
-        "loaded = []\n"
-        f"for names in {[list(s) for s in entry_point_sets]!r}:\n"
-        "    for m in names: importlib.import_module(m)\n"
-        "    loaded.append(sorted(n for n in sys.modules if n == 'loopgolf' or n.startswith('loopgolf.')))\n"
-        "print(json.dumps(loaded))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return json.loads(out)
-
-
-def scoring_modules() -> list[str]:
-    """The loopgolf modules ``loopgolf eval`` needs (rebuild a model, open a dataset, score)."""
-    return package_modules(SCORING_ENTRY_POINTS)[0]
-
-
-def module_file(name: str) -> Path:
-    spec = importlib_util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"cannot locate the source of module {name}")
-    return Path(spec.origin)
-
-
-def source_bytes(modules: list[str]) -> int:
-    """UTF-8 bytes of the named modules' source files."""
-    return sum(len(module_file(n).read_bytes()) for n in modules)
-
-
-def code_bytes_scoring() -> int:
-    """Source bytes of the scoring path alone (``loopgolf eval``), for information."""
-    return source_bytes(scoring_modules())
-
 
 @dataclass
 class CapReport:

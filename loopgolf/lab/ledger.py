@@ -216,9 +216,9 @@ class ResolvedVariant:
 def resolve(ledger: Ledger, variant: Variant) -> ResolvedVariant:
     """The variant's model and budget (raises ValueError if the preset or overrides are bad)."""
     from loopgolf.model.gpt import forward_flops_per_token
-    from loopgolf.run import RunOptions, build_configs
+    from loopgolf.run import RunOptions, build_config
 
-    preset = build_configs(RunOptions(preset=variant.preset, model_overrides=variant.model, train_overrides=variant.train, progress=False))
+    preset = build_config(RunOptions(preset=variant.preset, model_overrides=variant.model, train_overrides=variant.train, progress=False))
     fwd = forward_flops_per_token(preset.model, preset.train.seq_len)
     batch = preset.train.batch_tokens
     steps: int | None = None

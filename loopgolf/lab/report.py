@@ -10,7 +10,7 @@ FLOPs, and every run's training loss curve.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 from loopgolf.lab.ledger import Ledger
 from loopgolf.lab.significance import Welch, mean_std, welch
 from loopgolf.lab.store import RunRow
+from loopgolf.rundir import RunDir
 
 SIGNIFICANCE = 0.01  # Parameter Golf's bar for a new record
 
@@ -48,17 +49,17 @@ def train_flops(row: RunRow) -> float | None:
 
 
 def loss_curve(row: RunRow) -> tuple[list[int], list[float]]:
+    """The training loss by step from the run's log (empty when the log is gone or unreadable)."""
     steps, losses = [], []
-    log = Path(row.run_dir) / "log.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a killed run's torn last line
-            if ev.get("event") == "train" and "loss" in ev:
-                steps.append(int(ev["step"]))
-                losses.append(float(ev["loss"]))
+    try:
+        records = RunDir(Path(row.run_dir)).read_log()
+    except (ValueError, OSError):
+        return steps, losses
+    for ev in records:
+        step, loss = ev.get("step"), ev.get("loss")
+        if ev.get("event") == "train" and isinstance(step, int) and isinstance(loss, (int, float)) and math.isfinite(loss):
+            steps.append(step)
+            losses.append(float(loss))
     return steps, losses
 
 

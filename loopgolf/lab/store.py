@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from loopgolf.rundir import RunDir
+
 COLUMNS = ("run_dir", "ledger", "variant", "seed", "status", "git_commit", "started", "finished", "error")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -153,7 +155,7 @@ class Store:
     def add(self, run_dir: Path, *, ledger: str | None = None, variant: str | None = None) -> RunRow:
         """Add a finished run made outside a sweep (``loopgolf runs add``)."""
         run_dir = Path(run_dir)
-        if not (run_dir / "summary.json").is_file():
+        if not RunDir(run_dir).finished:
             raise StoreError(f"{run_dir} is not a finished run directory (no summary.json)")
         return self.finish(run_dir, ledger=ledger, variant=variant if variant is not None else _preset_of(run_dir))
 
@@ -192,26 +194,15 @@ class Store:
 
 
 def read_run_files(run_dir: Path) -> tuple[dict | None, dict | None, dict | None]:
-    """A run directory's config, summary and environment (the ``env`` of its log's start event)."""
-    def read(name: str) -> dict | None:
-        p = run_dir / name
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"cannot read {p}: {e}") from None
-
-    env = None
-    log = run_dir / "log.jsonl"
-    if log.is_file():
-        with log.open(encoding="utf-8") as f:
-            first = f.readline()
-        try:
-            env = json.loads(first).get("env") if first.strip() else None
-        except json.JSONDecodeError:
-            env = None
-    return read("config.json"), read("summary.json"), env
+    """A run directory's config, summary and environment (the ``env`` of its log's start record),
+    each checked as :class:`~loopgolf.rundir.RunDir` reads it; None where the file is absent."""
+    rundir = RunDir(run_dir)
+    try:
+        config = rundir.read_config().to_dict() if rundir.config_path.is_file() else None
+        summary = rundir.read_summary().to_dict() if rundir.finished else None
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    return config, summary, rundir.environment()
 
 
 def _preset_of(run_dir: Path) -> str | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loopgolf.lab.ledger import Ledger, LedgerError, resolve
+from loopgolf.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class PlannedRun:
 
     @property
     def finished(self) -> bool:
-        return (self.out / "summary.json").is_file()
+        return RunDir(self.out).finished
 
 
 def allowed_cpus() -> list[int]:

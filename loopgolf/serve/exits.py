@@ -67,3 +67,22 @@ def parse_criterion(text: str) -> ExitCriterion:
             raise ValueError(f"after needs a pass count >= 1, got {text!r} (expected {CRITERION_SYNTAX})")
         return ExitCriterion("after", int(arg))
     raise ValueError(f"unknown exit criterion {text!r}; expected {CRITERION_SYNTAX}")
+
+
+def check_fires(criterion: ExitCriterion, model) -> None:
+    """Refuse a criterion that can never stop a token on ``model`` (a GPT): early exit reads a
+    prediction after each pass but the last, so a plan of B passes has exit points after passes
+    1..B-1. ``agree`` compares a pass with the one before, so it needs B >= 3; ``after:N`` needs
+    N < B. ``never`` is always accepted (it is the full-depth reference)."""
+    if not criterion.fires:
+        return
+    passes = len(model.loop_exits()) + 1
+    plan = model.plan.describe()
+    if passes == 1:
+        raise ValueError(f"the model's plan ({plan}) has a single pass: there is nowhere to exit early")
+    if criterion.kind == "agree" and passes < 3:
+        raise ValueError(f"`agree` compares a pass's prediction with the previous pass's, so it can first stop a token after pass 2, "
+                         f"and a plan of {passes} passes ({plan}) exits only after pass 1: it would never fire. Use maxprob:P or after:1")
+    if criterion.kind == "after" and criterion.value >= passes:
+        raise ValueError(f"`{criterion}` stops a token after pass {int(criterion.value)}, but the plan ({plan}) has {passes} passes: "
+                         f"it would never stop one early. Use after:N with N < {passes}")

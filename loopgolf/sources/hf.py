@@ -53,6 +53,18 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
+def is_hf_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a Hugging Face model (a ``config.json`` with a ``model_type``),
+    not a loopgolf run directory (whose ``config.json`` has a ``model``)."""
+    if not (directory / "config.json").is_file():
+        return False
+    try:
+        cfg = read_hf_config(directory)
+    except ConversionError:
+        return False
+    return "model_type" in cfg and "model" not in cfg
+
+
 class SafetensorsReader:
     """Every tensor of a directory's ``*.safetensors`` files, by name, read on demand."""
 

@@ -1,2 +1,3 @@
-"""From runs to a Parameter Golf records folder: the one-file ``train_gpt.py`` (``bundle``), the
-entry point it calls (``entry``) and the folder itself (``records``, ``loopgolf submission``)."""
+"""From runs to a Parameter Golf records folder: the entry point a generated ``train_gpt.py``
+calls (``entry``; the script itself is :mod:`loopgolf.codebytes`) and the folder (``records``,
+``loopgolf submission``)."""

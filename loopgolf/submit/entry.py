@@ -1,7 +1,7 @@
 """What a generated ``train_gpt.py`` runs: its baked configuration, changed by the environment
 variables the official Parameter Golf script reads, through :func:`loopgolf.run.run`.
 
-This module is embedded in every script (:mod:`loopgolf.submit.bundle`), so it imports only what
+This module is embedded in every script (:mod:`loopgolf.codebytes`), so it imports only what
 the run itself imports. Rank 0 prints the run's summary and the official closing lines; the run
 directory (``OUT_DIR``, default ``runs/RUN_ID``) holds ``log.jsonl``, the artifact and
 ``summary.json`` as for ``loopgolf run``.
@@ -17,8 +17,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from loopgolf.train.config import OptimizerConfig, TrainConfig
+from loopgolf.config import OptimizerConfig, TrainConfig
 from loopgolf.model.gpt import ModelConfig
+from loopgolf.config import RunConfig
+from loopgolf.rundir import RunSummary
 from loopgolf.run import RunOptions, format_summary, run
 
 DEFAULT_SEED = 1337  # the official script's default SEED
@@ -81,37 +83,50 @@ def _field_default(section: str, name: str) -> Any:
     raise AssertionError(f"{section}.{name} is not a loopgolf setting")  # OFFICIAL_ENV is checked by the tests
 
 
+def _overrides(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model, train)`` changes from ``LOOPGOLF_OVERRIDES``: ``{"train": {...}, "model": {...}}``
+    (``train.optim`` a dict of optimizer fields)."""
+    try:
+        extra = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"LOOPGOLF_OVERRIDES is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
+    shape = 'LOOPGOLF_OVERRIDES must be a JSON object {"train": {...}, "model": {...}}'
+    if not isinstance(extra, dict) or set(extra) - {"train", "model"} or not all(isinstance(v, dict) for v in extra.values()):
+        raise ValueError(shape)
+    train = dict(extra.get("train", {}))
+    if "optim" in train and not isinstance(train["optim"], dict):
+        raise ValueError(shape + ', with "optim" an object of optimizer fields')
+    return dict(extra.get("model", {})), train
+
+
 def options_from_env(config: dict[str, Any], env: Mapping[str, str]) -> RunOptions:
     """The run a script with baked ``config`` makes under ``env``."""
-    model = dict(config["model"])
-    train = json.loads(json.dumps(config["train"]))  # a deep copy
-    train["seed"] = _parse("SEED", env["SEED"], 0) if env.get("SEED") else DEFAULT_SEED
-    targets = {"train": train, "optim": train.setdefault("optim", {}), "model": model}
+    seed = _parse("SEED", env["SEED"], 0) if env.get("SEED") else DEFAULT_SEED
+    base = RunConfig.from_dict({**config, "train": {**config["train"], "seed": seed, "device": "auto"}})
+    current = {"train": base.train, "optim": base.train.optim, "model": base.model}
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    targets = {"train": train, "optim": {}, "model": model}
     for var, (section, name) in OFFICIAL_ENV.items():
         if env.get(var):
-            current = targets[section].get(name, _field_default(section, name))
-            value = _parse(var, env[var], current if current is not None else _field_default(section, name))
+            now = getattr(current[section], name)
+            value = _parse(var, env[var], now if now is not None else _field_default(section, name))
             if var in ("MAX_WALLCLOCK_SECONDS", "ITERATIONS") and value == 0:
                 value = None  # 0 turns that limit off
             targets[section][name] = value
+    if targets["optim"]:
+        train["optim"] = targets["optim"]
     if env.get("LOOPGOLF_OVERRIDES"):
-        try:
-            extra = json.loads(env["LOOPGOLF_OVERRIDES"])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"LOOPGOLF_OVERRIDES is not valid JSON ({e})") from None
-        if not isinstance(extra, dict) or set(extra) - {"train", "model"}:
-            raise ValueError('LOOPGOLF_OVERRIDES must be a JSON object {"train": {...}, "model": {...}}')
-        optim = extra.get("train", {}).pop("optim", {})
-        train.update(extra.get("train", {}))
-        train["optim"].update(optim)
-        model.update(extra.get("model", {}))
-    data = Path(env.get("DATA_PATH") or f"./data/datasets/fineweb10B_sp{model['vocab_size']}")
+        extra_model, extra_train = _overrides(env["LOOPGOLF_OVERRIDES"])
+        optim = {**train.get("optim", {}), **extra_train.pop("optim", {})}
+        train.update(extra_train)
+        if optim:
+            train["optim"] = optim
+        model.update(extra_model)
+    data = Path(env.get("DATA_PATH") or f"./data/datasets/fineweb10B_sp{model.get('vocab_size', base.model.vocab_size)}")
     out = Path(env.get("OUT_DIR") or Path("runs") / (env.get("RUN_ID") or str(uuid.uuid4())))
-    qat = config.get("qat") or {"mode": "off"}
     return RunOptions(
-        preset=config["preset"], data=data, tokenizer=Path(env["TOKENIZER_PATH"]) if env.get("TOKENIZER_PATH") else None,
-        out=out, cap_bytes=config["cap_bytes"], codec=config["codec"], quant=config.get("quant", ""),
-        qat=qat["mode"], qat_start=qat.get("start_frac", 0.85), stride=config.get("eval_stride"),
+        base=base, data=data, tokenizer=Path(env["TOKENIZER_PATH"]) if env.get("TOKENIZER_PATH") else None, out=out,
         device=env.get("DEVICE") or None, model_overrides=model, train_overrides=train,
         progress=env.get("PROGRESS", "0") not in ("", "0"), xz_baseline=False,
     )
@@ -123,13 +138,14 @@ def main(config: dict[str, Any], *, code_path: str, code_id: str, env: Mapping[s
     try:
         opts = options_from_env(config, env)
         opts.code = (os.path.getsize(code_path), code_id)  # this file is the counted code
-        summary = run(opts)
+        outcome = run(opts)
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
-    if "val_bpb_post" not in summary:  # ranks other than 0
+    s = outcome.summary
+    if not isinstance(s, RunSummary):  # ranks other than 0
         return 0
-    print(format_summary(summary))
-    print(f"final_roundtrip_exact val_loss:{summary['val_loss_post']:.8f} val_bpb:{summary['val_bpb_post']:.8f}")
-    print(f"Total submission size: {summary['artifact_bytes']} bytes (model {summary['model_bytes']} + code {summary['code_bytes']})")
-    return 0 if summary["fits"] else 3
+    print(format_summary(s, outcome.run_dir))
+    print(f"final_roundtrip_exact val_loss:{s.val_loss_post:.8f} val_bpb:{s.val_bpb_post:.8f}")
+    print(f"Total submission size: {s.artifact_bytes} bytes (model {s.model_bytes} + code {s.code_bytes})")
+    return 0 if s.fits else 3

@@ -42,11 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from loopgolf.data.shards import TokenLoader
-from loopgolf.train.config import TrainConfig, may_change_on_resume
+from loopgolf.config import TrainConfig, may_change_on_resume
 from loopgolf.util import atomic_write_bytes
 
-CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 2
+CHECKPOINT_NAME = "checkpoint.pt"  # its name in a run directory (loopgolf.rundir uses this one)
 MAGIC = b"LGCKPT\r\n"
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256 of the payload
 HEADER_SIZE = _HEADER.size  # 52

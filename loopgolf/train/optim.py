@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from loopgolf.train.config import OptimizerConfig
+from loopgolf.config import OptimizerConfig
 from loopgolf.model.roles import parameter_roles
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)

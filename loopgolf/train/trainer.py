@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from loopgolf.train.config import TrainConfig
+from loopgolf.config import TrainConfig
 from loopgolf.data.shards import TokenLoader
 from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_checkpoint, save_checkpoint
 from loopgolf.train.distributed import all_reduce_gradients, all_reduce_mean, broadcast_parameters, current_world

@@ -1,4 +1,7 @@
-"""The ``sweep``, ``runs`` and ``report`` subcommands (the heavy modules load when one runs)."""
+"""`loopgolf sweep` (a ledger's variants x seeds as run directories, resumable and parallel),
+`loopgolf runs` (query the results store, or add runs to it) and `loopgolf report` (a ledger's
+runs -> a markdown report with significance tests and plots). The work lives in
+:mod:`loopgolf.lab`."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+DESCRIPTION: dict[str, str] = {}
 DEFAULT_STORE = Path("runs") / "loopgolf.sqlite"
 DEFAULT_COLUMNS = ("ledger", "variant", "seed", "status", "val_bpb_post", "artifact_bytes", "unique_params", "steps", "tokens_per_second", "run_dir")
 
@@ -110,3 +114,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(ledger, rows, Path(args.out), command=command)
     print(f"loopgolf report: {path} (+ bpb_vs_bytes.png, bpb_vs_flops.png, loss_curves.png)")
     return 0
+
+
+def register(name: str, p: argparse.ArgumentParser) -> None:
+    store_help = f"results store (default $LOOPGOLF_STORE or {DEFAULT_STORE.as_posix()})"
+    if name == "sweep":
+        _sweep(p, store_help)
+    elif name == "runs":
+        _runs(p, store_help)
+    else:
+        _report(p, store_help)
+
+
+def _sweep(p: argparse.ArgumentParser, store_help: str) -> None:
+    p.description = ("Run every (variant, seed) of LEDGER (a TOML file or a built-in name: cpu-seed, pg-seed) as a normal "
+                       "run directory OUT/<variant>/seed<N>. Finished runs are skipped; failed or killed ones are redone. Runs go in "
+                       "parallel worker processes, each pinned to its own cores, never more jobs x threads than cores.")
+    p.add_argument("ledger", metavar="LEDGER")
+    p.add_argument("--out", help="sweep directory (default runs/sweeps/<ledger name>)")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--data", help="dataset directory for every run (default: the ledger's data, usually the embedded corpus)")
+    p.add_argument("--jobs", type=int, help="parallel runs (default: cores // threads; 1 on CUDA)")
+    p.add_argument("--threads", type=int, default=1, help="threads (cores) per run (default 1)")
+    p.add_argument("--variants", help="comma-separated variants to run (default: all)")
+    p.add_argument("--seeds", help="comma-separated seeds, replacing the ledger's (e.g. 1,2,3 for the best variants)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: each run's default)")
+    p.add_argument("--list", action="store_true", help="list the runs and whether each is done; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _runs(r: argparse.ArgumentParser, store_help: str) -> None:
+    r.add_argument("--store", help=store_help)
+    r.add_argument("--ledger", help="only this ledger's runs (with `add`: the ledger to file them under)")
+    r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE", help="keep rows whose field equals VALUE (a column, summary key or dotted config path); repeatable")
+    r.add_argument("--sort", help="sort by this field (--sort=-KEY for descending)")
+    r.add_argument("--columns", help=f"comma-separated fields to show (default {','.join(DEFAULT_COLUMNS)})")
+    r.add_argument("--csv", action="store_true", help="CSV on stdout")
+    rsub = r.add_subparsers(dest="runs_command", metavar="add")
+    a = rsub.add_parser("add", help="add finished run directories to the store")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("--ledger", default=argparse.SUPPRESS, help="the ledger to file them under")
+    a.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
+    a.add_argument("--variant", help="variant name to file them under (default: the run's preset)")
+    r.set_defaults(func=cmd_runs)
+
+
+def _report(q: argparse.ArgumentParser, store_help: str) -> None:
+    q.add_argument("ledger", metavar="LEDGER")
+    q.add_argument("--out", required=True, help="report directory (report.md and the PNGs)")
+    q.add_argument("--store", help=store_help)
+    q.add_argument("--store-ledger", help="read the store's runs filed under this name (default: the ledger's name)")
+    q.add_argument("--command-note", help="the command to print in the report (default: this one)")
+    q.set_defaults(func=cmd_report)

@@ -1,13 +1,22 @@
-"""One self-contained ``train_gpt.py`` made of loopgolf's own modules.
+"""What a run counts as its code, as the one-file ``train_gpt.py`` it generates.
 
-Parameter Golf counts the bytes of the script that trains, exports and scores. loopgolf's script
-is generated, never written by hand: the import closure of :data:`SCRIPT_ENTRY_POINTS` (the run
-orchestration, the encoders it imports inside functions, and :mod:`loopgolf.submit.entry`, which
-reads the official environment variables), computed in a fresh interpreter, with each module's
-source embedded verbatim as a string and imported from the file by a small meta-path importer
-that shadows any installed loopgolf. The run's configuration is baked in as JSON. What a run
-reports as ``code_bytes`` is the UTF-8 size of that script for its configuration
-(:func:`code_counts`), so the number ``loopgolf run`` prints is the number the submission has.
+Parameter Golf counts the bytes of the script that trains, exports and scores (its whole
+``train_gpt.py``) plus the compressed model. loopgolf's script is generated, never written by
+hand: the import closure of :data:`SCRIPT_ENTRY_POINTS` (the run orchestration with training, the
+encoders it imports inside functions for export, scoring, and :mod:`loopgolf.submit.entry`,
+which reads the official environment variables), computed in a fresh interpreter
+(:func:`package_modules`), with each module's source embedded verbatim as a string and imported
+from the file by a small meta-path importer that shadows any installed loopgolf. The run's
+configuration is baked in as JSON. What a run reports as ``code_bytes`` is the UTF-8 size of that
+script for its configuration (:func:`code_counts`), so the number ``loopgolf run`` prints is the
+number the submission has; ``loopgolf budget`` and ``loopgolf submission`` count the same way.
+
+Not counted, as they are not in the script: the command line (``loopgolf.cli``,
+``loopgolf.commands``), dataset preparation (``data build``, ``data fineweb``, the embedded
+corpus: the official count leaves out its download script too), the xz reference baseline, this
+module, and third-party libraries (torch, numpy, sentencepiece, zstandard), as the official count
+does not count PyTorch. :func:`code_bytes_scoring` counts the scoring path alone (what
+``loopgolf eval`` loads), for information.
 
 Forms (:data:`FORMS`): ``plain`` (readable; the sources as they are), ``minify`` (each module
 through python-minifier, docstrings dropped, names kept), and either of those wrapped by
@@ -26,26 +35,80 @@ import hashlib
 import json
 import lzma
 from dataclasses import dataclass
+from importlib import util as importlib_util
+from pathlib import Path
 from typing import Any
 
 import loopgolf
-from loopgolf.export.pack import RUN_ENTRY_POINTS, SCORING_ENTRY_POINTS, module_file, package_modules, source_bytes
+from loopgolf.config import RunConfig
+
+# What `loopgolf run` executes: the run module (which imports training, export and scoring) and
+# the modules it imports inside functions for export. Listed explicitly so that moving an import
+# into a function cannot make its bytes disappear from the count.
+RUN_ENTRY_POINTS = ("loopgolf.run", "loopgolf.export.quantize", "loopgolf.export.gptq")
+# What `loopgolf eval` executes: rebuild a model from an artifact, open a dataset, score it.
+SCORING_ENTRY_POINTS = ("loopgolf.export.pack", "loopgolf.evaluate", "loopgolf.data.dataset", "loopgolf.device")
+
+
+def package_modules(*entry_point_sets: tuple[str, ...]) -> list[list[str]]:
+    """The loopgolf modules that importing each set of entry points loads, computed in one fresh
+    interpreter so that whatever this process already imported does not leak in. The sets are
+    imported in turn and list ``i`` is what is loaded after sets ``0..i``: the import closure of
+    their union, which includes the earlier lists."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, json, sys\n"
+        "loaded = []\n"
+        f"for names in {[list(s) for s in entry_point_sets]!r}:\n"
+        "    for m in names: importlib.import_module(m)\n"
+        "    loaded.append(sorted(n for n in sys.modules if n == 'loopgolf' or n.startswith('loopgolf.')))\n"
+        "print(json.dumps(loaded))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def scoring_modules() -> list[str]:
+    """The loopgolf modules ``loopgolf eval`` needs (rebuild a model, open a dataset, score)."""
+    return package_modules(SCORING_ENTRY_POINTS)[0]
+
+
+def module_file(name: str) -> Path:
+    spec = importlib_util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"cannot locate the source of module {name}")
+    return Path(spec.origin)
+
+
+def source_bytes(modules: list[str]) -> int:
+    """UTF-8 bytes of the named modules' source files."""
+    return sum(len(module_file(n).read_bytes()) for n in modules)
+
+
+def code_bytes_scoring() -> int:
+    """Source bytes of the scoring path alone (``loopgolf eval``), for information."""
+    return source_bytes(scoring_modules())
+
 
 SCRIPT_ENTRY = "loopgolf.submit.entry"
 SCRIPT_ENTRY_POINTS = RUN_ENTRY_POINTS + (SCRIPT_ENTRY,)
 FORMS = ("plain", "minify")
 COMPRESSORS = ("lzma", "brotli")
-# Keys of a run's config.json that the script bakes in; the rest (data location, checkpointing,
+# The parts of a RunConfig that the script bakes in; the rest (data location, checkpointing,
 # uptraining) belong to one machine or one run, not to the recipe.
-BAKED_KEYS = ("preset", "model", "train", "cap_bytes", "codec", "quant", "qat", "eval_stride", "eval_batch_size")
+BAKED_KEYS = ("preset", "model", "train", "export", "eval")
 UNBAKED_TRAIN_KEYS = ("seed", "device")  # SEED and DEVICE in the environment
 _RAW_LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
-def script_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a run's ``config.json`` that a script bakes in (see the module docstring)."""
-    baked = {k: config[k] for k in BAKED_KEYS if k in config}
-    baked["train"] = {k: v for k, v in config["train"].items() if k not in UNBAKED_TRAIN_KEYS}
+def script_config(config: RunConfig) -> dict[str, Any]:
+    """The part of a run's configuration that a script bakes in (see the module docstring)."""
+    full = config.to_dict()
+    baked = {k: full[k] for k in BAKED_KEYS}
+    baked["train"] = {k: v for k, v in full["train"].items() if k not in UNBAKED_TRAIN_KEYS}
     return baked
 
 
@@ -122,7 +185,7 @@ def _header(baked: dict[str, Any], tag: str, n_modules: int) -> str:
     return f'''"""Parameter Golf training script generated by {tag}.
 
 Trains, exports and scores loopgolf preset {baked["preset"]!r} with the configuration in CONFIG:
-quantization {baked.get("quant") or "int8"}, codec {baked.get("codec", "auto")}. The {n_modules} loopgolf modules it runs are
+quantization {baked["export"]["quant"] or "int8"}, codec {baked["export"]["codec"]}. The {n_modules} loopgolf modules it runs are
 embedded below and imported from this file; it needs Python, torch, numpy, sentencepiece and the
 codec libraries (zstandard, brotli) only.
 
@@ -146,8 +209,8 @@ class Bundle:
     code_id: str
 
     @classmethod
-    def of(cls, config: dict[str, Any], modules: list[str] | None = None) -> "Bundle":
-        """The bundle for a run's ``config`` (its ``config.json``), from this installation's files."""
+    def of(cls, config: RunConfig, modules: list[str] | None = None) -> "Bundle":
+        """The bundle for a run's configuration, from this installation's files."""
         baked = script_config(config)
         sources = module_sources(modules if modules is not None else script_modules())
         return cls(baked, sources, code_id(sources, baked))
@@ -174,8 +237,8 @@ class Bundle:
         return compress_script(text, compress) if compress else text
 
 
-def render_script(config: dict[str, Any], *, form: str = "plain", compress: str | None = None) -> str:
-    """The ``train_gpt.py`` text for a run's ``config`` (``config.json`` as written by a run)."""
+def render_script(config: RunConfig, *, form: str = "plain", compress: str | None = None) -> str:
+    """The ``train_gpt.py`` text for a run's configuration."""
     return Bundle.of(config).render(form, compress)
 
 
@@ -206,7 +269,7 @@ class CodeCount:
     code_bytes_scoring: int | None
 
 
-def code_counts(config: dict[str, Any]) -> CodeCount:
+def code_counts(config: RunConfig) -> CodeCount:
     """The code a run with ``config`` counts: its plain ``train_gpt.py``. One fresh interpreter
     gives both the script's closure and the scoring path's (importing the scoring entry points
     first leaves the union, the script's closure, unchanged)."""

@@ -1,0 +1,58 @@
+"""`loopgolf budget` (formerly `loopgolf plan`): a configuration's predicted artifact bytes before
+training, and the widest configurations of a preset family that fit a cap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from loopgolf.commands.args import add_model_overrides, int_list, model_overrides, positive_float, positive_int
+
+DESCRIPTION = {
+    "budget": "Byte budget: a configuration's artifact size before training, and the configurations of a preset "
+    "family that fit a cap, with each one's forward FLOPs per token and an estimated training step time on this "
+    "machine. Predictions come from compression rates measured on real exports, for a trained model by default "
+    "(docs/LOG.md has the measured errors). `loopgolf plan` is an old name of this command."
+}
+
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from loopgolf.budget import budget_report, format_budget_report
+    from loopgolf.export.quantize import parse_policy
+
+    out = budget_report(
+        args.cap, preset=args.preset, family=args.family, policy=parse_policy(args.quant), codec=args.codec, weights=args.weights,
+        code_bytes=args.code_bytes, overrides=model_overrides(args), layers=args.layers, loops=args.loops, width_step=args.width_step,
+        top=args.top, matmul_flops=args.matmul_flops,
+    )
+    print(json.dumps(out, indent=2) if args.json else format_budget_report(out))
+    return 0
+
+
+def register(name: str, p: argparse.ArgumentParser) -> None:
+    from loopgolf.budget import WEIGHTS
+    from loopgolf.config import PRESETS
+    from loopgolf.export.artifact import CODECS
+    from loopgolf.export.pack import DEFAULT_CAP_BYTES
+
+    p.add_argument("--cap", type=positive_int, default=DEFAULT_CAP_BYTES, help="artifact byte cap, code included (default 16,000,000)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="predict this preset (with the overrides) and search its widths")
+    p.add_argument(
+        "--family",
+        help="search these presets instead: cpu, pg, all, or names separated by commas "
+        "(default: --preset, else the family that suits this machine: pg with CUDA, cpu without)",
+    )
+    p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
+    p.add_argument("--codec", default="auto", choices=("auto", *CODECS), help="auto (smallest, default), " + ", ".join(CODECS))
+    p.add_argument("--weights", choices=WEIGHTS, default="trained",
+                   help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger")
+    p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the size of the train_gpt.py a run of the preset generates)")
+    p.add_argument("--layers", type=int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
+    p.add_argument("--loops", type=int_list, help="also try these loop counts, e.g. 2,3,4")
+    p.add_argument("--width-step", type=positive_int, help="width granularity (default: head size x query/KV ratio)")
+    p.add_argument("--top", type=positive_int, default=10, help="candidates to list (default 10)")
+    p.add_argument("--matmul-flops", type=positive_float, help="FLOP/s to estimate step times with (default: measured here in well under a second)")
+    add_model_overrides(p)
+    p.add_argument("--json", action="store_true", help='print {"config": ..., "candidates": [...]}')
+    p.set_defaults(func=cmd_budget)

@@ -1,0 +1,101 @@
+"""`loopgolf run` (data -> train -> export -> roundtrip eval -> summary) and `loopgolf train`
+(data -> train -> checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loopgolf.commands.args import EXIT_OVER_CAP, add_model_overrides, kv, model_overrides, non_negative_int, positive_int
+
+DESCRIPTION = {
+    "run": "Train a model, export it under the byte cap and score it before and after the roundtrip. Under torchrun, trains data-parallel on every rank.",
+    "train": "Train only: the options of `run`, stopping after training with DIR/checkpoint.pt. `loopgolf run --resume DIR` then exports and scores it (or trains on with --steps/--time).",
+}
+
+
+def run_options(args: argparse.Namespace, train_only: bool = False):
+    """The :class:`~loopgolf.run.RunOptions` the parsed flags ask for (``None``: not given)."""
+    from loopgolf.run import RunOptions
+
+    train_set = dict(args.train_set)
+    if args.seq_len is not None:
+        train_set["seq_len"] = args.seq_len
+    if args.batch_tokens is not None:
+        train_set["batch_tokens"] = args.batch_tokens
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    return RunOptions(
+        preset=args.preset, data=path(args.data), out=path(args.out), cap_bytes=args.cap, seed=args.seed, time_budget=args.time,
+        max_steps=args.steps, codec=args.codec, quant=args.quant, qat=args.qat, qat_start=args.qat_start, stride=args.stride,
+        device=args.device, model_overrides=model_overrides(args), train_overrides=train_set, progress=not args.json and not args.quiet,
+        force=args.force, checkpoint_every=args.checkpoint_every, resume=path(args.resume), train_only=train_only,
+        verify_data=not args.no_verify_data, init_from=path(args.init_from), distill_from=path(args.distill_from),
+        distill_weight=args.distill_weight, distill_temp=args.distill_temp, exit_loss_weight=args.exit_loss_weight,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loopgolf.rundir import RunSummary
+    from loopgolf.run import format_summary, run
+
+    outcome = run(run_options(args))
+    s = outcome.summary
+    if not isinstance(s, RunSummary):  # torchrun: rank 0 reports
+        return 0
+    print(outcome.to_json() if args.json else format_summary(s, outcome.run_dir))
+    if not s.fits:
+        print(f"loopgolf run: artifact is {s.artifact_bytes:,} bytes, over the {s.cap_bytes:,}-byte cap "
+              f"by {-s.headroom_bytes:,} (report written to {outcome.run_dir})", file=sys.stderr)
+        return EXIT_OVER_CAP
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loopgolf.run import format_train_summary, run
+
+    outcome = run(run_options(args, train_only=True))
+    if outcome.rank != 0:
+        return 0
+    print(outcome.to_json() if args.json else format_train_summary(outcome.summary))
+    return 0
+
+
+def register(name: str, p: argparse.ArgumentParser) -> None:
+    from loopgolf.config import DEFAULT_PRESET, PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"configuration to start from (default {DEFAULT_PRESET})")
+    p.add_argument("--data", help="dataset directory (shards + tokenizer); default: the embedded Python-docs corpus")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
+    p.add_argument("--cap", type=positive_int, help="artifact byte cap (default 16,000,000)")
+    p.add_argument(
+        "--time", type=float,
+        help="training wallclock budget in seconds; on a preset that stops on steps alone (the default cpu: 250 steps) "
+        "it replaces that stop, elsewhere the preset's step cap stays; with --steps, whichever comes first",
+    )
+    p.add_argument("--steps", type=positive_int, help="training step budget (the default preset: 250)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seq-len", type=positive_int, help="training/eval sequence length")
+    p.add_argument("--batch-tokens", type=positive_int, help="global tokens per optimizer step")
+    p.add_argument("--codec", help="artifact compression: auto (smallest, default), zlib, lzma, zstd, brotli")
+    p.add_argument("--quant", metavar="POLICY", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default: the int8 baseline)")
+    p.add_argument("--qat", choices=("off", "ste", "noise"), help="loop-aware QAT on the shared block matrices over the end of training (default off)")
+    p.add_argument("--qat-start", type=float, help="fraction of the budget after which QAT is on (default 0.85)")
+    p.add_argument("--stride", type=positive_int, help="sliding-window stride for the final scores (default: non-overlapping)")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--train", dest="train_set", type=kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
+    add_model_overrides(p)
+    u = p.add_argument_group("uptraining (after `loopgolf convert`)")
+    u.add_argument("--init-from", metavar="SOURCE", help="start from this model: a `loopgolf convert` or run directory, an artifact, or a Hugging Face directory")
+    u.add_argument("--distill-from", metavar="SOURCE", help="teacher for forward-KL distillation (any source `loopgolf convert` reads)")
+    u.add_argument("--distill-weight", type=float, metavar="W", help="loss = (1 - W) CE + W T^2 KL(teacher || student) (default 0.5)")
+    u.add_argument("--distill-temp", type=float, metavar="T", help="distillation temperature (default 1)")
+    u.add_argument("--exit-loss-weight", type=float, metavar="W", help="weight of the intermediate-loop losses that prepare early exit (e.g. 0.1)")
+    g = p.add_argument_group("checkpoints and resume")
+    g.add_argument("--checkpoint-every", type=non_negative_int, metavar="N", help="write DIR/checkpoint.pt every N steps and when the budget ends (0: none; `train` always writes the final one)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with its config.json (--steps/--time extend the budget)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bars)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory (its old summary, artifact and checkpoint are removed first)")
+    p.add_argument("--no-verify-data", action="store_true", help="skip checking the shards against the dataset's manifest (sizes and sha256)")
+    p.set_defaults(func=cmd_train if name == "train" else cmd_run)
