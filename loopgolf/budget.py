@@ -362,35 +362,44 @@ def search(
             plan = build_plan(cfg.plan)
             with torch.device("meta"):
                 n_eff = effective_params(GPT(cfg))
-            candidates.append({
-                "preset": name,
-                "overrides": run_overrides(preset.model, cfg),
-                "predicted_bytes": pred["model_bytes"] + code_bytes,
-                "predicted_model_bytes": pred["model_bytes"],
-                "code_bytes": code_bytes,
-                "cap_bytes": cap_bytes,
-                "headroom_bytes": cap_bytes - pred["model_bytes"] - code_bytes,
-                "codec": pred["codec"],
-                "quant": policy.describe(),
-                "model_dim": cfg.model_dim,
-                "num_heads": cfg.num_heads,
-                "num_kv_heads": cfg.num_kv_heads,
-                "plan": plan_to_cli(cfg.plan) or cfg.plan.to_dict(),
-                "virtual_layers": plan.num_virtual,
-                "loops": plan.num_loops,
-                "unique_params": pred["unique_params"],
-                "effective_params": n_eff,
-                "uncalibrated": pred["uncalibrated"],
-                "seq_len": preset.train.seq_len,
-                "tokens_per_step": preset.train.batch_tokens,
-                "forward_flops_per_token": forward_flops_per_token(cfg, preset.train.seq_len),
-            })
+            candidates.append(
+                {
+                    "preset": name,
+                    "overrides": run_overrides(preset.model, cfg),
+                    "predicted_bytes": pred["model_bytes"] + code_bytes,
+                    "predicted_model_bytes": pred["model_bytes"],
+                    "code_bytes": code_bytes,
+                    "cap_bytes": cap_bytes,
+                    "headroom_bytes": cap_bytes - pred["model_bytes"] - code_bytes,
+                    "codec": pred["codec"],
+                    "quant": policy.describe(),
+                    "model_dim": cfg.model_dim,
+                    "num_heads": cfg.num_heads,
+                    "num_kv_heads": cfg.num_kv_heads,
+                    "plan": plan_to_cli(cfg.plan) or cfg.plan.to_dict(),
+                    "virtual_layers": plan.num_virtual,
+                    "loops": plan.num_loops,
+                    "unique_params": pred["unique_params"],
+                    "effective_params": n_eff,
+                    "uncalibrated": pred["uncalibrated"],
+                    "seq_len": preset.train.seq_len,
+                    "tokens_per_step": preset.train.batch_tokens,
+                    "forward_flops_per_token": forward_flops_per_token(cfg, preset.train.seq_len),
+                }
+            )
     candidates.sort(key=lambda c: (-c["model_dim"], -c["virtual_layers"], -c["loops"], -c["predicted_bytes"], c["preset"]))
     return candidates
 
 
 def _widest_fitting(
-    cfg: ModelConfig, budget: int, policy: QuantPolicy, codec: str, step: int, head_dim: int, kv_ratio: int, max_width: int,
+    cfg: ModelConfig,
+    budget: int,
+    policy: QuantPolicy,
+    codec: str,
+    step: int,
+    head_dim: int,
+    kv_ratio: int,
+    max_width: int,
     weights: str = "trained",
 ) -> tuple[ModelConfig, dict] | None:
     """The widest width within ``budget`` (bytes grow with width): doubling steps from the
@@ -453,9 +462,20 @@ def _dedupe(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def budget_report(
-    cap: int, *, preset: str | None, family: str | None, policy: QuantPolicy, codec: str, weights: str, code_bytes: int | None,
-    overrides: dict[str, Any], layers: list[int] | None = None, loops: list[int] | None = None, width_step: int | None = None,
-    top: int = 10, matmul_flops: float | None = None,
+    cap: int,
+    *,
+    preset: str | None,
+    family: str | None,
+    policy: QuantPolicy,
+    codec: str,
+    weights: str,
+    code_bytes: int | None,
+    overrides: dict[str, Any],
+    layers: list[int] | None = None,
+    loops: list[int] | None = None,
+    width_step: int | None = None,
+    top: int = 10,
+    matmul_flops: float | None = None,
 ) -> dict[str, Any]:
     """What ``loopgolf budget`` prints: ``preset``'s predicted bytes (with ``overrides``), and the
     widest configurations of ``family`` (default: ``preset``, else the family that suits this
@@ -471,14 +491,22 @@ def budget_report(
         pred = predict_bytes(cfg, policy, codec, weights=weights)
         total = pred["model_bytes"] + n_code
         out["config"] = {
-            "preset": preset, "overrides": run_overrides(base.model, cfg), "predicted_bytes": total,
-            "predicted_model_bytes": pred["model_bytes"], "codec": pred["codec"], "by_codec": pred["by_codec"],
-            "fits": total <= cap, "headroom_bytes": cap - total, "unique_params": pred["unique_params"],
-            "uncalibrated": pred["uncalibrated"], "tensors": pred["tensors"],
+            "preset": preset,
+            "overrides": run_overrides(base.model, cfg),
+            "predicted_bytes": total,
+            "predicted_model_bytes": pred["model_bytes"],
+            "codec": pred["codec"],
+            "by_codec": pred["by_codec"],
+            "fits": total <= cap,
+            "headroom_bytes": cap - total,
+            "unique_params": pred["unique_params"],
+            "uncalibrated": pred["uncalibrated"],
+            "tensors": pred["tensors"],
         }
     search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
-    candidates = _dedupe(search(cap, fam, policy, codec=codec, code_bytes=n_code, overrides=search_overrides,
-                                layers=layers, loops=loops, width_step=width_step, weights=weights))[:top]
+    candidates = _dedupe(
+        search(cap, fam, policy, codec=codec, code_bytes=n_code, overrides=search_overrides, layers=layers, loops=loops, width_step=width_step, weights=weights)
+    )[:top]
     rate, measured = (matmul_flops, "given by --matmul-flops") if matmul_flops else measure_matmul_rate()
     for c in candidates:
         c["est_step_seconds"] = train_step_seconds(c["forward_flops_per_token"], c["tokens_per_step"], rate)
@@ -497,7 +525,9 @@ def format_budget_report(out: dict[str, Any]) -> str:
         verdict = f"fits, {c['headroom_bytes']:,} to spare" if c["fits"] else f"OVER by {-c['headroom_bytes']:,}"
         mark = " (uncalibrated)" if c["uncalibrated"] else ""
         lines.append(f"{c['preset']} {' '.join(c['overrides'])}".rstrip())
-        lines.append(f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {cap:,}: {verdict}")
+        lines.append(
+            f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {cap:,}: {verdict}"
+        )
     lines.append(f"candidates of family {out['family']} fitting {cap:,} bytes with quant {out['quant']} (widest, deepest, most loops first):")
     if not candidates:
         lines.append("  none: lower the bits, or raise the cap")

@@ -11,11 +11,11 @@ import dataclasses
 import math
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, Union
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

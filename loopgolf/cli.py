@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # command -> module of loopgolf.commands that implements it, in the order `--help` lists them.
 COMMANDS: dict[str, str] = {

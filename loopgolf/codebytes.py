@@ -209,7 +209,7 @@ class Bundle:
     code_id: str
 
     @classmethod
-    def of(cls, config: RunConfig, modules: list[str] | None = None) -> "Bundle":
+    def of(cls, config: RunConfig, modules: list[str] | None = None) -> Bundle:
         """The bundle for a run's configuration, from this installation's files."""
         baked = script_config(config)
         sources = module_sources(modules if modules is not None else script_modules())

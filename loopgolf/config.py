@@ -20,9 +20,9 @@ preset with the command line's changes applied (:meth:`RunConfig.from_preset`, t
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from loopgolf.checks import check_range, check_types, from_dict
 from loopgolf.export.artifact import CODECS
@@ -38,6 +38,7 @@ MAY_CHANGE_ON_RESUME = {"on_resume": "may change"}
 def may_change_on_resume(f: Any) -> bool:
     """Whether dataclass field ``f`` may take a new value when a run resumes."""
     return f.metadata.get("on_resume") == "may change"
+
 
 @dataclass
 class OptimizerConfig:
@@ -90,7 +91,9 @@ class TrainConfig:
     val_max_tokens: int | None = 65_536  # periodic validation scores a prefix this long
     log_every: int = 10
     seed: int = 1337
-    compile: bool = field(default=False, metadata=MAY_CHANGE_ON_RESUME)  # torch.compile (inductor): CUDA, or CPU with a C++ compiler; compiled before the clock starts
+    compile: bool = field(
+        default=False, metadata=MAY_CHANGE_ON_RESUME
+    )  # torch.compile (inductor): CUDA, or CPU with a C++ compiler; compiled before the clock starts
     device: str = field(default="auto", metadata=MAY_CHANGE_ON_RESUME)  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
@@ -236,8 +239,14 @@ class RunConfig:
     data: DataRef | None = field(default=None, metadata=MAY_CHANGE_ON_RESUME)  # None until the run opens its data
 
     def __post_init__(self) -> None:
-        parts = {"model": (ModelConfig, "model config"), "train": (TrainConfig, "train config"), "export": (ExportConfig, "export"),
-                 "eval": (EvalConfig, "eval"), "uptrain": (UptrainConfig, "uptrain"), "data": (DataRef, "data")}
+        parts = {
+            "model": (ModelConfig, "model config"),
+            "train": (TrainConfig, "train config"),
+            "export": (ExportConfig, "export"),
+            "eval": (EvalConfig, "eval"),
+            "uptrain": (UptrainConfig, "uptrain"),
+            "data": (DataRef, "data"),
+        }
         for name, (cls, where) in parts.items():
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -248,7 +257,7 @@ class RunConfig:
             raise ValueError("QAT cannot be combined with distillation or exit losses yet: uptrain first, then run QAT on the result")
 
     @classmethod
-    def from_preset(cls, preset: "Preset") -> "RunConfig":
+    def from_preset(cls, preset: Preset) -> RunConfig:
         return cls(preset.name, preset.model, preset.train, eval=EvalConfig(batch_size=preset.eval_batch_size))
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,7 +267,7 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: Any) -> "RunConfig":
+    def from_dict(cls, d: Any) -> RunConfig:
         """The configuration a ``to_dict`` (or an older loopgolf's flat ``config.json``) wrote;
         a ValueError naming the key or field for anything else. Every field of the train, export
         and eval parts must be present: a file that lacks one was not written by this loopgolf."""
@@ -273,14 +282,16 @@ class RunConfig:
         export = d["export"]
         if isinstance(export, dict) and isinstance(export.get("qat"), dict):
             export = {**export, "qat": from_dict(QATSchedule, export["qat"], "export qat", required=True)}
-        return cls(**{
-            **d,
-            "train": from_dict(TrainConfig, d["train"], "train config", required=True),
-            "export": from_dict(ExportConfig, export, "export", required=True),
-            "eval": from_dict(EvalConfig, d["eval"], "eval", required=True),
-        })
+        return cls(
+            **{
+                **d,
+                "train": from_dict(TrainConfig, d["train"], "train config", required=True),
+                "export": from_dict(ExportConfig, export, "export", required=True),
+                "eval": from_dict(EvalConfig, d["eval"], "eval", required=True),
+            }
+        )
 
-    def with_changes(self, changes: dict[str, Any]) -> "RunConfig":
+    def with_changes(self, changes: dict[str, Any]) -> RunConfig:
         """A copy with ``changes`` applied: dotted paths (``train.seq_len``, ``export.qat.mode``,
         ``model.plan``) -> new values, checked as the fields are rebuilt."""
         tree = self.to_dict()
@@ -294,7 +305,7 @@ class RunConfig:
             node[leaf] = value
         return RunConfig.from_dict(tree)
 
-    def fixed_changes(self, other: "RunConfig") -> list[tuple[str, Any, Any]]:
+    def fixed_changes(self, other: RunConfig) -> list[tuple[str, Any, Any]]:
         """``(dotted path, this value, other's value)`` of every field that differs between the
         two configurations and may not change when a run resumes."""
         mine, theirs = dict(_leaves(self)), dict(_leaves(other))
@@ -319,7 +330,9 @@ def _leaves(obj: Any, prefix: str = "", free: bool = False) -> Iterator[tuple[st
 
 
 # The keys of the flat config.json loopgolf wrote before RunConfig had parts.
-_FLAT_KEYS = frozenset({"preset", "model", "train", "cap_bytes", "codec", "quant", "eval_stride", "data", "data_dir", "qat", "eval_batch_size", "checkpoint_every", "uptrain"})
+_FLAT_KEYS = frozenset(
+    {"preset", "model", "train", "cap_bytes", "codec", "quant", "eval_stride", "data", "data_dir", "qat", "eval_batch_size", "checkpoint_every", "uptrain"}
+)
 
 
 def _from_flat_layout(d: dict[str, Any]) -> dict[str, Any]:
@@ -395,12 +408,30 @@ class Scale:
 
 SCALES = (
     Scale(
-        "cpu", 256, 6, 3, 4, 2, lambda: _cpu_train(max_steps=None, time_budget=600.0), "CPU scale, 600 s on 2 cores", 8,
-        PlanSpec("mini-loop", layers=4, loops=1, loop_start=1, loop_end=2), [0.35],
+        "cpu",
+        256,
+        6,
+        3,
+        4,
+        2,
+        lambda: _cpu_train(max_steps=None, time_budget=600.0),
+        "CPU scale, 600 s on 2 cores",
+        8,
+        PlanSpec("mini-loop", layers=4, loops=1, loop_start=1, loop_end=2),
+        [0.35],
     ),
     Scale(
-        "pg", 512, 9, 3, 8, 4, _pg_train, "Parameter Golf scale, 600 s on one GPU", 32,
-        PlanSpec("mini-loop", layers=9, loops=2, loop_start=3, loop_end=5), [0.35, 0.5],
+        "pg",
+        512,
+        9,
+        3,
+        8,
+        4,
+        _pg_train,
+        "Parameter Golf scale, 600 s on one GPU",
+        32,
+        PlanSpec("mini-loop", layers=9, loops=2, loop_start=3, loop_end=5),
+        [0.35, 0.5],
     ),
 )
 
@@ -436,12 +467,37 @@ def _family(scale: Scale) -> list[Preset]:
     variants: list[tuple[str, str, ModelConfig, dict[str, Any]]] = [
         ("vanilla", f"{scale.depth} x {scale.width} unique layers", base, {}),
         ("shared", f"strict full-block sharing: {k} blocks x {b} loops (CYCLE)", model(shared), {}),
-        ("shared-scales", f"{k} blocks x {b} loops + unshared per-layer scales, mixes and q gains (the K={k} few-block point)", model(shared, per_layer_controls=True), {}),
+        (
+            "shared-scales",
+            f"{k} blocks x {b} loops + unshared per-layer scales, mixes and q gains (the K={k} few-block point)",
+            model(shared, per_layer_controls=True),
+            {},
+        ),
         ("shared-depth", f"{k} blocks x {b} loops + per-layer scales + depth embeddings", model(shared, per_layer_controls=True, depth_embeddings=True), {}),
-        ("shared-lora4", f"{k} blocks x {b} loops + per-layer scales + rank-4 LoRA on every projection", model(shared, per_layer_controls=True, lora_ranks={t: 4 for t in all_lora}), {}),
-        ("shared-lora16", f"{k} blocks x {b} loops + per-layer scales + rank-16 LoRA on every projection", model(shared, per_layer_controls=True, lora_ranks={t: 16 for t in all_lora}), {}),
-        ("mlp-share", f"MLP-heavy sharing: {k} MLPs x {b} loops, attention unique per layer", model(PlanSpec("cycle", layers=k, loops=b, share="mlp"), per_layer_controls=True), {}),
-        ("attn-share", f"attention sharing: {k} attention sublayers x {b} loops, MLPs unique per layer", model(PlanSpec("cycle", layers=k, loops=b, share="attn"), per_layer_controls=True), {}),
+        (
+            "shared-lora4",
+            f"{k} blocks x {b} loops + per-layer scales + rank-4 LoRA on every projection",
+            model(shared, per_layer_controls=True, lora_ranks=dict.fromkeys(all_lora, 4)),
+            {},
+        ),
+        (
+            "shared-lora16",
+            f"{k} blocks x {b} loops + per-layer scales + rank-16 LoRA on every projection",
+            model(shared, per_layer_controls=True, lora_ranks=dict.fromkeys(all_lora, 16)),
+            {},
+        ),
+        (
+            "mlp-share",
+            f"MLP-heavy sharing: {k} MLPs x {b} loops, attention unique per layer",
+            model(PlanSpec("cycle", layers=k, loops=b, share="mlp"), per_layer_controls=True),
+            {},
+        ),
+        (
+            "attn-share",
+            f"attention sharing: {k} attention sublayers x {b} loops, MLPs unique per layer",
+            model(PlanSpec("cycle", layers=k, loops=b, share="attn"), per_layer_controls=True),
+            {},
+        ),
         *[
             (
                 f"k{n}",
@@ -482,8 +538,15 @@ PRESETS: dict[str, Preset] = {
             "tiny 2 x 32 model, seq 32, 8 steps: for tests and smoke checks",
             ModelConfig(model_dim=32, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2)),
             TrainConfig(
-                seq_len=32, batch_tokens=256, max_steps=8, time_budget=None, warmdown_frac=0.25,
-                val_every=4, val_max_tokens=2048, log_every=1, optim=OptimizerConfig(muon_momentum_warmup_steps=4),
+                seq_len=32,
+                batch_tokens=256,
+                max_steps=8,
+                time_budget=None,
+                warmdown_frac=0.25,
+                val_every=4,
+                val_max_tokens=2048,
+                log_every=1,
+                optim=OptimizerConfig(muon_momentum_warmup_steps=4),
             ),
         ),
         Preset(

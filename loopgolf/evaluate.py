@@ -42,8 +42,15 @@ class EvalResult:
         if n_bytes == 0:
             raise ValueError("validation targets carry zero bytes (only control/unknown tokens?)")
         val_loss = loss_sum / n_targets
-        return cls(val_loss=val_loss, val_bpb=(val_loss / math.log(2)) * (n_targets / n_bytes), num_targets=n_targets,
-                   target_bytes=n_bytes, seq_len=seq_len, stride=stride, **extra)
+        return cls(
+            val_loss=val_loss,
+            val_bpb=(val_loss / math.log(2)) * (n_targets / n_bytes),
+            num_targets=n_targets,
+            target_bytes=n_bytes,
+            seq_len=seq_len,
+            stride=stride,
+            **extra,
+        )
 
 
 def scoring_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -123,9 +130,9 @@ def evaluate_bpb(
                 xt = torch.from_numpy(x).to(device)
                 with amp:
                     logits = model(xt)
-                nll = F.cross_entropy(
-                    logits.float().reshape(-1, logits.size(-1)), torch.from_numpy(y).to(device).reshape(-1), reduction="none"
-                ).view(len(batch), length)
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), torch.from_numpy(y).to(device).reshape(-1), reduction="none").view(
+                    len(batch), length
+                )
                 m = torch.from_numpy(mask).to(device)
                 batch_loss = float(nll[m].double().sum())
                 if not math.isfinite(batch_loss):

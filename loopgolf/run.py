@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import loopgolf
-from loopgolf.config import RunConfig, get_preset
+from loopgolf.config import RunConfig, TrainConfig, get_preset
 from loopgolf.data.dataset import Dataset
 from loopgolf.data.shards import TokenLoader, read_shard_header
 from loopgolf.device import resolve_device
@@ -37,7 +37,6 @@ from loopgolf.export.quantize import QuantPolicy, parse_policy
 from loopgolf.model.gpt import GPT, effective_params, unique_params
 from loopgolf.rundir import RunDir, RunSummary, TrainSummary
 from loopgolf.train.checkpoint import CheckpointPolicy, check_resumable
-from loopgolf.config import TrainConfig
 from loopgolf.train.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown_distributed
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.train.trainer import TrainResult, train
@@ -87,7 +86,16 @@ class RunOptions:
         if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
             raise ValueError(f"--time must be a positive, finite number of seconds, got {self.time_budget}")
         if self.resume is not None:
-            given = [flag for flag, value in (("--out", self.out), ("--force", self.force or None), ("--init-from", self.init_from), ("--distill-from", self.distill_from)) if value is not None]
+            given = [
+                flag
+                for flag, value in (
+                    ("--out", self.out),
+                    ("--force", self.force or None),
+                    ("--init-from", self.init_from),
+                    ("--distill-from", self.distill_from),
+                )
+                if value is not None
+            ]
             if given:
                 raise ValueError(f"--resume continues the run in its own directory with its own start; drop {', '.join(given)}")
         if self.init_from is not None and self.model_overrides:
@@ -103,19 +111,27 @@ class RunOptions:
             else:
                 out[f"train.{key}"] = value
         given = {
-            "train.seed": self.seed, "train.device": self.device, "export.cap_bytes": self.cap_bytes, "export.codec": self.codec,
-            "export.quant": self.quant, "export.qat.mode": self.qat, "export.qat.start_frac": self.qat_start, "eval.stride": self.stride,
+            "train.seed": self.seed,
+            "train.device": self.device,
+            "export.cap_bytes": self.cap_bytes,
+            "export.codec": self.codec,
+            "export.quant": self.quant,
+            "export.qat.mode": self.qat,
+            "export.qat.start_frac": self.qat_start,
+            "eval.stride": self.stride,
             "checkpoint_every": self.checkpoint_every,
         }
         out.update({k: v for k, v in given.items() if v is not None})
         if self.init_from is not None or self.distill_from is not None or self.exit_loss_weight:
-            out.update({
-                "uptrain.init_from": None if self.init_from is None else str(self.init_from),
-                "uptrain.distill_from": None if self.distill_from is None else str(self.distill_from),
-                "uptrain.distill_weight": (0.5 if self.distill_weight is None else self.distill_weight) if self.distill_from is not None else 0.0,
-                "uptrain.distill_temp": 1.0 if self.distill_temp is None else self.distill_temp,
-                "uptrain.exit_loss_weight": self.exit_loss_weight or 0.0,
-            })
+            out.update(
+                {
+                    "uptrain.init_from": None if self.init_from is None else str(self.init_from),
+                    "uptrain.distill_from": None if self.distill_from is None else str(self.distill_from),
+                    "uptrain.distill_weight": (0.5 if self.distill_weight is None else self.distill_weight) if self.distill_from is not None else 0.0,
+                    "uptrain.distill_temp": 1.0 if self.distill_temp is None else self.distill_temp,
+                    "uptrain.exit_loss_weight": self.exit_loss_weight or 0.0,
+                }
+            )
         return out
 
 
@@ -200,8 +216,10 @@ def resumed_config(opts: RunOptions) -> RunConfig:
         fixed.insert(0, ("preset", stored.preset, opts.preset))
     if fixed:
         what = "; ".join(f"{path} (stored {a!r:.60}, given {b!r:.60})" for path, a, b in fixed)
-        raise ValueError(f"--resume continues the run with its stored config.json, and these settings cannot change: {what}. "
-                         "Only the budget (--steps, --time), --device, --data and --checkpoint-every may")
+        raise ValueError(
+            f"--resume continues the run with its stored config.json, and these settings cannot change: {what}. "
+            "Only the budget (--steps, --time), --device, --data and --checkpoint-every may"
+        )
     return wanted
 
 
@@ -255,7 +273,9 @@ def check_val_length(ds: Dataset, seq_len: int) -> None:
     """The final scores need at least one full window of validation tokens."""
     n = sum(read_shard_header(p) for p in ds.val_shards)
     if n < seq_len + 1:
-        raise ValueError(f"the validation split has {n:,} tokens, fewer than one seq_len={seq_len} window needs ({seq_len + 1}); lower --seq-len or add validation data")
+        raise ValueError(
+            f"the validation split has {n:,} tokens, fewer than one seq_len={seq_len} window needs ({seq_len + 1}); lower --seq-len or add validation data"
+        )
 
 
 def setup(opts: RunOptions) -> RunSetup:
@@ -269,8 +289,7 @@ def setup(opts: RunOptions) -> RunSetup:
     if ds.vocab_size != config.model.vocab_size:
         if "vocab_size" in opts.model_overrides or opts.resume is not None or opts.init_from is not None:
             raise ValueError(
-                f"tokenizer {ds.tokenizer_path} has {ds.vocab_size} pieces but the model was asked for vocab_size "
-                f"{config.model.vocab_size}: they must match"
+                f"tokenizer {ds.tokenizer_path} has {ds.vocab_size} pieces but the model was asked for vocab_size {config.model.vocab_size}: they must match"
             )
         config = config.with_changes({"model.vocab_size": ds.vocab_size})
     config = config.with_changes({"data": {"name": data_name, "dir": str(data_dir)}})
@@ -288,8 +307,16 @@ def _start(rs: RunSetup) -> None:
     rundir.clear_stale(fresh=fresh)
     rundir.write_config(rs.config)
     if fresh:
-        rundir.start_log({"event": "start", "time": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "env": environment(),
-                          "world_size": rs.dist.world_size, "config": rs.config.to_dict()})
+        rundir.start_log(
+            {
+                "event": "start",
+                "time": datetime.now(timezone.utc).isoformat(),
+                "argv": sys.argv,
+                "env": environment(),
+                "world_size": rs.dist.world_size,
+                "config": rs.config.to_dict(),
+            }
+        )
 
 
 @dataclass
@@ -331,8 +358,9 @@ def build_qat(model: torch.nn.Module, qat: dict[str, Any], policy: QuantPolicy, 
     if qat["mode"] == "off":
         return None
     role_bits = {r: b for r in ("attn", "mlp") if (b := policy.bits_for(r))}
-    cfg = QATConfig(mode=qat["mode"], start_frac=qat["start_frac"], bits=policy.bits_for("mlp") or 8, role_bits=role_bits,
-                    float_max_numel=policy.float_max_numel, seed=seed)
+    cfg = QATConfig(
+        mode=qat["mode"], start_frac=qat["start_frac"], bits=policy.bits_for("mlp") or 8, role_bits=role_bits, float_max_numel=policy.float_max_numel, seed=seed
+    )
     return QAT(model, cfg)
 
 
@@ -361,7 +389,9 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
         return {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "tokens": r.num_targets}
 
     def score(m: torch.nn.Module) -> EvalResult:
-        return evaluate_bpb(m, val_tokens, ds.tables, train_cfg.seq_len, stride=eval_cfg.stride, batch_size=eval_cfg.batch_size, device=device, progress=opts.progress)
+        return evaluate_bpb(
+            m, val_tokens, ds.tables, train_cfg.seq_len, stride=eval_cfg.stride, batch_size=eval_cfg.batch_size, device=device, progress=opts.progress
+        )
 
     export_cfg = config.export
     policy_q = parse_policy(export_cfg.quant)
@@ -376,9 +406,18 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
     if config.checkpoint_every or opts.train_only:
         policy = CheckpointPolicy(rundir.checkpoint_path, every=config.checkpoint_every, config={"model": model_cfg.to_dict(), "train": asdict(train_cfg)})
     result = train(
-        model, loader, train_cfg, device=device, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path,
-        validate=validate, on_step=qat, forward=qat.forward if qat is not None else objective, progress=opts.progress,
-        checkpoint=policy, resume=rs.resume,
+        model,
+        loader,
+        train_cfg,
+        device=device,
+        tied_embeddings=model_cfg.tie_embeddings,
+        log_path=log_path,
+        validate=validate,
+        on_step=qat,
+        forward=qat.forward if qat is not None else objective,
+        progress=opts.progress,
+        checkpoint=policy,
+        resume=rs.resume,
     )
     uptrain_info = None if objective is None else uptrain_summary(objective, uptrain, result)
     if opts.train_only or not rs.dist.is_main:
@@ -404,7 +443,11 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
         # Windows straight from the memory-mapped shard: loading it whole would cost ~1 GB.
         calibration = calibration_tokens(model, "train", shards=ds.train_shards[:1], seq_len=train_cfg.seq_len, seed=train_cfg.seed)
     info = export_model(
-        model, rundir.artifact_path, policy=policy_q, codec=export_cfg.codec, calibration=calibration,
+        model,
+        rundir.artifact_path,
+        policy=policy_q,
+        codec=export_cfg.codec,
+        calibration=calibration,
         meta={"preset": config.preset, "seed": train_cfg.seed, "steps": result.steps, "seq_len": train_cfg.seq_len},
     )
     cap = CapReport(model_bytes=info.total_bytes, code_bytes=n_code, cap_bytes=export_cfg.cap_bytes)
@@ -484,12 +527,18 @@ def build_objective(model: torch.nn.Module, uptrain: dict[str, Any], *, fresh: b
     if uptrain.get("distill_from"):
         teacher = load_source(uptrain["distill_from"]).model(device)
         if teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"the teacher {uptrain['distill_from']} has vocab {teacher.config.vocab_size}, the student {model.config.vocab_size}: they must match")
+            raise ValueError(
+                f"the teacher {uptrain['distill_from']} has vocab {teacher.config.vocab_size}, the student {model.config.vocab_size}: they must match"
+            )
         n = unique_params(teacher)
-        say(f"teacher {uptrain['distill_from']}: {teacher.plan.describe()} | {n:,} params ({4 * n / 2**20:.1f} MiB in float32) | weight {uptrain['distill_weight']}, T {uptrain['distill_temp']}")
+        say(
+            f"teacher {uptrain['distill_from']}: {teacher.plan.describe()} | {n:,} params ({4 * n / 2**20:.1f} MiB in float32) | weight {uptrain['distill_weight']}, T {uptrain['distill_temp']}"
+        )
     if teacher is None and not uptrain.get("exit_loss_weight"):
         return None
-    return TrainingObjective(model, teacher=teacher, distill_weight=uptrain["distill_weight"], distill_temp=uptrain["distill_temp"], exit_weight=uptrain["exit_loss_weight"])
+    return TrainingObjective(
+        model, teacher=teacher, distill_weight=uptrain["distill_weight"], distill_temp=uptrain["distill_temp"], exit_weight=uptrain["exit_loss_weight"]
+    )
 
 
 def uptrain_summary(objective: Any, uptrain: dict[str, Any], result: TrainResult) -> dict[str, Any]:
@@ -497,8 +546,12 @@ def uptrain_summary(objective: Any, uptrain: dict[str, Any], result: TrainResult
     info = dict(uptrain)
     if objective is not None and objective.teacher is not None:
         n = unique_params(objective.teacher)
-        info.update(teacher_params=n, teacher_param_bytes=4 * n, teacher_seconds=objective.teacher_seconds,
-                    teacher_time_fraction=objective.teacher_seconds / max(result.train_seconds, 1e-9))
+        info.update(
+            teacher_params=n,
+            teacher_param_bytes=4 * n,
+            teacher_seconds=objective.teacher_seconds,
+            teacher_time_fraction=objective.teacher_seconds / max(result.train_seconds, 1e-9),
+        )
     if objective is not None:
         info["last_loss_parts"] = objective.log_values()
     return info
@@ -506,11 +559,22 @@ def uptrain_summary(objective: Any, uptrain: dict[str, Any], result: TrainResult
 
 def _train_summary(result: TrainResult, rs: RunSetup, policy: CheckpointPolicy | None, t_start: float, uptrain: dict[str, Any] | None) -> TrainSummary:
     return TrainSummary(
-        rank=rs.dist.rank, world_size=rs.dist.world_size, preset=rs.config.preset, seed=rs.config.train.seed, steps=result.steps,
-        train_tokens=result.train_tokens, train_seconds=result.train_seconds, tokens_per_second=result.tokens_per_second,
-        final_train_loss=result.final_train_loss, stage_steps=result.stage_steps, resumed_from=result.resumed_from,
-        checkpoint=str(policy.path) if policy is not None else None, device=str(rs.device), total_seconds=time.perf_counter() - t_start,
-        run_dir=str(rs.rundir.path), uptrain=uptrain,
+        rank=rs.dist.rank,
+        world_size=rs.dist.world_size,
+        preset=rs.config.preset,
+        seed=rs.config.train.seed,
+        steps=result.steps,
+        train_tokens=result.train_tokens,
+        train_seconds=result.train_seconds,
+        tokens_per_second=result.tokens_per_second,
+        final_train_loss=result.final_train_loss,
+        stage_steps=result.stage_steps,
+        resumed_from=result.resumed_from,
+        checkpoint=str(policy.path) if policy is not None else None,
+        device=str(rs.device),
+        total_seconds=time.perf_counter() - t_start,
+        run_dir=str(rs.rundir.path),
+        uptrain=uptrain,
     )
 
 
@@ -540,7 +604,13 @@ def format_summary(s: RunSummary | dict[str, Any], run_dir: str | Path | None = 
         ("train time / tokens per s", f"{s['train_seconds']:.1f} s / {s['tokens_per_second']:,.0f}"),
         ("val_bpb pre-export", f"{s['val_bpb_pre']:.4f}"),
         ("val_bpb post-roundtrip", f"{s['val_bpb_post']:.4f}  (gap {s['quant_gap_bpb']:+.4f})"),
-        ("baseline xz bpb", "not measured" if s.get("baseline_xz_bpb") is None else f"{s['baseline_xz_bpb']:.4f}" + (f"  (approximate, {s.get('baseline_xz_unknown_targets', 0):,} unknown-piece targets)" if s.get("baseline_xz_approximate") else "")),
+        (
+            "baseline xz bpb",
+            "not measured"
+            if s.get("baseline_xz_bpb") is None
+            else f"{s['baseline_xz_bpb']:.4f}"
+            + (f"  (approximate, {s.get('baseline_xz_unknown_targets', 0):,} unknown-piece targets)" if s.get("baseline_xz_approximate") else ""),
+        ),
         ("artifact bytes", f"{s['model_bytes']:,} model ({s['codec']}) + {s['code_bytes']:,} code = {s['artifact_bytes']:,}"),
         ("cap", f"{s['cap_bytes']:,}: " + (f"fits, {s['headroom_bytes']:,} to spare" if s["fits"] else f"OVER by {-s['headroom_bytes']:,} bytes")),
         ("device / total time", f"{s['device']} / {s['total_seconds']:.1f} s"),

@@ -26,9 +26,10 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from loopgolf.checks import check_types
 from loopgolf.config import RunConfig
@@ -101,9 +102,22 @@ class RunSummary:
 
     def __post_init__(self) -> None:
         check_types(self, "summary")
-        for name in ("artifact_bytes", "model_bytes", "code_bytes", "cap_bytes", "steps", "train_tokens", "val_targets", "val_target_bytes", "world_size", "unique_params"):
+        for name in (
+            "artifact_bytes",
+            "model_bytes",
+            "code_bytes",
+            "cap_bytes",
+            "steps",
+            "train_tokens",
+            "val_targets",
+            "val_target_bytes",
+            "world_size",
+            "unique_params",
+        ):
             if getattr(self, name) < 0 or (name in ("cap_bytes", "world_size") and getattr(self, name) < 1):
-                raise ValueError(f"summary {name} must be a {'positive' if name in ('cap_bytes', 'world_size') else 'non-negative'} integer, got {getattr(self, name)}")
+                raise ValueError(
+                    f"summary {name} must be a {'positive' if name in ('cap_bytes', 'world_size') else 'non-negative'} integer, got {getattr(self, name)}"
+                )
         if self.artifact_bytes != self.model_bytes + self.code_bytes:
             raise ValueError(f"summary artifact_bytes {self.artifact_bytes:,} is not model_bytes + code_bytes ({self.model_bytes:,} + {self.code_bytes:,})")
         if self.headroom_bytes != self.cap_bytes - self.artifact_bytes or self.fits != (self.headroom_bytes >= 0):
@@ -113,7 +127,7 @@ class RunSummary:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "summary") -> "RunSummary":
+    def from_dict(cls, d: Any, where: str = "summary") -> RunSummary:
         if not isinstance(d, dict):
             raise ValueError(f"{where} must hold a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}

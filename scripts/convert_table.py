@@ -36,8 +36,15 @@ def summary(run_dir: Path) -> dict:
 
 
 def row(name: str, s: dict, extra: str = "") -> dict:
-    return {"name": name, "val_bpb": s["val_bpb_post"], "artifact_bytes": s["artifact_bytes"], "unique_params": s["unique_params"],
-            "steps": s["steps"], "train_seconds": s["train_seconds"], "note": extra}
+    return {
+        "name": name,
+        "val_bpb": s["val_bpb_post"],
+        "artifact_bytes": s["artifact_bytes"],
+        "unique_params": s["unique_params"],
+        "steps": s["steps"],
+        "train_seconds": s["train_seconds"],
+        "note": extra,
+    }
 
 
 def main() -> None:
@@ -90,14 +97,15 @@ def main() -> None:
         "",
         f"Made by `python scripts/convert_table.py --source {args.source} --work {work} --uptrain-steps {u} --ranks {args.ranks}`",
         f"(source: `loopgolf train --preset {args.preset} ...`, {src['steps']} steps). Every val_bpb is the post-export roundtrip score",
-        "on the embedded corpus's validation split; uptraining is "
-        f"{u} steps of the source's recipe; KD is forward KL to the source with weight 0.5, T = 1.",
+        f"on the embedded corpus's validation split; uptraining is {u} steps of the source's recipe; KD is forward KL to the source with weight 0.5, T = 1.",
         "",
         "| model | val_bpb | artifact bytes | unique params | steps | train s | note |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['val_bpb']:.4f} | {r['artifact_bytes']:,} | {r['unique_params']:,} | {r['steps']} | {r['train_seconds']:.0f} | {r['note']} |")
+        lines.append(
+            f"| {r['name']} | {r['val_bpb']:.4f} | {r['artifact_bytes']:,} | {r['unique_params']:,} | {r['steps']} | {r['train_seconds']:.0f} | {r['note']} |"
+        )
     lines.append("")
     lines.append(f"Total wall time {time.time() - t0:.0f} s.")
     args.out.parent.mkdir(parents=True, exist_ok=True)

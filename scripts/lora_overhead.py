@@ -50,8 +50,10 @@ def main() -> None:
     x = torch.randint(0, 1024, (args.batch, args.seq))
     rows = []
     for rank in (int(r) for r in args.ranks.split(",")):
-        lora = {t: rank for t in LORA_TARGETS} if rank else {}
-        cfg = ModelConfig(model_dim=args.width, num_heads=heads, num_kv_heads=max(1, heads // 2), plan=parse_plan(args.plan), per_layer_controls=True, lora_ranks=lora)
+        lora = dict.fromkeys(LORA_TARGETS, rank) if rank else {}
+        cfg = ModelConfig(
+            model_dim=args.width, num_heads=heads, num_kv_heads=max(1, heads // 2), plan=parse_plan(args.plan), per_layer_controls=True, lora_ranks=lora
+        )
         rows.append({"rank": rank, "seconds": step_seconds(GPT(cfg), x, args.reps), "flops": 3 * forward_flops_per_token(cfg, args.seq) * x.numel()})
     base = rows[0]
     v = parse_plan(args.plan)

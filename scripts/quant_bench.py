@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant_train import load_trained, open_default_dataset  # noqa: E402
+from quant_train import load_trained, open_default_dataset
 
-from loopgolf.data.shards import load_tokens  # noqa: E402
-from loopgolf.evaluate import evaluate_bpb  # noqa: E402
-from loopgolf.export.artifact import CODECS, compress  # noqa: E402
-from loopgolf.export.gptq import calibration_tokens, collect_hessians  # noqa: E402
-from loopgolf.export.pack import export_model, load_model  # noqa: E402
-from loopgolf.budget import predict_bytes  # noqa: E402
-from loopgolf.export.quantize import encode_state, parse_policy  # noqa: E402
+from loopgolf.budget import predict_bytes
+from loopgolf.data.shards import load_tokens
+from loopgolf.evaluate import evaluate_bpb
+from loopgolf.export.artifact import CODECS, compress
+from loopgolf.export.gptq import calibration_tokens, collect_hessians
+from loopgolf.export.pack import export_model, load_model
+from loopgolf.export.quantize import encode_state, parse_policy
 
 # c_k / c_v of the 256-wide CPU models hold 32,768 weights: below this threshold they would stay
 # fp16, so every shared matrix is coded (QAT in quant_train.py uses the same threshold).
@@ -61,8 +61,14 @@ def roundtrip(model, policy_text: str, ds, seq_len: int, *, calibration=None, he
         export_s = time.time() - t0
         reloaded, _ = load_model(path)
     s = info.to_summary()
-    return {"policy": policy_text, "codec": info.codec, "model_bytes": info.total_bytes,
-            "bytes_per_matrix_param": s["bytes_per_matrix_param"], "val_bpb_post": score(reloaded, ds, seq_len), "export_seconds": export_s}
+    return {
+        "policy": policy_text,
+        "codec": info.codec,
+        "model_bytes": info.total_bytes,
+        "bytes_per_matrix_param": s["bytes_per_matrix_param"],
+        "val_bpb_post": score(reloaded, ds, seq_len),
+        "export_seconds": export_s,
+    }
 
 
 def cmd_bytes(args) -> dict:
@@ -100,7 +106,9 @@ def cmd_gap(args) -> dict:
             r = roundtrip(model, text, ds, seq_len)
             r.update(run=run, qat=rec["qat"]["mode"], steps=rec["steps"], val_bpb_pre=pre, gap=r["val_bpb_post"] - pre)
             rows.append(r)
-            print(f"{run:22s} qat={r['qat']:6s} {text:22s} pre {pre:.4f} post {r['val_bpb_post']:.4f} gap {r['gap']:+.4f}  {r['model_bytes']:,} B ({r['codec']})")
+            print(
+                f"{run:22s} qat={r['qat']:6s} {text:22s} pre {pre:.4f} post {r['val_bpb_post']:.4f} gap {r['gap']:+.4f}  {r['model_bytes']:,} B ({r['codec']})"
+            )
     return {"rows": rows}
 
 

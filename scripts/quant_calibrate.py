@@ -97,9 +97,9 @@ def export_payload(model, policy) -> bytes:
 def export_factors(rates: dict, noise: float = 0.05) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Per codec: mean of (real artifact bytes - header - container) / (sum of tensor rates) over
     FACTOR_PRESETS x FACTOR_POLICIES, and the individual ratios."""
+    from loopgolf.budget import predict_bytes
     from loopgolf.config import get_preset
     from loopgolf.export.artifact import container_overhead
-    from loopgolf.budget import predict_bytes
     from loopgolf.export.quantize import parse_policy
     from loopgolf.model.gpt import GPT
 
@@ -135,8 +135,8 @@ def trained_factors(table: dict, runs: list[str]) -> tuple[dict, dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quant_train import load_trained
 
-    from loopgolf.export.artifact import FLOAT_SCHEMES, container_overhead
     from loopgolf.budget import predict_bytes
+    from loopgolf.export.artifact import FLOAT_SCHEMES, container_overhead
     from loopgolf.export.quantize import parse_policy
 
     base = {k: v for k, v in table.items() if k != "trained_factor"}

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from loopgolf.config import get_preset
+from loopgolf.data.dataset import Dataset
 from loopgolf.data.default_corpus import ensure_default_dataset
 from loopgolf.data.shards import TokenLoader
 from loopgolf.evaluate import evaluate_bpb
 from loopgolf.model.gpt import GPT, ModelConfig
-from loopgolf.data.dataset import Dataset
 from loopgolf.train.qat import QAT, QATConfig
 from loopgolf.train.trainer import train
 
@@ -68,18 +68,34 @@ def main() -> None:
     qat = QATConfig(mode=args.qat, start_frac=args.qat_start, bits=args.qat_bits, float_max_numel=args.float_max_numel, seed=args.seed)
     t0 = time.time()
     hook = None if qat.mode == "off" else QAT(model, qat)
-    result = train(model, loader, tcfg, device=torch.device("cpu"), on_step=hook, forward=None if hook is None else hook.forward,
-                   log_path=out / "log.jsonl", progress=False)
+    result = train(
+        model,
+        loader,
+        tcfg,
+        device=torch.device("cpu"),
+        on_step=hook,
+        forward=None if hook is None else hook.forward,
+        log_path=out / "log.jsonl",
+        progress=False,
+    )
     seconds = time.time() - t0
     removed = 0 if hook is None else hook.weights
     model.eval()
     with torch.no_grad():
         pre = evaluate_bpb(model, ds.val_tokens(), ds.tables, tcfg.seq_len, batch_size=16)
     torch.save(model.state_dict(), out / "model.pt")
-    (out / "config.json").write_text(json.dumps({"preset": args.preset, "model": preset.model.to_dict(), "train": asdict(tcfg), "qat": qat.to_dict()}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps({"preset": args.preset, "model": preset.model.to_dict(), "train": asdict(tcfg), "qat": qat.to_dict()}, indent=2)
+    )
     record = {
-        "preset": args.preset, "steps": result.steps, "seconds": seconds, "final_train_loss": result.final_train_loss,
-        "qat": qat.to_dict(), "qat_weights": removed, "val_bpb_float": pre.val_bpb, "val_loss_float": pre.val_loss,
+        "preset": args.preset,
+        "steps": result.steps,
+        "seconds": seconds,
+        "final_train_loss": result.final_train_loss,
+        "qat": qat.to_dict(),
+        "qat_weights": removed,
+        "val_bpb_float": pre.val_bpb,
+        "val_loss_float": pre.val_loss,
     }
     (out / "train.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record))

@@ -51,8 +51,15 @@ def main() -> None:
     for v in depths:
         row = {"virtual_layers": v}
         for kind, plan in (("cycle", f"cycle:1x{v}"), ("vanilla", f"vanilla:{v}")):
-            r = bench_train(args.preset, model_overrides={"plan": parse_plan(plan).to_dict()}, train_overrides=train,
-                            steps=args.steps, warmup=args.warmup, device=args.device, threads=args.threads)
+            r = bench_train(
+                args.preset,
+                model_overrides={"plan": parse_plan(plan).to_dict()},
+                train_overrides=train,
+                steps=args.steps,
+                warmup=args.warmup,
+                device=args.device,
+                threads=args.threads,
+            )
             row[f"{kind}_step_seconds"] = r["step_seconds_median"]
             row[f"{kind}_mfu"] = r["mfu"]
             row["model_flops_per_token"] = r["model_flops_per_token"]

@@ -51,8 +51,23 @@ def _summary(run_dir: Path) -> dict:
 def time_once(kind: str, data: Path, tokenizer: Path, steps: int, seed: int, work: Path) -> dict:
     out = work / f"{kind}-{len(list(work.iterdir()))}"
     if kind == "loopgolf":
-        cmd = [sys.executable, "-m", "loopgolf", "run", "--preset", "cpu", "--data", str(data), "--steps", str(steps),
-               "--seed", str(seed), "--out", str(out), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "loopgolf",
+            "run",
+            "--preset",
+            "cpu",
+            "--data",
+            str(data),
+            "--steps",
+            str(steps),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         summary = _summary(out)
     else:
@@ -64,9 +79,16 @@ def time_once(kind: str, data: Path, tokenizer: Path, steps: int, seed: int, wor
         env.update(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), SEED=str(seed))
         subprocess.run([sys.executable, script.name], cwd=out, env=env, check=True, stdout=subprocess.DEVNULL)
         summary = _summary(next(p.parent for p in out.rglob("summary.json")))
-    return {"kind": kind, "steps": summary["steps"], "train_seconds": summary["train_seconds"],
-            "step_ms": 1000 * summary["train_seconds"] / summary["steps"], "final_loss": summary.get("final_train_loss"),
-            "val_bpb_post": summary["val_bpb_post"], "code_id": summary["code_id"], "code_bytes": summary["code_bytes"]}
+    return {
+        "kind": kind,
+        "steps": summary["steps"],
+        "train_seconds": summary["train_seconds"],
+        "step_ms": 1000 * summary["train_seconds"] / summary["steps"],
+        "final_loss": summary.get("final_train_loss"),
+        "val_bpb_post": summary["val_bpb_post"],
+        "code_id": summary["code_id"],
+        "code_bytes": summary["code_bytes"],
+    }
 
 
 def main() -> None:
@@ -80,8 +102,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    result: dict = {"code_bytes": code_bytes_table(args.presets.split(",")),
-                    "official_baseline": OFFICIAL_BASELINE_CODE, "official_record": OFFICIAL_RECORD_CODE}
+    result: dict = {
+        "code_bytes": code_bytes_table(args.presets.split(",")),
+        "official_baseline": OFFICIAL_BASELINE_CODE,
+        "official_record": OFFICIAL_RECORD_CODE,
+    }
     if not args.json:
         forms = list(next(iter(result["code_bytes"].values())))
         print("| preset | " + " | ".join(forms) + " |")
@@ -94,16 +119,19 @@ def main() -> None:
             ap.error("--time-steps needs --data")
         tokenizer = args.tokenizer or args.data / "tokenizer.model"
         with tempfile.TemporaryDirectory() as tmp:
-            runs = [time_once(kind, args.data, tokenizer, args.time_steps, args.seed, Path(tmp))
-                    for _ in range(args.repeats) for kind in ("loopgolf", "script")]
+            runs = [
+                time_once(kind, args.data, tokenizer, args.time_steps, args.seed, Path(tmp)) for _ in range(args.repeats) for kind in ("loopgolf", "script")
+            ]
         result["timing"] = runs
         means = {k: statistics.mean(r["step_ms"] for r in runs if r["kind"] == k) for k in ("loopgolf", "script")}
         result["step_ms"] = means
         result["script_over_loopgolf"] = means["script"] / means["loopgolf"]
         if not args.json:
             for r in runs:
-                print(f"{r['kind']:9s} {r['steps']} steps {r['train_seconds']:.2f} s  {r['step_ms']:.1f} ms/step  "
-                      f"final loss {r['final_loss']:.6f}  val_bpb {r['val_bpb_post']:.6f}  code {r['code_bytes']:,} B id {r['code_id'][:12]}")
+                print(
+                    f"{r['kind']:9s} {r['steps']} steps {r['train_seconds']:.2f} s  {r['step_ms']:.1f} ms/step  "
+                    f"final loss {r['final_loss']:.6f}  val_bpb {r['val_bpb_post']:.6f}  code {r['code_bytes']:,} B id {r['code_id'][:12]}"
+                )
             print(f"mean ms/step: loopgolf {means['loopgolf']:.1f}, script {means['script']:.1f}, ratio {result['script_over_loopgolf']:.3f}")
     if args.json:
         print(json.dumps(result))

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import synthetic_documents
 
 
@@ -23,4 +22,3 @@ def text_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
     build_dataset([src], out, vocab_size=384, val_docs=20, seed=0, progress=False)
     return out
-

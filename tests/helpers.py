@@ -26,14 +26,14 @@ WORDS = (
 TINY: dict[str, Any] = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
 
 
-def tiny_config(**changes: Any) -> "ModelConfig":
+def tiny_config(**changes: Any) -> ModelConfig:
     """The tiny model's config, with ``changes`` (any ModelConfig field) on top."""
     from loopgolf.model.gpt import ModelConfig
 
     return ModelConfig(**{**TINY, **changes})
 
 
-def tiny_model(*, seed: int = 0, **changes: Any) -> "GPT":
+def tiny_model(*, seed: int = 0, **changes: Any) -> GPT:
     """``torch.manual_seed(seed)`` then ``GPT(tiny_config(**changes))``."""
     import torch
 

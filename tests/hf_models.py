@@ -14,13 +14,47 @@ VOCAB = 96
 def _configs() -> dict:
     T = transformers
     return {
-        "llama": (T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=6, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5), T.LlamaForCausalLM),
-        "smollm": (T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-                                 num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-                                 attention_bias=True, mlp_bias=True), T.LlamaForCausalLM),
-        "gemma": (T.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-                                num_key_value_heads=1, head_dim=8, max_position_embeddings=64), T.GemmaForCausalLM),
+        "llama": (
+            T.LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=56,
+                num_hidden_layers=6,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                rms_norm_eps=1e-5,
+            ),
+            T.LlamaForCausalLM,
+        ),
+        "smollm": (
+            T.LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=6,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                max_position_embeddings=64,
+                tie_word_embeddings=True,
+                attention_bias=True,
+                mlp_bias=True,
+            ),
+            T.LlamaForCausalLM,
+        ),
+        "gemma": (
+            T.GemmaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=6,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=64,
+            ),
+            T.GemmaForCausalLM,
+        ),
         "gpt2": (T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=6, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0), T.GPT2LMHeadModel),
     }
 

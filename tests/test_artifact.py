@@ -535,10 +535,22 @@ def v1_file(extra_part: dict | None = None, layout: str | None = None, header_ve
     if layout:
         scale_part["layout"] = layout
     tensors = [
-        {"name": "w", "alias_of": None, "scheme": "int4_row", "bits": 4, "shape": [2, 3],
-         "parts": {"data": {"dtype": "int8", "shape": [2, 3], "offset": 0, "nbytes": 6}, "scale": scale_part}},
-        {"name": "q_gain", "alias_of": None, "scheme": "float32", "bits": None, "shape": [2],
-         "parts": {"data": {"dtype": "float32", "shape": [2], "offset": 10, "nbytes": 8}}},
+        {
+            "name": "w",
+            "alias_of": None,
+            "scheme": "int4_row",
+            "bits": 4,
+            "shape": [2, 3],
+            "parts": {"data": {"dtype": "int8", "shape": [2, 3], "offset": 0, "nbytes": 6}, "scale": scale_part},
+        },
+        {
+            "name": "q_gain",
+            "alias_of": None,
+            "scheme": "float32",
+            "bits": None,
+            "shape": [2],
+            "parts": {"data": {"dtype": "float32", "shape": [2], "offset": 10, "nbytes": 8}},
+        },
     ]
     if extra_part:
         tensors[0]["parts"].update(extra_part)
@@ -667,6 +679,8 @@ def test_multi_megabyte_streams_inflate_whole(codec):
     from loopgolf.export.artifact import compress, decompress
 
     rng = np.random.default_rng(0)
-    for raw in (rng.normal(0, 8, 4_000_000).clip(-127, 127).astype(np.int8).tobytes(),
-                rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes() + bytes(4_000_000)):
+    for raw in (
+        rng.normal(0, 8, 4_000_000).clip(-127, 127).astype(np.int8).tobytes(),
+        rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes() + bytes(4_000_000),
+    ):
         assert decompress(compress(raw, codec), codec, len(raw)) == raw

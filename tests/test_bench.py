@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from loopgolf.device import matmul_peak
 from loopgolf.cli import main
 from loopgolf.config import get_preset
+from loopgolf.device import matmul_peak
 from loopgolf.model.gpt import ModelConfig, forward_flops_per_token
 from loopgolf.model.plan import parse_plan
 

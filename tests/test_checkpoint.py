@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import markov_tokens, tiny_config, tiny_model
+
 from loopgolf.cli import main
 from loopgolf.config import get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
@@ -51,8 +51,7 @@ def shard(tmp_path_factory) -> Path:
 def staged_setup(seed: int):
     """A mini-loop model with progressive recurrence, gradient accumulation and per-layer
     controls: every piece of state a resume has to restore."""
-    cfg = tiny_config(num_heads=2, num_kv_heads=1, per_layer_controls=True,
-                      plan=PlanSpec("mini-loop", layers=3, loops=1, loop_start=1, loop_end=1))
+    cfg = tiny_config(num_heads=2, num_kv_heads=1, per_layer_controls=True, plan=PlanSpec("mini-loop", layers=3, loops=1, loop_start=1, loop_end=1))
     torch.manual_seed(seed)
     tcfg = replace(get_preset("debug").train, max_steps=10, micro_batch_tokens=128, recurrence_stages=[0.45], val_every=3)
     return GPT(cfg), tcfg
@@ -64,8 +63,16 @@ class Killed(Exception):
 
 def test_resume_repeats_the_uninterrupted_loss_curve(shard, tmp_path):
     def run(model, tcfg, log, **kw):
-        return train(model, TokenLoader([shard], tcfg.seq_len, seed=3), tcfg, device=torch.device("cpu"), log_path=log,
-                     validate=lambda m: {"val_loss": float(m.skip_weight.detach().sum()), "val_bpb": 0.0}, progress=False, **kw)
+        return train(
+            model,
+            TokenLoader([shard], tcfg.seq_len, seed=3),
+            tcfg,
+            device=torch.device("cpu"),
+            log_path=log,
+            validate=lambda m: {"val_loss": float(m.skip_weight.detach().sum()), "val_bpb": 0.0},
+            progress=False,
+            **kw,
+        )
 
     model, tcfg = staged_setup(seed=11)
     full = run(model, tcfg, tmp_path / "full.jsonl")
@@ -126,7 +133,10 @@ def test_cli_run_killed_then_resumed_matches_uninterrupted(text_dataset, tmp_pat
     killed = tmp_path / "killed"
     proc = subprocess.run(
         [sys.executable, "-c", KILL_AT_STEP.format(step=5), "train", *common, "--out", str(killed), "--checkpoint-every", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert RunDir(killed).read_checkpoint()["train"]["step"] == 3
@@ -150,8 +160,14 @@ def test_cli_run_killed_then_resumed_matches_uninterrupted(text_dataset, tmp_pat
 
 def test_checkpoint_payload_and_config_checks(shard, tmp_path):
     model, tcfg = staged_setup(seed=1)
-    train(model, TokenLoader([shard], tcfg.seq_len, seed=3), replace(tcfg, max_steps=2), device=torch.device("cpu"),
-          progress=False, checkpoint=CheckpointPolicy(tmp_path / "c.pt", config={"model": model.config.to_dict(), "train": {"seq_len": 32}}))
+    train(
+        model,
+        TokenLoader([shard], tcfg.seq_len, seed=3),
+        replace(tcfg, max_steps=2),
+        device=torch.device("cpu"),
+        progress=False,
+        checkpoint=CheckpointPolicy(tmp_path / "c.pt", config={"model": model.config.to_dict(), "train": {"seq_len": 32}}),
+    )
     ckpt = read_checkpoint(tmp_path / "c.pt")
     assert set(ckpt) >= {"model", "optimizers", "loader", "rng", "train", "config"}
     muon = ckpt["optimizers"][-1]["state"]
@@ -191,8 +207,9 @@ def _small_checkpoint(path: Path, fill: float) -> None:
         for p in model.parameters():
             p.fill_(fill)
     loader = TokenLoader([path.parent / "fineweb_train_000000.bin"], 32)
-    save_checkpoint(path, model=model, optimizers=build_optimizers(model, get_preset("debug").train.optim, tied=True),
-                    loader=loader, state=TrainState(step=int(fill)))
+    save_checkpoint(
+        path, model=model, optimizers=build_optimizers(model, get_preset("debug").train.optim, tied=True), loader=loader, state=TrainState(step=int(fill))
+    )
 
 
 def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -308,8 +325,12 @@ def test_checkpoint_container_roundtrip(tmp_path):
 # The header's magic, version, length and digest fields; the zip's first local header, its middle
 # (tensor bytes), and the sizes in the last entry of the central directory near the end.
 FLIPS = {
-    "magic": lambda b: 3, "version": lambda b: 8, "length": lambda b: 14, "digest": lambda b: 30,
-    "payload start": lambda b: HEADER_SIZE + 10, "middle": lambda b: len(b) // 2,
+    "magic": lambda b: 3,
+    "version": lambda b: 8,
+    "length": lambda b: 14,
+    "digest": lambda b: 30,
+    "payload start": lambda b: HEADER_SIZE + 10,
+    "middle": lambda b: len(b) // 2,
     "central directory": lambda b: b.rfind(b"PK\x01\x02") + 20,
 }
 

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_config
 from hf_models import FAMILIES, VOCAB, build_hf, hf_logits
+
 from loopgolf.cli import main
-from loopgolf.sources.hf import ConversionError, import_hf
-from loopgolf.convert.recursive import block_sources, convert, stepwise_layers, truncated_svd_factors
-from loopgolf.convert.recursive import as_vanilla
-from loopgolf.sources.load import load_source
+from loopgolf.convert.recursive import as_vanilla, block_sources, convert, stepwise_layers, truncated_svd_factors
 from loopgolf.export.pack import export_model
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec, parse_plan
+from loopgolf.sources.hf import ConversionError, import_hf
+from loopgolf.sources.load import load_source
 from loopgolf.train.checkpoint import save_weights
 
 TOKENS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -134,8 +133,10 @@ def test_each_init_picks_the_documented_layers():
     assert torch.allclose(state["attn_scale"][0], src["attn_scale"][[0, 3]].mean(0))
 
 
-@pytest.mark.parametrize("plan,words", [("cycle:4x2", "8 virtual layers"), ("mini-loop:4:1-2x1", "cycle or sequence"),
-                                        ("vanilla:6", "cycle or sequence"), ("cycle:2x3@mlp", "block sharing")])
+@pytest.mark.parametrize(
+    "plan,words",
+    [("cycle:4x2", "8 virtual layers"), ("mini-loop:4:1-2x1", "cycle or sequence"), ("vanilla:6", "cycle or sequence"), ("cycle:2x3@mlp", "block sharing")],
+)
 def test_conversion_refuses_plans_it_cannot_make(plan, words):
     model = randomized_vanilla()
     spec = parse_plan(plan)
@@ -207,8 +208,24 @@ def test_convert_cli_writes_a_directory_that_trains_exports_and_scores(text_data
     # A converted directory is a start, not a run to resume.
     rc, err = _cli(["run", "--resume", str(conv)], capsys)
     assert rc == 2
-    rc = main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(up), "--init-from", str(conv),
-               "--distill-from", str(src), "--exit-loss-weight", "0.1", "--json"])
+    rc = main(
+        [
+            "run",
+            "--preset",
+            "debug",
+            "--data",
+            str(text_dataset),
+            "--out",
+            str(up),
+            "--init-from",
+            str(conv),
+            "--distill-from",
+            str(src),
+            "--exit-loss-weight",
+            "0.1",
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert math.isfinite(summary["val_bpb_post"]) and summary["plan"]["spec"]["kind"] == "cycle"

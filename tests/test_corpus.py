@@ -342,7 +342,13 @@ def test_given_tokenizer_is_used_not_trained(built, tmp_path, monkeypatch):
     docs = [Document(t, f"d{i}") for i, t in enumerate(texts[:50])]
     out = tmp_path / "out"
     manifest = build_dataset(
-        None, out, documents=docs, tokenizer=OFFICIAL_TOKENIZER, vocab_size=512, val_docs=5, progress=False,
+        None,
+        out,
+        documents=docs,
+        tokenizer=OFFICIAL_TOKENIZER,
+        vocab_size=512,
+        val_docs=5,
+        progress=False,
         source_names=["synthetic"],
     )
     assert manifest["tokenizer_trained"] is False and manifest["vocab_size"] == 1024
@@ -383,10 +389,7 @@ def test_baseline_xz_bpb_counts_unknown_piece_targets(tmp_path):
     # A tokenizer without byte fallback that never saw CJK: those characters encode as <unk>.
     tok = train_tokenizer([" ".join(_sentence(rng) for _ in range(40)) for _ in range(30)], 400, tmp_path / "ascii", byte_fallback=False)
     sp = load_tokenizer(tok)
-    docs = [
-        Document(f"Entry {i:03d} opens. " + " ".join(_sentence(rng) for _ in range(6)) + (" 東京 and 大阪." if i % 2 else ""), f"d{i}")
-        for i in range(40)
-    ]
+    docs = [Document(f"Entry {i:03d} opens. " + " ".join(_sentence(rng) for _ in range(6)) + (" 東京 and 大阪." if i % 2 else ""), f"d{i}") for i in range(40)]
     out = tmp_path / "ds"
     manifest = build_dataset(None, out, documents=docs, tokenizer=tok, val_docs=10, progress=False)
     exact = baseline_xz_bpb(out)
@@ -412,12 +415,29 @@ def test_run_summary_prints_approximate_xz_baseline():
     from loopgolf.run import format_summary
 
     s = {
-        "preset": "debug", "plan": {"spec": {"kind": "vanilla"}, "virtual_layers": 2, "attn_of": [0, 1]},
-        "unique_params": 10, "effective_params": 10, "steps": 1, "train_tokens": 8, "train_seconds": 1.0,
-        "tokens_per_second": 8.0, "val_bpb_pre": 3.0, "val_bpb_post": 3.0, "quant_gap_bpb": 0.0,
-        "baseline_xz_bpb": 2.25, "baseline_xz_approximate": False, "baseline_xz_unknown_targets": 0,
-        "model_bytes": 1, "codec": "zlib", "code_bytes": 1, "artifact_bytes": 2, "cap_bytes": 16_000_000,
-        "fits": True, "headroom_bytes": 15_999_998, "device": "cpu", "total_seconds": 1.0,
+        "preset": "debug",
+        "plan": {"spec": {"kind": "vanilla"}, "virtual_layers": 2, "attn_of": [0, 1]},
+        "unique_params": 10,
+        "effective_params": 10,
+        "steps": 1,
+        "train_tokens": 8,
+        "train_seconds": 1.0,
+        "tokens_per_second": 8.0,
+        "val_bpb_pre": 3.0,
+        "val_bpb_post": 3.0,
+        "quant_gap_bpb": 0.0,
+        "baseline_xz_bpb": 2.25,
+        "baseline_xz_approximate": False,
+        "baseline_xz_unknown_targets": 0,
+        "model_bytes": 1,
+        "codec": "zlib",
+        "code_bytes": 1,
+        "artifact_bytes": 2,
+        "cap_bytes": 16_000_000,
+        "fits": True,
+        "headroom_bytes": 15_999_998,
+        "device": "cpu",
+        "total_seconds": 1.0,
     }
     line = next(row for row in format_summary(s).splitlines() if "baseline xz bpb" in row)
     assert line.rstrip().endswith("2.2500") and "approximate" not in line

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from loopgolf.config import TrainConfig
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT

@@ -29,12 +29,18 @@ def launch(world: int, argv: list[str]) -> None:
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "loopgolf", *argv], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(subprocess.Popen([sys.executable, "-m", "loopgolf", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
-    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+    for rank, (p, (_out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{err[-3000:]}"
     assert outs[1][0].strip() == ""  # only rank 0 reports
 
@@ -42,8 +48,25 @@ def launch(world: int, argv: list[str]) -> None:
 def test_two_gloo_ranks_train_like_one_process(text_dataset, tmp_path, capsys):
     # Progressive recurrence (per-layer controls of the loop pass get no gradient in stage 0),
     # gradient accumulation on every rank, and a validation that only rank 0 runs.
-    args = ["train", "--preset", "debug", "--data", str(text_dataset), "--plan", "mini-loop:3:1-1x1", "--per-layer-controls",
-            "--train", "recurrence_stages=[0.5]", "--train", "micro_batch_tokens=64", "--steps", "6", "--seed", "2", "--quiet"]
+    args = [
+        "train",
+        "--preset",
+        "debug",
+        "--data",
+        str(text_dataset),
+        "--plan",
+        "mini-loop:3:1-1x1",
+        "--per-layer-controls",
+        "--train",
+        "recurrence_stages=[0.5]",
+        "--train",
+        "micro_batch_tokens=64",
+        "--steps",
+        "6",
+        "--seed",
+        "2",
+        "--quiet",
+    ]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     launch(2, [*args, "--out", str(tmp_path / "two")])
     one, two = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "two")

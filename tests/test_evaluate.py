@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
 from torch import nn
 
-from helpers import tiny_model
 from loopgolf.data.shards import load_shard
 from loopgolf.data.tokenizer import build_byte_tables, load_tokenizer
 from loopgolf.evaluate import evaluate_bpb, scoring_windows

@@ -48,24 +48,49 @@ class StandIn:
     def _official_manifest(self) -> dict:
         # Field names as written by the official export script (data/download_hf_docs_and_tokenize.py).
         stats = {
-            "docs_total": 60, "docs_val": 20, "docs_train": 40,
-            "files_total": 5, "files_val": 2, "files_train": 3,
-            "tokens_total": sum(TOKENS.values()), "tokens_val": TOKENS["val"], "tokens_train": TOKENS["train"],
+            "docs_total": 60,
+            "docs_val": 20,
+            "docs_train": 40,
+            "files_total": 5,
+            "files_val": 2,
+            "files_train": 3,
+            "tokens_total": sum(TOKENS.values()),
+            "tokens_val": TOKENS["val"],
+            "tokens_train": TOKENS["train"],
         }
         return {
-            "version": "10B", "num_docs": 60, "num_val_docs": 20, "shuffle_seed": 1337,
-            "shard_size": SHARD_SIZE, "append_eos": False, "docs_jsonl": "docs_selected.jsonl",
-            "tokenizers": [{
-                "name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": self.vocab_size,
-                "bos_id": 1, "eos_id": 2, "model_path": "tokenizers/fineweb_1024_bpe.model",
-                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
-            }],
-            "datasets": [{
-                "name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "tokenizer_kind": "sentencepiece_bpe",
-                "path": "datasets/fineweb10B_sp1024", "train_glob": "datasets/fineweb10B_sp1024/fineweb_train_*.bin",
-                "val_glob": "datasets/fineweb10B_sp1024/fineweb_val_*.bin", "vocab_size": self.vocab_size,
-                "bos_id": 1, "eos_id": 2, "stats": stats,
-            }],
+            "version": "10B",
+            "num_docs": 60,
+            "num_val_docs": 20,
+            "shuffle_seed": 1337,
+            "shard_size": SHARD_SIZE,
+            "append_eos": False,
+            "docs_jsonl": "docs_selected.jsonl",
+            "tokenizers": [
+                {
+                    "name": "sp_bpe_1024",
+                    "kind": "sentencepiece_bpe",
+                    "vocab_size": self.vocab_size,
+                    "bos_id": 1,
+                    "eos_id": 2,
+                    "model_path": "tokenizers/fineweb_1024_bpe.model",
+                    "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+                }
+            ],
+            "datasets": [
+                {
+                    "name": "fineweb10B_sp1024",
+                    "tokenizer_name": "sp_bpe_1024",
+                    "tokenizer_kind": "sentencepiece_bpe",
+                    "path": "datasets/fineweb10B_sp1024",
+                    "train_glob": "datasets/fineweb10B_sp1024/fineweb_train_*.bin",
+                    "val_glob": "datasets/fineweb10B_sp1024/fineweb_val_*.bin",
+                    "vocab_size": self.vocab_size,
+                    "bos_id": 1,
+                    "eos_id": 2,
+                    "stats": stats,
+                }
+            ],
         }
 
     def write_manifest(self) -> None:
@@ -152,7 +177,10 @@ def test_download_official_layout(tmp_path, standin, server):
     ds = download_fineweb(out, "sp1024", train_shards=2, endpoint=endpoint, progress=False)
     assert ds == out / "datasets" / "fineweb10B_sp1024"
     assert sorted(p.name for p in ds.iterdir()) == [
-        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin",
+        "fineweb_train_000000.bin",
+        "fineweb_train_000001.bin",
+        "fineweb_val_000000.bin",
+        "fineweb_val_000001.bin",
     ]
     for p in ds.iterdir():
         assert p.read_bytes() == standin.file(f"datasets/fineweb10B_sp1024/{p.name}").read_bytes()
@@ -165,9 +193,7 @@ def test_download_official_layout(tmp_path, standin, server):
     assert download_fineweb(out, "sp1024", train_shards=2, endpoint=endpoint, progress=False) == ds
     assert len(log) == n_requests  # everything present with the right size: no network at all
     download_fineweb(out, "sp1024", train_shards=3, endpoint=endpoint, progress=False)
-    assert [entry[0] for entry in log[n_requests:]] == [
-        _url_path(endpoint, "datasets/fineweb10B_sp1024/fineweb_train_000002.bin")
-    ]
+    assert [entry[0] for entry in log[n_requests:]] == [_url_path(endpoint, "datasets/fineweb10B_sp1024/fineweb_train_000002.bin")]
 
 
 def test_resume_continues_partial_file(tmp_path, standin, server):

@@ -3,10 +3,10 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from helpers import output_error, tiny_model
 
 from loopgolf.data.shards import load_tokens, write_shard
 from loopgolf.export.artifact import dequantize_tensor
-from helpers import output_error, tiny_model
 from loopgolf.export.gptq import CalibrationError, calibration_tokens, collect_hessians, gptq_quantize
 from loopgolf.export.quantize import QuantPolicy, choose_scales, encode_tensor, round_codes
 from loopgolf.model.gpt import GPT
@@ -140,7 +140,9 @@ def test_hessians_accumulate_over_every_use_of_a_shared_layer():
     assert len(seen) == 3 * 2  # three loops x two batches
     X = torch.cat(seen)
     torch.testing.assert_close(H["attn.1.c_q.weight"], X.T @ X / X.shape[0])
-    assert set(H) == {f"attn.{i}.{p}.weight" for i in range(2) for p in ("c_q", "c_k", "c_v", "proj")} | {f"mlps.{i}.{p}.weight" for i in range(2) for p in ("fc", "proj")}
+    assert set(H) == {f"attn.{i}.{p}.weight" for i in range(2) for p in ("c_q", "c_k", "c_v", "proj")} | {
+        f"mlps.{i}.{p}.weight" for i in range(2) for p in ("fc", "proj")
+    }
     assert H["mlps.0.proj.weight"].shape == (64, 64)
     assert "tok_emb.weight" in collect_hessians(model, tokens, include_embedding=True)
     with pytest.raises(CalibrationError, match="integer tensor"):

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import markov_tokens, tiny_model
 from torch._dynamo.utils import counters
 
-from helpers import markov_tokens, tiny_model
 from loopgolf.config import get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT
@@ -22,8 +22,9 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def staged_model(**kw) -> GPT:
-    return tiny_model(seed=0, num_heads=2, num_kv_heads=1, per_layer_controls=True,
-                      plan=PlanSpec("mini-loop", layers=3, loops=2, loop_start=1, loop_end=1), **kw)
+    return tiny_model(
+        seed=0, num_heads=2, num_kv_heads=1, per_layer_controls=True, plan=PlanSpec("mini-loop", layers=3, loops=2, loop_start=1, loop_end=1), **kw
+    )
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_ranks": {"q": 2, "mlp_in": 2}, "depth_embeddings": True}])
@@ -40,7 +41,9 @@ def test_one_full_graph_per_stage_and_no_recompiles(extra):
         for stage in (0, 1, 2, 1, 0):
             model.set_stage(stage)
             xs = torch.cat([x, x.flip(0)])  # two micro-batches of the warmed-up shape
-            loss = run_step(step_fn, model, optimizers, xs, xs.roll(1, dims=1), accum=2, amp=nullcontext(), world_size=1, grad_clip=1.0, device=torch.device("cpu"))
+            loss = run_step(
+                step_fn, model, optimizers, xs, xs.roll(1, dims=1), accum=2, amp=nullcontext(), world_size=1, grad_clip=1.0, device=torch.device("cpu")
+            )
             assert torch.isfinite(loss)
     torch._dynamo.reset()
 

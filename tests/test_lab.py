@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from loopgolf.cli import main as cli_main
+from loopgolf.config import get_preset
 from loopgolf.lab.ledger import LedgerError, builtin_ledgers, load_ledger, parse_ledger, resolve
 from loopgolf.lab.report import pareto, variant_stats, write_report
 from loopgolf.lab.significance import mean_std, welch
-from loopgolf.config import get_preset
 from loopgolf.lab.store import Store
 from loopgolf.lab.sweep import plan_runs, run_sweep
 
@@ -132,15 +132,50 @@ def fake_summary(**values) -> dict:
     """A complete summary.json (every RunSummary field) with ``values`` in it: the numbers of a
     run that never trained, for the store and report tests."""
     s = {
-        "val_bpb_pre": 2.0, "val_bpb_post": 2.0, "val_loss_pre": 1.4, "val_loss_post": 1.4, "quant_gap_bpb": 0.0,
-        "baseline_xz_bpb": None, "baseline_xz_approximate": None, "baseline_xz_unknown_targets": None,
-        "artifact_bytes": 1000, "model_bytes": 900, "code_bytes": 100, "code_id": "0" * 64, "code_bytes_scoring": None,
-        "cap_bytes": 16_000_000, "headroom_bytes": 0, "fits": True, "codec": "zlib", "quant": "int8", "qat": {"mode": "off", "start_frac": 0.85},
-        "export": {}, "unique_params": 1000, "effective_params": 1000, "train_tokens": 256, "train_seconds": 1.0,
-        "tokens_per_second": 256.0, "steps": 1, "stage_steps": [], "final_train_loss": 3.0, "val_targets": 100, "val_target_bytes": 300,
-        "eval_seq_len": 32, "eval_stride": None, "device": "cpu", "world_size": 1, "resumed_from": None, "preset": "debug", "seed": 0,
-        "plan": {"spec": {"kind": "vanilla"}, "virtual_layers": 2, "attn_of": [0, 1]}, "data": "synthetic", "artifact": "artifact.lgz",
-        "total_seconds": 1.0, "loopgolf_version": "0.1.0", "torch_version": "x", "uptrain": None,
+        "val_bpb_pre": 2.0,
+        "val_bpb_post": 2.0,
+        "val_loss_pre": 1.4,
+        "val_loss_post": 1.4,
+        "quant_gap_bpb": 0.0,
+        "baseline_xz_bpb": None,
+        "baseline_xz_approximate": None,
+        "baseline_xz_unknown_targets": None,
+        "artifact_bytes": 1000,
+        "model_bytes": 900,
+        "code_bytes": 100,
+        "code_id": "0" * 64,
+        "code_bytes_scoring": None,
+        "cap_bytes": 16_000_000,
+        "headroom_bytes": 0,
+        "fits": True,
+        "codec": "zlib",
+        "quant": "int8",
+        "qat": {"mode": "off", "start_frac": 0.85},
+        "export": {},
+        "unique_params": 1000,
+        "effective_params": 1000,
+        "train_tokens": 256,
+        "train_seconds": 1.0,
+        "tokens_per_second": 256.0,
+        "steps": 1,
+        "stage_steps": [],
+        "final_train_loss": 3.0,
+        "val_targets": 100,
+        "val_target_bytes": 300,
+        "eval_seq_len": 32,
+        "eval_stride": None,
+        "device": "cpu",
+        "world_size": 1,
+        "resumed_from": None,
+        "preset": "debug",
+        "seed": 0,
+        "plan": {"spec": {"kind": "vanilla"}, "virtual_layers": 2, "attn_of": [0, 1]},
+        "data": "synthetic",
+        "artifact": "artifact.lgz",
+        "total_seconds": 1.0,
+        "loopgolf_version": "0.1.0",
+        "torch_version": "x",
+        "uptrain": None,
     }
     s.update(values)
     s["model_bytes"] = s["artifact_bytes"] - s["code_bytes"]
@@ -153,14 +188,36 @@ def _fake_run(root: Path, name: str, *, bpb: float, seed: int, artifact: int = 1
 
     d = root / name
     d.mkdir(parents=True)
-    config = RunConfig.from_preset(get_preset("debug")).with_changes({
-        "model": {"vocab_size": 384, "model_dim": dim, "num_heads": 2, "num_kv_heads": 1, "plan": {"kind": "vanilla", "layers": 2}},
-        "train.seq_len": 32, "train.batch_tokens": 256, "train.seed": seed}).to_dict()
-    summary = fake_summary(val_bpb_post=bpb, val_bpb_pre=bpb - 0.01, artifact_bytes=artifact, unique_params=1000 * dim, effective_params=1000 * dim,
-                           tokens_per_second=1234.5, train_tokens=256 * steps, steps=steps, seed=seed, data="synthetic", preset="debug")
+    config = (
+        RunConfig.from_preset(get_preset("debug"))
+        .with_changes(
+            {
+                "model": {"vocab_size": 384, "model_dim": dim, "num_heads": 2, "num_kv_heads": 1, "plan": {"kind": "vanilla", "layers": 2}},
+                "train.seq_len": 32,
+                "train.batch_tokens": 256,
+                "train.seed": seed,
+            }
+        )
+        .to_dict()
+    )
+    summary = fake_summary(
+        val_bpb_post=bpb,
+        val_bpb_pre=bpb - 0.01,
+        artifact_bytes=artifact,
+        unique_params=1000 * dim,
+        effective_params=1000 * dim,
+        tokens_per_second=1234.5,
+        train_tokens=256 * steps,
+        steps=steps,
+        seed=seed,
+        data="synthetic",
+        preset="debug",
+    )
     (d / "config.json").write_text(json.dumps(config))
     (d / "summary.json").write_text(json.dumps(summary))
-    events = [{"event": "start", "env": {"python": "3.11", "torch": "x"}}] + [{"event": "train", "step": s, "loss": 6.0 - 0.3 * s + bpb} for s in range(1, steps + 1)]
+    events = [{"event": "start", "env": {"python": "3.11", "torch": "x"}}] + [
+        {"event": "train", "step": s, "loss": 6.0 - 0.3 * s + bpb} for s in range(1, steps + 1)
+    ]
     (d / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "tr')  # torn last line, as a killed run leaves
     return d
 

@@ -93,7 +93,7 @@ def test_no_import_cycles():
         for t in sorted(graph.get(m, ())):
             if t in graph and t != m.rsplit(".", 1)[0]:
                 if state.get(t) == 1:
-                    cycles.append(" -> ".join(stack[stack.index(t):] + [t]) if t in stack else f"{m} -> {t}")
+                    cycles.append(" -> ".join(stack[stack.index(t) :] + [t]) if t in stack else f"{m} -> {t}")
                 elif t not in state:
                     visit(t, stack + [t])
         state[m] = 2
@@ -121,8 +121,14 @@ def test_only_the_run_directory_module_names_its_files():
         if path.name == "rundir.py":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
-                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
         for name in ("summary.json", "log.jsonl", "artifact.lgz"):
             if any(s == name or s.endswith("/" + name) for s in strings):

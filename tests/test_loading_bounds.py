@@ -5,19 +5,16 @@ non-finite is written or loaded. Every failure is an ArtifactError."""
 import hashlib
 import os
 import struct
-import sys
 import threading
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
+from loopgolf.bench.fuzz_artifact import build_artifact, reseal, split, tiny_model  # the fuzzer's own artifact tools
 from loopgolf.export.artifact import MAGIC, ArtifactError, read_artifact
 from loopgolf.export.pack import export_model, load_model
-
-from loopgolf.bench.fuzz_artifact import build_artifact, reseal, split, tiny_model  # the fuzzer's own artifact tools
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +152,7 @@ def _in_thread(fn, timeout: float = 20.0):
     def target():
         try:
             fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
+        except BaseException as e:
             box["error"] = e
 
     t = threading.Thread(target=target, daemon=True)
@@ -188,6 +185,7 @@ def test_huge_sparse_files_are_refused_from_their_header(tmp_path):
     with open(good_magic, "wb") as f:
         f.write(head + struct.pack("<QQ", 1 << 30, comp_len))
         f.truncate(2 << 30)
+
     def refused():
         with pytest.raises(ArtifactError, match="sane bound"):
             read_artifact(good_magic)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_config, tiny_model
+
+from loopgolf.codebytes import code_bytes_scoring, scoring_modules
 from loopgolf.export.artifact import ArtifactError, dequantize_tensor, read_artifact
 from loopgolf.export.gptq import calibration_tokens, collect_hessians
-from loopgolf.codebytes import code_bytes_scoring, scoring_modules
 from loopgolf.export.pack import CapReport, export_model, load_model
 from loopgolf.export.quantize import QuantPolicy, encode_state, parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig
@@ -34,8 +34,15 @@ def trained_like(plan: PlanSpec, seed: int = 0, **kw) -> GPT:
 
 def relaxed_looped(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    cfg = tiny_config(vocab_size=96, num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=3),
-                      per_layer_controls=True, depth_embeddings=True, lora_ranks={"q": 2, "mlp_in": 2})
+    cfg = tiny_config(
+        vocab_size=96,
+        num_heads=2,
+        num_kv_heads=1,
+        plan=PlanSpec("cycle", layers=2, loops=3),
+        per_layer_controls=True,
+        depth_embeddings=True,
+        lora_ranks={"q": 2, "mlp_in": 2},
+    )
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -173,10 +180,7 @@ SCRIPT_ONLY = ("loopgolf.submit", "loopgolf.submit.entry")
 
 def _loaded_loopgolf_files(script: str) -> dict[str, str]:
     """{module: source file} of the loopgolf modules a fresh interpreter has loaded after ``script``."""
-    code = script + (
-        "\nimport json, sys\n"
-        "print(json.dumps({n: m.__file__ for n, m in sys.modules.items() if n == 'loopgolf' or n.startswith('loopgolf.')}))\n"
-    )
+    code = script + ("\nimport json, sys\nprint(json.dumps({n: m.__file__ for n, m in sys.modules.items() if n == 'loopgolf' or n.startswith('loopgolf.')}))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -196,8 +200,16 @@ def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path)
     )
     summary = json.loads((out / "summary.json").read_text())
     counted = {n: f for n, f in loaded.items() if n not in NOT_COUNTED}
-    assert {"loopgolf.run", "loopgolf.train.trainer", "loopgolf.train.optim", "loopgolf.export.quantize",
-            "loopgolf.export.gptq", "loopgolf.export.pack", "loopgolf.evaluate", "loopgolf.model.gpt"} <= set(counted)
+    assert {
+        "loopgolf.run",
+        "loopgolf.train.trainer",
+        "loopgolf.train.optim",
+        "loopgolf.export.quantize",
+        "loopgolf.export.gptq",
+        "loopgolf.export.pack",
+        "loopgolf.evaluate",
+        "loopgolf.model.gpt",
+    } <= set(counted)
     # What the script embeds is what the run executed, nothing more, plus its entry point.
     assert sorted(set(counted) | set(SCRIPT_ONLY)) == script_modules()
     bundle = Bundle.of(RunDir(out).read_config())
@@ -215,8 +227,7 @@ def test_eval_loads_no_training_code(tmp_path, text_dataset):
     model = tiny_model(seed=0, vocab_size=384, num_heads=2, num_kv_heads=1, plan=PlanSpec("vanilla", layers=2))
     export_model(model, tmp_path / "a.lgz", codec="zlib")
     loaded = _loaded_loopgolf_files(
-        "from loopgolf.cli import main\n"
-        f"assert main(['eval', {str(tmp_path / 'a.lgz')!r}, '--data', {str(text_dataset)!r}, '--json']) == 0"
+        f"from loopgolf.cli import main\nassert main(['eval', {str(tmp_path / 'a.lgz')!r}, '--data', {str(text_dataset)!r}, '--json']) == 0"
     )
     for heavy in ("loopgolf.train", "loopgolf.run", "loopgolf.data.corpus", *ENCODER_MODULES):
         assert not any(m == heavy or m.startswith(heavy + ".") for m in loaded), heavy

@@ -4,13 +4,8 @@ import json
 import pytest
 import torch
 
-import loopgolf.device
 import loopgolf.budget
-from loopgolf.device import Peak
-from loopgolf.commands.args import add_model_overrides, model_overrides
-from loopgolf.config import PRESETS, get_preset
-from loopgolf.export.artifact import FLOAT_SCHEMES
-from loopgolf.export.pack import export_model
+import loopgolf.device
 from loopgolf.budget import (
     UNCALIBRATED,
     PlanError,
@@ -24,6 +19,11 @@ from loopgolf.budget import (
     search,
     train_step_seconds,
 )
+from loopgolf.commands.args import add_model_overrides, model_overrides
+from loopgolf.config import PRESETS, get_preset
+from loopgolf.device import Peak
+from loopgolf.export.artifact import FLOAT_SCHEMES
+from loopgolf.export.pack import export_model
 from loopgolf.export.quantize import parse_policy
 from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token, unique_params_formula
 from loopgolf.model.plan import PlanSpec
@@ -99,8 +99,9 @@ def test_search_finds_the_widest_fitting_configurations_best_first():
 
 
 def test_search_over_depths_and_loops_emits_plans_that_run_rebuilds():
-    cands = search(3_000_000, "cpu-shared", parse_policy("int6"), codec="lzma", code_bytes=50_000, layers=[2, 3], loops=[3, 4],
-                   overrides={"per_layer_controls": True})
+    cands = search(
+        3_000_000, "cpu-shared", parse_policy("int6"), codec="lzma", code_bytes=50_000, layers=[2, 3], loops=[3, 4], overrides={"per_layer_controls": True}
+    )
     assert {(c["plan"], c["virtual_layers"]) for c in cands} == {("cycle:2x3", 6), ("cycle:2x4", 8), ("cycle:3x3", 9), ("cycle:3x4", 12)}
     for c in cands:
         cfg = rebuild(c["preset"], c["overrides"])
@@ -136,8 +137,24 @@ def plan_parser() -> argparse.ArgumentParser:
 
 def test_plan_command_json(capsys):
     parser = plan_parser()
-    args = parser.parse_args(["plan", "--cap", "2500000", "--preset", "cpu-shared", "--quant", "int6", "--codec", "brotli",
-                              "--code-bytes", "50000", "--matmul-flops", "2e10", "--json"])
+    args = parser.parse_args(
+        [
+            "plan",
+            "--cap",
+            "2500000",
+            "--preset",
+            "cpu-shared",
+            "--quant",
+            "int6",
+            "--codec",
+            "brotli",
+            "--code-bytes",
+            "50000",
+            "--matmul-flops",
+            "2e10",
+            "--json",
+        ]
+    )
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["preset"] == "cpu-shared" and out["config"]["fits"] is True and out["config"]["uncalibrated"] == []
@@ -204,7 +221,21 @@ def test_gptq_predictions_are_marked_uncalibrated(capsys):
     cands = search(2_500_000, "cpu-shared", parse_policy("int6,gptq"), codec="brotli", code_bytes=50_000)
     assert cands and all(c["uncalibrated"] == ["gptq"] for c in cands)
     parser = plan_parser()
-    base = ["plan", "--cap", "2500000", "--family", "cpu-shared", "--quant", "int6,gptq", "--codec", "brotli", "--code-bytes", "50000", "--matmul-flops", "1e10"]
+    base = [
+        "plan",
+        "--cap",
+        "2500000",
+        "--family",
+        "cpu-shared",
+        "--quant",
+        "int6,gptq",
+        "--codec",
+        "brotli",
+        "--code-bytes",
+        "50000",
+        "--matmul-flops",
+        "1e10",
+    ]
     args = parser.parse_args([*base, "--preset", "cpu-shared", "--json"])
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from loopgolf.model.gpt import GPT, effective_params, unique_params, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
 
@@ -38,7 +38,7 @@ RELAX = [
     {"per_layer_controls": True},
     {"depth_embeddings": True},
     {"lora_ranks": {"q": 2, "mlp_out": 3}},
-    {"per_layer_controls": True, "depth_embeddings": True, "lora_ranks": {t: 2 for t in ("q", "k", "v", "o", "mlp_in", "mlp_out")}, "tie_embeddings": False},
+    {"per_layer_controls": True, "depth_embeddings": True, "lora_ranks": dict.fromkeys(("q", "k", "v", "o", "mlp_in", "mlp_out"), 2), "tie_embeddings": False},
 ]
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import markov_tokens, tiny_config
+
 from loopgolf.config import PRESETS, get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, unique_params, unique_params_formula

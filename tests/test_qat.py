@@ -3,9 +3,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import markov_tokens, tiny_config
 from torch._dynamo.utils import counters
 
-from helpers import markov_tokens, tiny_config
 from loopgolf.config import get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.export.pack import export_model, load_model
@@ -36,7 +36,9 @@ def reference_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
 def test_targets_are_shared_block_matrices_only():
     model = looped_model()
     names = [n for n, _, _ in qat_targets(model, float_max_numel=0)]
-    assert names == [f"attn.{i}.{p}.weight" for i in range(2) for p in ("c_q", "c_k", "c_v", "proj")] + [f"mlps.{i}.{p}.weight" for i in range(2) for p in ("fc", "proj")]
+    assert names == [f"attn.{i}.{p}.weight" for i in range(2) for p in ("c_q", "c_k", "c_v", "proj")] + [
+        f"mlps.{i}.{p}.weight" for i in range(2) for p in ("fc", "proj")
+    ]
     # Tensors the exporter keeps as floats are not fake-quantized.
     assert [n for n, _, _ in qat_targets(model, float_max_numel=1024)] == ["mlps.0.fc.weight", "mlps.0.proj.weight", "mlps.1.fc.weight", "mlps.1.proj.weight"]
 
@@ -105,9 +107,12 @@ def test_switching_qat_on_does_not_recompile():
         for step in range(4):
             qat(step, step / 4, model)
             xs = torch.cat([x, x.flip(0)])
-            losses.append(run_step(step_fn, model, optimizers, xs, xs.roll(1, dims=1), accum=2, amp=nullcontext(),
-                                   world_size=1, grad_clip=1.0, device=torch.device("cpu")))
-    assert qat.start_step == 2 and all(torch.isfinite(l) for l in losses)
+            losses.append(
+                run_step(
+                    step_fn, model, optimizers, xs, xs.roll(1, dims=1), accum=2, amp=nullcontext(), world_size=1, grad_clip=1.0, device=torch.device("cpu")
+                )
+            )
+    assert qat.start_step == 2 and all(torch.isfinite(loss) for loss in losses)
     torch._dynamo.reset()
 
 
@@ -192,8 +197,16 @@ def test_resume_after_qat_started_repeats_the_uninterrupted_run(tmp_path, mode):
         torch.manual_seed(seed)
         model = GPT(cfg)
         qat = QAT(model, qat_cfg)
-        result = train(model, TokenLoader([path], tcfg.seq_len, seed=0), tcfg, device=torch.device("cpu"),
-                       on_step=qat if hook is None else hook(qat), forward=qat.forward, progress=False, **kw)
+        result = train(
+            model,
+            TokenLoader([path], tcfg.seq_len, seed=0),
+            tcfg,
+            device=torch.device("cpu"),
+            on_step=qat if hook is None else hook(qat),
+            forward=qat.forward,
+            progress=False,
+            **kw,
+        )
         return result, model, qat
 
     full, full_model, full_cb = run(0)
@@ -246,8 +259,15 @@ def test_ste_qat_shrinks_the_int4_roundtrip_gap(tmp_path):
         torch.manual_seed(0)
         model = GPT(cfg)
         qat = None if mode == "off" else QAT(model, QATConfig(mode="ste", bits=4, start_frac=0.5, float_max_numel=0))
-        train(model, TokenLoader([path], tcfg.seq_len, seed=0), tcfg, device=torch.device("cpu"), on_step=qat,
-              forward=None if qat is None else qat.forward, progress=False)
+        train(
+            model,
+            TokenLoader([path], tcfg.seq_len, seed=0),
+            tcfg,
+            device=torch.device("cpu"),
+            on_step=qat,
+            forward=None if qat is None else qat.forward,
+            progress=False,
+        )
         export_model(model, tmp_path / f"{mode}.lgz", policy=parse_policy("int4,fp16max=0"), codec="zlib")
         reloaded, _ = load_model(tmp_path / f"{mode}.lgz")
         with torch.no_grad():

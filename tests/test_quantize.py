@@ -3,8 +3,8 @@ policy strings, clip searches, outliers, low-rank corrections, and the error bou
 
 import pytest
 import torch
-
 from helpers import output_error, tiny_config
+
 from loopgolf.config import get_preset
 from loopgolf.export.artifact import QuantizedTensor, dequantize_tensor
 from loopgolf.export.quantize import (
@@ -82,8 +82,15 @@ def test_default_policy_is_the_parameter_golf_baseline_export():
 
 
 def test_roles_of_every_model_tensor_come_from_parameter_role():
-    cfg = tiny_config(num_heads=2, num_kv_heads=1, plan=PlanSpec("cycle", layers=2, loops=2),
-                      per_layer_controls=True, depth_embeddings=True, lora_ranks={"q": 2, "mlp_out": 1}, tie_embeddings=False)
+    cfg = tiny_config(
+        num_heads=2,
+        num_kv_heads=1,
+        plan=PlanSpec("cycle", layers=2, loops=2),
+        per_layer_controls=True,
+        depth_embeddings=True,
+        lora_ranks={"q": 2, "mlp_out": 1},
+        tie_embeddings=False,
+    )
     roles = {n: tensor_role(n) for n in GPT(cfg).state_dict()}
     assert roles["tok_emb.weight"] == roles["lm_head.weight"] == "embed"  # the output layer codes like the embedding
     assert roles["attn.1.c_k.weight"] == "attn" and roles["mlps.0.proj.weight"] == "mlp"
@@ -209,7 +216,9 @@ def test_error_bounds_per_bit_width(bits, clip):
 @pytest.mark.parametrize("clip", ["percentile", "mse"])
 def test_each_extra_bit_cuts_the_error(clip):
     w = matrix(48, 100, seed=4)
-    errs = [float((w - dequantize_tensor(encode_tensor(NAME, w, QuantPolicy.uniform(b, clip=clip, float_max_numel=0)))).square().sum()) for b in (4, 5, 6, 7, 8)]
+    errs = [
+        float((w - dequantize_tensor(encode_tensor(NAME, w, QuantPolicy.uniform(b, clip=clip, float_max_numel=0)))).square().sum()) for b in (4, 5, 6, 7, 8)
+    ]
     # One more bit halves the step, so the squared error falls by about 4x.
     assert all(2.5 < a / b < 6.0 for a, b in zip(errs, errs[1:])), errs
 

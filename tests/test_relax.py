@@ -1,10 +1,10 @@
 import pytest
 import torch
-
 from helpers import tiny_config
+
+from loopgolf.config import OptimizerConfig
 from loopgolf.model.gpt import GPT, UNGATED_TARGETS
 from loopgolf.model.plan import PlanSpec
-from loopgolf.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers, split_parameters
 
 PLAN = PlanSpec("cycle", layers=2, loops=3)
@@ -29,7 +29,7 @@ def load_shared(dst: GPT, src: GPT) -> None:
 def test_zero_init_relaxation_equals_strict_sharing():
     torch.manual_seed(0)
     strict = randomized(GPT(tiny_config(plan=PLAN)))
-    relaxed = GPT(tiny_config(plan=PLAN, depth_embeddings=True, lora_ranks={t: 3 for t in UNGATED_TARGETS}, lora_alpha=6.0))
+    relaxed = GPT(tiny_config(plan=PLAN, depth_embeddings=True, lora_ranks=dict.fromkeys(UNGATED_TARGETS, 3), lora_alpha=6.0))
     load_shared(relaxed, strict)
     x = torch.randint(0, 64, (2, 12))
     torch.testing.assert_close(relaxed(x), strict(x), rtol=0, atol=0)

@@ -3,19 +3,23 @@ policy all ask it."""
 
 import pytest
 import torch
-
 from helpers import tiny_config
+
+from loopgolf.config import OptimizerConfig
 from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 from loopgolf.model.roles import _ROLE_PATTERNS, ROLES, UnknownParameterError, parameter_role, parameter_roles, shared_matrices
-from loopgolf.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers
 
 CONFIGS = [
     tiny_config(),
     tiny_config(tie_embeddings=False, plan=PlanSpec("cycle", layers=2, loops=3)),
-    tiny_config(plan=PlanSpec("middle-cycle", layers=2, loops=2, first=1, last=1, share="mlp"), per_layer_controls=True,
-                depth_embeddings=True, lora_ranks={"q": 2, "k": 2, "v": 2, "o": 2, "mlp_in": 2, "mlp_out": 2}),
+    tiny_config(
+        plan=PlanSpec("middle-cycle", layers=2, loops=2, first=1, last=1, share="mlp"),
+        per_layer_controls=True,
+        depth_embeddings=True,
+        lora_ranks={"q": 2, "k": 2, "v": 2, "o": 2, "mlp_in": 2, "mlp_out": 2},
+    ),
 ]
 
 

@@ -6,9 +6,24 @@ from loopgolf.cli import main
 from loopgolf.export.pack import load_model
 
 CONTRACT = [
-    "val_bpb_pre", "val_bpb_post", "val_loss_post", "artifact_bytes", "model_bytes", "code_bytes", "cap_bytes",
-    "unique_params", "effective_params", "train_tokens", "train_seconds", "tokens_per_second", "steps", "device",
-    "preset", "seed", "plan", "baseline_xz_bpb",
+    "val_bpb_pre",
+    "val_bpb_post",
+    "val_loss_post",
+    "artifact_bytes",
+    "model_bytes",
+    "code_bytes",
+    "cap_bytes",
+    "unique_params",
+    "effective_params",
+    "train_tokens",
+    "train_seconds",
+    "tokens_per_second",
+    "steps",
+    "device",
+    "preset",
+    "seed",
+    "plan",
+    "baseline_xz_bpb",
 ]
 
 
@@ -71,7 +86,12 @@ def test_params_with_relaxation_flags(capsys):
     assert main(["params", "--preset", "cpu-shared", "--lora", "all=4", "--depth-emb", "--per-layer-controls", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     cfg = ModelConfig.from_dict(
-        {**get_preset("cpu-shared").model.to_dict(), "lora_ranks": {t: 4 for t in ("q", "k", "v", "o", "mlp_in", "mlp_out")}, "depth_embeddings": True, "per_layer_controls": True}
+        {
+            **get_preset("cpu-shared").model.to_dict(),
+            "lora_ranks": dict.fromkeys(("q", "k", "v", "o", "mlp_in", "mlp_out"), 4),
+            "depth_embeddings": True,
+            "per_layer_controls": True,
+        }
     )
     assert info["unique_params"] == unique_params_formula(cfg)
     assert any(t["name"].startswith("lora.mlp_out.B.5") for t in info["tensors"])
@@ -112,8 +132,28 @@ def test_default_preset_stops_on_steps_and_presets_json_shows_the_budget(capsys)
 
 def test_run_with_int6_policy_qat_and_plan_command(text_dataset, tmp_path, capsys):
     out = tmp_path / "q"
-    rc = main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(out), "--plan", "cycle:1x3",
-               "--quant", "int6,embed=8,fp16max=1024", "--qat", "ste", "--qat-start", "0.5", "--codec", "zlib", "--json"])
+    rc = main(
+        [
+            "run",
+            "--preset",
+            "debug",
+            "--data",
+            str(text_dataset),
+            "--out",
+            str(out),
+            "--plan",
+            "cycle:1x3",
+            "--quant",
+            "int6,embed=8,fp16max=1024",
+            "--qat",
+            "ste",
+            "--qat-start",
+            "0.5",
+            "--codec",
+            "zlib",
+            "--json",
+        ]
+    )
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
     assert s["qat"] == {"mode": "ste", "start_frac": 0.5} and "6" in s["quant"] and s["codec"] == "zlib"

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from loopgolf.evaluate import evaluate_bpb
 from loopgolf.model.gpt import GPT, ModelConfig
@@ -180,9 +180,7 @@ def test_scheduler_keeps_every_request_whole_and_equal_to_alone(specs, schedule,
     events: dict[int, list[int]] = {i: [] for i in range(len(specs))}
     reqs = []
     for i, (prompt, n, _) in enumerate(specs):
-        reqs.append(
-            Request(prompt, n, SamplingParams(temperature=0.0), on_event=lambda e, i=i: events[i].append(e.token_id))
-        )
+        reqs.append(Request(prompt, n, SamplingParams(temperature=0.0), on_event=lambda e, i=i: events[i].append(e.token_id)))
     step = 0
     with torch.inference_mode():
         while step < 200 and (any(not r.finished for r in reqs)):
@@ -292,8 +290,8 @@ def running_server(artifact, tokenizer, *, slots=4, max_queue=16, **cfg):
     """An in-process uvicorn server on a free localhost port (stopped on exit)."""
     import uvicorn
 
-    from loopgolf.sources.open import open_for_text
     from loopgolf.serve.server import ServerConfig, build_app
+    from loopgolf.sources.open import open_for_text
 
     served = open_for_text(artifact, tokenizer)
     engine = Engine(served.model, schedule="depthwise", slots=slots, max_len=96, decode=served.tokenizer.decode, max_queue=max_queue)
@@ -428,9 +426,11 @@ def test_serve_shuts_down_cleanly_on_sigterm_with_a_request_in_flight(tiny_artif
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loopgolf", "serve", str(artifact), "--tokenizer", str(tok), "--port", str(port), "--context", "128",
-         "--shutdown-grace", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-m", "loopgolf", "serve", str(artifact), "--tokenizer", str(tok), "--port", str(port), "--context", "128", "--shutdown-grace", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -455,7 +455,7 @@ def test_serve_shuts_down_cleanly_on_sigterm_with_a_request_in_flight(tiny_artif
                         lines.append(line.decode())
                         started.set()
                     result["body"] = "".join(lines)
-            except Exception as e:  # noqa: BLE001 - a reset connection is an acceptable end
+            except Exception as e:
                 result["error"] = repr(e)
             started.set()
 
@@ -500,9 +500,32 @@ def test_eval_early_exit_cli_never_equals_plain_eval(tiny_artifact, text_dataset
 
 def test_bench_serve_smoke(tiny_artifact, text_dataset):
     artifact, tok = tiny_artifact
-    r = _cli("bench", "serve", str(artifact), "--tokenizer", str(tok), "--data", str(text_dataset), "--requests", "4",
-             "--prompt-len", "4,8", "--output-len", "3,6", "--slots", "2", "--eval-tokens", "128", "--server-requests", "2",
-             "--concurrency", "2", "--repeats", "2", "--json")
+    r = _cli(
+        "bench",
+        "serve",
+        str(artifact),
+        "--tokenizer",
+        str(tok),
+        "--data",
+        str(text_dataset),
+        "--requests",
+        "4",
+        "--prompt-len",
+        "4,8",
+        "--output-len",
+        "3,6",
+        "--slots",
+        "2",
+        "--eval-tokens",
+        "128",
+        "--server-requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--repeats",
+        "2",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("speedup_vs_static", "speedup_vs_sequence_batching", "bpb_cost_fraction", "mean_loops_per_token"):
@@ -519,8 +542,10 @@ def test_bench_serve_smoke(tiny_artifact, text_dataset):
 def test_a_run_does_not_import_serve():
     """The command line builds only the parser of the command it runs: `loopgolf run` loads none
     of loopgolf.serve (nor counts it in its code bytes)."""
-    code = ("import sys, loopgolf.cli, loopgolf.run; loopgolf.cli.build_parser(['run', '--preset', 'debug']); "
-            "print(any(m.startswith('loopgolf.serve') for m in sys.modules))")
+    code = (
+        "import sys, loopgolf.cli, loopgolf.run; loopgolf.cli.build_parser(['run', '--preset', 'debug']); "
+        "print(any(m.startswith('loopgolf.serve') for m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import synthetic_documents
+
 from loopgolf.cli import main
 from loopgolf.codebytes import COMPRESSORS, FORMS, Bundle, render_script
 from loopgolf.rundir import RunDir
@@ -83,8 +83,7 @@ def reference_run(official_layout, tmp_path_factory) -> Path:
 def run_script(script: Path, cwd: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("LOOPGOLF")}
     clean.update(SEED=str(SEED), OUT_DIR=str(out), **env)
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUNNER, str(script)], cwd=cwd, env=clean,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUNNER, str(script)], cwd=cwd, env=clean, capture_output=True, text=True, timeout=600)
     assert "FOREIGN []" in proc.stdout, proc.stdout + proc.stderr
     return proc
 
@@ -134,8 +133,9 @@ def test_minified_and_compressed_scripts_give_the_same_numbers(reference_run, of
     # From an empty directory this time, with the data given by the official variables.
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    proc = run_script(script, cwd, tmp_path / "out", DATA_PATH=str(data),
-                      TOKENIZER_PATH=str(official_layout / "data" / "tokenizers" / "fineweb_1024_bpe.model"))
+    proc = run_script(
+        script, cwd, tmp_path / "out", DATA_PATH=str(data), TOKENIZER_PATH=str(official_layout / "data" / "tokenizers" / "fineweb_1024_bpe.model")
+    )
     assert proc.returncode == 0, proc.stderr
     assert_reproduces(reference_run, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["code_bytes"] == script.stat().st_size
@@ -151,15 +151,22 @@ def test_script_reports_bad_settings_and_missing_data(reference_run, tmp_path):
 
 
 def test_official_env_names_real_settings_and_parses_them():
-    for var, (section, name) in OFFICIAL_ENV.items():
+    for section, name in OFFICIAL_ENV.values():
         _field_default(section, name)  # raises for a name that is not a loopgolf field
     from loopgolf.codebytes import script_config
     from loopgolf.config import RunConfig, get_preset
     from loopgolf.run import build_config
 
     config = script_config(RunConfig.from_preset(get_preset("debug")))  # what a script bakes in
-    env = {"SEED": "7", "ITERATIONS": "5", "MAX_WALLCLOCK_SECONDS": "0", "MATRIX_LR": "0.02", "TIE_EMBEDDINGS": "0",
-           "RUN_ID": "abc", "LOOPGOLF_OVERRIDES": '{"train": {"warmup_steps": 2}}'}
+    env = {
+        "SEED": "7",
+        "ITERATIONS": "5",
+        "MAX_WALLCLOCK_SECONDS": "0",
+        "MATRIX_LR": "0.02",
+        "TIE_EMBEDDINGS": "0",
+        "RUN_ID": "abc",
+        "LOOPGOLF_OVERRIDES": '{"train": {"warmup_steps": 2}}',
+    }
     opts = options_from_env(config, env)
     run_config = build_config(opts)
     assert run_config.train.seed == 7 and run_config.train.max_steps == 5
@@ -167,10 +174,16 @@ def test_official_env_names_real_settings_and_parses_them():
     assert run_config.train.optim.matrix_lr == 0.02 and run_config.model.tie_embeddings is False
     assert opts.data == Path("data/datasets/fineweb10B_sp1024") and opts.out == Path("runs/abc")
     assert build_config(options_from_env(config, {})).train.seed == 1337
-    for bad, match in [({"TIE_EMBEDDINGS": "maybe"}, "TIE_EMBEDDINGS"), ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
-                       ({"LOOPGOLF_OVERRIDES": "{"}, "not valid JSON"), ({"LOOPGOLF_OVERRIDES": '{"data": 1}'}, "JSON object"),
-                       ({"LOOPGOLF_OVERRIDES": '{"train": 5}'}, "JSON object"), ({"LOOPGOLF_OVERRIDES": '[1]'}, "JSON object"),
-                       ({"LOOPGOLF_OVERRIDES": '{"train": {"optim": 3}}'}, "optim"), ({"LOOPGOLF_OVERRIDES": "[" * 100_000}, "not valid JSON")]:
+    for bad, match in [
+        ({"TIE_EMBEDDINGS": "maybe"}, "TIE_EMBEDDINGS"),
+        ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
+        ({"LOOPGOLF_OVERRIDES": "{"}, "not valid JSON"),
+        ({"LOOPGOLF_OVERRIDES": '{"data": 1}'}, "JSON object"),
+        ({"LOOPGOLF_OVERRIDES": '{"train": 5}'}, "JSON object"),
+        ({"LOOPGOLF_OVERRIDES": "[1]"}, "JSON object"),
+        ({"LOOPGOLF_OVERRIDES": '{"train": {"optim": 3}}'}, "optim"),
+        ({"LOOPGOLF_OVERRIDES": "[" * 100_000}, "not valid JSON"),
+    ]:
         with pytest.raises(ValueError, match=match):
             options_from_env(config, bad)
 
@@ -256,13 +269,19 @@ def test_mismatched_configs_are_refused_naming_the_field(reference_run, tmp_path
     write_records([reference_run, moved], out, info=SubmissionInfo())
 
 
-@pytest.mark.parametrize("breakage,match", [
-    (lambda d: (d / "summary.json").unlink(), "has not finished"),
-    (lambda d: (d / "config.json").unlink(), "not a loopgolf run directory"),
-    (lambda d: (d / "summary.json").write_text("{"), "not valid JSON"),
-    (lambda d: (d / "log.jsonl").unlink(), "no log.jsonl"),
-    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "uptrain": {"init_from": "x"}})), "uptraining run"),
-])
+@pytest.mark.parametrize(
+    "breakage,match",
+    [
+        (lambda d: (d / "summary.json").unlink(), "has not finished"),
+        (lambda d: (d / "config.json").unlink(), "not a loopgolf run directory"),
+        (lambda d: (d / "summary.json").write_text("{"), "not valid JSON"),
+        (lambda d: (d / "log.jsonl").unlink(), "no log.jsonl"),
+        (
+            lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "uptrain": {"init_from": "x"}})),
+            "uptraining run",
+        ),
+    ],
+)
 def test_unusable_runs_are_refused(reference_run, tmp_path, breakage, match):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)

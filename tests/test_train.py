@@ -4,14 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import markov_tokens, tiny_config
-from loopgolf.config import get_preset
-from loopgolf.config import TrainConfig
+
+from loopgolf.config import OptimizerConfig, TrainConfig, get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
-from loopgolf.config import OptimizerConfig
 from loopgolf.train.optim import Muon, build_optimizers, newton_schulz, split_parameters
 from loopgolf.train.trainer import accumulation_steps, lr_multiplier, train
 

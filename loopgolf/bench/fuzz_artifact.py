@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import resource
 import signal
 import struct
@@ -40,37 +39,108 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loopgolf.export.artifact import ArtifactError, seal, unseal  # noqa: E402
-from loopgolf.export.pack import export_model, load_model  # noqa: E402
-from loopgolf.model.gpt import GPT, ModelConfig  # noqa: E402
-from loopgolf.model.plan import PlanSpec  # noqa: E402
+from loopgolf.export.artifact import ArtifactError, seal, unseal
+from loopgolf.export.pack import export_model, load_model
+from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.plan import PlanSpec
 
 HLEN = struct.Struct("<I")
 OUTCOMES = ("clean_error", "loaded_finite", "traceback", "nan", "hang")
 BAD = ("traceback", "nan", "hang")
 
 POOL = [
-    2**22, 2**31, 2**40, 2**63, -(2**63), -1, 0, 1, 2, 3, 7, 32, 64, 10**9,
-    float("nan"), float("inf"), float("-inf"), -0.0, 1e308, 0.5, 1e-45,
-    "", "x", "float32", "float16", "bfloat16", "int8", "int64", "planes", "raw", "cycle",
-    "tok_emb.weight", "attn_scale", "../../etc/passwd", "\u0000", "a" * 1000,
-    [], [1], [0], [-1], [2**40], [2**22, 2**22], [64, 32], [32], [1, 2, 3, 4, 5, 6, 7, 8, 9],
-    ["float32"], [None], [[1]],
-    {}, {"kind": "cycle"}, {"dtype": "float32"}, {"a": 1},
-    None, True, False,
+    2**22,
+    2**31,
+    2**40,
+    2**63,
+    -(2**63),
+    -1,
+    0,
+    1,
+    2,
+    3,
+    7,
+    32,
+    64,
+    10**9,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    -0.0,
+    1e308,
+    0.5,
+    1e-45,
+    "",
+    "x",
+    "float32",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int64",
+    "planes",
+    "raw",
+    "cycle",
+    "tok_emb.weight",
+    "attn_scale",
+    "../../etc/passwd",
+    "\u0000",
+    "a" * 1000,
+    [],
+    [1],
+    [0],
+    [-1],
+    [2**40],
+    [2**22, 2**22],
+    [64, 32],
+    [32],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9],
+    ["float32"],
+    [None],
+    [[1]],
+    {},
+    {"kind": "cycle"},
+    {"dtype": "float32"},
+    {"a": 1},
+    None,
+    True,
+    False,
 ]
 
 CONFIG_FIELDS = [
-    "vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "plan", "tie_embeddings",
-    "per_layer_controls", "depth_embeddings", "lora_ranks", "lora_alpha", "rope_base",
-    "max_seq_len", "logit_softcap", "qk_gain_init", "tied_embed_init_std",
+    "vocab_size",
+    "model_dim",
+    "num_heads",
+    "num_kv_heads",
+    "mlp_mult",
+    "plan",
+    "tie_embeddings",
+    "per_layer_controls",
+    "depth_embeddings",
+    "lora_ranks",
+    "lora_alpha",
+    "rope_base",
+    "max_seq_len",
+    "logit_softcap",
+    "qk_gain_init",
+    "tied_embed_init_std",
 ]
 PLAN_FIELDS = ["kind", "layers", "loops", "first", "last", "loop_start", "loop_end", "share", "attn_of", "mlp_of"]
 CONFIG_EXTRA = [  # plausible-but-wrong values that get past type checks
-    {"kind": "vanilla", "layers": 2}, {"kind": "cycle", "layers": 1, "loops": 10**9},
-    {"kind": "explicit", "attn_of": [0, 0], "mlp_of": [0, 0]}, {"kind": "explicit", "attn_of": [0, 5], "mlp_of": [0, 0]},
-    {"kind": "mini-loop", "layers": 1, "loops": 2, "loop_start": 0, "loop_end": 0}, "cycle:1x2", "cycle:1x3",
-    {"c_q": 4}, {"c_q": 2**22}, {"mlp": -1}, 1e30, 1e-30, 16, 128, 4,
+    {"kind": "vanilla", "layers": 2},
+    {"kind": "cycle", "layers": 1, "loops": 10**9},
+    {"kind": "explicit", "attn_of": [0, 0], "mlp_of": [0, 0]},
+    {"kind": "explicit", "attn_of": [0, 5], "mlp_of": [0, 0]},
+    {"kind": "mini-loop", "layers": 1, "loops": 2, "loop_start": 0, "loop_end": 0},
+    "cycle:1x2",
+    "cycle:1x3",
+    {"c_q": 4},
+    {"c_q": 2**22},
+    {"mlp": -1},
+    1e30,
+    1e-30,
+    16,
+    128,
+    4,
 ]
 PLAN_EXTRA = ["vanilla", "sequence", "cycle-rev", "middle-cycle", "explicit", "mlp", "attn", "none", [0, 0], [0, 1], [5], 10**6]
 
@@ -236,7 +306,7 @@ def run_case(blob: bytes, timeout: float) -> tuple[str, str | None]:
             return "clean_error", f"{type(e).__name__}: {e}"
         except CaseTimeout:
             raise
-        except BaseException as e:  # noqa: BLE001 - anything else is a finding
+        except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
             return "traceback", "".join(traceback.format_exception(type(e), e, e.__traceback__))
@@ -245,7 +315,7 @@ def run_case(blob: bytes, timeout: float) -> tuple[str, str | None]:
                 logits = model(probe_tokens(model.config.vocab_size, model.config.max_seq_len))
         except CaseTimeout:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return "traceback", "forward pass: " + "".join(traceback.format_exception(type(e), e, e.__traceback__))
         if not bool(torch.isfinite(logits).all()):
             return "nan", "loaded, but the forward pass gave non-finite logits"
@@ -294,7 +364,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGALRM, _on_alarm)
 
     indices = [args.case] if args.case is not None else range(args.cases)
-    counts = {k: 0 for k in OUTCOMES}
+    counts = dict.fromkeys(OUTCOMES, 0)
     findings = []
     slowest = (0.0, None)
     t_start = time.perf_counter()
@@ -307,8 +377,15 @@ def main(argv=None) -> int:
         if dt > slowest[0]:
             slowest = (dt, i)
         if outcome in BAD:
-            findings.append({"case": i, "outcome": outcome, "mutations": desc, "detail": detail,
-                             "replay": f"python -m loopgolf.bench.fuzz_artifact --seed {args.seed} --case {i} -v"})
+            findings.append(
+                {
+                    "case": i,
+                    "outcome": outcome,
+                    "mutations": desc,
+                    "detail": detail,
+                    "replay": f"python -m loopgolf.bench.fuzz_artifact --seed {args.seed} --case {i} -v",
+                }
+            )
         if args.verbose and not args.json:
             print(f"case {i}: {outcome} ({dt:.3f} s) {desc}")
             if detail:
@@ -316,11 +393,15 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
 
     summary = {
-        "cases": len(indices), "seed": args.seed, "counts": counts,
+        "cases": len(indices),
+        "seed": args.seed,
+        "counts": counts,
         "wall_s": round(wall, 3),
-        "slowest_case_s": round(slowest[0], 4), "slowest_case": slowest[1],
+        "slowest_case_s": round(slowest[0], 4),
+        "slowest_case": slowest[1],
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "findings": len(findings), "first_findings": findings[: args.show],
+        "findings": len(findings),
+        "first_findings": findings[: args.show],
         "distinct_findings": distinct(findings),
     }
     if args.json:

@@ -13,7 +13,6 @@ CPU's speed drifts by tens of percent over a minute), per-engine figures the med
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
@@ -25,7 +24,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,8 +106,9 @@ def _post(url: str, body: dict, timeout: float) -> dict:
         return json.loads(r.read())
 
 
-def load_test(model_path: str, tokenizer: str | None, reqs: list[Request], criterion: str | None, slots: int, concurrency: int,
-              timeout: float = 300.0) -> dict[str, Any]:
+def load_test(
+    model_path: str, tokenizer: str | None, reqs: list[Request], criterion: str | None, slots: int, concurrency: int, timeout: float = 300.0
+) -> dict[str, Any]:
     """Start `loopgolf serve` in a second process on a free localhost port, send ``reqs`` from
     ``concurrency`` client threads, then SIGTERM it; bounded by ``timeout`` seconds overall."""
     port = _free_port()
@@ -147,11 +146,14 @@ def load_test(model_path: str, tokenizer: str | None, reqs: list[Request], crite
                     r = queue.pop(0)
                 t0 = time.perf_counter()
                 try:
-                    out = _post(base + "/v1/completions", {"prompt": r.prompt_ids, "max_tokens": r.max_new_tokens, "temperature": 0},
-                                max(1.0, deadline - time.monotonic()))
+                    out = _post(
+                        base + "/v1/completions",
+                        {"prompt": r.prompt_ids, "max_tokens": r.max_new_tokens, "temperature": 0},
+                        max(1.0, deadline - time.monotonic()),
+                    )
                     with lock:
                         results.append((time.perf_counter() - t0, out["usage"]["completion_tokens"]))
-                except Exception as e:  # noqa: BLE001 - counted and reported
+                except Exception as e:
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}")
 
@@ -174,9 +176,17 @@ def load_test(model_path: str, tokenizer: str | None, reqs: list[Request], crite
     lat = [x for x, _ in results]
     tokens = sum(n for _, n in results)
     return {
-        "requests": len(reqs), "ok": len(results), "errors": errors[:5], "concurrency": concurrency, "tokens": tokens,
-        "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0, "p50_latency_s": _pct(lat, 50), "p99_latency_s": _pct(lat, 99),
-        "sigterm_exit_code": rc, "shutdown_s": shutdown,
+        "requests": len(reqs),
+        "ok": len(results),
+        "errors": errors[:5],
+        "concurrency": concurrency,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "p50_latency_s": _pct(lat, 50),
+        "p99_latency_s": _pct(lat, 99),
+        "sigterm_exit_code": rc,
+        "shutdown_s": shutdown,
     }
 
 
@@ -279,14 +289,20 @@ def format_bench_serve(r: dict[str, Any]) -> str:
     ]
     for name, e in r["engines"].items():
         split = ", ".join(f"{k} {v:.2f}" for k, v in e["seconds"].items())
-        lines.append(f"{name:<15}{e['early_exit']:>10}{e['tokens_per_s']:>9.1f}{e['p50_latency_s']:>8.2f}{e['p99_latency_s']:>8.2f}"
-                     f"{e['mean_loops_per_token']:>8.2f}{e['rows_per_layer_call']:>10.1f}  {split}")
-    lines.append(f"median of {r['repeats']} rounds: depth-wise vs static {r['speedup_vs_static']:.2f}x, vs sequence batching "
-                 f"{r['speedup_vs_sequence_batching']:.2f}x (sequence batching with exit vs without {r['speedup_exit_vs_sequence_batching']:.2f}x); "
-                 f"val_bpb {r['bpb_full']:.5f} -> {r['bpb_early_exit']:.5f} with early exit ({100 * r['bpb_cost_fraction']:+.3f}%, "
-                 f"{r['eval_mean_loops']:.2f} of {r['full_loops']} passes, {r['eval_tokens']:,} tokens)")
+        lines.append(
+            f"{name:<15}{e['early_exit']:>10}{e['tokens_per_s']:>9.1f}{e['p50_latency_s']:>8.2f}{e['p99_latency_s']:>8.2f}"
+            f"{e['mean_loops_per_token']:>8.2f}{e['rows_per_layer_call']:>10.1f}  {split}"
+        )
+    lines.append(
+        f"median of {r['repeats']} rounds: depth-wise vs static {r['speedup_vs_static']:.2f}x, vs sequence batching "
+        f"{r['speedup_vs_sequence_batching']:.2f}x (sequence batching with exit vs without {r['speedup_exit_vs_sequence_batching']:.2f}x); "
+        f"val_bpb {r['bpb_full']:.5f} -> {r['bpb_early_exit']:.5f} with early exit ({100 * r['bpb_cost_fraction']:+.3f}%, "
+        f"{r['eval_mean_loops']:.2f} of {r['full_loops']} passes, {r['eval_tokens']:,} tokens)"
+    )
     if r["server"]:
         s = r["server"]
-        lines.append(f"server load test: {s['ok']}/{s['requests']} ok from {s['concurrency']} clients, {s['tokens_per_s']:.1f} tok/s, "
-                     f"p50 {s['p50_latency_s']:.2f} s, p99 {s['p99_latency_s']:.2f} s; SIGTERM -> exit {s['sigterm_exit_code']} in {s['shutdown_s']:.2f} s")
+        lines.append(
+            f"server load test: {s['ok']}/{s['requests']} ok from {s['concurrency']} clients, {s['tokens_per_s']:.1f} tok/s, "
+            f"p50 {s['p50_latency_s']:.2f} s, p99 {s['p99_latency_s']:.2f} s; SIGTERM -> exit {s['sigterm_exit_code']} in {s['shutdown_s']:.2f} s"
+        )
     return "\n".join(lines)

@@ -20,18 +20,17 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from loopgolf.config import get_preset
-from loopgolf.config import TrainConfig
+from loopgolf.config import TrainConfig, get_preset
 from loopgolf.data.shards import TokenLoader, write_shard
-from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token
 from loopgolf.device import matmul_peak, resolve_device
+from loopgolf.model.gpt import GPT, ModelConfig, forward_flops_per_token
 from loopgolf.train.trainer import train
 from loopgolf.util import read_jsonl
 
@@ -94,7 +93,9 @@ def bench_train(
             torch.cuda.reset_peak_memory_stats(dev)
         log_path = Path(tmp) / "train_records.jsonl"
         cpu0 = time.process_time()
-        result = train(model, loader, replace(train_cfg, max_steps=steps), device=dev, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path, progress=False)
+        result = train(
+            model, loader, replace(train_cfg, max_steps=steps), device=dev, tied_embeddings=model_cfg.tie_embeddings, log_path=log_path, progress=False
+        )
         cpu_seconds = time.process_time() - cpu0
         records = [r for r in read_jsonl(log_path) if r.get("event") == "train"]
     memory, memory_kind = _memory_bytes(dev)

@@ -102,7 +102,12 @@ def add_model_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-mult", type=positive_int, help="MLP hidden = mlp_mult * width")
     g.add_argument("--per-layer-controls", action="store_true", default=None, help="unshared scales/mixes/q gains per virtual layer")
     g.add_argument("--depth-emb", action="store_true", default=None, help="a learned embedding added at the start of each virtual layer")
-    g.add_argument("--lora", type=lora_ranks, metavar="RANKS", help="per-virtual-layer LoRA: 'all=8' or 'q=4,v=4,mlp_in=16' (targets q,k,v,o,mlp_in,mlp_out, and mlp_gate for gated MLPs; all = the first six)")
+    g.add_argument(
+        "--lora",
+        type=lora_ranks,
+        metavar="RANKS",
+        help="per-virtual-layer LoRA: 'all=8' or 'q=4,v=4,mlp_in=16' (targets q,k,v,o,mlp_in,mlp_out, and mlp_gate for gated MLPs; all = the first six)",
+    )
     g.add_argument("--lora-alpha", type=float, help="LoRA scale alpha/r (default: alpha = r)")
     g.add_argument("--model", dest="model_set", type=kv, action="append", default=[], metavar="KEY=VALUE", help="any ModelConfig field")
 
@@ -114,8 +119,14 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan:
         out["plan"] = parse_plan(args.plan).to_dict()
     for flag, key in (
-        ("dim", "model_dim"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("mlp_mult", "mlp_mult"),
-        ("per_layer_controls", "per_layer_controls"), ("depth_emb", "depth_embeddings"), ("lora", "lora_ranks"), ("lora_alpha", "lora_alpha"),
+        ("dim", "model_dim"),
+        ("heads", "num_heads"),
+        ("kv_heads", "num_kv_heads"),
+        ("mlp_mult", "mlp_mult"),
+        ("per_layer_controls", "per_layer_controls"),
+        ("depth_emb", "depth_embeddings"),
+        ("lora", "lora_ranks"),
+        ("lora_alpha", "lora_alpha"),
     ):
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)

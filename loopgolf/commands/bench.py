@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from loopgolf.commands.args import add_model_overrides, int_list, kv, model_overrides, non_negative_float, non_negative_int, positive_int
 from loopgolf.serve.exits import CRITERION_SYNTAX
@@ -23,8 +24,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if args.compile:
         train_set["compile"] = True
     result = bench_train(
-        args.preset, model_overrides=model_overrides(args), train_overrides=train_set, steps=args.steps,
-        warmup=args.warmup, device=args.device, peak_size=args.peak_size, threads=args.threads,
+        args.preset,
+        model_overrides=model_overrides(args),
+        train_overrides=train_set,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        peak_size=args.peak_size,
+        threads=args.threads,
     )
     print(bench_json(result) if args.json else format_bench(result))
     return 0
@@ -39,8 +46,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.arrival_rate < 0:
         raise ValueError(f"--arrival-rate must be >= 0, got {args.arrival_rate}")
     spec = StreamSpec(args.requests, tuple(args.prompt_len), tuple(args.output_len), args.arrival_rate, args.seed)
-    r = bench_serve(args.model, tokenizer=args.tokenizer, data=args.data, criterion=args.early_exit, spec=spec, slots=args.slots,
-                    eval_tokens=args.eval_tokens, server_requests=args.server_requests, concurrency=args.concurrency, threads=args.threads, repeats=args.repeats)
+    r = bench_serve(
+        args.model,
+        tokenizer=args.tokenizer,
+        data=args.data,
+        criterion=args.early_exit,
+        spec=spec,
+        slots=args.slots,
+        eval_tokens=args.eval_tokens,
+        server_requests=args.server_requests,
+        concurrency=args.concurrency,
+        threads=args.threads,
+        repeats=args.repeats,
+    )
     print(format_bench_serve(r))
     if args.json:
         print(json.dumps(r))
@@ -52,7 +70,8 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
 
     bsub = p.add_subparsers(dest="bench_cmd", required=True, metavar="{train,serve}")
     t = bsub.add_parser(
-        "train", help="tokens/s, step time, memory and MFU of the training step on synthetic tokens",
+        "train",
+        help="tokens/s, step time, memory and MFU of the training step on synthetic tokens",
         description="Run the trainer on synthetic tokens (warm-up steps, then measured steps) and report tokens/s, step time, "
         "memory and MFU = 3 x forward FLOPs/token (from the plan) x tokens/s / the matmul peak measured in the same process "
         "(float32 on CPU, bf16 on CUDA). With --json the result is one JSON line.",
@@ -73,7 +92,8 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     t.set_defaults(func=cmd_bench_train)
 
     s = bsub.add_parser(
-        "serve", help="tokens/s and latency of static, sequence and depth-wise batching; early exit's bpb cost; a server load test",
+        "serve",
+        help="tokens/s and latency of static, sequence and depth-wise batching; early exit's bpb cost; a server load test",
         description="Serve one request stream (prompts cut from the validation tokens, greedy) on the static full-depth, "
         "sequence-level continuous and continuous depth-wise engines (and sequence batching with early exit, to separate the "
         "two effects); score val_bpb with and without early exit; load-test `loopgolf serve` from a second process. "
@@ -82,7 +102,9 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     s.add_argument("model", metavar="ARTIFACT_OR_RUN", help="a recursive model: an artifact or a run directory")
     s.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
     s.add_argument("--data", help="dataset for prompts and scoring (default: the run's)")
-    s.add_argument("--early-exit", metavar="CRITERION", help=f"{CRITERION_SYNTAX} (default: agree on plans of 3 or more passes, where it can fire; maxprob:0.5 on 2)")
+    s.add_argument(
+        "--early-exit", metavar="CRITERION", help=f"{CRITERION_SYNTAX} (default: agree on plans of 3 or more passes, where it can fire; maxprob:0.5 on 2)"
+    )
     s.add_argument("--requests", type=positive_int, default=32, help="requests in the stream (default 32)")
     s.add_argument("--prompt-len", type=int_list, default=[16, 96], metavar="MIN,MAX", help="prompt tokens (default 16,96)")
     s.add_argument("--output-len", type=int_list, default=[16, 64], metavar="MIN,MAX", help="generated tokens (default 16,64)")

@@ -16,15 +16,24 @@ DESCRIPTION = {
 }
 
 
-
 def cmd_budget(args: argparse.Namespace) -> int:
     from loopgolf.budget import budget_report, format_budget_report
     from loopgolf.export.quantize import parse_policy
 
     out = budget_report(
-        args.cap, preset=args.preset, family=args.family, policy=parse_policy(args.quant), codec=args.codec, weights=args.weights,
-        code_bytes=args.code_bytes, overrides=model_overrides(args), layers=args.layers, loops=args.loops, width_step=args.width_step,
-        top=args.top, matmul_flops=args.matmul_flops,
+        args.cap,
+        preset=args.preset,
+        family=args.family,
+        policy=parse_policy(args.quant),
+        codec=args.codec,
+        weights=args.weights,
+        code_bytes=args.code_bytes,
+        overrides=model_overrides(args),
+        layers=args.layers,
+        loops=args.loops,
+        width_step=args.width_step,
+        top=args.top,
+        matmul_flops=args.matmul_flops,
     )
     print(json.dumps(out, indent=2) if args.json else format_budget_report(out))
     return 0
@@ -45,8 +54,12 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
     p.add_argument("--codec", default="auto", choices=("auto", *CODECS), help="auto (smallest, default), " + ", ".join(CODECS))
-    p.add_argument("--weights", choices=WEIGHTS, default="trained",
-                   help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger")
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="trained",
+        help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
+    )
     p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the size of the train_gpt.py a run of the preset generates)")
     p.add_argument("--layers", type=int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=int_list, help="also try these loop counts, e.g. 2,3,4")

@@ -15,9 +15,17 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     from loopgolf.data.corpus import build_dataset
 
     manifest = build_dataset(
-        args.input, Path(args.out), vocab_size=args.vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
-        val_fraction=args.val_fraction, seed=args.seed, byte_fallback=not args.no_byte_fallback, shuffle=not args.keep_order,
-        force=args.force, progress=not args.json,
+        args.input,
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        val_docs=args.val_docs,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        byte_fallback=not args.no_byte_fallback,
+        shuffle=not args.keep_order,
+        force=args.force,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -59,7 +67,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{build,fineweb,stats,default}")
 
     b = dsub.add_parser("build", help="text/jsonl files or folders -> tokenizer + train/val shards + manifest")
-    b.add_argument("--input", nargs="+", required=True, help=".txt files (one document each), .jsonl files ({\"text\": ...} per line) or folders")
+    b.add_argument("--input", nargs="+", required=True, help='.txt files (one document each), .jsonl files ({"text": ...} per line) or folders')
     b.add_argument("--out", required=True, help="output dataset directory")
     tok = b.add_mutually_exclusive_group()
     tok.add_argument("--vocab-size", type=positive_int, default=1024, help="train a SentencePiece BPE tokenizer of this size (default 1024)")
@@ -68,7 +76,11 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     val.add_argument("--val-docs", type=positive_int, help="hold out this many documents for validation")
     val.add_argument("--val-fraction", type=float, help="hold out this fraction of documents (default 0.05)")
     b.add_argument("--seed", type=int, default=1337, help="seeds the validation choice, the train shuffle and tokenizer training")
-    b.add_argument("--keep-order", action="store_true", help="keep the training documents in source order (default: shuffled with --seed; validation keeps source order either way)")
+    b.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="keep the training documents in source order (default: shuffled with --seed; validation keeps source order either way)",
+    )
     b.add_argument("--no-byte-fallback", action="store_true", help="train the tokenizer without byte-fallback pieces")
     b.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     b.add_argument("--json", action="store_true", help="print the manifest")

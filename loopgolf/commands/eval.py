@@ -16,7 +16,6 @@ DESCRIPTION = {
 }
 
 
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -41,21 +40,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         where.update(artifact=str(opened.path), artifact_file_bytes=opened.file_bytes, codec=opened.codec)
     with torch.inference_mode():
         if criterion is None:
-            r = evaluate_bpb(opened.model, ds.val_tokens(), ds.tables, seq_len, stride=args.stride, batch_size=args.batch_size,
-                             max_tokens=args.max_tokens, device=next(opened.model.parameters()).device, progress=not args.json)
+            r = evaluate_bpb(
+                opened.model,
+                ds.val_tokens(),
+                ds.tables,
+                seq_len,
+                stride=args.stride,
+                batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
+                device=next(opened.model.parameters()).device,
+                progress=not args.json,
+            )
         else:
             from loopgolf.serve.scoring import evaluate_early_exit
 
-            r = evaluate_early_exit(opened.model, ds.val_tokens(), ds.tables, seq_len, criterion, batch_size=args.batch_size,
-                                    max_tokens=args.max_tokens, progress=not args.json)
+            r = evaluate_early_exit(
+                opened.model, ds.val_tokens(), ds.tables, seq_len, criterion, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.json
+            )
     out = {**r.to_dict(), **where}
     if args.json:
         print(json.dumps(out, indent=2))
     elif criterion is None:
-        print(f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  targets {r.num_targets:,}  bytes {r.target_bytes:,}  (seq_len {r.seq_len}, stride {r.stride})")
+        print(
+            f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  targets {r.num_targets:,}  bytes {r.target_bytes:,}  (seq_len {r.seq_len}, stride {r.stride})"
+        )
     else:
-        print(f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  early exit {r.criterion}: mean passes/token {r.mean_loops:.3f} of {r.full_loops}  "
-              f"(per pass {r.loop_histogram})  targets {r.num_targets:,}  bytes {r.target_bytes:,}")
+        print(
+            f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  early exit {r.criterion}: mean passes/token {r.mean_loops:.3f} of {r.full_loops}  "
+            f"(per pass {r.loop_histogram})  targets {r.num_targets:,}  bytes {r.target_bytes:,}"
+        )
     return 0
 
 
@@ -69,7 +82,11 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--no-verify-data", action="store_true", help="skip checking the validation shards against the dataset's manifest")
     p.add_argument("--max-tokens", type=positive_int, help="score only this many validation tokens (a cheaper estimate; the official score uses all)")
-    p.add_argument("--early-exit", metavar="CRITERION", help=f"score with early exit after each pass of a recursive plan, token by token through the KV cache: {CRITERION_SYNTAX}; "
-                   "reports val_bpb and the mean passes per token (non-overlapping windows)")
+    p.add_argument(
+        "--early-exit",
+        metavar="CRITERION",
+        help=f"score with early exit after each pass of a recursive plan, token by token through the KV cache: {CRITERION_SYNTAX}; "
+        "reports val_bpb and the mean passes per token (non-overlapping windows)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

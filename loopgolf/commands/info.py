@@ -36,8 +36,10 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"preset {preset.name}: {model.plan.describe()}")
-    print(f"unique params {out['unique_params']:,} | effective params {out['effective_params']:,} | forward FLOPs/token {out['forward_flops_per_token']:,} (seq {seq_len})")
-    print(f"virtual layer -> (attn, mlp): " + " ".join(f"{v}:({a},{m})" for v, (a, m) in enumerate(zip(model.plan.attn_of, model.plan.mlp_of))))
+    print(
+        f"unique params {out['unique_params']:,} | effective params {out['effective_params']:,} | forward FLOPs/token {out['forward_flops_per_token']:,} (seq {seq_len})"
+    )
+    print("virtual layer -> (attn, mlp): " + " ".join(f"{v}:({a},{m})" for v, (a, m) in enumerate(zip(model.plan.attn_of, model.plan.mlp_of))))
     width = max(len(t["name"]) for t in tensors)
     for t in tensors:
         print(f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<16} {t['numel']:>12,}")
@@ -50,7 +52,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         from dataclasses import asdict
 
-        out = {n: {"description": p.description, "model": p.model.to_dict(), "train": asdict(p.train), "eval_batch_size": p.eval_batch_size} for n, p in PRESETS.items()}
+        out = {
+            n: {"description": p.description, "model": p.model.to_dict(), "train": asdict(p.train), "eval_batch_size": p.eval_batch_size}
+            for n, p in PRESETS.items()
+        }
         print(json.dumps(out, indent=2))
     else:
         width = max(len(n) for n in PRESETS)

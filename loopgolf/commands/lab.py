@@ -52,8 +52,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             budget = f"{rv.max_steps} steps" if rv.max_steps is not None else f"{rv.time_budget:g} s"
             print(f"{'done' if r.finished else 'todo'}  {r.variant:16s} seed {r.seed:<4d} {budget:>12s}  {r.out}")
         return 0
-    res = run_sweep(ledger, out, store_path(args.store), jobs=args.jobs, threads=args.threads, data=args.data,
-                    variants=variants, seeds=seeds, device=args.device, progress=not args.quiet)
+    res = run_sweep(
+        ledger,
+        out,
+        store_path(args.store),
+        jobs=args.jobs,
+        threads=args.threads,
+        data=args.data,
+        variants=variants,
+        seeds=seeds,
+        device=args.device,
+        progress=not args.quiet,
+    )
     for run_dir, tail in res.failed:
         print(f"failed: {run_dir} (see {run_dir}/sweep.log)\n  " + tail.replace("\n", "\n  "), file=sys.stderr)
     return 1 if res.failed else 0
@@ -127,9 +137,11 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def _sweep(p: argparse.ArgumentParser, store_help: str) -> None:
-    p.description = ("Run every (variant, seed) of LEDGER (a TOML file or a built-in name: cpu-seed, pg-seed) as a normal "
-                       "run directory OUT/<variant>/seed<N>. Finished runs are skipped; failed or killed ones are redone. Runs go in "
-                       "parallel worker processes, each pinned to its own cores, never more jobs x threads than cores.")
+    p.description = (
+        "Run every (variant, seed) of LEDGER (a TOML file or a built-in name: cpu-seed, pg-seed) as a normal "
+        "run directory OUT/<variant>/seed<N>. Finished runs are skipped; failed or killed ones are redone. Runs go in "
+        "parallel worker processes, each pinned to its own cores, never more jobs x threads than cores."
+    )
     p.add_argument("ledger", metavar="LEDGER")
     p.add_argument("--out", help="sweep directory (default runs/sweeps/<ledger name>)")
     p.add_argument("--store", help=store_help)
@@ -147,7 +159,13 @@ def _sweep(p: argparse.ArgumentParser, store_help: str) -> None:
 def _runs(r: argparse.ArgumentParser, store_help: str) -> None:
     r.add_argument("--store", help=store_help)
     r.add_argument("--ledger", help="only this ledger's runs (with `add`: the ledger to file them under)")
-    r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE", help="keep rows whose field equals VALUE (a column, summary key or dotted config path); repeatable")
+    r.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep rows whose field equals VALUE (a column, summary key or dotted config path); repeatable",
+    )
     r.add_argument("--sort", help="sort by this field (--sort=-KEY for descending)")
     r.add_argument("--columns", help=f"comma-separated fields to show (default {','.join(DEFAULT_COLUMNS)})")
     r.add_argument("--csv", action="store_true", help="CSV on stdout")

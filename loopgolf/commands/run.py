@@ -24,20 +24,40 @@ def run_options(args: argparse.Namespace, train_only: bool = False):
         train_set["seq_len"] = args.seq_len
     if args.batch_tokens is not None:
         train_set["batch_tokens"] = args.batch_tokens
-    path = lambda value: Path(value) if value else None  # noqa: E731
+    path = lambda value: Path(value) if value else None
     return RunOptions(
-        preset=args.preset, data=path(args.data), out=path(args.out), cap_bytes=args.cap, seed=args.seed, time_budget=args.time,
-        max_steps=args.steps, codec=args.codec, quant=args.quant, qat=args.qat, qat_start=args.qat_start, stride=args.stride,
-        device=args.device, model_overrides=model_overrides(args), train_overrides=train_set, progress=not args.json and not args.quiet,
-        force=args.force, checkpoint_every=args.checkpoint_every, resume=path(args.resume), train_only=train_only,
-        verify_data=not args.no_verify_data, init_from=path(args.init_from), distill_from=path(args.distill_from),
-        distill_weight=args.distill_weight, distill_temp=args.distill_temp, exit_loss_weight=args.exit_loss_weight,
+        preset=args.preset,
+        data=path(args.data),
+        out=path(args.out),
+        cap_bytes=args.cap,
+        seed=args.seed,
+        time_budget=args.time,
+        max_steps=args.steps,
+        codec=args.codec,
+        quant=args.quant,
+        qat=args.qat,
+        qat_start=args.qat_start,
+        stride=args.stride,
+        device=args.device,
+        model_overrides=model_overrides(args),
+        train_overrides=train_set,
+        progress=not args.json and not args.quiet,
+        force=args.force,
+        checkpoint_every=args.checkpoint_every,
+        resume=path(args.resume),
+        train_only=train_only,
+        verify_data=not args.no_verify_data,
+        init_from=path(args.init_from),
+        distill_from=path(args.distill_from),
+        distill_weight=args.distill_weight,
+        distill_temp=args.distill_temp,
+        exit_loss_weight=args.exit_loss_weight,
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from loopgolf.rundir import RunSummary
     from loopgolf.run import format_summary, run
+    from loopgolf.rundir import RunSummary
 
     outcome = run(run_options(args))
     s = outcome.summary
@@ -45,8 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(outcome.to_json() if args.json else format_summary(s, outcome.run_dir))
     if not s.fits:
-        print(f"loopgolf run: artifact is {s.artifact_bytes:,} bytes, over the {s.cap_bytes:,}-byte cap "
-              f"by {-s.headroom_bytes:,} (report written to {outcome.run_dir})", file=sys.stderr)
+        print(
+            f"loopgolf run: artifact is {s.artifact_bytes:,} bytes, over the {s.cap_bytes:,}-byte cap "
+            f"by {-s.headroom_bytes:,} (report written to {outcome.run_dir})",
+            file=sys.stderr,
+        )
         return EXIT_OVER_CAP
     return 0
 
@@ -69,7 +92,8 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
     p.add_argument("--cap", type=positive_int, help="artifact byte cap (default 16,000,000)")
     p.add_argument(
-        "--time", type=float,
+        "--time",
+        type=float,
         help="training wallclock budget in seconds; on a preset that stops on steps alone (the default cpu: 250 steps) "
         "it replaces that stop, elsewhere the preset's step cap stays; with --steps, whichever comes first",
     )
@@ -86,13 +110,20 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", dest="train_set", type=kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     add_model_overrides(p)
     u = p.add_argument_group("uptraining (after `loopgolf convert`)")
-    u.add_argument("--init-from", metavar="SOURCE", help="start from this model: a `loopgolf convert` or run directory, an artifact, or a Hugging Face directory")
+    u.add_argument(
+        "--init-from", metavar="SOURCE", help="start from this model: a `loopgolf convert` or run directory, an artifact, or a Hugging Face directory"
+    )
     u.add_argument("--distill-from", metavar="SOURCE", help="teacher for forward-KL distillation (any source `loopgolf convert` reads)")
     u.add_argument("--distill-weight", type=float, metavar="W", help="loss = (1 - W) CE + W T^2 KL(teacher || student) (default 0.5)")
     u.add_argument("--distill-temp", type=float, metavar="T", help="distillation temperature (default 1)")
     u.add_argument("--exit-loss-weight", type=float, metavar="W", help="weight of the intermediate-loop losses that prepare early exit (e.g. 0.1)")
     g = p.add_argument_group("checkpoints and resume")
-    g.add_argument("--checkpoint-every", type=non_negative_int, metavar="N", help="write DIR/checkpoint.pt every N steps and when the budget ends (0: none; `train` always writes the final one)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        metavar="N",
+        help="write DIR/checkpoint.pt every N steps and when the budget ends (0: none; `train` always writes the final one)",
+    )
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with its config.json (--steps/--time extend the budget)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bars)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

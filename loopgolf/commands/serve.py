@@ -38,8 +38,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     if args.json:
         g = gen.generate(args.prompt, args.max_new_tokens, **kwargs)
-        print(json.dumps({"prompt": args.prompt, "text": g.text, "token_ids": g.token_ids, "loops": g.loops, "mean_loops": g.mean_loops,
-                          "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens}))
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "text": g.text,
+                    "token_ids": g.token_ids,
+                    "loops": g.loops,
+                    "mean_loops": g.mean_loops,
+                    "finish_reason": g.finish_reason,
+                    "prompt_tokens": g.prompt_tokens,
+                }
+            )
+        )
         return 0
     sys.stdout.write(args.prompt)
     for event in gen.stream(args.prompt, args.max_new_tokens, **kwargs):
@@ -84,13 +95,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--context {context:,} is longer than the model's max_seq_len {model.config.max_seq_len:,}")
     need, have = kv_cache_bytes(model, args.slots, context), _memory_bytes()
     if have is not None and need > have // 2:
-        raise ValueError(f"--slots {args.slots} x --context {context} needs a {need / 2**30:.1f} GiB KV cache, more than half of this "
-                         f"machine's {have / 2**30:.1f} GiB; lower --slots or --context")
-    engine = Engine(model, schedule=args.schedule, slots=args.slots, max_len=context, criterion=criterion,
-                    decode=served.tokenizer.decode, max_queue=args.max_queue)
+        raise ValueError(
+            f"--slots {args.slots} x --context {context} needs a {need / 2**30:.1f} GiB KV cache, more than half of this "
+            f"machine's {have / 2**30:.1f} GiB; lower --slots or --context"
+        )
+    engine = Engine(
+        model, schedule=args.schedule, slots=args.slots, max_len=context, criterion=criterion, decode=served.tokenizer.decode, max_queue=args.max_queue
+    )
     cfg = ServerConfig(args.name or served.opened.name, args.host, args.port, args.timeout, args.shutdown_grace)
-    print(f"serving {cfg.model_name} ({served.opened.path}) on http://{cfg.host}:{cfg.port}/v1 — schedule {args.schedule}, "
-          f"{args.slots} slots, context {engine.max_len}, early exit {criterion or 'off'}", file=sys.stderr, flush=True)
+    print(
+        f"serving {cfg.model_name} ({served.opened.path}) on http://{cfg.host}:{cfg.port}/v1 — schedule {args.schedule}, "
+        f"{args.slots} slots, context {engine.max_len}, early exit {criterion or 'off'}",
+        file=sys.stderr,
+        flush=True,
+    )
     serve(engine, served.tokenizer, cfg)
     return 0
 

@@ -13,22 +13,30 @@ DESCRIPTION = {
 }
 
 
-
 def cmd_submission(args: argparse.Namespace) -> int:
     import sys
 
     from loopgolf.submit.records import SCRIPT_NAME, SubmissionInfo, write_records
 
     info = SubmissionInfo(name=args.name, author=args.author or "", github_id=args.github_id or "", blurb=args.blurb or "", date=args.date)
-    sub = write_records(args.runs, args.out, info=info, form="minify" if args.minify else "plain", compress=args.compress,
-                        force=args.force, allow_code_change=args.allow_code_change)
+    sub = write_records(
+        args.runs,
+        args.out,
+        info=info,
+        form="minify" if args.minify else "plain",
+        compress=args.compress,
+        force=args.force,
+        allow_code_change=args.allow_code_change,
+    )
     for w in sub["record_warnings"]:
         print(f"loopgolf submission: warning: not a valid record attempt: {w} (written as track {sub['track']})", file=sys.stderr)
     if args.json:
         print(json.dumps(sub, indent=2))
         return 0
-    print(f"loopgolf submission: {args.out}: {SCRIPT_NAME} {sub['bytes_code']:,} bytes, {len(sub['seeds'])} seed(s), "
-          f"val_bpb {sub['val_bpb']:.8f} (std {sub['val_bpb_std']:.8f}), at most {sub['bytes_total']:,} of {sub['cap_bytes']:,} bytes")
+    print(
+        f"loopgolf submission: {args.out}: {SCRIPT_NAME} {sub['bytes_code']:,} bytes, {len(sub['seeds'])} seed(s), "
+        f"val_bpb {sub['val_bpb']:.8f} (std {sub['val_bpb_std']:.8f}), at most {sub['bytes_total']:,} of {sub['cap_bytes']:,} bytes"
+    )
     for seed, r in sub["seed_results"].items():
         print(f"  seed {seed}: val_bpb {r['val_bpb']:.8f}  {r['steps']} steps  {r['artifact_bytes']:,} bytes")
     if not info.author or not info.github_id:

@@ -38,17 +38,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopgolf.sources.hf import ConversionError
-from loopgolf.sources.load import Source
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.model.plan import PlanSpec
+from loopgolf.sources.hf import ConversionError
+from loopgolf.sources.load import Source
 
 INITS = ("stepwise", "average", "lower", "upper", "random")
 CONVERTIBLE_KINDS = ("cycle", "sequence")
 # LoRA target -> (stored module, weight) inside a block.
 TARGET_WEIGHTS = {
-    "q": ("attn", "c_q"), "k": ("attn", "c_k"), "v": ("attn", "c_v"), "o": ("attn", "proj"),
-    "mlp_in": ("mlps", "fc"), "mlp_gate": ("mlps", "gate"), "mlp_out": ("mlps", "proj"),
+    "q": ("attn", "c_q"),
+    "k": ("attn", "c_k"),
+    "v": ("attn", "c_v"),
+    "o": ("attn", "proj"),
+    "mlp_in": ("mlps", "fc"),
+    "mlp_gate": ("mlps", "gate"),
+    "mlp_out": ("mlps", "proj"),
 }
 # Tensors with one row per attention / MLP control index (per stored block or per virtual layer).
 ATTN_CONTROLS = ("attn_scale", "resid_mix", "q_gain", "attn_norm", "attn_norm_bias")
@@ -107,8 +112,12 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "init": self.init, "plan": self.plan, "block_sources": self.block_sources, "layer_errors": self.layer_errors,
-            "unique_params_source": self.unique_params_source, "unique_params": self.unique_params,
+            "init": self.init,
+            "plan": self.plan,
+            "block_sources": self.block_sources,
+            "layer_errors": self.layer_errors,
+            "unique_params_source": self.unique_params_source,
+            "unique_params": self.unique_params,
         }
 
     def format(self) -> str:
@@ -231,9 +240,7 @@ def as_vanilla(source: Source) -> Source:
     relabels; a source with LoRA adapters or another plan is refused."""
     cfg = source.config
     if cfg.plan.kind != "vanilla" or cfg.plan.share != "block":
-        raise ConversionError(
-            f"{source.path}: the source has a {cfg.plan.kind} plan ({cfg.depth_plan.describe()}); conversion starts from a vanilla model"
-        )
+        raise ConversionError(f"{source.path}: the source has a {cfg.plan.kind} plan ({cfg.depth_plan.describe()}); conversion starts from a vanilla model")
     if cfg.lora_ranks:
         raise ConversionError(f"{source.path}: the source already has LoRA adapters; convert the model they relax instead")
     if cfg.per_layer_controls:

@@ -24,15 +24,15 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from loopgolf import __version__
-from loopgolf.data.dataset import (  # noqa: F401  (re-exported: the manifest checks live on the counted path)
+from loopgolf.data.dataset import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -87,8 +87,7 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise CorpusError(
-                f"corpus input {path}: unsupported file type {path.suffix or '(no extension)'!r}; "
-                f"expected one of {', '.join(SUPPORTED_SUFFIXES)} or a folder"
+                f"corpus input {path}: unsupported file type {path.suffix or '(no extension)'!r}; expected one of {', '.join(SUPPORTED_SUFFIXES)} or a folder"
             )
     return files
 
@@ -98,10 +97,7 @@ def _decode(data: bytes, path: Path, base_offset: int = 0, line: int | None = No
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         where = f"{path}:{line}" if line is not None else str(path)
-        raise CorpusError(
-            f"{where}: invalid UTF-8 at byte offset {base_offset + e.start} of the file "
-            f"({e.reason}); convert the file to UTF-8"
-        ) from None
+        raise CorpusError(f"{where}: invalid UTF-8 at byte offset {base_offset + e.start} of the file ({e.reason}); convert the file to UTF-8") from None
 
 
 def _read_txt(path: Path) -> Iterator[Document]:
@@ -126,18 +122,13 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise CorpusError(
-                    f"{path}:{lineno}: expected a JSON object with a \"text\" field, "
-                    f"got {type(obj).__name__}"
-                )
+                raise CorpusError(f'{path}:{lineno}: expected a JSON object with a "text" field, got {type(obj).__name__}')
             if "text" not in obj:
                 keys = ", ".join(sorted(obj)[:8]) or "none"
-                raise CorpusError(f"{path}:{lineno}: missing \"text\" field (fields: {keys})")
+                raise CorpusError(f'{path}:{lineno}: missing "text" field (fields: {keys})')
             text = obj["text"]
             if not isinstance(text, str):
-                raise CorpusError(
-                    f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}"
-                )
+                raise CorpusError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__}')
             if text.strip():
                 yield Document(text=text, source=f"{path}:{lineno}")
 
@@ -195,14 +186,10 @@ class _ShardWriter:
         self.pending_tokens = len(rest)
         path = self.out_dir / _shard_name(self.split, len(self.shards))
         write_shard(path, body, vocab_size=self.vocab_size)
-        self.shards.append(
-            {"file": path.name, "tokens": int(n), "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
-        )
+        self.shards.append({"file": path.name, "tokens": int(n), "bytes": path.stat().st_size, "sha256": _file_sha256(path)})
 
 
-def _write_split(
-    sp, docs: list[Document], out_dir: Path, split: str, shard_tokens: int, vocab_size: int, progress: bool
-) -> dict:
+def _write_split(sp, docs: list[Document], out_dir: Path, split: str, shard_tokens: int, vocab_size: int, progress: bool) -> dict:
     writer = _ShardWriter(out_dir, split, shard_tokens, vocab_size)
     total = 0
     with tqdm(total=len(docs), desc=f"encode {split}", unit="doc", disable=not progress) as bar:
@@ -213,9 +200,7 @@ def _write_split(
                 arr[0] = BOS_ID
                 arr[1:] = ids
                 if len(ids) and (arr.max() >= vocab_size or arr.min() < 0):
-                    raise CorpusError(
-                        f"{doc.source}: token id {int(arr.max())} does not fit vocab_size {vocab_size}"
-                    )
+                    raise CorpusError(f"{doc.source}: token id {int(arr.max())} does not fit vocab_size {vocab_size}")
                 writer.add(arr.astype(np.uint16))
                 total += len(arr)
             bar.update(len(batch))
@@ -330,9 +315,7 @@ def build_dataset(
             if tokenizer_path is not None:
                 _copy_tokenizer(tokenizer_path, tmp)
             else:
-                train_tokenizer(
-                    (d.text for d in train), vocab_size, tmp / "tokenizer", byte_fallback=byte_fallback, seed=seed
-                )
+                train_tokenizer((d.text for d in train), vocab_size, tmp / "tokenizer", byte_fallback=byte_fallback, seed=seed)
             sp = load_tokenizer(tmp / TOKENIZER_NAME)
             vocab_size = int(sp.get_piece_size())  # the trainer may not reach the requested size
             if vocab_size > MAX_VOCAB:
@@ -370,9 +353,7 @@ def build_dataset(
 # --------------------------------------------------------------------------------------------
 
 
-def verify_dataset(
-    data_dir: str | os.PathLike, *, splits: Sequence[str] = ("train", "val"), cache: dict | None = None
-) -> None:
+def verify_dataset(data_dir: str | os.PathLike, *, splits: Sequence[str] = ("train", "val"), cache: dict | None = None) -> None:
     """Check the tokenizer and the shards of `splits` against the manifest (see
     `loopgolf.data.dataset.verify_shards`: shape, file set, sizes, sha256; `cache` None hashes
     every file afresh). Without a manifest, only the shard headers can be checked (official
@@ -394,7 +375,7 @@ def verify_dataset(
         return
     name = manifest.get("tokenizer", TOKENIZER_NAME)
     if not isinstance(name, str) or not name:
-        raise CorpusError(f"{data_dir / MANIFEST_NAME}: malformed manifest: \"tokenizer\" must be a file name, got {name!r}")
+        raise CorpusError(f'{data_dir / MANIFEST_NAME}: malformed manifest: "tokenizer" must be a file name, got {name!r}')
     tok = data_dir / name
     if not tok.is_file():
         raise CorpusError(f"{tok}: tokenizer listed in {data_dir / MANIFEST_NAME} is missing")
@@ -427,9 +408,7 @@ class XzBaseline:
     unknown_targets: int
 
 
-def baseline_xz_bpb(
-    data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None, progress: bool = False
-) -> XzBaseline:
+def baseline_xz_bpb(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None, progress: bool = False) -> XzBaseline:
     """Bits per byte of xz (preset 9) on the validation text: the score any model should beat.
 
     Exact from the manifest when it records the original text's numbers (datasets built here).

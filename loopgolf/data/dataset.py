@@ -13,10 +13,10 @@ import os
 import re
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def load_manifest(data_dir: str | os.PathLike) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorpusError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CorpusError(f"{path}: not a loopgolf dataset manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+        raise CorpusError(f'{path}: not a loopgolf dataset manifest (no "format": "{MANIFEST_FORMAT}")')
     if manifest.get("version") != MANIFEST_VERSION:
         raise CorpusError(f"{path}: unsupported manifest version {manifest.get('version')!r} (expected {MANIFEST_VERSION})")
     return manifest
@@ -88,12 +88,12 @@ def _shard_entries(manifest: dict, where: Path, splits: Sequence[str]) -> dict[s
     """The manifest's shard entries of `splits`, checked for shape; CorpusError naming what is wrong."""
     table = manifest.get("splits")
     if not isinstance(table, dict):
-        raise CorpusError(f"{where}: malformed manifest: no \"splits\" table")
+        raise CorpusError(f'{where}: malformed manifest: no "splits" table')
     out = {}
     for split in splits:
         entries = table[split].get("shards") if isinstance(table.get(split), dict) else None
         if not isinstance(entries, list):
-            raise CorpusError(f"{where}: malformed manifest: split {split!r} has no \"shards\" list")
+            raise CorpusError(f'{where}: malformed manifest: split {split!r} has no "shards" list')
         pattern = f"fineweb_{split}_*.bin"
         checks = (
             ("file", lambda v: isinstance(v, str) and fnmatchcase(v, pattern) and "/" not in v and os.sep not in v, f"a {pattern} file name"),
@@ -117,9 +117,7 @@ def _shard_entries(manifest: dict, where: Path, splits: Sequence[str]) -> dict[s
     return out
 
 
-def verify_shards(
-    data_dir: Path, manifest: dict, splits: Sequence[str] = ("train", "val"), cache: dict | None = None
-) -> None:
+def verify_shards(data_dir: Path, manifest: dict, splits: Sequence[str] = ("train", "val"), cache: dict | None = None) -> None:
     """Check the shards of `splits` against `manifest`: its shape, then the file set (every listed
     shard present, no unlisted ``fineweb_{split}_*.bin``) and every size (stats only, all splits),
     then every sha256 (reading each file; `cache`, when given, maps stat keys to digests so an
@@ -175,9 +173,7 @@ class Dataset:
     tables: ByteTables
 
     @classmethod
-    def open(
-        cls, root: Path, tokenizer: Path | None = None, *, verify: bool = True, splits: Sequence[str] = ("train", "val")
-    ) -> "Dataset":
+    def open(cls, root: Path, tokenizer: Path | None = None, *, verify: bool = True, splits: Sequence[str] = ("train", "val")) -> Dataset:
         root = Path(root)
         if not root.is_dir():
             what = "is a file, not a dataset directory" if root.exists() else "does not exist"

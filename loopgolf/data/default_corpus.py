@@ -30,8 +30,8 @@ import os
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from loopgolf.data.corpus import CorpusError, Document, build_dataset, load_manifest, verify_dataset
 
@@ -40,9 +40,7 @@ DEFAULT_CORPUS_FORMAT = 2  # bump when the corpus text or the build recipe chang
 DEFAULT_SEED = 1337
 MIN_MODULE_CHARS = 300  # shorter module texts are mostly one-line stubs
 CACHE_ENV = "LOOPGOLF_CACHE"
-_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "__pycache__"}
-)
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "__pycache__"})
 _DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -51,11 +49,7 @@ def _topic_documents() -> list[Document]:
         from pydoc_data.topics import topics  # plain data module, safe to import
     except ImportError:  # some distributions split it out; the stdlib docstrings still suffice
         return []
-    return [
-        Document(text=topics[name].strip(), source=f"pydoc_data.topics:{name}")
-        for name in sorted(topics)
-        if topics[name].strip()
-    ]
+    return [Document(text=topics[name].strip(), source=f"pydoc_data.topics:{name}") for name in sorted(topics) if topics[name].strip()]
 
 
 def _docstrings(tree: ast.AST) -> Iterator[str]:
@@ -180,9 +174,7 @@ def _build_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def ensure_default_dataset(
-    vocab_size: int = 1024, cache_root: str | os.PathLike | None = None, progress: bool = True
-) -> Path:
+def ensure_default_dataset(vocab_size: int = 1024, cache_root: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return the default dataset's directory, building it first if absent or broken."""
     data_dir = default_dataset_dir(vocab_size, cache_root)
     if _is_valid(data_dir, vocab_size):

@@ -33,8 +33,8 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -144,13 +144,11 @@ def _fetch(
                     raise DownloadError(f"{url}: asked for bytes from {offset}, the server sent from {start}")
                 offset = start  # 0 when the server ignored Range: rewrite from the beginning
                 if size is not None and total is not None and total != size:
-                    raise DownloadError(
-                        f"size mismatch: {url} is {total} bytes, the manifest implies {size}; "
-                        "the remote file or the manifest is wrong"
-                    )
-                with open(part, "r+b" if offset else "wb") as f, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-                ) as bar:
+                    raise DownloadError(f"size mismatch: {url} is {total} bytes, the manifest implies {size}; the remote file or the manifest is wrong")
+                with (
+                    open(part, "r+b" if offset else "wb") as f,
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+                ):
                     f.seek(offset)
                     f.truncate()
                     received = 0
@@ -161,9 +159,7 @@ def _fetch(
                 length = resp.headers.get("Content-Length")
                 if length is not None and received != int(length):
                     # http.client returns a short body without complaint when the peer hangs up.
-                    raise ConnectionError(
-                        f"connection closed after {received} of {length} bytes; run again to resume"
-                    )
+                    raise ConnectionError(f"connection closed after {received} of {length} bytes; run again to resume")
         except DownloadError:
             part.unlink(missing_ok=True)
             raise
@@ -198,7 +194,7 @@ def _load_remote_manifest(out_dir: Path, endpoint: str, progress: bool) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DownloadError(f"{path}: not valid JSON ({e}); delete it to fetch it again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), list):
-        raise DownloadError(f"{path}: not a challenge manifest (no \"datasets\" list); delete it to fetch it again")
+        raise DownloadError(f'{path}: not a challenge manifest (no "datasets" list); delete it to fetch it again')
     return manifest
 
 
@@ -216,9 +212,7 @@ def _shard_plan(entry: dict, shard_size: int | None, split: str, count: int) -> 
     files = {f["name"]: f for f in entry.get("files") or [] if isinstance(f, dict) and "name" in f}
     n_files, n_tokens = stats.get(f"files_{split}"), stats.get(f"tokens_{split}")
     # Sizes follow from the counts only if the shards are full except the last one.
-    derivable = (
-        shard_size and n_files is not None and n_tokens is not None and n_files == -(-n_tokens // shard_size)
-    )
+    derivable = shard_size and n_files is not None and n_tokens is not None and n_files == -(-n_tokens // shard_size)
     plan = []
     for i in range(count):
         fname = f"fineweb_{split}_{i:06d}.bin"
@@ -267,11 +261,7 @@ def download_fineweb(
     tok_entry = next((t for t in manifest.get("tokenizers") or [] if isinstance(t, dict) and t.get("name") == tok_name), None)
     if tok_entry is None:
         raise DownloadError(f"{out_dir / MANIFEST_NAME}: tokenizer {tok_name!r} of {dataset_name} is not listed")
-    tok_paths = [
-        _safe_relative(str(tok_entry[k]), str(out_dir / MANIFEST_NAME))
-        for k in ("model_path", "vocab_path", "path")
-        if tok_entry.get(k)
-    ]
+    tok_paths = [_safe_relative(str(tok_entry[k]), str(out_dir / MANIFEST_NAME)) for k in ("model_path", "vocab_path", "path") if tok_entry.get(k)]
     if not tok_paths:
         raise DownloadError(f"{out_dir / MANIFEST_NAME}: tokenizer {tok_name!r} lists no files")
 
@@ -298,8 +288,5 @@ def download_fineweb(
         except TokenizerError as e:
             raise DownloadError(str(e)) from e
         if sp.get_piece_size() != int(entry["vocab_size"]):
-            raise DownloadError(
-                f"{out_dir / model} has {sp.get_piece_size()} pieces, the manifest says {dataset_name} "
-                f"has vocab_size {entry['vocab_size']}"
-            )
+            raise DownloadError(f"{out_dir / model} has {sp.get_piece_size()} pieces, the manifest says {dataset_name} has vocab_size {entry['vocab_size']}")
     return out_dir / "datasets" / dataset_name

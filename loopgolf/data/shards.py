@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,15 +52,11 @@ def _as_token_array(tokens: np.ndarray | Sequence[int], where: str) -> np.ndarra
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi > MAX_TOKEN_ID:
         bad = lo if lo < 0 else hi
-        raise ShardError(
-            f"{where}: token id {bad} is outside [0, {MAX_TOKEN_ID}] (the shard body is uint16)"
-        )
+        raise ShardError(f"{where}: token id {bad} is outside [0, {MAX_TOKEN_ID}] (the shard body is uint16)")
     return arr.astype(_TOKEN_DTYPE, copy=False)
 
 
-def write_shard(
-    path: str | os.PathLike, tokens: np.ndarray | Sequence[int], vocab_size: int | None = None
-) -> None:
+def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int], vocab_size: int | None = None) -> None:
     """Write `tokens` as an official-format shard at `path`, atomically (all or nothing).
 
     `vocab_size`, when given, rejects ids >= vocab_size: writing them would only fail later, at
@@ -69,10 +65,7 @@ def write_shard(
     path = Path(path)
     arr = _as_token_array(tokens, f"shard {path}")
     if vocab_size is not None and arr.size and int(arr.max()) >= vocab_size:
-        raise ShardError(
-            f"shard {path}: token id {int(arr.max())} >= vocab_size {vocab_size}; "
-            "the tokenizer and the declared vocabulary do not match"
-        )
+        raise ShardError(f"shard {path}: token id {int(arr.max())} >= vocab_size {vocab_size}; the tokenizer and the declared vocabulary do not match")
     header = np.zeros(HEADER_INTS, dtype=_HEADER_DTYPE)
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
     atomic_write_bytes(path, header.tobytes() + arr.tobytes())
@@ -86,20 +79,12 @@ def read_shard_header(path: str | os.PathLike) -> int:
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
-        raise ShardError(
-            f"shard {path}: header is {len(raw)} bytes, expected {HEADER_BYTES}; "
-            "the file is truncated or not a token shard"
-        )
+        raise ShardError(f"shard {path}: header is {len(raw)} bytes, expected {HEADER_BYTES}; the file is truncated or not a token shard")
     header = np.frombuffer(raw, dtype=_HEADER_DTYPE)
     if int(header[0]) != SHARD_MAGIC:
-        raise ShardError(
-            f"shard {path}: wrong magic number {int(header[0])} (expected {SHARD_MAGIC}); "
-            "not an official-format token shard"
-        )
+        raise ShardError(f"shard {path}: wrong magic number {int(header[0])} (expected {SHARD_MAGIC}); not an official-format token shard")
     if int(header[1]) != SHARD_VERSION:
-        raise ShardError(
-            f"shard {path}: unsupported version {int(header[1])} (expected {SHARD_VERSION})"
-        )
+        raise ShardError(f"shard {path}: unsupported version {int(header[1])} (expected {SHARD_VERSION})")
     num_tokens = int(header[2])
     if num_tokens < 0:
         raise ShardError(f"shard {path}: negative token count {num_tokens} in header")
@@ -107,10 +92,7 @@ def read_shard_header(path: str | os.PathLike) -> int:
     actual = path.stat().st_size
     if actual != expected:
         kind = "truncated" if actual < expected else "over-long"
-        raise ShardError(
-            f"shard {path}: file is {actual} bytes but the header promises {num_tokens} tokens "
-            f"({expected} bytes); the file is {kind}"
-        )
+        raise ShardError(f"shard {path}: file is {actual} bytes but the header promises {num_tokens} tokens ({expected} bytes); the file is {kind}")
     return num_tokens
 
 
@@ -120,14 +102,11 @@ def _check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     hi = int(tokens.max())
     if hi >= vocab_size:
         raise ShardError(
-            f"{where}: token id {hi} >= vocab_size {vocab_size}; the tokenizer/model vocabulary "
-            "does not match the one these shards were made with"
+            f"{where}: token id {hi} >= vocab_size {vocab_size}; the tokenizer/model vocabulary does not match the one these shards were made with"
         )
 
 
-def load_shard(
-    path: str | os.PathLike, vocab_size: int | None = None, mmap: bool = True
-) -> np.ndarray:
+def load_shard(path: str | os.PathLike, vocab_size: int | None = None, mmap: bool = True) -> np.ndarray:
     """Return a shard's token ids as uint16 (a read-only np.memmap when `mmap`).
 
     With `vocab_size`, the whole shard is scanned once for ids the model cannot embed.
@@ -163,10 +142,7 @@ def find_shards(data: str | os.PathLike | Sequence, split: str) -> list[Path]:
         if path.is_dir():
             found = sorted(path.glob(f"fineweb_{split}_*.bin"))
             if not found:
-                raise ValueError(
-                    f"no fineweb_{split}_*.bin shards in directory {path}; "
-                    "build or download the dataset first"
-                )
+                raise ValueError(f"no fineweb_{split}_*.bin shards in directory {path}; build or download the dataset first")
             return found
         if _GLOB_CHARS & set(text):
             found = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
@@ -323,9 +299,7 @@ class TokenLoader:
     def next_batch(self, local_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return this rank's (x, y), int64 CPU tensors of shape (local_tokens // seq_len, seq_len)."""
         if local_tokens <= 0 or local_tokens % self.seq_len:
-            raise ValueError(
-                f"local_tokens={local_tokens} must be a positive multiple of seq_len={self.seq_len}"
-            )
+            raise ValueError(f"local_tokens={local_tokens} must be a positive multiple of seq_len={self.seq_len}")
         span = np.empty(local_tokens + 1, dtype=np.int64)
         self._advance(self.rank * local_tokens)
         start = replace(self._pos)
@@ -357,9 +331,7 @@ class TokenLoader:
                 "names/lengths); resume with the same dataset"
             )
         if state.get("seed") != self.seed:
-            raise ValueError(
-                f"loader state was saved with seed={state.get('seed')}, this loader has seed={self.seed}"
-            )
+            raise ValueError(f"loader state was saved with seed={state.get('seed')}, this loader has seed={self.seed}")
         index, offset = int(state["shard_index"]), int(state["offset"])
         if not 0 <= index < len(self.paths):
             raise ValueError(f"loader state has shard_index {index} outside [0, {len(self.paths)})")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -46,9 +46,7 @@ def find_tokenizer(data_dir: str | os.PathLike) -> Path | None:
         if isinstance(name, str) and name:
             path = data_dir / name
             if not path.is_file():
-                raise TokenizerError(
-                    f"dataset manifest {manifest} names tokenizer {name!r}, but {path} does not exist"
-                )
+                raise TokenizerError(f"dataset manifest {manifest} names tokenizer {name!r}, but {path} does not exist")
             return path
     models = sorted(data_dir.glob("*.model"))
     if len(models) == 1:
@@ -83,9 +81,7 @@ def _resolve_shards(data: str | os.PathLike | Sequence) -> tuple[list[Path], Pat
 
 
 def _count_documents(tokens: np.ndarray) -> int:
-    return sum(
-        int(np.count_nonzero(tokens[i : i + _CHUNK] == BOS_ID)) for i in range(0, len(tokens), _CHUNK)
-    )
+    return sum(int(np.count_nonzero(tokens[i : i + _CHUNK] == BOS_ID)) for i in range(0, len(tokens), _CHUNK))
 
 
 def _ratio(num: int | None, den: int) -> float | None:
@@ -195,9 +191,7 @@ def format_stats(stats: dict) -> str:
 
     def line(cells: list[str]) -> str:
         # names left-aligned, numbers right-aligned so digits line up
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     lines = [f"tokenizer: {stats.get('tokenizer') or '(none: byte counts unavailable)'}", line(header), rule]

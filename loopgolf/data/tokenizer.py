@@ -12,9 +12,9 @@ The "+1" is the space the "▁" stands for; after a document boundary (BOS) it i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -68,10 +68,7 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int | None = N
     n = sp.get_piece_size()
     size = n if vocab_size is None else int(vocab_size)
     if size < n:
-        raise TokenizerError(
-            f"vocab_size {size} is smaller than the tokenizer's {n} pieces; "
-            "the tokenizer and the model vocabulary do not match"
-        )
+        raise TokenizerError(f"vocab_size {size} is smaller than the tokenizer's {n} pieces; the tokenizer and the model vocabulary do not match")
     base = np.zeros(size, dtype=np.int64)
     lead = np.zeros(size, dtype=np.bool_)
     boundary = np.ones(size, dtype=np.bool_)
@@ -103,10 +100,7 @@ def target_byte_counts(prev_ids: np.ndarray, target_ids: np.ndarray, tables: Byt
         lo = min(int(prev.min()), int(tgt.min()))
         if lo < 0 or hi >= tables.vocab_size:
             bad = lo if lo < 0 else hi
-            raise TokenizerError(
-                f"token id {bad} is outside the byte tables' vocabulary [0, {tables.vocab_size}); "
-                "the tokenizer does not match these tokens"
-            )
+            raise TokenizerError(f"token id {bad} is outside the byte tables' vocabulary [0, {tables.vocab_size}); the tokenizer does not match these tokens")
     counts = tables.base_bytes[tgt]
     extra = tables.has_leading_space[tgt] & ~tables.is_boundary[prev]
     return counts + extra.astype(np.int64)
@@ -230,9 +224,7 @@ def train_tokenizer(
     except RuntimeError as e:
         msg = str(e)
         if seen[0] == 0:
-            raise TokenizerError(
-                f"cannot train tokenizer {model_path}: the corpus has no non-empty lines"
-            ) from e
+            raise TokenizerError(f"cannot train tokenizer {model_path}: the corpus has no non-empty lines") from e
         if "smaller than required_chars" in msg:
             raise TokenizerError(
                 f"cannot train a {vocab_size}-piece tokenizer for {model_path}: the special, byte "

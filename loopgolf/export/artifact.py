@@ -51,9 +51,10 @@ import re
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ def _brotli_module():
         brotli.Decompressor().process(b"", output_buffer_limit=1)
     except TypeError:  # older brotli: no way to cap output, so no decompression-bomb guard
         return None
-    except Exception:  # noqa: BLE001 - any other failure also means "not usable"
+    except Exception:
         return None
     return brotli
 
@@ -380,10 +381,7 @@ def validate_quantized(q: QuantizedTensor, name: str = "tensor") -> None:
     if bits is None:
         want = torch.float32 if q.scheme == "float32" else torch.float16
         if q.data.dtype != want or tuple(q.data.shape) != tuple(q.shape):
-            raise ArtifactError(
-                f"{name}: scheme {q.scheme} needs {want} data of shape {q.shape}, "
-                f"got {q.data.dtype} {tuple(q.data.shape)}"
-            )
+            raise ArtifactError(f"{name}: scheme {q.scheme} needs {want} data of shape {q.shape}, got {q.data.dtype} {tuple(q.data.shape)}")
         if q.scale is not None or q.bits is not None or any(t is not None for t in q.extras()):
             raise ArtifactError(f"{name}: float scheme {q.scheme} must have no scale, bits, outliers or low-rank term")
         if not bool(torch.isfinite(q.data).all()):
@@ -532,8 +530,7 @@ class ArtifactInfo:
             "bytes_per_param": self.total_bytes / max(1, sum(r["numel"] for r in rows)),
             "bytes_per_matrix_param": (sum(comp[r["name"]] for r in coded) / n_coded) if comp and n_coded else None,
             "tensors": [
-                {**{k: r[k] for k in ("name", "scheme", "shape", "stored_bytes", "alias_of")}, "compressed_bytes": comp.get(r["name"])}
-                for r in self.tensors
+                {**{k: r[k] for k in ("name", "scheme", "shape", "stored_bytes", "alias_of")}, "compressed_bytes": comp.get(r["name"])} for r in self.tensors
             ],
         }
 
@@ -646,9 +643,7 @@ def build_payload(
             parts[part_name] = entry
             blobs.append(raw)
             offset += entry["nbytes"]
-        table.append(
-            {"name": name, "alias_of": None, "scheme": q.scheme, "bits": q.bits, "shape": list(q.shape), "parts": parts}
-        )
+        table.append({"name": name, "alias_of": None, "scheme": q.scheme, "bits": q.bits, "shape": list(q.shape), "parts": parts})
         info_rows.append(_info_row(name, q, stored_bytes=q.stored_bytes, alias_of=None))
         spans.append((start, offset))
     header = {
@@ -669,9 +664,7 @@ def seal(payload: bytes, codec: str) -> tuple[str, bytes]:
 
     Returns (codec actually used, artifact bytes)."""
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ArtifactError(
-            f"payload is {len(payload)} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit readers accept"
-        )
+        raise ArtifactError(f"payload is {len(payload)} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit readers accept")
     if codec == "auto":
         codec, comp = best_codec(payload)
     else:
@@ -706,14 +699,12 @@ _MAX_FIXED = _PREFIX.size + MAX_CODEC_NAME + _LENGTHS.size
 def _parse_container(head: bytes, n: int) -> _Container:
     """Check the fixed header in ``head`` (the file's first bytes) against the file's size ``n``."""
     if head[: len(MAGIC)] != MAGIC[: min(len(head), len(MAGIC))]:
-        raise ArtifactError(f"not a loopgolf artifact: bad magic {bytes(head[:len(MAGIC)])!r} (expected {MAGIC!r})")
+        raise ArtifactError(f"not a loopgolf artifact: bad magic {bytes(head[: len(MAGIC)])!r} (expected {MAGIC!r})")
     if n < _PREFIX.size:
         raise ArtifactError(f"artifact is truncated: {n} bytes, shorter than the fixed header")
     _, version, name_len = _PREFIX.unpack_from(head, 0)
     if version not in READABLE_VERSIONS:
-        raise ArtifactError(
-            f"unsupported artifact format version {version}; this reader supports {', '.join(map(str, READABLE_VERSIONS))}"
-        )
+        raise ArtifactError(f"unsupported artifact format version {version}; this reader supports {', '.join(map(str, READABLE_VERSIONS))}")
     fixed = _PREFIX.size + name_len + _LENGTHS.size
     if n < fixed:
         raise ArtifactError(f"artifact is truncated: {n} bytes, shorter than its {fixed}-byte header")
@@ -744,10 +735,7 @@ def _open_container(data: bytes, max_payload_bytes: int) -> tuple[_Container, st
     if codec not in CODECS:
         raise ArtifactError(f"artifact uses codec {codec!r}, not available here (available: {', '.join(CODECS)})")
     if c.raw_len > max_payload_bytes:
-        raise ArtifactError(
-            f"artifact claims a {c.raw_len}-byte payload, above the sane bound of {max_payload_bytes} bytes "
-            "(corrupt or a decompression bomb)"
-        )
+        raise ArtifactError(f"artifact claims a {c.raw_len}-byte payload, above the sane bound of {max_payload_bytes} bytes (corrupt or a decompression bomb)")
     return c, codec, memoryview(data)[c.fixed : c.fixed + c.comp_len]
 
 
@@ -807,14 +795,8 @@ def _is_int(x: Any) -> bool:
 
 def _shape(x: Any, where: str) -> tuple[int, ...]:
     # Bounds keep numpy/torch from failing on absurd (but zero-element) shapes with their own errors.
-    if (
-        not isinstance(x, list)
-        or len(x) > MAX_NDIM
-        or not all(_is_int(s) and 0 <= s <= MAX_DIM for s in x)
-    ):
-        raise ArtifactError(
-            f"{where}: shape must be a list of at most {MAX_NDIM} ints in [0, {MAX_DIM}], got {x!r:.200}"
-        )
+    if not isinstance(x, list) or len(x) > MAX_NDIM or not all(_is_int(s) and 0 <= s <= MAX_DIM for s in x):
+        raise ArtifactError(f"{where}: shape must be a list of at most {MAX_NDIM} ints in [0, {MAX_DIM}], got {x!r:.200}")
     return tuple(x)
 
 
@@ -950,9 +932,7 @@ def _load_tensors(specs: list[_TensorSpec], blob: memoryview) -> tuple[dict[str,
             rows.append(_info_row(spec.name, quantized[spec.alias_of], stored_bytes=0, alias_of=spec.alias_of))
             continue
         arrays = {p.name: _read_part(p, blob) for p in spec.parts}
-        q = QuantizedTensor(
-            spec.scheme, spec.shape, *(arrays.get(n) for n in PART_NAMES[:2]), spec.bits, *(arrays.get(n) for n in PART_NAMES[2:])
-        )
+        q = QuantizedTensor(spec.scheme, spec.shape, *(arrays.get(n) for n in PART_NAMES[:2]), spec.bits, *(arrays.get(n) for n in PART_NAMES[2:]))
         state[spec.name] = dequantize_tensor(q, f"tensor {spec.name!r:.80}")  # validates the tensor first
         quantized[spec.name] = q
         rows.append(_info_row(spec.name, q, stored_bytes=q.stored_bytes, alias_of=None))

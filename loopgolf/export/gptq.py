@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,9 +36,7 @@ class CalibrationError(ValueError):
 
 
 @torch.no_grad()
-def collect_hessians(
-    model: nn.Module, tokens: Tensor, *, batch_size: int = 8, include_embedding: bool = False
-) -> dict[str, Tensor]:
+def collect_hessians(model: nn.Module, tokens: Tensor, *, batch_size: int = 8, include_embedding: bool = False) -> dict[str, Tensor]:
     """``H = mean x x^T`` (float32, in x in) of every shared linear layer's inputs over ``tokens``
     (LongTensor (N, T)), gathered with forward hooks; a layer that several virtual layers run
     accumulates over all its uses. With ``include_embedding`` and tied embeddings, the embedding

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CAP_BYTES = 16_000_000
 
+
 @dataclass
 class CapReport:
     model_bytes: int
@@ -60,10 +61,7 @@ class CapReport:
 
     def describe(self) -> str:
         verdict = f"fits with {self.headroom:,} bytes to spare" if self.fits else f"OVER the cap by {-self.headroom:,} bytes"
-        return (
-            f"{self.model_bytes:,} model + {self.code_bytes:,} code = {self.artifact_bytes:,} bytes "
-            f"of {self.cap_bytes:,}: {verdict}"
-        )
+        return f"{self.model_bytes:,} model + {self.code_bytes:,} code = {self.artifact_bytes:,} bytes of {self.cap_bytes:,}: {verdict}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "artifact_bytes": self.artifact_bytes, "headroom_bytes": self.headroom, "fits": self.fits}
@@ -121,9 +119,7 @@ def pack_quantized(
     return blob, ArtifactInfo(None, len(blob), used, len(payload), rows, shares)
 
 
-def write_blob(
-    path: str | os.PathLike, blob: bytes, info: ArtifactInfo, *, cap_bytes: int | None = None, extra_bytes: int = 0
-) -> ArtifactInfo:
+def write_blob(path: str | os.PathLike, blob: bytes, info: ArtifactInfo, *, cap_bytes: int | None = None, extra_bytes: int = 0) -> ArtifactInfo:
     """Atomically write packed artifact bytes. With `cap_bytes`, refuse (writing nothing) when the
     artifact plus `extra_bytes` (e.g. the code's bytes, which count against the same cap) is over."""
     if cap_bytes is not None:
@@ -184,7 +180,11 @@ def export_model(
     except ValueError as e:
         raise ArtifactError(f"cannot quantize: {e}") from None
     blob, info = pack_quantized(
-        model.config.to_dict(), qstate, aliases=aliases, names=list(state), codec=codec,
+        model.config.to_dict(),
+        qstate,
+        aliases=aliases,
+        names=list(state),
+        codec=codec,
         meta={**(meta or {}), "quant": policy.to_dict()},
     )
     return write_blob(path, blob, info, cap_bytes=cap_bytes, extra_bytes=code_bytes)
@@ -209,7 +209,11 @@ def check_model_shapes(model_config: dict, shapes: dict[str, tuple[int, ...]]) -
     if missing or unexpected or wrong:
         detail = "; ".join(
             f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}"
-            for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", [f"{n} {list(shapes[n])} != {list(expected[n])}" for n in wrong]))
+            for what, names in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", [f"{n} {list(shapes[n])} != {list(expected[n])}" for n in wrong]),
+            )
             if names
         )
         raise ArtifactError(f"the artifact's tensors do not match its model_config: {detail}")

@@ -113,7 +113,7 @@ class QuantPolicy:
             raise PolicyError(f"gptq_block must be a positive integer, got {self.gptq_block!r}")
 
     @classmethod
-    def uniform(cls, bits: int, **kw) -> "QuantPolicy":
+    def uniform(cls, bits: int, **kw) -> QuantPolicy:
         """Every coded role at ``bits`` (what ``export_model(bits=N)`` means)."""
         return cls(**{f"{r}_bits": bits for r in ROLES if r != "control"}, **kw)
 
@@ -133,7 +133,7 @@ class QuantPolicy:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantPolicy":
+    def from_dict(cls, d: dict) -> QuantPolicy:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise PolicyError(f"unknown policy field(s) {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
@@ -377,9 +377,7 @@ def outlier_mask(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] |
     return idx, mask.reshape(w.shape)
 
 
-def lowrank_correction(
-    residual: torch.Tensor, rank: int, hessian: torch.Tensor | None = None, damp: float = 0.01
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_correction(residual: torch.Tensor, rank: int, hessian: torch.Tensor | None = None, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (u, v) with ``u @ v`` the best rank-``rank`` approximation of ``residual``: in the
     Frobenius norm, or, given the inputs' Hessian H, in the output error ``||(R - uv) H^1/2||``."""
     r = min(rank, *residual.shape)
@@ -431,10 +429,7 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
         scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile)
         if policy.uses_gptq(role):
             if hessian is None:
-                raise QuantError(
-                    "the policy asks for GPTQ but there is no calibration Hessian for it "
-                    "(pass calibration tokens to export_model)"
-                )
+                raise QuantError("the policy asks for GPTQ but there is no calibration Hessian for it (pass calibration tokens to export_model)")
             codes = gptq_quantize(w, hessian, bits, scale, block_size=policy.gptq_block, damp=policy.gptq_damp, keep=keep)
         else:
             codes = round_codes(w_coded, scale, qmax_for_bits(bits))

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 BUDGET_KINDS = ("steps", "tokens", "seconds", "flops")
 _TOP_KEYS = {"name", "description", "baseline", "seeds", "cap_bytes", "data", "budget", "variant"}
@@ -144,7 +145,7 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
         raise fail(f"must be a positive integer, got {cap!r}", "cap_bytes")
     data = doc.get("data", "default")
     if not isinstance(data, str) or not data:
-        raise fail("must be \"default\" or a dataset directory", "data")
+        raise fail('must be "default" or a dataset directory', "data")
 
     budget = doc["budget"]
     if not isinstance(budget, dict):
@@ -154,7 +155,7 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
             raise fail(f"unknown budget; valid: {', '.join(BUDGET_KINDS)}", k, "budget")
     if len(budget) != 1:
         raise LedgerError(f"{source}: [budget] needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(budget)}")
-    (kind, amount), = budget.items()
+    ((kind, amount),) = budget.items()
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
         raise fail(f"must be a positive number, got {amount!r}", kind, "budget")
     if kind == "steps" and not isinstance(amount, int):

@@ -175,8 +175,10 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
     data = sorted({str((r.summary or {}).get("data")) for r in rows if r.status == "done"})
     commits = sorted({r.git_commit[:12] for r in rows if r.status == "done" and r.git_commit})
     lines = [
-        f"# Ledger `{ledger.name}`", "",
-        ledger.description, "",
+        f"# Ledger `{ledger.name}`",
+        "",
+        ledger.description,
+        "",
         f"- Report made {date.today().isoformat()} from {sum(len(g.rows) for g in groups)} finished run(s); code commit(s) {', '.join(commits) or 'unknown'}.",
         f"- Budget: {ledger.budget:g} {ledger.budget_kind} per run; cap {ledger.cap_bytes:,} bytes; baseline `{ledger.baseline}`.",
         f"- Data: {', '.join(data)}.",
@@ -191,9 +193,13 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
         v = ledger.variant(g.name)
         steps = sorted({int(r.summary["steps"]) for r in g.rows})
         lines.append(f"| {g.name} | `{v.preset}`{' + overrides' if v.model or v.train else ''} | {', '.join(map(str, steps))} | {v.description} |")
-    lines += ["", "## Per variant (mean ± std over seeds; one seed: the value)", "",
-              "| variant | seeds | val_bpb | artifact bytes | unique params | effective params | tokens/s | training FLOPs |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Per variant (mean ± std over seeds; one seed: the value)",
+        "",
+        "| variant | seeds | val_bpb | artifact bytes | unique params | effective params | tokens/s | training FLOPs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for g in sorted(groups, key=lambda g: g.metrics["val_bpb"][0]):
         m, n = g.metrics, len(g.rows)
         lines.append(
@@ -210,10 +216,24 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
         lines += ["| variant | seeds | effect (bpb) | 95% interval | t | df | p |", "|---|---:|---:|---:|---:|---:|---:|"]
         for g in sorted(tested, key=lambda g: g.test.p):
             w = g.test
-            lines.append(f"| {g.name} | {len(g.bpb)} vs {len(base.bpb)} | {w.diff:+.4f} | [{w.ci_low:+.4f}, {w.ci_high:+.4f}] | {w.t:.2f} | {w.df:.1f} | {w.p:.2g} |")
-    lines += ["", "## Verdict", "", verdict(ledger, groups), "",
-              "## Plots", "", "![val_bpb against artifact bytes](bpb_vs_bytes.png)", "",
-              "![val_bpb against training FLOPs](bpb_vs_flops.png)", "", "![training loss curves](loss_curves.png)", ""]
+            lines.append(
+                f"| {g.name} | {len(g.bpb)} vs {len(base.bpb)} | {w.diff:+.4f} | [{w.ci_low:+.4f}, {w.ci_high:+.4f}] | {w.t:.2f} | {w.df:.1f} | {w.p:.2g} |"
+            )
+    lines += [
+        "",
+        "## Verdict",
+        "",
+        verdict(ledger, groups),
+        "",
+        "## Plots",
+        "",
+        "![val_bpb against artifact bytes](bpb_vs_bytes.png)",
+        "",
+        "![val_bpb against training FLOPs](bpb_vs_flops.png)",
+        "",
+        "![training loss curves](loss_curves.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -230,12 +250,16 @@ def verdict(ledger: Ledger, groups: list[VariantStats]) -> str:
             tail = f" The nearest variant, `{runner[0].name}`, is {w.diff:+.4f} bpb behind (p = {w.p:.2g})."
         return f"The baseline `{base.name}` has the lowest mean val_bpb ({base.metrics['val_bpb'][0]:.4f}).{tail}"
     if best.test is None:
-        return (f"`{best.name}` has the lowest mean val_bpb ({best.metrics['val_bpb'][0]:.4f} against the baseline's "
-                f"{base.metrics['val_bpb'][0]:.4f}) but too few seeds for a test.")
+        return (
+            f"`{best.name}` has the lowest mean val_bpb ({best.metrics['val_bpb'][0]:.4f} against the baseline's "
+            f"{base.metrics['val_bpb'][0]:.4f}) but too few seeds for a test."
+        )
     w = best.test
     strength = "significant at p < 0.01" if w.p < SIGNIFICANCE else "not significant at p < 0.01"
-    return (f"`{best.name}` has the lowest mean val_bpb: {best.metrics['val_bpb'][0]:.4f} against the baseline's "
-            f"{base.metrics['val_bpb'][0]:.4f}, effect {w.diff:+.4f} bpb (95% interval [{w.ci_low:+.4f}, {w.ci_high:+.4f}]), p = {w.p:.2g}: {strength}.")
+    return (
+        f"`{best.name}` has the lowest mean val_bpb: {best.metrics['val_bpb'][0]:.4f} against the baseline's "
+        f"{base.metrics['val_bpb'][0]:.4f}, effect {w.diff:+.4f} bpb (95% interval [{w.ci_low:+.4f}, {w.ci_high:+.4f}]), p = {w.p:.2g}: {strength}."
+    )
 
 
 def write_report(ledger: Ledger, rows: list[RunRow], out: Path, command: str | None = None) -> Path:

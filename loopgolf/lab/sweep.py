@@ -49,7 +49,9 @@ def usable_cores() -> int:
     return len(allowed_cpus()) or os.cpu_count() or 1
 
 
-def plan_runs(ledger: Ledger, out: Path, *, data: str | None = None, variants: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None) -> list[PlannedRun]:
+def plan_runs(
+    ledger: Ledger, out: Path, *, data: str | None = None, variants: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None
+) -> list[PlannedRun]:
     """The runs of ``ledger`` (optionally only ``variants``, with ``seeds`` instead of theirs)."""
     chosen = [ledger.variant(v) for v in variants] if variants else list(ledger.variants)
     data = data if data is not None else ledger.data
@@ -61,11 +63,25 @@ def plan_runs(ledger: Ledger, out: Path, *, data: str | None = None, variants: l
         train["max_steps"], train["time_budget"] = rv.max_steps, rv.time_budget
         for seed in seeds or v.seeds:
             run_dir = out / v.name / f"seed{seed}"
-            runs.append(PlannedRun(v.name, seed, run_dir, {
-                "preset": v.preset, "data": None if data == "default" else str(Path(data).resolve()), "out": str(run_dir.resolve()),
-                "cap_bytes": ledger.cap_bytes, "seed": seed, "model_overrides": v.model, "train_overrides": train,
-                "device": device, "progress": False, "force": True,
-            }))
+            runs.append(
+                PlannedRun(
+                    v.name,
+                    seed,
+                    run_dir,
+                    {
+                        "preset": v.preset,
+                        "data": None if data == "default" else str(Path(data).resolve()),
+                        "out": str(run_dir.resolve()),
+                        "cap_bytes": ledger.cap_bytes,
+                        "seed": seed,
+                        "model_overrides": v.model,
+                        "train_overrides": train,
+                        "device": device,
+                        "progress": False,
+                        "force": True,
+                    },
+                )
+            )
     return runs
 
 
@@ -85,8 +101,19 @@ class SweepResult:
     failed: list[tuple[str, str]]  # (run dir, last lines of its output)
 
 
-def run_sweep(ledger: Ledger, out: Path, store: Path, *, jobs: int | None = None, threads: int = 1, data: str | None = None,
-              variants: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None, progress: bool = True) -> SweepResult:
+def run_sweep(
+    ledger: Ledger,
+    out: Path,
+    store: Path,
+    *,
+    jobs: int | None = None,
+    threads: int = 1,
+    data: str | None = None,
+    variants: list[str] | None = None,
+    seeds: list[int] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
     cores = usable_cores()
     if threads < 1:
         raise LedgerError(f"--threads must be at least 1, got {threads}")
@@ -102,7 +129,9 @@ def run_sweep(ledger: Ledger, out: Path, store: Path, *, jobs: int | None = None
 
         ensure_default_dataset(progress=progress)  # once, here, not raced by the workers
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ledger.json").write_text(json.dumps({"ledger": ledger.name, "source": ledger.source, "budget": {ledger.budget_kind: ledger.budget}}, indent=2) + "\n")
+    (out / "ledger.json").write_text(
+        json.dumps({"ledger": ledger.name, "source": ledger.source, "budget": {ledger.budget_kind: ledger.budget}}, indent=2) + "\n"
+    )
 
     from tqdm.auto import tqdm
 
@@ -142,5 +171,8 @@ def run_sweep(ledger: Ledger, out: Path, store: Path, *, jobs: int | None = None
     finally:
         bar.close()
     if progress:
-        print(f"sweep {ledger.name}: {len(done)} run(s) done, {len(failed)} failed, {len(runs) - len(todo)} skipped (finished before) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(
+            f"sweep {ledger.name}: {len(done)} run(s) done, {len(failed)} failed, {len(runs) - len(todo)} skipped (finished before) in {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
     return SweepResult(len(runs), len(runs) - len(todo), done, failed)

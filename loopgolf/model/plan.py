@@ -66,7 +66,7 @@ class PlanSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PlanSpec":
+    def from_dict(cls, d: dict[str, Any]) -> PlanSpec:
         if isinstance(d, dict):
             d = dict(d)
             for key in ("attn_of", "mlp_of"):
@@ -250,8 +250,7 @@ def _check_fields(spec: PlanSpec) -> None:
             }.get((spec.kind, name), "")
             article = "an" if spec.kind[0] in "aeiou" else "a"
             raise ValueError(
-                f"{article} {spec.kind} plan does not use {name}, got {name}={value!r}{hint} "
-                f"({spec.kind} plans take {', '.join(KIND_FIELDS[spec.kind])})"
+                f"{article} {spec.kind} plan does not use {name}, got {name}={value!r}{hint} ({spec.kind} plans take {', '.join(KIND_FIELDS[spec.kind])})"
             )
 
 

@@ -27,8 +27,17 @@ ROLES: tuple[str, ...] = ("embed", "head", "pos", "attn", "mlp", "lora", "contro
 SHARED_MATRIX_ROLES: tuple[str, ...] = ("attn", "mlp")
 
 _CONTROL_NAMES = (
-    "attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight",
-    "attn_norm", "mlp_norm", "final_norm", "attn_norm_bias", "mlp_norm_bias", "final_norm_bias",
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weight",
+    "attn_norm",
+    "mlp_norm",
+    "final_norm",
+    "attn_norm_bias",
+    "mlp_norm_bias",
+    "final_norm_bias",
 )
 _ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("embed", re.compile(r"^tok_emb\.weight$")),
@@ -63,7 +72,5 @@ def shared_matrices(model: nn.Module) -> dict[str, nn.Module]:
     """{weight name: linear module} of the stored attention and MLP matrices, the weights that
     several virtual layers may run."""
     return {
-        f"{name}.weight": mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and parameter_role(f"{name}.weight") in SHARED_MATRIX_ROLES
+        f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and parameter_role(f"{name}.weight") in SHARED_MATRIX_ROLES
     }

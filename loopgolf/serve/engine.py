@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -76,8 +76,7 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if req.length > self.max_len:
             raise ValueError(
-                f"prompt of {len(req.prompt_ids)} tokens + max_tokens {req.max_new_tokens} = {req.length} "
-                f"exceeds the model's context of {self.max_len} tokens"
+                f"prompt of {len(req.prompt_ids)} tokens + max_tokens {req.max_new_tokens} = {req.length} exceeds the model's context of {self.max_len} tokens"
             )
 
     def submit(self, req: Request) -> None:

@@ -81,8 +81,12 @@ def check_fires(criterion: ExitCriterion, model) -> None:
     if passes == 1:
         raise ValueError(f"the model's plan ({plan}) has a single pass: there is nowhere to exit early")
     if criterion.kind == "agree" and passes < 3:
-        raise ValueError(f"`agree` compares a pass's prediction with the previous pass's, so it can first stop a token after pass 2, "
-                         f"and a plan of {passes} passes ({plan}) exits only after pass 1: it would never fire. Use maxprob:P or after:1")
+        raise ValueError(
+            f"`agree` compares a pass's prediction with the previous pass's, so it can first stop a token after pass 2, "
+            f"and a plan of {passes} passes ({plan}) exits only after pass 1: it would never fire. Use maxprob:P or after:1"
+        )
     if criterion.kind == "after" and criterion.value >= passes:
-        raise ValueError(f"`{criterion}` stops a token after pass {int(criterion.value)}, but the plan ({plan}) has {passes} passes: "
-                         f"it would never stop one early. Use after:N with N < {passes}")
+        raise ValueError(
+            f"`{criterion}` stops a token after pass {int(criterion.value)}, but the plan ({plan}) has {passes} passes: "
+            f"it would never stop one early. Use after:N with N < {passes}"
+        )

@@ -1,16 +1,16 @@
 """Text generation from a model and its tokenizer, with a KV cache per virtual layer.
 
-    gen = Generator(model, tokenizer)               # tokenizer: a SentencePieceProcessor
-    print(gen.generate("The cat", max_new_tokens=20, temperature=0).text)
-    for event in gen.stream("The cat", max_new_tokens=20):
-        print(event.text, end="", flush=True)
+gen = Generator(model, tokenizer)               # tokenizer: a SentencePieceProcessor
+print(gen.generate("The cat", max_new_tokens=20, temperature=0).text)
+for event in gen.stream("The cat", max_new_tokens=20):
+    print(event.text, end="", flush=True)
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -68,9 +68,7 @@ class Generator:
     ) -> Iterator[TokenEvent]:
         """Yield each generated token as it comes (the last event carries ``finish_reason``)."""
         events: deque[TokenEvent] = deque()
-        req = Request(
-            self.encode(prompt), max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), tuple(stop), on_event=events.append
-        )
+        req = Request(self.encode(prompt), max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), tuple(stop), on_event=events.append)
         self.engine.submit(req)
         self.last_request = req
         try:

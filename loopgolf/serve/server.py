@@ -18,8 +18,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 
@@ -30,8 +31,25 @@ from loopgolf.serve.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 COMPLETION_FIELDS = {
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stream", "stop", "seed", "n", "echo",
-    "logprobs", "user", "presence_penalty", "frequency_penalty", "best_of", "suffix", "stream_options", "logit_bias",
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stream",
+    "stop",
+    "seed",
+    "n",
+    "echo",
+    "logprobs",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "best_of",
+    "suffix",
+    "stream_options",
+    "logit_bias",
 }
 
 
@@ -157,7 +175,9 @@ def parse_completion(body: Any, tokenizer, model_name: str, vocab_size: int) -> 
         raise BadRequest("'stream' must be true or false", "stream")
     try:
         sampling = SamplingParams(
-            float(_number(body, "temperature", 1.0, float)), _number(body, "top_k", 0, int), float(_number(body, "top_p", 1.0, float)),
+            float(_number(body, "temperature", 1.0, float)),
+            _number(body, "top_k", 0, int),
+            float(_number(body, "top_p", 1.0, float)),
             _number(body, "seed", None, int),
         )
     except ValueError as e:
@@ -213,8 +233,13 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig):
         cid, deadline = f"cmpl-{uuid.uuid4().hex[:24]}", time.monotonic() + config.request_timeout
 
         def chunk(text: str, finish: str | None) -> dict:
-            return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": config.model_name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": config.model_name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
 
         def usage() -> dict:
             n = len(req.generated)

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,7 +101,9 @@ class SafetensorsReader:
     def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """The tensor ``name`` as float32, which must have ``shape``."""
         if name not in self.where:
-            raise ConversionError(f"{self.directory}: tensor {name!r} is missing from {', '.join(sorted({p.name for p in self.where.values()})) or 'the safetensors files'}")
+            raise ConversionError(
+                f"{self.directory}: tensor {name!r} is missing from {', '.join(sorted({p.name for p in self.where.values()})) or 'the safetensors files'}"
+            )
         t = self._handles[self.where[name]].get_tensor(name)
         if tuple(t.shape) != tuple(shape):
             raise ConversionError(f"{self.where[name]}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json")
@@ -151,13 +154,26 @@ def _llama_like(cfg: dict[str, Any], path: Path, gemma: bool) -> tuple[ModelConf
     attn_bias, mlp_bias = bool(cfg.get("attention_bias")), bool(cfg.get("mlp_bias"))
     tied = bool(cfg.get("tie_word_embeddings", gemma))
     mc = ModelConfig(
-        vocab_size=_require(cfg, "vocab_size", path), model_dim=d, num_heads=heads, num_kv_heads=kv_heads,
-        mlp_hidden=_require(cfg, "intermediate_size", path), plan=PlanSpec(kind="vanilla", layers=n_layers),
-        tie_embeddings=tied, per_layer_controls=True, rope_base=_rope_base(cfg, path),
-        max_seq_len=min(int(cfg.get("max_position_embeddings") or 4096), MAX_SEQ_LEN), logit_softcap=None,
-        norm="rms_offset" if gemma else "rms_scaled", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), qk_norm=False,
-        embed_norm=False, embed_scale=math.sqrt(d) if gemma else 1.0, unet_skips=False, mlp_act=acts[act],
-        bias=attn_bias or mlp_bias, qk_gain_init=1.0,
+        vocab_size=_require(cfg, "vocab_size", path),
+        model_dim=d,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        mlp_hidden=_require(cfg, "intermediate_size", path),
+        plan=PlanSpec(kind="vanilla", layers=n_layers),
+        tie_embeddings=tied,
+        per_layer_controls=True,
+        rope_base=_rope_base(cfg, path),
+        max_seq_len=min(int(cfg.get("max_position_embeddings") or 4096), MAX_SEQ_LEN),
+        logit_softcap=None,
+        norm="rms_offset" if gemma else "rms_scaled",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qk_norm=False,
+        embed_norm=False,
+        embed_scale=math.sqrt(d) if gemma else 1.0,
+        unet_skips=False,
+        mlp_act=acts[act],
+        bias=attn_bias or mlp_bias,
+        qk_gain_init=1.0,
     )
 
     def fill(src: SafetensorsReader, sd: dict[str, Tensor]) -> None:
@@ -204,11 +220,25 @@ def _gpt2(cfg: dict[str, Any], path: Path, keys: Callable[[], set[str]]) -> tupl
     # so the q gain multiplies it back.
     q_gain = 1.0 if cfg.get("scale_attn_weights", True) else math.sqrt(head_dim)
     mc = ModelConfig(
-        vocab_size=_require(cfg, "vocab_size", path), model_dim=d, num_heads=heads, num_kv_heads=heads, mlp_hidden=hidden,
-        plan=PlanSpec(kind="vanilla", layers=n_layers), tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        per_layer_controls=True, max_seq_len=n_pos, logit_softcap=None, norm="layer",
-        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), qk_norm=False, embed_norm=False, pos_emb="learned",
-        unet_skips=False, mlp_act="gelu", bias=True, qk_gain_init=q_gain,
+        vocab_size=_require(cfg, "vocab_size", path),
+        model_dim=d,
+        num_heads=heads,
+        num_kv_heads=heads,
+        mlp_hidden=hidden,
+        plan=PlanSpec(kind="vanilla", layers=n_layers),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        per_layer_controls=True,
+        max_seq_len=n_pos,
+        logit_softcap=None,
+        norm="layer",
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        qk_norm=False,
+        embed_norm=False,
+        pos_emb="learned",
+        unet_skips=False,
+        mlp_act="gelu",
+        bias=True,
+        qk_gain_init=q_gain,
     )
     # The hub's original checkpoints name tensors without the "transformer." prefix.
     prefix = "transformer." if any(k.startswith("transformer.") for k in keys()) else ""

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.rundir import RunDir
 from loopgolf.sources.hf import ConversionError, import_hf, is_hf_dir, read_hf_config
-from loopgolf.model.gpt import GPT, ModelConfig
 
 
 @dataclass

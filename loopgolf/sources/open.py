@@ -16,9 +16,10 @@ one next to that data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from loopgolf.data.dataset import Dataset
 from loopgolf.data.stats import find_tokenizer
@@ -97,8 +98,10 @@ def open_model(path: str | Path, device: Any = "cpu") -> OpenedModel:
             origin = "convert" if rundir.convert_report_path.is_file() else "checkpoint"
             model, seq_len = _from_checkpoint(rundir.checkpoint_path, device, origin)
             return OpenedModel(model, rundir.checkpoint_path, origin, seq_len or _trained_seq_len(rundir, model.config), path.name, _data_dir(rundir))
-        raise ValueError(f"{path} holds neither {ARTIFACT_NAME} nor {rundir.checkpoint_path.name}: give an artifact, a run directory, "
-                         "a `loopgolf convert` directory or a checkpoint")
+        raise ValueError(
+            f"{path} holds neither {ARTIFACT_NAME} nor {rundir.checkpoint_path.name}: give an artifact, a run directory, "
+            "a `loopgolf convert` directory or a checkpoint"
+        )
     if not path.exists():
         raise ValueError(f"no model at {path}")
     rundir = _run_dir_of(path)
@@ -123,8 +126,9 @@ def resolve_data_dir(opened: OpenedModel, data: str | Path | None) -> Path:
     return opened.data_dir
 
 
-def open_data(opened: OpenedModel, data: str | Path | None, tokenizer: str | Path | None = None, *, verify: bool = True,
-              splits: Sequence[str] = ("val",)) -> Dataset:
+def open_data(
+    opened: OpenedModel, data: str | Path | None, tokenizer: str | Path | None = None, *, verify: bool = True, splits: Sequence[str] = ("val",)
+) -> Dataset:
     """The dataset to score ``opened`` on, checked against the model's vocabulary."""
     ds = Dataset.open(resolve_data_dir(opened, data), tokenizer=Path(tokenizer) if tokenizer else None, verify=verify, splits=splits)
     if ds.vocab_size > opened.model.config.vocab_size:

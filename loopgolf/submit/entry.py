@@ -13,15 +13,15 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from loopgolf.config import OptimizerConfig, TrainConfig
+from loopgolf.config import OptimizerConfig, RunConfig, TrainConfig
 from loopgolf.model.gpt import ModelConfig
-from loopgolf.config import RunConfig
-from loopgolf.rundir import RunSummary
 from loopgolf.run import RunOptions, format_summary, run
+from loopgolf.rundir import RunSummary
 
 DEFAULT_SEED = 1337  # the official script's default SEED
 # The official script's variable names, and the loopgolf setting each one sets.
@@ -126,9 +126,15 @@ def options_from_env(config: dict[str, Any], env: Mapping[str, str]) -> RunOptio
     data = Path(env.get("DATA_PATH") or f"./data/datasets/fineweb10B_sp{model.get('vocab_size', base.model.vocab_size)}")
     out = Path(env.get("OUT_DIR") or Path("runs") / (env.get("RUN_ID") or str(uuid.uuid4())))
     return RunOptions(
-        base=base, data=data, tokenizer=Path(env["TOKENIZER_PATH"]) if env.get("TOKENIZER_PATH") else None, out=out,
-        device=env.get("DEVICE") or None, model_overrides=model, train_overrides=train,
-        progress=env.get("PROGRESS", "0") not in ("", "0"), xz_baseline=False,
+        base=base,
+        data=data,
+        tokenizer=Path(env["TOKENIZER_PATH"]) if env.get("TOKENIZER_PATH") else None,
+        out=out,
+        device=env.get("DEVICE") or None,
+        model_overrides=model,
+        train_overrides=train,
+        progress=env.get("PROGRESS", "0") not in ("", "0"),
+        xz_baseline=False,
     )
 
 

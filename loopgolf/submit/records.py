@@ -82,11 +82,16 @@ def _check_against_log(rundir: RunDir, s: RunSummary) -> None:
     post = next((r for r in reversed(records) if r.get("event") == "eval_post"), None)
     if export is None or post is None:
         raise ValueError(f"{rundir.log_path} has no export or eval_post record: not the log of this finished run")
-    claims = (("model_bytes", export.get("model_bytes"), s.model_bytes), ("val_bpb_post", post.get("val_bpb"), s.val_bpb_post),
-              ("val_loss_post", post.get("val_loss"), s.val_loss_post))
+    claims = (
+        ("model_bytes", export.get("model_bytes"), s.model_bytes),
+        ("val_bpb_post", post.get("val_bpb"), s.val_bpb_post),
+        ("val_loss_post", post.get("val_loss"), s.val_loss_post),
+    )
     for name, logged, summary in claims:
         if not isinstance(logged, (int, float)) or isinstance(logged, bool) or not _close(float(logged), float(summary)):
-            raise ValueError(f"{rundir.summary_path} says {name} {summary!r} but the run's log recorded {logged!r}: the files disagree, refusing to submit them")
+            raise ValueError(
+                f"{rundir.summary_path} says {name} {summary!r} but the run's log recorded {logged!r}: the files disagree, refusing to submit them"
+            )
 
 
 def read_run(path: str | Path) -> SeedRun:
@@ -98,8 +103,10 @@ def read_run(path: str | Path) -> SeedRun:
     config = rundir.read_config()
     summary = rundir.read_summary()
     if config.uptrain is not None:
-        raise ValueError(f"{rundir.path} is an uptraining run (--init-from, --distill-from or --exit-loss-weight); a records "
-                         "script trains from scratch with cross-entropy, so its numbers would not be this run's")
+        raise ValueError(
+            f"{rundir.path} is an uptraining run (--init-from, --distill-from or --exit-loss-weight); a records "
+            "script trains from scratch with cross-entropy, so its numbers would not be this run's"
+        )
     artifact = rundir.artifact_path
     if artifact.is_symlink() or not artifact.is_file():
         raise ValueError(f"{rundir.path} has no artifact ({artifact.name}, a regular file in the run directory): the model a submission counts")
@@ -138,8 +145,7 @@ def check_runs(runs: list[SeedRun]) -> None:
         diff = first_difference(base, script_config(r.config))
         if diff:
             field, x, y = diff
-            raise ValueError(f"runs differ in {field}: {x!r} in {runs[0].path} but {y!r} in {r.path}; "
-                             "a records folder holds seeds of one configuration")
+            raise ValueError(f"runs differ in {field}: {x!r} in {runs[0].path} but {y!r} in {r.path}; a records folder holds seeds of one configuration")
 
 
 def record_warnings(runs: list[SeedRun]) -> list[str]:
@@ -167,8 +173,10 @@ def _hardware(s: RunSummary) -> str:
 
 def _technique(s: RunSummary, config: RunConfig) -> str:
     plan = config.model.depth_plan.describe()
-    return (f"loopgolf preset {config.preset}: {plan}; {s.unique_params:,} unique / {s.effective_params:,} effective "
-            f"params; quantization {s.quant}; {s.codec} codec; eval stride {s.eval_stride or 'none (non-overlapping)'}")
+    return (
+        f"loopgolf preset {config.preset}: {plan}; {s.unique_params:,} unique / {s.effective_params:,} effective "
+        f"params; quantization {s.quant}; {s.codec} codec; eval stride {s.eval_stride or 'none (non-overlapping)'}"
+    )
 
 
 def submission_json(runs: list[SeedRun], info: SubmissionInfo, bytes_code: int) -> dict[str, Any]:
@@ -194,10 +202,14 @@ def submission_json(runs: list[SeedRun], info: SubmissionInfo, bytes_code: int) 
         "seeds": [r.seed for r in runs],
         "seed_results": {
             str(r.seed): {
-                "val_loss": r.summary.val_loss_post, "val_bpb": r.summary.val_bpb_post,
+                "val_loss": r.summary.val_loss_post,
+                "val_bpb": r.summary.val_bpb_post,
                 "artifact_bytes": r.summary.model_bytes + bytes_code,  # model + code: what the cap counts
-                "model_bytes": r.summary.model_bytes, "artifact_sha256": r.artifact_sha256, "steps": r.summary.steps,
-                "step_avg_ms": r.summary.step_avg_ms, "train_seconds": r.summary.train_seconds,
+                "model_bytes": r.summary.model_bytes,
+                "artifact_sha256": r.artifact_sha256,
+                "steps": r.summary.steps,
+                "step_avg_ms": r.summary.step_avg_ms,
+                "train_seconds": r.summary.train_seconds,
             }
             for r in runs
         },
@@ -220,8 +232,11 @@ def readme(runs: list[SeedRun], sub: dict[str, Any], *, form: str, compress: str
     first = runs[0]
     world = first.summary.world_size
     seed = runs[0].seed
-    launch = (f"SEED={seed} torchrun --standalone --nproc_per_node={world} {SCRIPT_NAME}" if world > 1
-              else f"SEED={seed} python {SCRIPT_NAME}   # or: torchrun --standalone --nproc_per_node=8 {SCRIPT_NAME}")
+    launch = (
+        f"SEED={seed} torchrun --standalone --nproc_per_node={world} {SCRIPT_NAME}"
+        if world > 1
+        else f"SEED={seed} python {SCRIPT_NAME}   # or: torchrun --standalone --nproc_per_node=8 {SCRIPT_NAME}"
+    )
     rows = "\n".join(
         f"| {r.seed} | {r.summary.val_loss_post:.8f} | {r.summary.val_bpb_post:.8f} | {r.summary.steps} | "
         f"{r.summary.step_avg_ms:.1f} | {r.summary.model_bytes:,} | {r.summary.model_bytes + sub['bytes_code']:,} |"
@@ -232,14 +247,14 @@ def readme(runs: list[SeedRun], sub: dict[str, Any], *, form: str, compress: str
     intro = "" if sub["blurb"] == sub["technique_summary"] else sub["blurb"] + "\n\n"
     warn = "".join(f"> **Not a valid record attempt:** {w}.\n" for w in sub["record_warnings"])
     warn = warn + "\n" if warn else ""
-    return f"""# {sub['name']}
+    return f"""# {sub["name"]}
 
-{warn}{intro}val_bpb {sub['val_bpb']:.8f} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}, std {sub['val_bpb_std']:.8f}), after the
-int roundtrip of the exported artifact; {sub['bytes_total']:,} bytes at most (cap {sub['cap_bytes']:,}).
+{warn}{intro}val_bpb {sub["val_bpb"]:.8f} (mean of {len(runs)} seed{"s" if len(runs) > 1 else ""}, std {sub["val_bpb_std"]:.8f}), after the
+int roundtrip of the exported artifact; {sub["bytes_total"]:,} bytes at most (cap {sub["cap_bytes"]:,}).
 
 ## Model
 
-{sub['technique_summary']}.
+{sub["technique_summary"]}.
 
 ## Run
 
@@ -251,7 +266,7 @@ int roundtrip of the exported artifact; {sub['bytes_total']:,} bytes at most (ca
 `./data/datasets/fineweb10B_sp{first.config.model.vocab_size}`) and `TOKENIZER_PATH`, and `SEED`, `RUN_ID`,
 `MAX_WALLCLOCK_SECONDS`, `ITERATIONS` and the official script's other settings. It prints
 `final_roundtrip_exact val_loss:... val_bpb:...` and the total submission size. The runs below used
-{sub['hardware']}, PyTorch {sub['pytorch_version']}, data {sub['dataset']}.
+{sub["hardware"]}, PyTorch {sub["pytorch_version"]}, data {sub["dataset"]}.
 
 ## Results
 
@@ -261,14 +276,22 @@ int roundtrip of the exported artifact; {sub['bytes_total']:,} bytes at most (ca
 
 ## Bytes
 
-`{SCRIPT_NAME}` is {sub['bytes_code']:,} bytes: generated by loopgolf {sub['loopgolf_version']} from the modules that
-train, export and score this configuration (code id `{sub['code_id'][:16]}`), {shape}{wrapped}. Total = model
+`{SCRIPT_NAME}` is {sub["bytes_code"]:,} bytes: generated by loopgolf {sub["loopgolf_version"]} from the modules that
+train, export and score this configuration (code id `{sub["code_id"][:16]}`), {shape}{wrapped}. Total = model
 artifact + script; `train_seed<N>.log` are the runs' logs (JSON lines).
 """
 
 
-def write_records(run_dirs: list[str | Path], out: str | Path, *, info: SubmissionInfo, form: str = "plain",
-                  compress: str | None = None, force: bool = False, allow_code_change: bool = False) -> dict[str, Any]:
+def write_records(
+    run_dirs: list[str | Path],
+    out: str | Path,
+    *,
+    info: SubmissionInfo,
+    form: str = "plain",
+    compress: str | None = None,
+    force: bool = False,
+    allow_code_change: bool = False,
+) -> dict[str, Any]:
     """Check the runs and write the records folder; returns its ``submission.json`` contents."""
     runs = [read_run(p) for p in run_dirs]
     check_runs(runs)
@@ -280,14 +303,17 @@ def write_records(run_dirs: list[str | Path], out: str | Path, *, info: Submissi
                 raise ValueError(
                     f"{r.path} was made by other loopgolf code (code id {r.summary.code_id[:16]}, this installation's "
                     f"script: {bundle.code_id[:16]}); its numbers would not be this script's. Rerun it, or pass "
-                    "--allow-code-change if the change cannot alter training")
+                    "--allow-code-change if the change cannot alter training"
+                )
     script = bundle.render(form, compress).encode("utf-8")
     sub = submission_json(runs, info, len(script))
     over = [r.seed for r in runs if sub["seed_results"][str(r.seed)]["artifact_bytes"] > sub["cap_bytes"]]
     if over:
         worst = max(sub["seed_results"][str(s)]["artifact_bytes"] for s in over)
-        raise ValueError(f"seed{'s' if len(over) > 1 else ''} {', '.join(map(str, over))} would exceed the cap: model + "
-                         f"{len(script):,} code bytes = {worst:,} > {sub['cap_bytes']:,} (try --minify or --compress)")
+        raise ValueError(
+            f"seed{'s' if len(over) > 1 else ''} {', '.join(map(str, over))} would exceed the cap: model + "
+            f"{len(script):,} code bytes = {worst:,} > {sub['cap_bytes']:,} (try --minify or --compress)"
+        )
     text = readme(runs, sub, form=form, compress=compress)
     with atomic_directory(out, overwrite=force) as tmp:
         (tmp / SCRIPT_NAME).write_bytes(script)

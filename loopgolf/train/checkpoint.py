@@ -33,16 +33,17 @@ import os
 import random
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loopgolf.data.shards import TokenLoader
 from loopgolf.config import TrainConfig, may_change_on_resume
+from loopgolf.data.shards import TokenLoader
 from loopgolf.util import atomic_write_bytes
 
 FORMAT_VERSION = 2
@@ -69,7 +70,7 @@ class TrainState:
     log_bytes: int | None = None  # length of log.jsonl when the checkpoint was taken
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -178,8 +179,17 @@ def save_weights(path: str | Path, state: dict[str, Tensor], config: dict[str, A
     """Write a weights-only checkpoint (step 0, no optimizer or loader state), in the same
     verified format: what `loopgolf convert` leaves for `train --init-from`. It cannot be
     resumed (there is no run to continue), only started from."""
-    payload = {"format": FORMAT_VERSION, "model": {k: v.detach().cpu() for k, v in state.items()}, "optimizers": [], "loader": None,
-               "rng": None, "train": asdict(TrainState()), "config": config, "hook": None, "weights_only": True}
+    payload = {
+        "format": FORMAT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in state.items()},
+        "optimizers": [],
+        "loader": None,
+        "rng": None,
+        "train": asdict(TrainState()),
+        "config": config,
+        "hook": None,
+        "weights_only": True,
+    }
     return _write_payload(Path(path), payload)
 
 
@@ -243,10 +253,7 @@ def _read_verified_payload(path: Path) -> bytes:
     if len(data) != length:
         raise ValueError(f"checkpoint {path} is corrupted: it changed size while being read; refusing to resume from it")
     if hashlib.sha256(data).digest() != digest:
-        raise ValueError(
-            f"checkpoint {path} is corrupted: the sha256 of its payload does not match the digest in its header; "
-            f"refusing to resume from it"
-        )
+        raise ValueError(f"checkpoint {path} is corrupted: the sha256 of its payload does not match the digest in its header; refusing to resume from it")
     return data
 
 
@@ -277,10 +284,7 @@ def check_resumable(ckpt: dict[str, Any], model_config: dict[str, Any], train_co
         diff = sorted(k for k in set(saved["model"]) | set(model_config) if saved["model"].get(k) != model_config.get(k))
         raise ValueError(f"checkpoint was written for a different model (fields {diff} differ)")
     if "train" in saved:
-        diff = sorted(
-            k for k in set(saved["train"]) | set(train_config)
-            if k not in RESUMABLE_TRAIN_CHANGES and saved["train"].get(k) != train_config.get(k)
-        )
+        diff = sorted(k for k in set(saved["train"]) | set(train_config) if k not in RESUMABLE_TRAIN_CHANGES and saved["train"].get(k) != train_config.get(k))
         if diff:
             raise ValueError(f"checkpoint was written with different training settings {diff}; only {', '.join(RESUMABLE_TRAIN_CHANGES)} may change on resume")
 

@@ -15,8 +15,9 @@ several nodes); torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MAST
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist

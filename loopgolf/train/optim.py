@@ -73,7 +73,16 @@ class Muon(torch.optim.Optimizer):
 
 
 # Optimizer group of each parameter role (loopgolf.model.roles).
-GROUP_OF_ROLE = {"attn": "matrix", "mlp": "matrix", "embed": "embed", "head": "head", "pos": "scalar", "lora": "adapter", "control": "scalar", "depth": "scalar"}
+GROUP_OF_ROLE = {
+    "attn": "matrix",
+    "mlp": "matrix",
+    "embed": "embed",
+    "head": "head",
+    "pos": "scalar",
+    "lora": "adapter",
+    "control": "scalar",
+    "depth": "scalar",
+}
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -109,9 +118,7 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
         # adapter_lr applies under either optimizer: under Muon the adapters are their own group.
         adapters = {"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr}
         (adam_groups if cfg.adapter_optimizer == "adam" else muon_groups).append(adapters)
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
-    ]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)]
     if muon_groups:
         optimizers.append(Muon(muon_groups, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps))
     for opt in optimizers:

@@ -71,7 +71,7 @@ class QATConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QATConfig":
+    def from_dict(cls, d: dict) -> QATConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise QATError(f"unknown QAT field(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
@@ -99,11 +99,7 @@ def qat_targets(model: nn.Module, float_max_numel: int = 65536) -> list[tuple[st
     stores as intN: tensors at or below ``float_max_numel`` elements stay floats, so QAT leaves
     them alone, as it leaves the per-virtual-layer LoRA factors and control tensors."""
     params = dict(model.named_parameters())
-    return [
-        (name, params[name], role)
-        for name, role in parameter_roles(model).items()
-        if role in ("attn", "mlp") and params[name].numel() > float_max_numel
-    ]
+    return [(name, params[name], role) for name, role in parameter_roles(model).items() if role in ("attn", "mlp") and params[name].numel() > float_max_numel]
 
 
 class QAT:
@@ -152,8 +148,7 @@ class QAT:
             # gradient reaches w unchanged (straight through) either way.
             return {n: w + gate * (fake_quantize(w, qmax) - w.detach()) for n, w, qmax in zip(self.names, self.params, self.qmax)}
         return {
-            n: w + gate * (u.to(w.dtype) * self.cfg.noise_scale) * row_step(w, qmax)
-            for n, w, qmax, u in zip(self.names, self.params, self.qmax, self.units)
+            n: w + gate * (u.to(w.dtype) * self.cfg.noise_scale) * row_step(w, qmax) for n, w, qmax, u in zip(self.names, self.params, self.qmax, self.units)
         }
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:

@@ -17,10 +17,10 @@ import ctypes.util
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_chec
 from loopgolf.train.distributed import all_reduce_gradients, all_reduce_mean, broadcast_parameters, current_world
 from loopgolf.train.optim import build_optimizers, muon_momentum_at
 from loopgolf.util import append_jsonl
-
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit systems
@@ -96,9 +95,7 @@ def accumulation_steps(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     # (the official script's 8 // world_size micro-steps: 8 on one GPU, 1 on eight).
     micro = min(cfg.micro_batch_tokens or per_rank, per_rank)
     if micro % cfg.seq_len or per_rank % micro:
-        raise ValueError(
-            f"micro_batch_tokens {micro} must be a multiple of seq_len {cfg.seq_len} and divide the per-rank batch {per_rank}"
-        )
+        raise ValueError(f"micro_batch_tokens {micro} must be a multiple of seq_len {cfg.seq_len} and divide the per-rank batch {per_rank}")
     return per_rank // micro, micro
 
 
@@ -279,7 +276,9 @@ def train(
         try:
             warm_up_compiled(step_fn, model, stages, dummy, amp)
         except torch._dynamo.exc.BackendCompilerFailed as e:
-            raise ValueError(f"torch.compile failed ({type(e.inner_exception).__name__}; on CPU it needs a working C++ compiler); train without compile=true") from e
+            raise ValueError(
+                f"torch.compile failed ({type(e.inner_exception).__name__}; on CPU it needs a working C++ compiler); train without compile=true"
+            ) from e
         if staged:
             model.set_stage(len(state.stage_steps) - 1 if state.stage_steps else 0)
 
@@ -331,9 +330,7 @@ def train(
 
             # The last step of the budget (as far as the clock can tell without a sync) syncs, so
             # the stop is decided on a measured clock.
-            last = (cfg.max_steps is not None and step >= cfg.max_steps) or (
-                cfg.time_budget is not None and clock.at(step) >= cfg.time_budget
-            )
+            last = (cfg.max_steps is not None and step >= cfg.max_steps) or (cfg.time_budget is not None and clock.at(step) >= cfg.time_budget)
             # Whether to sync must not depend on the rank: a sync is a collective under torchrun.
             log_now = step % cfg.log_every == 0 or step == 1 or last
             val_due = validate is not None and bool(cfg.val_every) and step % cfg.val_every == 0
@@ -360,7 +357,15 @@ def train(
             state.step, state.elapsed = step, clock.at(step)
             tok_s = state.tokens / max(state.elapsed, 1e-9)
             if log_now:
-                record = {"event": "train", "step": step, "loss": loss_value, "lr_mul": mul, "tokens": state.tokens, "elapsed": state.elapsed, "tokens_per_second": tok_s}
+                record = {
+                    "event": "train",
+                    "step": step,
+                    "loss": loss_value,
+                    "lr_mul": mul,
+                    "tokens": state.tokens,
+                    "elapsed": state.elapsed,
+                    "tokens_per_second": tok_s,
+                }
                 if log_parts is not None:  # the parts of the last micro-batch's loss (distillation, exit losses)
                     record["parts"] = log_parts()
                 log(record)
