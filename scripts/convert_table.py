@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from loopgolf.rundir import RunDir
+
 PLANS = ("cycle:3x2", "cycle:2x3")
 INITS = ("stepwise", "average", "lower", "upper", "random")
 
@@ -32,7 +34,7 @@ def loopgolf(*args: str) -> None:
 
 
 def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunDir(run_dir).read_summary().to_dict()
 
 
 def row(name: str, s: dict, extra: str = "") -> dict:
@@ -61,8 +63,8 @@ def main() -> None:
     t0 = time.time()
     common = ["--preset", args.preset, "--time", "100000", "--train", "val_every=0", "--quiet", "--force"]
 
-    if not (args.source / "summary.json").exists():  # export and score it, training no further
-        max_steps = json.loads((args.source / "config.json").read_text())["train"]["max_steps"]
+    if not RunDir(args.source).finished:  # export and score it, training no further
+        max_steps = RunDir(args.source).read_config().train.max_steps
         loopgolf("run", "--resume", str(args.source), "--steps", str(max_steps), "--quiet")
     src = summary(args.source)
     rows = [row("vanilla source (6 unique layers)", src)]
@@ -78,17 +80,17 @@ def main() -> None:
     for plan, init, rank, kd in jobs:
         tag = f"{plan.replace(':', '')}-{init}-r{rank}{'-kd' if kd else ''}"
         conv, up = work / f"conv-{tag}", work / f"up-{tag}"
-        if not (up / "summary.json").exists():
+        if not RunDir(up).finished:
             loopgolf("convert", "--from", str(args.source), "--plan", plan, "--init", init, "--lora-rank", str(rank), "--out", str(conv), "--force", "--json")
             kd_args = ["--distill-from", str(args.source), "--distill-weight", "0.5"] if kd else []
             loopgolf("run", *common, "--init-from", str(conv), "--steps", str(u), "--out", str(up), *kd_args)
-        report = json.loads((conv / "convert.json").read_text()) if conv.exists() else {}
+        report = json.loads(RunDir(conv).convert_report_path.read_text()) if conv.exists() else {}
         err = [e for layer in report.get("layer_errors", []) for e in layer.values()]
         note = f"mean conversion error {sum(err) / len(err):.3f}" if err else ""
         rows.append(row(f"{plan} {init} r{rank}{' +KD' if kd else ''}", summary(up), note) | {"plan": plan, "init": init, "rank": rank, "kd": kd})
     for plan in PLANS:
         scratch = work / f"scratch-{plan.replace(':', '')}"
-        if not (scratch / "summary.json").exists():
+        if not RunDir(scratch).finished:
             loopgolf("run", *common, "--plan", plan, "--steps", str(src["steps"] + u), "--out", str(scratch))
         rows.append(row(f"{plan} from scratch, {src['steps'] + u} steps", summary(scratch)) | {"plan": plan, "init": "scratch", "rank": 0, "kd": False})
 

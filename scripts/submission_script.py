@@ -25,8 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loopgolf.run import RunOptions, fresh_config
-from loopgolf.submit.bundle import COMPRESSORS, FORMS, Bundle
+from loopgolf.codebytes import COMPRESSORS, FORMS, Bundle
+from loopgolf.config import RunConfig, get_preset
+from loopgolf.rundir import RunDir
 
 OFFICIAL_BASELINE_CODE = 47_642
 OFFICIAL_RECORD_CODE = 158_429
@@ -35,7 +36,7 @@ OFFICIAL_RECORD_CODE = 158_429
 def code_bytes_table(presets: list[str]) -> dict[str, dict[str, int]]:
     table = {}
     for preset in presets:
-        bundle = Bundle.of(fresh_config(RunOptions(preset=preset))[1])
+        bundle = Bundle.of(RunConfig.from_preset(get_preset(preset)))
         row = {}
         for form in FORMS:
             for codec in (None, *COMPRESSORS):
@@ -45,7 +46,7 @@ def code_bytes_table(presets: list[str]) -> dict[str, dict[str, int]]:
 
 
 def _summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunDir(run_dir).read_summary().to_dict()
 
 
 def time_once(kind: str, data: Path, tokenizer: Path, steps: int, seed: int, work: Path) -> dict:
@@ -73,7 +74,7 @@ def time_once(kind: str, data: Path, tokenizer: Path, steps: int, seed: int, wor
     else:
         out.mkdir()
         script = out / "train_gpt.py"
-        cfg = fresh_config(RunOptions(preset="cpu", max_steps=steps))[1]
+        cfg = RunConfig.from_preset(get_preset("cpu")).with_changes({"train.max_steps": steps})
         script.write_text(Bundle.of(cfg).render())
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
         env.update(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), SEED=str(seed))
