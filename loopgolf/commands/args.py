@@ -22,45 +22,33 @@ def kv(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, lowest: float, inclusive: bool, what: str) -> Any:
+    """``text`` as a finite ``kind`` at least (or above) ``lowest``; an ArgumentTypeError naming
+    ``what`` otherwise (``nan``, ``inf`` and ``1e999`` included)."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text[:40]!r}{'...' if len(text) > 40 else ''}") from None
+    if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, True, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+    return _number(text, int, 0, True, "a non-negative integer")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (``nan``, ``inf`` and ``-1`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive, finite number, got {text}")
-    return value
+    return _number(text, float, 0.0, False, "a positive, finite number")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _number(text, float, 0.0, True, "a finite number >= 0")
 
 
 def int_list(text: str) -> list[int]:
