@@ -7,7 +7,9 @@ tokens and the comparison is of speed alone), all submitted at t = 0 unless ``--
 spaces them as a Poisson stream. Tokens/s counts generated tokens over the wall time of the whole
 stream; latency is submit -> last token per request, queueing included. The four engines run
 back to back in each of ``repeats`` rounds; speedups are medians of within-round ratios (a shared
-CPU's speed drifts by tens of percent over a minute), per-engine figures the median round's.
+CPU's speed drifts by tens of percent over a minute), each reported with its min and max over the
+rounds (``speedups``; the text flags a spread that straddles 1.0x), per-engine figures the median
+round's.
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ def load_test(
     lat = [x for x, _ in results]
     tokens = sum(n for _, n in results)
     return {
+        "early_exit": criterion or "off",
         "requests": len(reqs),
         "ok": len(results),
         "errors": errors[:5],
@@ -188,6 +191,35 @@ def load_test(
         "sigterm_exit_code": rc,
         "shutdown_s": shutdown,
     }
+
+
+# The headline ratios: name -> (engine, baseline engine), each a tokens/s ratio within a round.
+SPEEDUPS = {
+    "speedup_vs_static": ("depthwise", "static"),
+    "speedup_vs_sequence_batching": ("depthwise", "sequence"),
+    "speedup_exit_vs_sequence_batching": ("sequence_exit", "sequence"),
+}
+
+
+def ratio_spread(per_round: list[float]) -> dict[str, Any]:
+    """A ratio measured once per round: its median (the headline), min, max and every round's
+    value. A spread that straddles 1.0 means the rounds disagree on which engine is faster."""
+    return {
+        "median": statistics.median(per_round),
+        "min": min(per_round),
+        "max": max(per_round),
+        "rounds": [round(x, 4) for x in per_round],
+        "straddles_1": min(per_round) < 1.0 < max(per_round),
+    }
+
+
+def format_ratio(spread: dict[str, Any]) -> str:
+    """``1.13x (0.98-1.40x over 3 rounds)``; a spread across 1.0 is flagged."""
+    n = len(spread["rounds"])
+    if n == 1:
+        return f"{spread['median']:.2f}x (1 round: no spread)"
+    flag = ", rounds disagree on which is faster" if spread["straddles_1"] else ""
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f}x over {n} rounds{flag})"
 
 
 def default_criterion(model) -> ExitCriterion:
@@ -209,16 +241,20 @@ def bench_serve(
     threads: int | None = None,
     repeats: int = 3,
 ) -> dict[str, Any]:
+    from loopgolf.data.stats import find_tokenizer
     from loopgolf.serve.scoring import evaluate_early_exit
-    from loopgolf.sources.open import open_data, open_for_text
+    from loopgolf.sources.open import load_model_tokenizer, open_data, open_model, resolve_data_dir
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if threads:
         torch.set_num_threads(threads)
-    served = open_for_text(model_path, tokenizer, "cpu")
-    model = served.model
-    ds = open_data(served.opened, data, served.tokenizer_path, verify=False)
+    opened = open_model(model_path, "cpu")
+    model = opened.model
+    data_dir = resolve_data_dir(opened, data)
+    # The tokenizer: given, else the one next to the data (as `eval` finds it), else the run's.
+    _, tok_path = load_model_tokenizer(opened, tokenizer or find_tokenizer(data_dir))
+    ds = open_data(opened, data_dir, tok_path, verify=False)
     val = ds.val_tokens()
     crit = parse_criterion(criterion) if criterion else default_criterion(model)
     check_fires(crit, model)
@@ -234,7 +270,7 @@ def bench_serve(
         # so the speedups are ratios within a round, and the medians over rounds are reported.
         for _ in range(repeats):
             rounds.append({name: run_engine(model, reqs, schedule, c, slots, max_len) for name, schedule, c in setups})
-        seq_len = min(served.opened.seq_len, model.config.max_seq_len)
+        seq_len = min(opened.seq_len, model.config.max_seq_len)
         full = evaluate_early_exit(model, val, ds.tables, seq_len, parse_criterion("never"), max_tokens=eval_tokens)
         early = evaluate_early_exit(model, val, ds.tables, seq_len, crit, max_tokens=eval_tokens)
     same = all(r["static"]["outputs"] == r["sequence"]["outputs"] == rounds[0]["static"]["outputs"] for r in rounds)
@@ -243,8 +279,8 @@ def bench_serve(
         for e in r.values():
             e.pop("outputs")
 
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(r[a]["tokens_per_s"] / r[b]["tokens_per_s"] for r in rounds)
+    def ratio(a: str, b: str) -> dict[str, Any]:
+        return ratio_spread([r[a]["tokens_per_s"] / r[b]["tokens_per_s"] for r in rounds])
 
     engines = {}
     for name, _, _ in setups:  # the round with the median tokens/s stands for each engine
@@ -252,10 +288,12 @@ def bench_serve(
         engines[name] = {**by_speed[(len(by_speed) - 1) // 2], "tokens_per_s_rounds": [round(r[name]["tokens_per_s"], 1) for r in rounds]}
     server = None
     if server_requests > 0:
-        server = load_test(str(model_path), tokenizer, reqs[:server_requests], criterion, slots, concurrency)
+        # The server gets the tokenizer and the criterion measured above (the default one too).
+        server = load_test(str(model_path), str(tok_path), reqs[:server_requests], str(crit), slots, concurrency)
     d = engines["depthwise"]
+    speedups = {name: ratio(a, b) for name, (a, b) in SPEEDUPS.items()}
     return {
-        "model": str(served.opened.path),
+        "model": str(opened.path),
         "plan": model.plan.describe(),
         "criterion": str(crit),
         "requests": spec.requests,
@@ -264,9 +302,8 @@ def bench_serve(
         "slots": slots,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
-        "speedup_vs_static": ratio("depthwise", "static"),
-        "speedup_vs_sequence_batching": ratio("depthwise", "sequence"),
-        "speedup_exit_vs_sequence_batching": ratio("sequence_exit", "sequence"),
+        **{key: spread["median"] for key, spread in speedups.items()},
+        "speedups": speedups,
         "bpb_full": full.val_bpb,
         "bpb_early_exit": early.val_bpb,
         "bpb_cost_fraction": (early.val_bpb - full.val_bpb) / full.val_bpb,
@@ -293,16 +330,20 @@ def format_bench_serve(r: dict[str, Any]) -> str:
             f"{name:<15}{e['early_exit']:>10}{e['tokens_per_s']:>9.1f}{e['p50_latency_s']:>8.2f}{e['p99_latency_s']:>8.2f}"
             f"{e['mean_loops_per_token']:>8.2f}{e['rows_per_layer_call']:>10.1f}  {split}"
         )
+    sp = r["speedups"]
     lines.append(
-        f"median of {r['repeats']} rounds: depth-wise vs static {r['speedup_vs_static']:.2f}x, vs sequence batching "
-        f"{r['speedup_vs_sequence_batching']:.2f}x (sequence batching with exit vs without {r['speedup_exit_vs_sequence_batching']:.2f}x); "
+        f"tokens/s ratios, median of {r['repeats']} rounds (min-max over rounds): depth-wise vs static {format_ratio(sp['speedup_vs_static'])}, "
+        f"vs sequence batching {format_ratio(sp['speedup_vs_sequence_batching'])}; sequence batching with exit vs without "
+        f"{format_ratio(sp['speedup_exit_vs_sequence_batching'])}"
+    )
+    lines.append(
         f"val_bpb {r['bpb_full']:.5f} -> {r['bpb_early_exit']:.5f} with early exit ({100 * r['bpb_cost_fraction']:+.3f}%, "
         f"{r['eval_mean_loops']:.2f} of {r['full_loops']} passes, {r['eval_tokens']:,} tokens)"
     )
     if r["server"]:
         s = r["server"]
         lines.append(
-            f"server load test: {s['ok']}/{s['requests']} ok from {s['concurrency']} clients, {s['tokens_per_s']:.1f} tok/s, "
+            f"server load test (early exit {s['early_exit']}): {s['ok']}/{s['requests']} ok from {s['concurrency']} clients, {s['tokens_per_s']:.1f} tok/s, "
             f"p50 {s['p50_latency_s']:.2f} s, p99 {s['p99_latency_s']:.2f} s; SIGTERM -> exit {s['sigterm_exit_code']} in {s['shutdown_s']:.2f} s"
         )
     return "\n".join(lines)

@@ -97,9 +97,10 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         description="Serve one request stream (prompts cut from the validation tokens, greedy) on the static full-depth, "
         "sequence-level continuous and continuous depth-wise engines (and sequence batching with early exit, to separate the "
         "two effects); score val_bpb with and without early exit; load-test `loopgolf serve` from a second process. "
+        "Every speedup is the median of within-round ratios, printed with its min-max over the rounds. "
         "With --json the last line is the JSON result.",
     )
-    s.add_argument("model", metavar="ARTIFACT_OR_RUN", help="a recursive model: an artifact or a run directory")
+    s.add_argument("model", metavar="MODEL", help="a recursive model: an artifact, a run or `loopgolf convert` directory, or a checkpoint")
     s.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
     s.add_argument("--data", help="dataset for prompts and scoring (default: the run's)")
     s.add_argument(

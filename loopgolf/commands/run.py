@@ -15,6 +15,17 @@ DESCRIPTION = {
 }
 
 
+def step_budget(text: str) -> int:
+    """``--steps``: a positive step count; 0 is refused with the command that scores a model
+    without training it."""
+    if text.strip().lstrip("+-").isdigit() and int(text) == 0:
+        raise argparse.ArgumentTypeError(
+            "must be a positive integer, got 0; to score a model without training it, use `loopgolf eval MODEL` "
+            "(a run or `loopgolf convert` directory, a checkpoint or an artifact)"
+        )
+    return positive_int(text)
+
+
 def run_options(args: argparse.Namespace, train_only: bool = False):
     """The :class:`~loopgolf.run.RunOptions` the parsed flags ask for (``None``: not given)."""
     from loopgolf.run import RunOptions
@@ -97,7 +108,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help="training wallclock budget in seconds; on a preset that stops on steps alone (the default cpu: 250 steps) "
         "it replaces that stop, elsewhere the preset's step cap stays; with --steps, whichever comes first",
     )
-    p.add_argument("--steps", type=positive_int, help="training step budget (the default preset: 250)")
+    p.add_argument("--steps", type=step_budget, help="training step budget (the default preset: 250)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--seq-len", type=positive_int, help="training/eval sequence length")
     p.add_argument("--batch-tokens", type=positive_int, help="global tokens per optimizer step")

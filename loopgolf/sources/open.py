@@ -8,10 +8,12 @@ A model is any of:
   (``loopgolf train``, or a run stopped before export: the float weights),
 - a ``loopgolf convert`` directory (the converted weights, before any uptraining: the paper's
   first sanity check),
-- a checkpoint file (``checkpoint.pt``; the model config travels inside it).
+- a checkpoint file (``checkpoint.pt``, or any file that starts like one; the model config
+  travels inside it).
 
-The data defaults to the one the run trained on (its ``config.json``), and the tokenizer to the
-one next to that data.
+The data defaults to the one the run trained on (its ``config.json``; for a convert directory,
+the run it was converted from), the evaluation window to that run's training ``seq_len``, and
+the tokenizer to the one next to that data.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopgolf.data.dataset import Dataset
 from loopgolf.data.stats import find_tokenizer
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.rundir import ARTIFACT_NAME, RunDir
+
+if TYPE_CHECKING:
+    from loopgolf.config import RunConfig
 
 DEFAULT_SEQ_LEN = 1024  # the official evaluation window, for a model that does not say its own
 
@@ -49,31 +54,62 @@ def _run_dir_of(path: Path) -> RunDir | None:
     return rundir if rundir.config_path.is_file() else None
 
 
-def _data_dir(rundir: RunDir | None) -> Path | None:
+def _convert_source(rundir: RunDir) -> RunDir | None:
+    """The run directory a ``loopgolf convert`` directory was converted from (the source recorded
+    in its ``config.json``, as given to ``convert``: a run directory, or an artifact or checkpoint
+    inside one), if it is still there."""
+    try:
+        raw = rundir._read_json(rundir.config_path)  # a convert config is no RunConfig: only its `convert` part is read here
+    except ValueError:
+        return None
+    made = raw.get("convert") if isinstance(raw, dict) else None
+    source = made.get("source") if isinstance(made, dict) else None
+    if not isinstance(source, str) or not source:
+        return None
+    path = Path(source)
+    if path.is_file():
+        return _run_dir_of(path)
+    return RunDir(path) if path.is_dir() and RunDir(path).config_path.is_file() else None
+
+
+def _run_config(rundir: RunDir | None) -> RunConfig | None:
+    """The training config recorded for a model: its run's ``config.json``, or for a `loopgolf
+    convert` directory the config of the run it was converted from (the data and window the
+    source was trained on, so that the converted model is scored like its source)."""
     if rundir is None:
         return None
     try:
-        config = rundir.read_config()
+        return rundir.read_config()
     except ValueError:
-        return None  # a convert directory, or a config from elsewhere: no data recorded
-    if config.data is None or not Path(config.data.dir).is_dir():
+        pass  # a convert directory, or a config from elsewhere
+    source = _convert_source(rundir) if rundir.convert_report_path.is_file() else None
+    if source is None:
+        return None
+    try:
+        return source.read_config()
+    except ValueError:
+        return None
+
+
+def _data_dir(config: RunConfig | None) -> Path | None:
+    if config is None or config.data is None or not Path(config.data.dir).is_dir():
         return None
     return Path(config.data.dir)
 
 
-def _trained_seq_len(rundir: RunDir | None, model_cfg: ModelConfig) -> int:
-    if rundir is not None:
-        try:
-            return rundir.read_config().train.seq_len
-        except ValueError:
-            pass
+def _trained_seq_len(config: RunConfig | None, model_cfg: ModelConfig) -> int:
+    if config is not None:
+        return config.train.seq_len
     return min(DEFAULT_SEQ_LEN, model_cfg.max_seq_len)
 
 
-def _from_checkpoint(path: Path, device: Any, origin: str) -> tuple[GPT, int | None]:
+def _from_checkpoint(path: Path, device: Any) -> tuple[GPT, int | None]:
     from loopgolf.train.checkpoint import load_model_state, read_checkpoint
 
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:  # its messages are written for resuming; here the model is only read
+        raise ValueError(str(e).replace("; refusing to resume from it", "")) from None
     model_dict = (ckpt.get("config") or {}).get("model")
     if not isinstance(model_dict, dict):
         raise ValueError(f"{path} does not record its model config")
@@ -82,7 +118,32 @@ def _from_checkpoint(path: Path, device: Any, origin: str) -> tuple[GPT, int | N
     load_model_state(model, ckpt["model"])
     train = (ckpt.get("config") or {}).get("train")
     seq_len = train.get("seq_len") if isinstance(train, dict) else None
-    return model.to(device).eval(), seq_len if isinstance(seq_len, int) else None
+    return model.to(device).eval(), seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+
+
+def _file_kind(path: Path) -> tuple[str | None, bytes]:
+    """(``checkpoint``, ``artifact`` or None, the first bytes): by the file's first bytes, or a
+    ``.pt`` name (a checkpoint, so that a damaged one is reported as one). An artifact is told
+    apart first: scoring one loads none of the training code, the checkpoint reader included."""
+    from loopgolf.export.artifact import MAGIC as ARTIFACT_MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if head.startswith(ARTIFACT_MAGIC):
+        return "artifact", head
+    from loopgolf.train.checkpoint import MAGIC as CHECKPOINT_MAGIC
+
+    return ("checkpoint" if path.suffix == ".pt" or head.startswith(CHECKPOINT_MAGIC) else None), head
+
+
+def _open_checkpoint(path: Path, rundir: RunDir | None, device: Any, name: str) -> OpenedModel:
+    origin = "convert" if rundir is not None and rundir.convert_report_path.is_file() else "checkpoint"
+    model, seq_len = _from_checkpoint(path, device)
+    config = _run_config(rundir)
+    return OpenedModel(model, path, origin, seq_len or _trained_seq_len(config, model.config), name, _data_dir(config))
 
 
 def open_model(path: str | Path, device: Any = "cpu") -> OpenedModel:
@@ -95,26 +156,31 @@ def open_model(path: str | Path, device: Any = "cpu") -> OpenedModel:
         if rundir.artifact_path.is_file():
             return open_model(rundir.artifact_path, device)
         if rundir.checkpoint_path.is_file():
-            origin = "convert" if rundir.convert_report_path.is_file() else "checkpoint"
-            model, seq_len = _from_checkpoint(rundir.checkpoint_path, device, origin)
-            return OpenedModel(model, rundir.checkpoint_path, origin, seq_len or _trained_seq_len(rundir, model.config), path.name, _data_dir(rundir))
+            return _open_checkpoint(rundir.checkpoint_path, rundir, device, path.resolve().name)
         raise ValueError(
             f"{path} holds neither {ARTIFACT_NAME} nor {rundir.checkpoint_path.name}: give an artifact, a run directory, "
             "a `loopgolf convert` directory or a checkpoint"
         )
     if not path.exists():
         raise ValueError(f"no model at {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file or a directory")
     rundir = _run_dir_of(path)
-    if path.suffix == ".pt":  # a checkpoint file (a run directory's checkpoint.pt, or any other)
-        origin = "convert" if rundir is not None and rundir.convert_report_path.is_file() else "checkpoint"
-        model, seq_len = _from_checkpoint(path, device, origin)
-        return OpenedModel(model, path, origin, seq_len or _trained_seq_len(rundir, model.config), path.parent.name, _data_dir(rundir))
+    kind, head = _file_kind(path)
+    if kind == "checkpoint":  # a run directory's checkpoint.pt, or any other
+        return _open_checkpoint(path, rundir, device, path.resolve().parent.name)
+    if kind is None:
+        raise ValueError(
+            f"{path} is neither a loopgolf artifact nor a checkpoint (bad magic {head[:8]!r}); MODEL is an artifact, a run directory, "
+            "a `loopgolf convert` directory or a checkpoint"
+        )
     model, loaded = load_model(path, device=device)
     model.eval()
+    config = _run_config(rundir)
     seq_len = loaded.meta.get("seq_len")
-    seq_len = seq_len if isinstance(seq_len, int) and seq_len > 0 else _trained_seq_len(rundir, model.config)
-    name = path.parent.name if path.name == ARTIFACT_NAME else path.stem
-    return OpenedModel(model, path, "artifact", seq_len, name, _data_dir(rundir), loaded.info.total_bytes, loaded.codec)
+    seq_len = seq_len if isinstance(seq_len, int) and seq_len > 0 else _trained_seq_len(config, model.config)
+    name = path.resolve().parent.name if path.name == ARTIFACT_NAME else path.stem
+    return OpenedModel(model, path, "artifact", seq_len, name, _data_dir(config), loaded.info.total_bytes, loaded.codec)
 
 
 def resolve_data_dir(opened: OpenedModel, data: str | Path | None) -> Path:
