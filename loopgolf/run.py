@@ -18,6 +18,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -332,16 +333,20 @@ class RunOutcome:
         return json.dumps({**self.summary.to_dict(), "run_dir": str(self.run_dir)}, indent=2)
 
 
-def run(opts: RunOptions) -> RunOutcome:
+def run(opts: RunOptions, *, on_lock: Callable[[RunDir], None] | None = None) -> RunOutcome:
     """Execute one run; a finished run's summary is also written to ``summary.json``. With
     ``opts.train_only`` stop after training. Under torchrun every rank calls this; rank 0 holds
-    the run directory's lock, writes the files and exports."""
+    the run directory's lock, writes the files and exports. ``on_lock`` (rank 0) is called with
+    the run directory once its lock is held, before anything is written there; what it raises
+    ends the run with the directory untouched (a sweep worker checks and records the run there)."""
     t_start = time.perf_counter()
     try:
         rs = setup(opts)  # joins the process group under torchrun
         if not rs.dist.is_main:
             return _execute(opts, rs, t_start)
         with rs.rundir.lock():
+            if on_lock is not None:
+                on_lock(rs.rundir)
             _start(rs)
             try:
                 return _execute(opts, rs, t_start)

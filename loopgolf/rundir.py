@@ -51,6 +51,10 @@ class RunDirError(ValueError):
     """A run directory, or one of its files, is not what loopgolf wrote."""
 
 
+class RunDirLocked(RunDirError):
+    """Another process holds the run directory's lock (it is running it)."""
+
+
 @dataclass
 class RunSummary:
     """What ``summary.json`` holds: the scores, bytes, sizes and timings of a finished run."""
@@ -378,7 +382,7 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold this directory's lock for the block: a second process asking for it gets a
-        ``RunDirError`` at once (where the OS has ``flock``; elsewhere nothing is locked)."""
+        ``RunDirLocked`` (a ``RunDirError``) at once (where the OS has ``flock``; elsewhere nothing is locked)."""
         try:
             import fcntl
         except ImportError:  # not on POSIX
@@ -390,7 +394,7 @@ class RunDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunDirError(f"{self.path} is in use by another loopgolf process (it holds {self.path / LOCK_NAME})") from None
+                raise RunDirLocked(f"{self.path} is in use by another loopgolf process (it holds {self.path / LOCK_NAME})") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             yield

@@ -34,8 +34,10 @@ def _seeds(text: str | None) -> list[int] | None:
         seeds = [int(s) for s in items]
     except ValueError:
         raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    from loopgolf.config import MAX_SEED
+
+    if any(s < 0 or s > MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct integers from 0 to 2**63 - 1, got {text!r:.80}")
     return seeds
 
 
@@ -64,6 +66,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
+    for run_dir, why in res.elsewhere:
+        print(f"{why}: {run_dir} (another process holds or finished it; not run here)", file=sys.stderr)
     for run_dir, tail in res.failed:
         print(f"failed: {run_dir} (see {run_dir}/sweep.log)\n  " + tail.replace("\n", "\n  "), file=sys.stderr)
     return 1 if res.failed else 0
@@ -72,12 +76,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from loopgolf.lab.store import Store
 
-    with Store(store_path(args.store)) as store:
-        if args.runs_command == "add":
-            for d in args.run_dirs:
-                row = store.add(Path(d), ledger=args.ledger, variant=args.variant)
+    if args.runs_command == "add":
+        with Store(store_path(args.store)) as store:
+            for row in store.add_all([Path(d) for d in args.run_dirs], ledger=args.ledger, variant=args.variant):
                 print(f"added {row.run_dir} (ledger {row.ledger}, variant {row.variant}, seed {row.seed})")
-            return 0
+        return 0
+    with Store(store_path(args.store), readonly=True) as store:
         where = []
         for item in args.where:
             key, sep, value = item.partition("=")
@@ -118,7 +122,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from loopgolf.lab.store import Store
 
     ledger = load_ledger(args.ledger)
-    with Store(store_path(args.store)) as store:
+    with Store(store_path(args.store), readonly=True) as store:
         rows = store.rows(args.store_ledger or ledger.name)
     command = args.command_note or ("loopgolf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else None)
     path = write_report(ledger, rows, Path(args.out), command=command)

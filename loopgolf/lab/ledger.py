@@ -108,7 +108,8 @@ def _line_of(text: str, key: str, table: str | None = None, index: int = 0) -> i
             if s.startswith("[[") and current == table:
                 seen += 1
             continue
-        in_place = current is None if table is None else current == table and (not _is_array_table(text, table) or seen == index)
+        in_table = current is not None and table is not None and (current == table or current.startswith(table + "."))  # [variant.model] too
+        in_place = current is None if table is None else in_table and (not _is_array_table(text, table) or seen == index)
         if in_place and assign.search(line):
             return i
     return None
@@ -123,11 +124,16 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise LedgerError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise LedgerError(f"{source}: not a ledger: its arrays or tables are nested too deeply") from None
 
-    def fail(message: str, key: str, table: str | None = None, index: int = 0) -> LedgerError:
+    def fail(message: str, key: str, table: str | None = None, index: int = 0, sub: str | None = None) -> LedgerError:
+        """An error at ``key`` (of ``table``, the ``index``-th if an array of tables; of its
+        ``sub`` table, as in ``variant[1].model.colour``)."""
         line = _line_of(text, key, table, index)
         where = f"{source}, line {line}" if line else source
-        path = key if table is None else (f"{table}[{index}].{key}" if _is_array_table(text, table) else f"{table}.{key}")
+        name = key if sub is None else f"{sub}.{key}"
+        path = name if table is None else (f"{table}[{index}].{name}" if _is_array_table(text, table) else f"{table}.{name}")
         return LedgerError(f"{where}: key {path!r}: {message}")
 
     for k in doc:
@@ -139,6 +145,9 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
     name = doc["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise fail("must be a name of letters, digits, '.', '_' or '-'", "name")
+    for k in ("baseline", "description"):
+        if k in doc and not isinstance(doc[k], str):
+            raise fail(f"must be a string, got {type(doc[k]).__name__}", k)
     default_seeds = _seeds(doc.get("seeds", [1]), lambda m: fail(m, "seeds"))
     cap = doc.get("cap_bytes", 16_000_000)
     if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
@@ -162,7 +171,7 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
         raise fail(f"must be an integer number of steps, got {amount!r}", kind, "budget")
 
     raw_variants = doc["variant"]
-    if not isinstance(raw_variants, list) or not raw_variants:
+    if not isinstance(raw_variants, list) or not raw_variants or not all(isinstance(v, dict) for v in raw_variants):
         raise fail("must be one or more [[variant]] tables", "variant")
     variants = []
     for i, v in enumerate(raw_variants):
@@ -179,6 +188,10 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
         for k in ("model", "train"):
             if not isinstance(v.get(k, {}), dict):
                 raise fail("must be a table of overrides", k, "variant", i)
+        if not isinstance(v.get("description", ""), str):
+            raise fail("must be a string", "description", "variant", i)
+        for sub, key, valid in _unknown_overrides(v.get("model", {}), v.get("train", {})):
+            raise fail(f"unknown {sub.replace('.', ' ')} field; valid: {', '.join(valid)}", key, "variant", i, sub=sub)
         seeds = _seeds(v["seeds"], lambda m: fail(m, "seeds", "variant", i)) if "seeds" in v else default_seeds
         variants.append(Variant(v["name"], v["preset"], seeds, dict(v.get("model", {})), dict(v.get("train", {})), str(v.get("description", ""))))
     if doc["baseline"] not in {v.name for v in variants}:
@@ -187,16 +200,39 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
     for i, v in enumerate(variants):  # the presets and overrides must build now, not hours into a sweep
         try:
             resolve(ledger, v)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise fail(f"does not build: {e}", "preset", "variant", i) from None
+        except RecursionError:
+            raise fail("does not build: its overrides are nested too deeply", "preset", "variant", i) from None
     return ledger
 
 
+def _unknown_overrides(model: dict[str, Any], train: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """``(table, key, valid keys)`` of every override that names no config field: ``model`` keys
+    are ModelConfig fields, ``train`` keys TrainConfig fields (``optim``: OptimizerConfig's)."""
+    from dataclasses import fields
+
+    from loopgolf.config import OptimizerConfig, TrainConfig
+    from loopgolf.model.gpt import ModelConfig
+
+    out = []
+    for sub, table, cls in (("model", model, ModelConfig), ("train", train, TrainConfig)):
+        valid = sorted(f.name for f in fields(cls))
+        out += [(sub, k, valid) for k in table if k not in valid]
+    optim = train.get("optim")
+    if isinstance(optim, dict):
+        valid = sorted(f.name for f in fields(OptimizerConfig))
+        out += [("train.optim", k, valid) for k in optim if k not in valid]
+    return out
+
+
 def _seeds(value: Any, fail) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value):
-        raise fail(f"must be a non-empty list of non-negative integers, got {value!r}")
+    from loopgolf.config import MAX_SEED
+
+    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in value):
+        raise fail(f"must be a non-empty list of integers from 0 to 2**63 - 1, got {value!r:.80}")
     if len(set(value)) != len(value):
-        raise fail(f"repeats a seed: {value!r}")
+        raise fail(f"repeats a seed: {value!r:.80}")
     return tuple(value)
 
 
