@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +460,130 @@ def test_load_manifest_rejects_garbage(tmp_path):
     (tmp_path / "manifest.json").write_text('{"datasets": []}')
     with pytest.raises(CorpusError, match="not a loopgolf dataset"):
         load_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that are not regular files, and files over the size cap (issue 27)
+
+
+def _build_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`loopgolf data build ARGS` in a subprocess with a time and memory limit, so that a
+    regression (blocking on a FIFO, reading /dev/zero) fails the test instead of hanging it."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    return subprocess.run([sys.executable, "-m", "loopgolf", "data", "build", *args], cwd=cwd, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("fifo", "is a FIFO, not a regular file"),
+        ("dev_zero_link", "is a character device, not a regular file"),
+        ("fifo_in_folder", "is a FIFO, not a regular file"),
+        ("dev_zero_link_in_folder", "is a character device, not a regular file"),
+    ],
+)
+def test_fifo_and_device_inputs_are_refused_before_reading(tmp_path, case, words):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"ok{i}.txt").write_text(f"Document {i} is a plain regular file with some words.")
+    bad = src / "bad.txt"
+    if case.startswith("fifo"):
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to("/dev/zero")
+    target = src if case.endswith("in_folder") else bad
+    proc = _build_cli(["--input", str(target), "--out", str(tmp_path / "out"), "--vocab-size", "64"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"corpus input {bad} {words}" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlink_to_a_regular_file_is_read(tmp_path):
+    (tmp_path / "real.txt").write_text("A real document.")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "real.txt")
+    docs = list(iter_documents([tmp_path / "link.txt"]))
+    assert [d.text for d in docs] == ["A real document."]
+
+
+def test_input_over_the_size_cap_is_refused(tmp_path, capsys):
+    from loopgolf.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"d{i}.txt").write_text(f"Document {i}. " + "words " * 10)
+    (src / "big.jsonl").write_text(json.dumps({"text": "x " * 200}) + "\n")
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(CorpusError, match=rf"corpus input {re.escape(str(src / 'big.jsonl'))} is \d+ bytes, more than the 300 allowed per file"):
+        build_dataset([src], tmp_path / "out", vocab_size=64, max_input_bytes=300, progress=False)
+    _assert_nothing_left(tmp_path, before)
+    rc = main(["data", "build", "--input", str(src), "--out", str(tmp_path / "out"), "--max-input-bytes", "300"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "big.jsonl" in err and "--max-input-bytes" in err
+    _assert_nothing_left(tmp_path, before)
+    assert len(list(iter_documents([src], max_bytes=500))) == 6  # under the cap: read
+
+
+def test_reading_is_bounded_even_after_the_stat(tmp_path, monkeypatch):
+    """The stat before opening can be raced (the file swapped or grown): the open is non-blocking
+    and rechecked on the descriptor, and no read goes past the cap."""
+    monkeypatch.setattr(corpus_mod, "_check_input_file", lambda path, max_bytes: None)
+    fifo = tmp_path / "swapped.txt"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # only matters if the open blocked (a regression): give it a writer
+        time.sleep(20)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(CorpusError, match=r"swapped\.txt changed while being opened \(a FIFO"):
+        list(iter_documents([fifo]))
+    assert time.monotonic() - start < 10
+    (tmp_path / "grew.txt").write_text("y" * 200)
+    (tmp_path / "grew.jsonl").write_text((json.dumps({"text": "z" * 20}) + "\n") * 10)
+    monkeypatch.setattr(corpus_mod, "_open_input", _unchecked_open)  # past the stat and the descriptor's check
+    for name in ("grew.txt", "grew.jsonl"):
+        with pytest.raises(CorpusError, match=rf"{name} grew past the 100 bytes allowed per file"):
+            list(iter_documents([tmp_path / name], max_bytes=100))
+
+
+@contextlib.contextmanager
+def _unchecked_open(path, max_bytes):
+    with open(path, "rb") as f:
+        yield f
+
+
+def test_deeply_nested_jsonl_line_is_an_input_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CorpusError, match=r"a\.jsonl:2: invalid JSON \(nested too deeply\)"):
+        list(iter_documents([tmp_path / "a.jsonl"]))
+
+
+def test_cached_default_dataset_without_tokenizer_hash_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """A default dataset cached by a loopgolf that did not record the tokenizer's sha256 is rebuilt
+    (so its tokenizer is checked from then on), silently; one whose tokenizer was swapped too."""
+    from loopgolf.data import default_corpus as dc
+
+    builds = []
+    real = dc.build_dataset
+    monkeypatch.setattr(dc, "build_dataset", lambda *a, **k: builds.append(1) or real(*a, **k))
+    d = dc.ensure_default_dataset(512, cache_root=tmp_path, progress=False)
+    manifest = load_manifest(d)
+    assert len(builds) == 1 and len(manifest["tokenizer_sha256"]) == 64
+    old = {k: v for k, v in manifest.items() if k != "tokenizer_sha256"}
+    (d / "manifest.json").write_text(json.dumps(old))
+    assert dc.ensure_default_dataset(512, cache_root=tmp_path, progress=False) == d
+    assert len(builds) == 2 and load_manifest(d)["tokenizer_sha256"] == manifest["tokenizer_sha256"]
+    shutil.copyfile(OFFICIAL_TOKENIZER, d / "tokenizer.model")
+    dc.ensure_default_dataset(512, cache_root=tmp_path, progress=False)
+    assert len(builds) == 3
+    verify_dataset(d)
+    assert "warning" not in capsys.readouterr().err

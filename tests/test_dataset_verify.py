@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -192,3 +193,123 @@ def test_foreign_manifest_is_refused(ds):
     (ds / "manifest.json").write_text(json.dumps({"splits": {}}))
     with pytest.raises(CorpusError, match="not a loopgolf dataset manifest.*--no-verify-data"):
         Dataset.open(ds)
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer is part of the data (issue 27): its sha256 is in the manifest and checked on open
+
+
+def _other_tokenizer(tmp_path: Path, vocab_size: int) -> Path:
+    """A different tokenizer of `vocab_size` pieces (trained on other text)."""
+    from helpers import synthetic_documents
+
+    from loopgolf.data.tokenizer import train_tokenizer
+
+    docs = [d.upper() for d in synthetic_documents(200, seed=9)]
+    return train_tokenizer(docs, vocab_size, tmp_path / "other", seed=2)
+
+
+@pytest.fixture
+def warned(monkeypatch) -> None:
+    monkeypatch.setattr(dataset_mod, "_WARNED", set())
+
+
+def test_manifest_records_the_tokenizer_sha256(ds):
+    manifest = load_manifest(ds)
+    assert manifest["tokenizer_sha256"] == hashlib.sha256((ds / "tokenizer.model").read_bytes()).hexdigest()
+
+
+def test_swapped_tokenizer_is_refused(ds, tmp_path, capsys, warned):
+    other = _other_tokenizer(tmp_path, load_manifest(ds)["vocab_size"])
+    assert other.read_bytes() != (ds / "tokenizer.model").read_bytes()
+    # Given explicitly (--tokenizer) instead of the dataset's own: refused.
+    with pytest.raises(CorpusError, match=r"other\.model: sha256 .* is not the tokenizer the shards were encoded with .*--no-verify-data"):
+        Dataset.open(ds, tokenizer=other)
+    # Swapped in place: refused by Dataset.open, verify_dataset and `loopgolf run` (exit 2, before training).
+    shutil.copyfile(other, ds / "tokenizer.model")
+    with pytest.raises(CorpusError, match=r"tokenizer\.model: sha256 .* is not the tokenizer") as e:
+        Dataset.open(ds)
+    assert str(ds / "manifest.json") in str(e.value)
+    with pytest.raises(CorpusError, match="is not the tokenizer the shards were encoded with"):
+        verify_dataset(ds)
+    from loopgolf.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "debug", "--data", str(ds), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the tokenizer the shards were encoded with" in err and "--no-verify-data" in err
+    assert not (out / "log.jsonl").exists()
+    # The escape hatch still opens it.
+    assert Dataset.open(ds, verify=False).tokenizer_path == ds / "tokenizer.model"
+
+
+def test_manifest_without_tokenizer_hash_opens_with_a_warning(ds, tmp_path, capsys, warned):
+    _edit_manifest(ds, lambda m: m.pop("tokenizer_sha256"))
+    Dataset.open(ds)
+    err = capsys.readouterr().err
+    assert f"warning: {ds / 'manifest.json'} records no tokenizer_sha256" in err and "rebuild the dataset" in err
+    Dataset.open(ds)
+    assert capsys.readouterr().err == ""  # once per process
+    verify_dataset(ds)
+    # Without a hash, a tokenizer of another size is still caught by the piece count.
+    shutil.copyfile(_other_tokenizer(tmp_path, 320), ds / "tokenizer.model")
+    with pytest.raises(CorpusError, match=r"tokenizer\.model has 320 pieces but .*manifest\.json says vocab_size 384.*--no-verify-data"):
+        Dataset.open(ds)
+
+
+@pytest.mark.parametrize(
+    "edit, what",
+    [
+        (lambda m: m.update(vocab_size="384"), r"'vocab_size' must be an integer in \[1, 65536\], got '384'"),
+        (lambda m: m.update(vocab_size=0), r"'vocab_size' must be an integer"),
+        (lambda m: m.update(tokenizer=5), r"'tokenizer' must be a file name inside the dataset directory, got 5"),
+        (lambda m: m.update(tokenizer="../elsewhere.model"), r"'tokenizer' must be a file name inside the dataset directory"),
+        (lambda m: m.update(tokenizer_sha256="abc"), r"'tokenizer_sha256' must be 64 hex digits"),
+        (lambda m: m.update(tokenizer_trained="yes"), r"'tokenizer_trained' must be true or false"),
+        (lambda m: m.update(sources="corpus/"), r"'sources' must be a list of strings"),
+        (lambda m: m.update(seed=1.5), r"'seed' must be an integer"),
+        (lambda m: m.update(train_order="random"), r"'train_order' must be \"shuffled\" or \"source\""),
+        (lambda m: m.update(shuffle_seed="0"), r"'shuffle_seed' must be an integer or null"),
+        (lambda m: m.update(shard_tokens=0), r"'shard_tokens' must be a positive integer"),
+        (lambda m: m["splits"]["val"].update(text_xz_bytes="big"), r"splits\.val\.text_xz_bytes must be a non-negative integer, got 'big'"),
+        (lambda m: m["splits"]["val"].update(text_bytes=-1), r"splits\.val\.text_bytes must be a non-negative integer, got -1"),
+        (lambda m: m["splits"]["train"].update(tokens=1.5), r"splits\.train\.tokens must be a non-negative integer"),
+        (lambda m: m["splits"]["train"].update(documents=True), r"splits\.train\.documents must be a non-negative integer"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(tokens="7"), r"splits\.train\.shards\[0\]: 'tokens' must be a token count"),
+        (lambda m: m["splits"].update(val=5), r"split 'val' has no \"shards\" list"),
+        (lambda m: m.update(splits=[]), r'no "splits" table'),
+    ],
+)
+def test_wrongly_typed_manifest_fields_are_refused_at_open(ds, hash_calls, edit, what):
+    """A wrong type fails when the dataset is opened, not after training (the xz baseline reads
+    splits.val.text_xz_bytes when the run ends)."""
+    _edit_manifest(ds, edit)
+    with pytest.raises(CorpusError, match=what) as e:
+        Dataset.open(ds)
+    assert str(ds / "manifest.json") in str(e.value) and "--no-verify-data" in str(e.value)
+    assert hash_calls == []
+    with pytest.raises(CorpusError, match=what):
+        load_manifest(ds)
+
+
+def test_manifest_that_is_not_json_or_too_deep_or_too_big_is_refused(ds, monkeypatch):
+    (ds / "manifest.json").write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CorpusError, match=r"manifest\.json: not valid JSON \(RecursionError"):
+        Dataset.open(ds)
+    monkeypatch.setattr(dataset_mod, "_MAX_MANIFEST_BYTES", 100)
+    (ds / "manifest.json").write_text(json.dumps({"format": "loopgolf-dataset", "pad": "x" * 200}))
+    with pytest.raises(CorpusError, match=r"manifest\.json: \d+ bytes, not a manifest loopgolf writes"):
+        Dataset.open(ds)
+
+
+def test_xz_baseline_of_an_unchecked_malformed_manifest_decodes_the_shards(ds):
+    """With --no-verify-data a run reaches the baseline with whatever manifest is there: it
+    must not crash after training."""
+    from loopgolf.data.corpus import baseline_xz_bpb
+
+    exact = baseline_xz_bpb(ds)
+    assert not exact.approximate
+    _edit_manifest(ds, lambda m: m["splits"]["val"].update(text_xz_bytes="big"))
+    Dataset.open(ds, verify=False)
+    xz = baseline_xz_bpb(ds)
+    assert xz.approximate and 0 < xz.bpb < 8

@@ -303,3 +303,241 @@ def test_repeated_seeds_changed_code_and_over_cap_are_refused(reference_run, tmp
     with pytest.raises(ValueError, match="would exceed the cap.*try --minify"):
         write_records([tight], tmp_path / "out2", info=SubmissionInfo(), allow_code_change=True)
     assert not (tmp_path / "out2").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A run's files are not taken on trust (issue 27)
+
+
+def edit_summary_raw(run: Path, **raw: str) -> None:
+    """Set summary fields to raw JSON text (NaN, Infinity, strings: what a hand edit can write)."""
+    data = json.loads((run / "summary.json").read_text())
+    for key in raw:
+        data[key] = f"@@{key}@@"
+    text = json.dumps(data)
+    for key, value in raw.items():
+        text = text.replace(f'"@@{key}@@"', value)
+    (run / "summary.json").write_text(text)
+
+
+def edit_log(run: Path, change) -> None:
+    """Apply ``change(record)`` to every record of the run's log."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    for rec in records:
+        change(rec)
+    (run / "log.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in records))
+
+
+def refused(runs: list[Path], out: Path, capsys, *words: str) -> str:
+    """The runs are refused by write_records and by the command (exit 2, one line), naming
+    `words`, and nothing is written."""
+    with pytest.raises(ValueError) as e:
+        write_records(runs, out, info=SubmissionInfo())
+    assert all(w in str(e.value) for w in words), str(e.value)
+    capsys.readouterr()
+    assert main(["submission", *map(str, runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not out.exists()
+    return err
+
+
+def test_edited_scores_are_refused(reference_run, tmp_path, capsys):
+    """val_bpb_post is what submission.json reports: an edit must not go into it."""
+    for key in ("val_bpb_post", "val_loss_post"):
+        run = copy_as_seed(reference_run, tmp_path / key, 3, summary_change=lambda s, k=key: s.update({k: s[k] - 0.5}))
+        refused([run], tmp_path / "out", capsys, str(run / "summary.json"), f"says {key}", "log recorded")
+
+
+def test_edited_model_bytes_are_refused(reference_run, tmp_path, capsys):
+    def smaller(s):  # consistent with itself: only the artifact tells
+        s["model_bytes"] -= 40_000
+        s["artifact_bytes"] = s["model_bytes"] + s["code_bytes"]
+        s["headroom_bytes"] = s["cap_bytes"] - s["artifact_bytes"]
+
+    run = copy_as_seed(reference_run, tmp_path / "bytes", 3, summary_change=smaller)
+    refused([run], tmp_path / "out", capsys, "says model_bytes", f"{run / 'artifact.lgz'} is")
+    edit_log(run, lambda r: r.update(model_bytes=r["model_bytes"] - 40_000) if r.get("event") == "export" else None)
+    refused([run], tmp_path / "out", capsys, "says model_bytes", "artifact.lgz is")  # the log edited too
+    alone = copy_as_seed(reference_run, tmp_path / "alone", 3, summary_change=lambda s: s.update(model_bytes=s["model_bytes"] - 1))
+    refused([alone], tmp_path / "out", capsys, "artifact_bytes", "is not model_bytes + code_bytes")
+
+
+@pytest.mark.parametrize("how", ["missing", "symlink", "directory", "corrupt"])
+def test_missing_or_untrustworthy_artifact_is_refused(reference_run, tmp_path, capsys, how):
+    run = copy_as_seed(reference_run, tmp_path / "run", 3)
+    artifact = run / "artifact.lgz"
+    if how == "missing":
+        artifact.unlink()
+    elif how == "symlink":
+        artifact.rename(tmp_path / "elsewhere.lgz")
+        artifact.symlink_to(tmp_path / "elsewhere.lgz")
+    elif how == "directory":
+        artifact.unlink()
+        artifact.mkdir()
+    else:
+        data = bytearray(artifact.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        artifact.write_bytes(bytes(data))
+    words = ["checksum"] if how == "corrupt" else ["has no artifact", "regular file"]
+    refused([run], tmp_path / "out", capsys, "artifact.lgz", *words)
+
+
+@pytest.mark.parametrize("how", ["symlink", "fifo", "directory"])
+def test_log_that_is_not_the_runs_own_regular_file_is_refused(reference_run, tmp_path, capsys, how):
+    run = copy_as_seed(reference_run, tmp_path / "run", 3)
+    log = run / "log.jsonl"
+    if how == "symlink":  # the same content, elsewhere: never copied into the folder
+        log.rename(tmp_path / "outside.jsonl")
+        log.symlink_to(tmp_path / "outside.jsonl")
+    elif how == "fifo":
+        log.unlink()
+        os.mkfifo(log)
+    else:
+        log.unlink()
+        log.mkdir()
+    refused([run], tmp_path / "out", capsys, str(log), "not a regular file inside the run directory")
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ({"val_bpb_post": "NaN"}, ["val_bpb_post must be finite"]),
+        ({"val_loss_post": "Infinity"}, ["val_loss_post must be finite"]),
+        ({"val_bpb_pre": "-Infinity"}, ["val_bpb_pre must be finite"]),
+        ({"train_seconds": "NaN"}, ["train_seconds must be finite"]),
+        ({"val_bpb_post": '"1.0"'}, ["val_bpb_post must be float", "'1.0'"]),
+        ({"model_bytes": '"42813"'}, ["model_bytes must be int"]),
+        ({"steps": "8.5"}, ["steps must be int"]),
+        ({"seed": '"3"'}, ["seed must be int"]),
+        ({"device": "7"}, ["device must be str"]),
+        ({"cap_bytes": "true"}, ["cap_bytes must be int"]),
+    ],
+)
+def test_non_finite_or_mistyped_summary_results_are_refused(reference_run, tmp_path, capsys, raw, words):
+    run = copy_as_seed(reference_run, tmp_path / "run", 3)
+    edit_summary_raw(run, **raw)
+    refused([run], tmp_path / "out", capsys, str(run / "summary.json"), *words)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ("{", "LOOPGOLF_OVERRIDES is not valid JSON"),
+        ("NaN", "LOOPGOLF_OVERRIDES must be a JSON object"),
+        ('"train"', "LOOPGOLF_OVERRIDES must be a JSON object"),
+        ('{"train": null}', "LOOPGOLF_OVERRIDES must be a JSON object"),
+        ('{"train": {"optim": null}}', '"optim" an object'),
+        ('{"train": {"optim": {"bogus": 1}}}', "unknown optim field(s) ['bogus']"),
+        ('{"train": {"nope": 1}}', "unknown train config field(s) ['nope']"),
+        ('{"model": {"model_dim": "wide"}}', "model model_dim must be int"),
+        ('{"model": {"num_heads": 0}}', "num_heads must be a positive integer"),
+        ('{"model": {"plan": 5}}', "model plan must be"),
+        ('{"train": {"warmup_steps": NaN}}', "train warmup_steps must be int"),
+        ('{"train": {"max_steps": 1e400}}', "train max_steps must be int or null"),
+        ('{"train": {"time_budget": Infinity}}', "train time_budget must be finite"),
+        ('{"train": {"optim": {"matrix_lr": "fast"}}}', "optim matrix_lr must be float"),
+        ('{"model": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}", "LOOPGOLF_OVERRIDES is not valid JSON (RecursionError"),
+    ],
+)
+def test_malformed_overrides_are_one_line_errors(reference_run, tmp_path, capsys, overrides, match):
+    """Through the script's entry point: exit 2 and one line naming what is wrong, before any
+    data is looked for (the data path here does not exist)."""
+    from loopgolf.codebytes import script_config
+    from loopgolf.submit import entry
+
+    config = script_config(RunDir(reference_run).read_config())
+    env = {"LOOPGOLF_OVERRIDES": overrides, "DATA_PATH": str(tmp_path / "no-data"), "OUT_DIR": str(tmp_path / "out")}
+    assert entry.main(config, code_path=__file__, code_id="x", env=env) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt.py: error: ") and err.count("\n") == 1 and match in err, err
+    assert "no-data" not in err and not (tmp_path / "out").exists()
+
+
+def test_script_refuses_malformed_overrides(reference_run, tmp_path):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(render_script(RunDir(reference_run).read_config()), encoding="utf-8")
+    proc = run_script(script, tmp_path, tmp_path / "out", LOOPGOLF_OVERRIDES='{"train": {"optim": [1]}}')
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert 'train_gpt.py: error: LOOPGOLF_OVERRIDES must be a JSON object {"train": {...}, "model": {...}}, with "optim"' in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Record attempts and the rest: track, dataset, hardware, warnings (issue 27)
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def on_gpu(run: Path, gpu: str = H100) -> None:
+    """Make a copied run look like one made on a GPU (summary and log agree)."""
+    data = json.loads((run / "summary.json").read_text())
+    data["device"] = "cuda"
+    (run / "summary.json").write_text(json.dumps(data))
+    edit_log(run, lambda r: r["env"].update(cuda=True, gpu=gpu, gpu_count=1) if r.get("event") == "start" else None)
+
+
+def test_cpu_run_is_written_as_non_record_with_warnings(reference_run, tmp_path, capsys):
+    out = tmp_path / "records"
+    assert main(["submission", str(reference_run), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    sub = json.loads((out / "submission.json").read_text())
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert sub["track"] == "non_record_16mb" and sub["dataset"] == summary["data"]
+    assert sub["dataset"].endswith("fineweb10B_sp1024")  # official data, but on a CPU
+    assert sub["hardware"].startswith("1x cpu")
+    assert len(sub["record_warnings"]) == 1 and "not GPUs" in sub["record_warnings"][0]
+    assert "loopgolf submission: warning: not a valid record attempt" in err and "not GPUs" in err and "non_record_16mb" in err
+    readme = (out / "README.md").read_text()
+    assert "**Not a valid record attempt:**" in readme and "not GPUs" in readme and "`non_record_16mb`" in readme
+    assert f"data {summary['data']}" in readme
+
+
+def test_gpu_run_on_official_data_is_a_record_attempt(reference_run, tmp_path, capsys):
+    run = copy_as_seed(reference_run, tmp_path / "gpu", 3)
+    on_gpu(run)
+    out = tmp_path / "records"
+    assert main(["submission", str(run), "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["track"] == "10min_16mb" and sub["record_warnings"] == []
+    assert sub["hardware"] == f"1x {H100}"
+    readme = (out / "README.md").read_text()
+    assert "Not a valid record attempt" not in readme and H100 in readme
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda run: edit_summary_raw(run, data='"/corpora/my_books"'), "not trained and scored on FineWeb's official data (/corpora/my_books)"),
+        (lambda run: edit_summary_raw(run, data='"data/datasets/fineweb10B_sp1024_copy"'), "not trained and scored on FineWeb's official data"),
+        (lambda run: edit_summary_raw(run, data='"embedded:python-docs"'), "official data (embedded:python-docs)"),
+        (lambda run: edit_summary_raw(run, train_seconds="700.0"), "seed(s) 3 trained for more than 600 s"),
+        # The summary says 1.5 s, the log's last train record 700 s: the log counts.
+        (
+            lambda run: edit_log(run, lambda r: r.update(elapsed=700.0) if r.get("event") == "train" else None),
+            "seed(s) 3 trained for more than 600 s",
+        ),
+        # The summary says CUDA, the log's environment has none.
+        (lambda run: edit_log(run, lambda r: r["env"].update(cuda=False) if r.get("event") == "start" else None), "not GPUs"),
+    ],
+)
+def test_runs_that_are_not_record_attempts_are_marked(reference_run, tmp_path, capsys, change, words):
+    run = copy_as_seed(reference_run, tmp_path / "run", 3)
+    on_gpu(run)
+    change(run)
+    out = tmp_path / "records"
+    assert main(["submission", str(run), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["track"] == "non_record_16mb" and len(sub["record_warnings"]) == 1 and words in sub["record_warnings"][0]
+    assert words in err and "non_record_16mb" in err
+    assert words in (out / "README.md").read_text()
+
+
+def test_seeds_on_different_data_are_refused(reference_run, tmp_path, capsys):
+    """The data is not part of the baked configuration: seeds on two datasets would be averaged
+    into one meaningless score. The same folder at another path (another machine) is fine."""
+    moved = copy_as_seed(reference_run, tmp_path / "moved", 4, summary_change=lambda s: s.update(data="/elsewhere/datasets/fineweb10B_sp1024"))
+    write_records([reference_run, moved], tmp_path / "ok", info=SubmissionInfo())
+    other = copy_as_seed(reference_run, tmp_path / "other", 5, summary_change=lambda s: s.update(data="/corpora/my_books"))
+    refused([reference_run, other], tmp_path / "out", capsys, "runs used different data", "'/corpora/my_books'", str(other))

@@ -59,6 +59,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         ranks = {}  # --lora-rank 0 (or none): strict recursion, no adapters
     check_ranks(ranks, source.config)
+    if not ranks and args.lora_alpha is not None:
+        raise ValueError("--lora-alpha scales LoRA adapters, and this conversion has none (--lora-rank 0 or no rank given: strict recursion)")
     controls = {"per-layer": True, "shared": False, "auto": None}[args.controls]
     cfg, state, report = convert(source.config, source.state, plan, args.init, ranks, per_layer_controls=controls, lora_alpha=args.lora_alpha, seed=args.seed)
     made = {

@@ -26,6 +26,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         shuffle=not args.keep_order,
         force=args.force,
         progress=not args.json,
+        **({"max_input_bytes": args.max_input_bytes} if args.max_input_bytes else {}),
     )
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -82,6 +83,12 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help="keep the training documents in source order (default: shuffled with --seed; validation keeps source order either way)",
     )
     b.add_argument("--no-byte-fallback", action="store_true", help="train the tokenizer without byte-fallback pieces")
+    b.add_argument(
+        "--max-input-bytes",
+        type=positive_int,
+        metavar="N",
+        help="refuse an input file larger than N bytes (default 8 GiB); inputs must be regular files or symlinks to them (FIFOs and devices are refused)",
+    )
     b.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     b.add_argument("--json", action="store_true", help="print the manifest")
     b.set_defaults(func=cmd_data_build)

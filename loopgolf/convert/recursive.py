@@ -165,6 +165,9 @@ def convert(
         raise ConversionError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     if source_cfg.plan.kind != "vanilla":
         raise ConversionError(f"the source must have a vanilla plan, not {source_cfg.plan.kind}")
+    for name, t in source_state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConversionError(f"source tensor {name!r} has non-finite values (NaN or inf); refusing to convert it")
     if per_layer_controls is None:
         per_layer_controls = bool(lora_ranks)
     cfg = target_config(source_cfg, plan, lora_ranks, per_layer_controls=per_layer_controls, lora_alpha=lora_alpha)

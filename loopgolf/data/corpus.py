@@ -2,11 +2,11 @@
 
 A dataset directory built here looks like the official FineWeb one (`fineweb_train_000000.bin`,
 `fineweb_val_000000.bin`, ...), so every loader and scorer works on it unchanged, plus
-`tokenizer.model` (+ `tokenizer.vocab`) and a `manifest.json` that records what went in and the
-size and sha256 of every shard.
+`tokenizer.model` (+ `tokenizer.vocab`) and a `manifest.json` that records what went in, the
+size and sha256 of every shard and the sha256 of the tokenizer they were encoded with.
 
 Inputs: `.txt` files (one document each), `.jsonl` files (one JSON object per line with a string
-"text" field) and folders of them. Validation documents are held out by a seeded random choice
+"text" field) and folders of them; each a regular file (or a symlink to one) of bounded size. Validation documents are held out by a seeded random choice
 before the tokenizer is trained, so the tokenizer never sees validation text.
 
 Shard order: validation documents keep their source order (a fixed split, like the official one).
@@ -18,15 +18,18 @@ keeps source order. The manifest records which (`train_order`, `shuffle_seed`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import os
 import random
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -39,7 +42,9 @@ from loopgolf.data.dataset import (
     CorpusError,
     _file_sha256,
     load_manifest,
+    tokenizer_sha256,
     verify_shards,
+    verify_tokenizer,
 )
 from loopgolf.data.shards import BOS_ID, ShardError, find_shards, load_tokens, read_shard_header, write_shard
 from loopgolf.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
@@ -49,6 +54,8 @@ TOKENIZER_NAME = "tokenizer.model"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl")
 DEFAULT_VAL_FRACTION = 0.05
 MAX_VOCAB = 1 << 16  # shard bodies are uint16
+# Per input file: the corpus is held in memory, and a file that keeps growing must not be read forever.
+MAX_INPUT_BYTES = 8 * 2**30
 _ENCODE_BATCH = 256  # documents per SentencePiece call: amortizes call overhead, bounded memory
 _XZ_PRESET = 9
 
@@ -64,8 +71,55 @@ class Document:
 # --------------------------------------------------------------------------------------------
 
 
-def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Input paths -> the files to read, in order. Folders are walked recursively, sorted."""
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_input_file(path: Path, max_bytes: int) -> None:
+    """A corpus file must be a regular file (a symlink to one is fine) of at most `max_bytes`:
+    a FIFO would block the build and a device (/dev/zero) would never end. Only stats."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise CorpusError(f"corpus input {path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorpusError(f"corpus input {path} is {_kind(st.st_mode)}, not a regular file; give .txt/.jsonl files or folders of them")
+    if st.st_size > max_bytes:
+        raise CorpusError(f"corpus input {path} is {st.st_size:,} bytes, more than the {max_bytes:,} allowed per file (--max-input-bytes); split it")
+
+
+@contextlib.contextmanager
+def _open_input(path: Path, max_bytes: int) -> Iterator[BinaryIO]:
+    """`path` opened for reading after the checks of `_check_input_file`, opened non-blocking and
+    checked again on the open descriptor (the file may have been swapped after the stat)."""
+    _check_input_file(path, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CorpusError(f"corpus input {path} cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise CorpusError(f"corpus input {path} changed while being opened ({_kind(st.st_mode)}, {st.st_size:,} bytes)")
+        yield f
+
+
+def _too_big(path: Path, max_bytes: int) -> CorpusError:
+    return CorpusError(f"corpus input {path} grew past the {max_bytes:,} bytes allowed per file while being read")
+
+
+def _expand_inputs(inputs: Sequence[str | os.PathLike], max_bytes: int = MAX_INPUT_BYTES) -> list[Path]:
+    """Input paths -> the files to read, in order. Folders are walked recursively, sorted. Every
+    file is checked (`_check_input_file`) before any is read."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # a lone path is a common slip; a str would otherwise iterate by char
     files: list[Path] = []
@@ -77,8 +131,8 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             found = [
                 p
                 for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in SUPPORTED_SUFFIXES
+                if p.suffix.lower() in SUPPORTED_SUFFIXES
+                and not p.is_dir()
                 # hidden files and folders (.git, .ipynb_checkpoints) are not corpus text
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             ]
@@ -89,6 +143,8 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             raise CorpusError(
                 f"corpus input {path}: unsupported file type {path.suffix or '(no extension)'!r}; expected one of {', '.join(SUPPORTED_SUFFIXES)} or a folder"
             )
+    for path in files:
+        _check_input_file(path, max_bytes)
     return files
 
 
@@ -100,18 +156,26 @@ def _decode(data: bytes, path: Path, base_offset: int = 0, line: int | None = No
         raise CorpusError(f"{where}: invalid UTF-8 at byte offset {base_offset + e.start} of the file ({e.reason}); convert the file to UTF-8") from None
 
 
-def _read_txt(path: Path) -> Iterator[Document]:
-    text = _decode(path.read_bytes(), path)
+def _read_txt(path: Path, max_bytes: int = MAX_INPUT_BYTES) -> Iterator[Document]:
+    with _open_input(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _too_big(path, max_bytes)
+    text = _decode(data, path)
     text = text.removeprefix("\ufeff")  # a BOM is an encoding marker, not text
     if text.strip():
         yield Document(text=text, source=str(path))
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
+def _read_jsonl(path: Path, max_bytes: int = MAX_INPUT_BYTES) -> Iterator[Document]:
     offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with _open_input(path, max_bytes) as f:
+        lineno = 0
+        while raw := f.readline(max_bytes + 1 - offset):
+            lineno += 1
             line_offset, offset = offset, offset + len(raw)
+            if offset > max_bytes:
+                raise _too_big(path, max_bytes)
             line = _decode(raw, path, line_offset, lineno)
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
@@ -119,8 +183,9 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                raise CorpusError(f"{path}:{lineno}: invalid JSON ({why})") from None
             if not isinstance(obj, dict):
                 raise CorpusError(f'{path}:{lineno}: expected a JSON object with a "text" field, got {type(obj).__name__}')
             if "text" not in obj:
@@ -133,17 +198,18 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
                 yield Document(text=text, source=f"{path}:{lineno}")
 
 
-def iter_documents(inputs: Sequence[str | os.PathLike]) -> Iterator[Document]:
+def iter_documents(inputs: Sequence[str | os.PathLike], *, max_bytes: int = MAX_INPUT_BYTES) -> Iterator[Document]:
     """Yield the non-empty documents of `inputs` (files and folders), in order.
 
     All paths are checked before the first document is yielded, so a typo in the last input fails
-    at once rather than after reading everything else.
+    at once rather than after reading everything else. Every file must be a regular file (a
+    symlink to one is fine) of at most `max_bytes`; FIFOs, devices and sockets are refused.
     """
-    for path in _expand_inputs(inputs):
+    for path in _expand_inputs(inputs, max_bytes):
         if path.suffix.lower() == ".txt":
-            yield from _read_txt(path)
+            yield from _read_txt(path, max_bytes)
         else:
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, max_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +323,7 @@ def build_dataset(
     force: bool = False,
     progress: bool = True,
     source_names: list[str] | None = None,
+    max_input_bytes: int = MAX_INPUT_BYTES,
 ) -> dict:
     """Build an official-format dataset in `out_dir` from text; return its manifest.
 
@@ -264,7 +331,8 @@ def build_dataset(
     used (and copied in; its size overrides `vocab_size`); otherwise one is trained on the train
     documents only. `seed` draws the validation documents and then, with `shuffle` (the default),
     the order of the training documents; validation documents always keep their source order.
-    The directory appears complete or not at all.
+    Each input file must be a regular file of at most `max_input_bytes`. The directory appears
+    complete or not at all.
     """
     out_dir = Path(out_dir)
     # Cheap checks first: a bad argument should not cost a pass over a large corpus.
@@ -272,6 +340,8 @@ def build_dataset(
         raise CorpusError("give either inputs (paths) or documents, exactly one of them")
     if shard_tokens < 1:
         raise CorpusError(f"shard_tokens must be positive, got {shard_tokens}")
+    if max_input_bytes < 1:
+        raise CorpusError(f"max_input_bytes must be positive, got {max_input_bytes}")
     if val_docs is not None and val_fraction is not None:
         raise CorpusError("give val_docs or val_fraction, not both")
     if out_dir.exists() and not out_dir.is_dir():
@@ -291,8 +361,8 @@ def build_dataset(
     if inputs is not None:
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
-        _expand_inputs(inputs)  # path errors before any reading
-        docs = list(tqdm(iter_documents(inputs), desc="read", unit="doc", disable=not progress))
+        _expand_inputs(inputs, max_input_bytes)  # path errors before any reading
+        docs = list(tqdm(iter_documents(inputs, max_bytes=max_input_bytes), desc="read", unit="doc", disable=not progress))
         sources = list(source_names) if source_names is not None else [str(p) for p in inputs]
     else:
         docs = [d for d in documents if d.text.strip()]  # type: ignore[union-attr]
@@ -332,6 +402,7 @@ def build_dataset(
                 "loopgolf_version": __version__,
                 "sources": sources,
                 "tokenizer": TOKENIZER_NAME,
+                "tokenizer_sha256": tokenizer_sha256(tmp / TOKENIZER_NAME),  # checked where the shards are
                 "tokenizer_trained": tokenizer_path is None,
                 "vocab_size": vocab_size,
                 "seed": seed,
@@ -354,9 +425,9 @@ def build_dataset(
 
 
 def verify_dataset(data_dir: str | os.PathLike, *, splits: Sequence[str] = ("train", "val"), cache: dict | None = None) -> None:
-    """Check the tokenizer and the shards of `splits` against the manifest (see
-    `loopgolf.data.dataset.verify_shards`: shape, file set, sizes, sha256; `cache` None hashes
-    every file afresh). Without a manifest, only the shard headers can be checked (official
+    """Check the shards of `splits` and the tokenizer against the manifest (see
+    `loopgolf.data.dataset`: the manifest's fields, the file set, sizes and sha256 of the shards
+    (`cache` None hashes every file afresh), the tokenizer's sha256). Without a manifest, only the shard headers can be checked (official
     downloads have none). Raises CorpusError naming the first bad file.
     """
     data_dir = Path(data_dir)
@@ -373,13 +444,8 @@ def verify_dataset(data_dir: str | os.PathLike, *, splits: Sequence[str] = ("tra
             except ShardError as e:
                 raise CorpusError(str(e)) from e
         return
-    name = manifest.get("tokenizer", TOKENIZER_NAME)
-    if not isinstance(name, str) or not name:
-        raise CorpusError(f'{data_dir / MANIFEST_NAME}: malformed manifest: "tokenizer" must be a file name, got {name!r}')
-    tok = data_dir / name
-    if not tok.is_file():
-        raise CorpusError(f"{tok}: tokenizer listed in {data_dir / MANIFEST_NAME} is missing")
     verify_shards(data_dir, manifest, splits, cache)
+    verify_tokenizer(data_dir, manifest)
 
 
 def _official_tokenizer_guess(data_dir: Path) -> Path | None:
@@ -417,9 +483,12 @@ def baseline_xz_bpb(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
     count of unknown-piece targets.
     """
     data_dir = Path(data_dir)
-    manifest = load_manifest(data_dir)
+    try:
+        manifest = load_manifest(data_dir)
+    except CorpusError:
+        manifest = None  # only reached unchecked (--no-verify-data): decode the shards instead
     if manifest is not None:
-        val = manifest["splits"]["val"]
+        val = manifest["splits"].get("val", {})
         if val.get("text_xz_bytes") and val.get("text_bytes"):
             return XzBaseline(bpb=8.0 * val["text_xz_bytes"] / val["text_bytes"], approximate=False, unknown_targets=0)
     if tokenizer is None:

@@ -151,6 +151,8 @@ def _is_valid(data_dir: Path, vocab_size: int) -> bool:
         manifest = load_manifest(data_dir)
         if manifest is None or manifest.get("vocab_size") != vocab_size:
             return False
+        if "tokenizer_sha256" not in manifest:
+            return False  # cached by a loopgolf that did not record it: rebuilt, so its tokenizer is checked
         verify_dataset(data_dir)
     except (CorpusError, KeyError, TypeError):
         return False

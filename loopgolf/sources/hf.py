@@ -41,17 +41,42 @@ class ConversionError(ValueError):
 
 SUPPORTED = ("llama", "gemma", "gpt2")
 _PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+_MAX_CONFIG_BYTES = 16 * 2**20  # a Hugging Face config.json is a few KB
+_REQUIRED = object()
+_KINDS = {  # what config.json values must be, by the kind a field is read as
+    int: (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    float: (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive finite number"),
+    bool: (lambda v: type(v) is bool, "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    dict: (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     try:
+        if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConversionError(f"{path}: not a config file (a regular file of at most {_MAX_CONFIG_BYTES:,} bytes)")
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not a readable JSON config ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConversionError(f"{path}: not a readable JSON config ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path} must hold a JSON object")
     return cfg
+
+
+def _field(cfg: dict[str, Any], key: str, path: Path, kind: type, default: Any = _REQUIRED) -> Any:
+    """``cfg[key]`` checked to be of `kind` (int: a positive integer; float: a positive finite
+    number; bool, str, dict); `default` when it is absent or null (required without one)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"{path / 'config.json'} has no {key!r}")
+        return default
+    ok, what = _KINDS[kind]
+    if not ok(value):
+        raise ConversionError(f"{path / 'config.json'}: {key!r} must be {what}, got {value!r:.80}")
+    return float(value) if kind is float else value
 
 
 def is_hf_dir(directory: Path) -> bool:
@@ -109,22 +134,22 @@ class SafetensorsReader:
             raise ConversionError(f"{self.where[name]}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json")
         if not t.is_floating_point():
             raise ConversionError(f"{self.where[name]}: tensor {name!r} has dtype {t.dtype}, expected a float tensor")
-        return t.float()
-
-
-def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in cfg:
-        raise ConversionError(f"{path / 'config.json'} has no {key!r}")
-    return cfg[key]
+        t = t.float()
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConversionError(f"{self.where[name]}: tensor {name!r} has {bad:,} non-finite value(s) (NaN or inf); a model with them cannot be converted")
+        return t
 
 
 def _rope_base(cfg: dict[str, Any], path: Path) -> float:
-    params = cfg.get("rope_parameters") or {}
+    params = _field(cfg, "rope_parameters", path, dict, {})
     scaling = cfg.get("rope_scaling")
-    kind = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    kind = params.get("rope_type", "default")
     if scaling or kind != "default":
-        raise ConversionError(f"{path}: RoPE scaling {scaling or kind!r} is not supported (only the default rotary embedding)")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        raise ConversionError(f"{path}: RoPE scaling {scaling or kind!r:.80} is not supported (only the default rotary embedding)")
+    if params.get("rope_theta") is not None:
+        return _field(params, "rope_theta", path, float)  # named as rope_parameters' own
+    return _field(cfg, "rope_theta", path, float, 10000.0)
 
 
 def _flip_second_half(w: Tensor, head_dim: int) -> Tensor:
@@ -135,14 +160,15 @@ def _flip_second_half(w: Tensor, head_dim: int) -> Tensor:
 
 
 def _llama_like(cfg: dict[str, Any], path: Path, gemma: bool) -> tuple[ModelConfig, Callable[[SafetensorsReader, dict[str, Tensor]], None]]:
-    d = _require(cfg, "hidden_size", path)
-    n_layers = _require(cfg, "num_hidden_layers", path)
-    heads = _require(cfg, "num_attention_heads", path)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or d // heads
+    d = _field(cfg, "hidden_size", path, int)
+    n_layers = _field(cfg, "num_hidden_layers", path, int)
+    heads = _field(cfg, "num_attention_heads", path, int)
+    kv_heads = _field(cfg, "num_key_value_heads", path, int, heads)
+    head_dim = _field(cfg, "head_dim", path, int, d // heads)
     if head_dim * heads != d:
         raise ConversionError(f"{path}: head_dim {head_dim} x {heads} heads != hidden_size {d}; loopgolf models need head_dim = hidden_size / heads")
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    act_key = "hidden_activation" if cfg.get("hidden_activation") is not None else "hidden_act"
+    act = _field(cfg, act_key, path, str, "gelu_pytorch_tanh" if gemma else "silu")
     if gemma and act == "gelu":  # transformers reads Gemma's legacy "gelu" as the tanh approximation
         act = "gelu_pytorch_tanh"
     acts = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -151,22 +177,22 @@ def _llama_like(cfg: dict[str, Any], path: Path, gemma: bool) -> tuple[ModelConf
     for flag in ("attention_softcapping", "final_logit_softcapping", "sliding_window"):
         if cfg.get(flag):
             raise ConversionError(f"{path}: {flag} is not supported")
-    attn_bias, mlp_bias = bool(cfg.get("attention_bias")), bool(cfg.get("mlp_bias"))
-    tied = bool(cfg.get("tie_word_embeddings", gemma))
+    attn_bias, mlp_bias = _field(cfg, "attention_bias", path, bool, False), _field(cfg, "mlp_bias", path, bool, False)
+    tied = _field(cfg, "tie_word_embeddings", path, bool, gemma)
     mc = ModelConfig(
-        vocab_size=_require(cfg, "vocab_size", path),
+        vocab_size=_field(cfg, "vocab_size", path, int),
         model_dim=d,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        mlp_hidden=_require(cfg, "intermediate_size", path),
+        mlp_hidden=_field(cfg, "intermediate_size", path, int),
         plan=PlanSpec(kind="vanilla", layers=n_layers),
         tie_embeddings=tied,
         per_layer_controls=True,
         rope_base=_rope_base(cfg, path),
-        max_seq_len=min(int(cfg.get("max_position_embeddings") or 4096), MAX_SEQ_LEN),
+        max_seq_len=min(_field(cfg, "max_position_embeddings", path, int, 4096), MAX_SEQ_LEN),
         logit_softcap=None,
         norm="rms_offset" if gemma else "rms_scaled",
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        norm_eps=_field(cfg, "rms_norm_eps", path, float, 1e-6),
         qk_norm=False,
         embed_norm=False,
         embed_scale=math.sqrt(d) if gemma else 1.0,
@@ -205,8 +231,8 @@ def _llama_like(cfg: dict[str, Any], path: Path, gemma: bool) -> tuple[ModelConf
 
 
 def _gpt2(cfg: dict[str, Any], path: Path, keys: Callable[[], set[str]]) -> tuple[ModelConfig, Callable[[SafetensorsReader, dict[str, Tensor]], None]]:
-    d, n_layers, heads = (_require(cfg, k, path) for k in ("n_embd", "n_layer", "n_head"))
-    act = cfg.get("activation_function", "gelu_new")
+    d, n_layers, heads = (_field(cfg, k, path, int) for k in ("n_embd", "n_layer", "n_head"))
+    act = _field(cfg, "activation_function", path, str, "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ConversionError(f"{path}: GPT-2 activation {act!r} is not supported (gelu_new, gelu_pytorch_tanh)")
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("add_cross_attention"):
@@ -214,24 +240,24 @@ def _gpt2(cfg: dict[str, Any], path: Path, keys: Callable[[], set[str]]) -> tupl
     if d % heads:
         raise ConversionError(f"{path}: n_embd {d} is not divisible by n_head {heads}")
     head_dim = d // heads
-    hidden = cfg.get("n_inner") or 4 * d
-    n_pos = _require(cfg, "n_positions", path)
+    hidden = _field(cfg, "n_inner", path, int, 4 * d)
+    n_pos = _field(cfg, "n_positions", path, int)
     # Without scale_attn_weights GPT-2 does not divide scores by sqrt(head_dim); SDPA always does,
     # so the q gain multiplies it back.
-    q_gain = 1.0 if cfg.get("scale_attn_weights", True) else math.sqrt(head_dim)
+    q_gain = 1.0 if _field(cfg, "scale_attn_weights", path, bool, True) else math.sqrt(head_dim)
     mc = ModelConfig(
-        vocab_size=_require(cfg, "vocab_size", path),
+        vocab_size=_field(cfg, "vocab_size", path, int),
         model_dim=d,
         num_heads=heads,
         num_kv_heads=heads,
         mlp_hidden=hidden,
         plan=PlanSpec(kind="vanilla", layers=n_layers),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        tie_embeddings=_field(cfg, "tie_word_embeddings", path, bool, True),
         per_layer_controls=True,
         max_seq_len=n_pos,
         logit_softcap=None,
         norm="layer",
-        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=_field(cfg, "layer_norm_epsilon", path, float, 1e-5),
         qk_norm=False,
         embed_norm=False,
         pos_emb="learned",
@@ -279,16 +305,17 @@ def import_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     directory = Path(directory)
     cfg = read_hf_config(directory)
     kind = cfg.get("model_type")
-    if kind not in SUPPORTED:
-        arch = ", ".join(cfg.get("architectures") or []) or "unknown"
-        raise ConversionError(f"{directory / 'config.json'}: model_type {kind!r} ({arch}) is not supported; supported: {', '.join(SUPPORTED)}")
+    if not isinstance(kind, str) or kind not in SUPPORTED:
+        archs = cfg.get("architectures")
+        arch = ", ".join(archs) if isinstance(archs, list) and all(isinstance(a, str) for a in archs) else ""
+        raise ConversionError(f"{directory / 'config.json'}: model_type {kind!r:.80} ({arch or 'unknown'}) is not supported; supported: {', '.join(SUPPORTED)}")
     src = SafetensorsReader(directory)
     try:
         if kind == "gpt2":
             mc, fill = _gpt2(cfg, directory, lambda: set(src.where))
         else:
             mc, fill = _llama_like(cfg, directory, gemma=kind == "gemma")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         if isinstance(e, ConversionError):
             raise
         raise ConversionError(f"{directory / 'config.json'}: {e}") from None

@@ -53,7 +53,17 @@ def _read_model_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor], str]:
         check_state_matches(names, state, where=f"{rundir.checkpoint_path} (against its config.json)")
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    return model_cfg, {k: v.float() for k, v in state.items()}, kind
+    state = {k: v.float() for k, v in state.items()}
+    check_finite(state, rundir.checkpoint_path)
+    return model_cfg, state, kind
+
+
+def check_finite(state: dict[str, Tensor], where: Path) -> None:
+    """ConversionError naming the first tensor of `state` with a NaN or inf: a model with one
+    converts into garbage (or fails inside the SVD)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConversionError(f"{where}: tensor {name!r} has {int((~torch.isfinite(t)).sum()):,} non-finite value(s) (NaN or inf); refusing it as a source")
 
 
 def load_source(path: str | Path) -> Source:
@@ -69,6 +79,8 @@ def load_source(path: str | Path) -> Source:
     if path.is_file():
         from loopgolf.export.pack import load_model
 
-        model, _ = load_model(path)
-        return Source(model.config, {k: v.detach().float() for k, v in model.state_dict().items()}, "artifact", path)
+        model, _ = load_model(path)  # refuses non-finite tensors itself
+        state = {k: v.detach().float() for k, v in model.state_dict().items()}
+        check_finite(state, path)
+        return Source(model.config, state, "artifact", path)
     raise ConversionError(f"source {path} does not exist")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +41,7 @@ NON_RECORD_TRACK = "non_record_16mb"  # openai/parameter-golf's records/track_no
 SCRIPT_NAME = "train_gpt.py"
 RECORD_TRAIN_SECONDS = 600.0  # the record track's training budget (and evaluation's, separately)
 OFFICIAL_DATA_NAME = "fineweb10B_sp"  # the official dataset folders: fineweb10B_sp1024, ...
+_OFFICIAL_DATA = re.compile(r"fineweb10B_sp\d+")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class SeedRun:
     config: RunConfig
     summary: RunSummary
     artifact_sha256: str
+    env: dict[str, Any]  # the log's start record's environment (versions, GPU), {} when absent
+    logged_train_seconds: float  # the last train record's elapsed time (0 when none)
 
     @property
     def path(self) -> Path:
@@ -75,8 +79,9 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
 
 
-def _check_against_log(rundir: RunDir, s: RunSummary) -> None:
-    """The summary's bytes and scores must be the ones the run logged as it made them."""
+def _check_against_log(rundir: RunDir, s: RunSummary) -> list[dict[str, Any]]:
+    """The summary's bytes and scores must be the ones the run logged as it made them; returns
+    the log's records."""
     records = rundir.read_log()
     export = next((r for r in reversed(records) if r.get("event") == "export"), None)
     post = next((r for r in reversed(records) if r.get("event") == "eval_post"), None)
@@ -92,6 +97,13 @@ def _check_against_log(rundir: RunDir, s: RunSummary) -> None:
             raise ValueError(
                 f"{rundir.summary_path} says {name} {summary!r} but the run's log recorded {logged!r}: the files disagree, refusing to submit them"
             )
+    return records
+
+
+def _logged_train_seconds(records: list[dict[str, Any]]) -> float:
+    elapsed = [r.get("elapsed") for r in records if r.get("event") == "train"]
+    elapsed = [float(e) for e in elapsed if isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e)]
+    return max(elapsed, default=0.0)
 
 
 def read_run(path: str | Path) -> SeedRun:
@@ -107,15 +119,22 @@ def read_run(path: str | Path) -> SeedRun:
             f"{rundir.path} is an uptraining run (--init-from, --distill-from or --exit-loss-weight); a records "
             "script trains from scratch with cross-entropy, so its numbers would not be this run's"
         )
+    log = rundir.log_path
+    if log.is_symlink() or (log.exists() and not log.is_file()):
+        raise ValueError(f"{log} is not a regular file inside the run directory (a symlink or special file); the records folder copies the run's own log")
     artifact = rundir.artifact_path
     if artifact.is_symlink() or not artifact.is_file():
         raise ValueError(f"{rundir.path} has no artifact ({artifact.name}, a regular file in the run directory): the model a submission counts")
     size = artifact.stat().st_size
     if size != summary.model_bytes:
         raise ValueError(f"{rundir.summary_path} says model_bytes {summary.model_bytes:,} but {artifact} is {size:,} bytes: refusing the run")
-    rundir.load_artifact()  # verifies the checksum and that it rebuilds a model with finite outputs
-    _check_against_log(rundir, summary)
-    return SeedRun(rundir, config, summary, hashlib.sha256(artifact.read_bytes()).hexdigest())
+    try:
+        rundir.load_artifact()  # verifies the checksum and that it rebuilds a model with finite outputs
+    except ValueError as e:
+        raise ValueError(f"{artifact}: {e}") from None
+    records = _check_against_log(rundir, summary)
+    env = rundir.environment() or {}
+    return SeedRun(rundir, config, summary, hashlib.sha256(artifact.read_bytes()).hexdigest(), env, _logged_train_seconds(records))
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | None:
@@ -133,7 +152,7 @@ def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any] | 
 
 
 def check_runs(runs: list[SeedRun]) -> None:
-    """One config, distinct seeds."""
+    """One config, one dataset, distinct seeds."""
     if not runs:
         raise ValueError("give at least one run directory")
     base = script_config(runs[0].config)
@@ -146,18 +165,32 @@ def check_runs(runs: list[SeedRun]) -> None:
         if diff:
             field, x, y = diff
             raise ValueError(f"runs differ in {field}: {x!r} in {runs[0].path} but {y!r} in {r.path}; a records folder holds seeds of one configuration")
+        # The data is not baked into the script (DATA_PATH): compared by folder name, so that the
+        # same dataset at another path on another machine still matches.
+        if Path(r.summary.data).name != Path(runs[0].summary.data).name:
+            raise ValueError(
+                f"runs used different data: {runs[0].summary.data!r} in {runs[0].path} but {r.summary.data!r} in {r.path}; "
+                "a records folder scores seeds of one configuration on one dataset"
+            )
+
+
+def _on_gpu(r: SeedRun) -> bool:
+    """The summary says CUDA and the log's environment does not contradict it."""
+    return r.summary.device.startswith("cuda") and r.env.get("cuda", True) is True
 
 
 def record_warnings(runs: list[SeedRun]) -> list[str]:
-    """Why these runs are not a valid attempt at the record track (empty when they are)."""
+    """Why these runs are not a valid attempt at the record track (empty when they are): not
+    FineWeb's official validation set (a ``fineweb10B_sp<V>`` folder), not on GPUs, or more than
+    600 s of training (by the summary or by the log's last train record)."""
     warnings = []
     data = {r.summary.data for r in runs}
-    if not all(OFFICIAL_DATA_NAME in Path(d).name for d in data):
+    if not all(_OFFICIAL_DATA.fullmatch(Path(d).name) for d in data):
         warnings.append(f"not trained and scored on FineWeb's official data ({', '.join(sorted(data))}): the track scores the fineweb10B_sp* validation set")
-    devices = {r.summary.device for r in runs}
-    if not all(d.startswith("cuda") for d in devices):
-        warnings.append(f"run on {', '.join(sorted(devices))}, not GPUs: the track's budget is 600 s on 8 x H100")
-    slow = [r.seed for r in runs if r.summary.train_seconds > RECORD_TRAIN_SECONDS]
+    if not all(_on_gpu(r) for r in runs):
+        devices = sorted({_hardware(r) for r in runs if not _on_gpu(r)})
+        warnings.append(f"run on {', '.join(devices)}, not GPUs: the track's budget is 600 s on 8 x H100")
+    slow = [r.seed for r in runs if max(r.summary.train_seconds, r.logged_train_seconds) > RECORD_TRAIN_SECONDS]
     if slow:
         warnings.append(f"seed(s) {', '.join(map(str, slow))} trained for more than {RECORD_TRAIN_SECONDS:.0f} s")
     return warnings
@@ -167,8 +200,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _hardware(s: RunSummary) -> str:
-    return f"{s.world_size}x {s.device}"
+def _hardware(r: SeedRun) -> str:
+    """E.g. ``8x NVIDIA H100 80GB HBM3`` (the GPU the log recorded), or ``1x cpu (x86_64)``."""
+    s = r.summary
+    if _on_gpu(r) and isinstance(r.env.get("gpu"), str):
+        return f"{s.world_size}x {r.env['gpu']}"
+    if s.device.startswith("cuda"):
+        return f"{s.world_size}x {s.device} (but the log's environment has no CUDA)"
+    cpu = r.env.get("processor")
+    return f"{s.world_size}x {s.device}" + (f" ({cpu})" if isinstance(cpu, str) and cpu else "")
 
 
 def _technique(s: RunSummary, config: RunConfig) -> str:
@@ -219,7 +259,7 @@ def submission_json(runs: list[SeedRun], info: SubmissionInfo, bytes_code: int) 
         "artifact_bytes_max": max(totals),
         "cap_bytes": first.config.export.cap_bytes,
         "dataset": first.summary.data,
-        "hardware": _hardware(first.summary),
+        "hardware": _hardware(first),
         "pytorch_version": first.summary.torch_version,
         "technique_summary": _technique(first.summary, first.config),
         "loopgolf_version": first.summary.loopgolf_version,
@@ -246,7 +286,7 @@ def readme(runs: list[SeedRun], sub: dict[str, Any], *, form: str, compress: str
     wrapped = f", wrapped in a self-extracting {compress} stub" if compress else ""
     intro = "" if sub["blurb"] == sub["technique_summary"] else sub["blurb"] + "\n\n"
     warn = "".join(f"> **Not a valid record attempt:** {w}.\n" for w in sub["record_warnings"])
-    warn = warn + "\n" if warn else ""
+    warn = warn + f">\n> Track: `{sub['track']}` (`records/track_{sub['track']}`).\n\n" if warn else ""
     return f"""# {sub["name"]}
 
 {warn}{intro}val_bpb {sub["val_bpb"]:.8f} (mean of {len(runs)} seed{"s" if len(runs) > 1 else ""}, std {sub["val_bpb_std"]:.8f}), after the
