@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ LOG_NAME = "log.jsonl"
 ARTIFACT_NAME = "artifact.lgz"
 CONVERT_REPORT_NAME = "convert.json"
 LOCK_NAME = ".lock"
+LOCK_TRIES = 5  # 50 ms apart
 # Files bigger than this are not a config, summary or log loopgolf wrote (a log of a long run is
 # a few MB); refusing them keeps a stray multi-GB file from being read into memory.
 MAX_JSON_BYTES = 256 * 2**20
@@ -391,10 +393,15 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunDirLocked(f"{self.path} is in use by another loopgolf process (it holds {self.path / LOCK_NAME})") from None
+            # A few tries: locked_elsewhere() holds the lock for an instant when it probes a free one.
+            for attempt in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == LOCK_TRIES - 1:
+                        raise RunDirLocked(f"{self.path} is in use by another loopgolf process (it holds {self.path / LOCK_NAME})") from None
+                    time.sleep(0.05)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             yield
