@@ -273,6 +273,15 @@ class RunDir:
         except (ValueError, TypeError, RecursionError) as e:
             raise RunDirError(f"{self.config_path}: {e}") from None
 
+    def read_convert(self) -> dict[str, Any] | None:
+        """How a ``loopgolf convert`` directory was made (the ``convert`` part of its
+        ``config.json``: source, plan, init, ranks...), or None for any other directory."""
+        if not self.config_path.is_file():
+            return None
+        raw = self._read_json(self.config_path)
+        made = raw.get("convert") if isinstance(raw, dict) else None
+        return made if isinstance(made, dict) else None
+
     def read_summary(self) -> RunSummary:
         """The finished run's summary, checked (every result present, typed and finite)."""
         if not self.summary_path.is_file():

@@ -219,3 +219,15 @@ def test_budget_lists_each_candidate_once():
         assert rows and len(rows) == len(set(rows)), family
         keys = [(c["preset"], c["plan"], c["model_dim"]) for c in out["candidates"]]
         assert len(keys) == len(set(keys))
+
+
+def test_eval_of_a_run_scored_with_a_stride_uses_that_stride(text_dataset, tmp_path, capsys):
+    """`eval RUN` with no --stride scores as the run did, so it reproduces val_bpb_post."""
+    run = tmp_path / "strided"
+    code, out, _ = _main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(run), "--steps", "2", "--stride", "16", "--json"], capsys)
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["eval_stride"] == 16
+    got = _eval([str(run)], capsys)
+    assert got["stride"] == 16 and got["val_bpb"] == pytest.approx(summary["val_bpb_post"], rel=1e-9)
+    assert _eval([str(run), "--stride", "32"], capsys)["stride"] == 32  # an explicit stride still wins

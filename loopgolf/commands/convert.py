@@ -64,7 +64,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     controls = {"per-layer": True, "shared": False, "auto": None}[args.controls]
     cfg, state, report = convert(source.config, source.state, plan, args.init, ranks, per_layer_controls=controls, lora_alpha=args.lora_alpha, seed=args.seed)
     made = {
-        "source": str(source.path),
+        "source": str(source.path.resolve()),  # absolute: `eval DIR` follows it from any working directory
         "origin": source.origin,
         "plan": args.plan,
         "init": args.init,

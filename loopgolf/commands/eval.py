@@ -45,7 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 ds.val_tokens(),
                 ds.tables,
                 seq_len,
-                stride=args.stride,
+                stride=args.stride if args.stride is not None else opened.eval_stride,
                 batch_size=args.batch_size,
                 max_tokens=args.max_tokens,
                 device=next(opened.model.parameters()).device,
@@ -77,7 +77,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset directory with fineweb_val_*.bin (default: the data the model's run trained on)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: found next to the data)")
     p.add_argument("--seq-len", type=positive_int, help="evaluation window (default: the training seq_len)")
-    p.add_argument("--stride", type=positive_int, help="sliding-window stride (default: non-overlapping windows)")
+    p.add_argument("--stride", type=positive_int, help="sliding-window stride (default: the stride the model's run scored with, else non-overlapping windows)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--no-verify-data", action="store_true", help="skip checking the validation shards against the dataset's manifest")

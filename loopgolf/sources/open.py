@@ -46,6 +46,7 @@ class OpenedModel:
     data_dir: Path | None  # the data its run trained on, when known and present
     file_bytes: int | None = None  # the artifact's size
     codec: str | None = None  # the artifact's codec
+    eval_stride: int | None = None  # the sliding-window stride its run scored with (None: non-overlapping)
 
 
 def _run_dir_of(path: Path) -> RunDir | None:
@@ -59,11 +60,10 @@ def _convert_source(rundir: RunDir) -> RunDir | None:
     in its ``config.json``, as given to ``convert``: a run directory, or an artifact or checkpoint
     inside one), if it is still there."""
     try:
-        raw = rundir._read_json(rundir.config_path)  # a convert config is no RunConfig: only its `convert` part is read here
+        made = rundir.read_convert()
     except ValueError:
         return None
-    made = raw.get("convert") if isinstance(raw, dict) else None
-    source = made.get("source") if isinstance(made, dict) else None
+    source = made.get("source") if made is not None else None
     if not isinstance(source, str) or not source:
         return None
     path = Path(source)
@@ -143,7 +143,8 @@ def _open_checkpoint(path: Path, rundir: RunDir | None, device: Any, name: str) 
     origin = "convert" if rundir is not None and rundir.convert_report_path.is_file() else "checkpoint"
     model, seq_len = _from_checkpoint(path, device)
     config = _run_config(rundir)
-    return OpenedModel(model, path, origin, seq_len or _trained_seq_len(config, model.config), name, _data_dir(config))
+    stride = None if config is None or origin == "convert" else config.eval.stride
+    return OpenedModel(model, path, origin, seq_len or _trained_seq_len(config, model.config), name, _data_dir(config), eval_stride=stride)
 
 
 def open_model(path: str | Path, device: Any = "cpu") -> OpenedModel:
@@ -180,7 +181,8 @@ def open_model(path: str | Path, device: Any = "cpu") -> OpenedModel:
     seq_len = loaded.meta.get("seq_len")
     seq_len = seq_len if isinstance(seq_len, int) and seq_len > 0 else _trained_seq_len(config, model.config)
     name = path.resolve().parent.name if path.name == ARTIFACT_NAME else path.stem
-    return OpenedModel(model, path, "artifact", seq_len, name, _data_dir(config), loaded.info.total_bytes, loaded.codec)
+    stride = None if config is None else config.eval.stride
+    return OpenedModel(model, path, "artifact", seq_len, name, _data_dir(config), loaded.info.total_bytes, loaded.codec, stride)
 
 
 def resolve_data_dir(opened: OpenedModel, data: str | Path | None) -> Path:
