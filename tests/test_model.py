@@ -218,3 +218,63 @@ def test_default_options_are_the_baseline_and_bad_options_are_refused():
     for bad in (dict(norm="batch"), dict(mlp_act="tanh"), dict(pos_emb="alibi"), dict(lora_ranks={"mlp_gate": 2}), dict(norm_eps=0.0), dict(embed_scale=-1.0)):
         with pytest.raises(ValueError):
             tiny(PlanSpec("vanilla", layers=2), **bad)
+
+
+LAYER_PATH_OPTIONS = [
+    dict(norm="layer", bias=True, depth_embeddings=True, lora_ranks={"q": 2, "v": 3, "o": 2, "mlp_in": 2, "mlp_out": 2}),
+    dict(norm="rms_scaled", bias=True, depth_embeddings=True, lora_ranks={"q": 2, "k": 2, "mlp_gate": 2}, mlp_act="swiglu"),
+]
+
+
+def _perturbed(options: dict, per_layer_controls: bool = True) -> GPT:
+    torch.manual_seed(3)
+    model = GPT(tiny(PlanSpec("cycle", layers=2, loops=3), per_layer_controls=per_layer_controls, **options))
+    with torch.no_grad():  # every control, gain, bias and adapter away from its identity start
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("options", LAYER_PATH_OPTIONS, ids=["layer", "rms_scaled"])
+def test_int_layer_call_is_the_per_row_call_with_every_row_at_one_layer(options):
+    """One layer path: GPT.layer(v) and GPT.layer([v] * B) (the serving call) give the same
+    output, keys and values, and gradients, bit for bit."""
+    model = _perturbed(options)
+    x, x0 = torch.randn(3, 6, 32), torch.randn(3, 6, 32)
+    cos, sin = model.rotary(6)
+    for v in range(model.plan.num_virtual):
+        outs, grads = [], []
+        for call in (v, [v] * 3):
+            model.zero_grad()
+            y = model.layer(call, x, x0, cos, sin)
+            y.square().sum().backward()
+            outs.append((y.detach(), *model.layer_kv(call, x, x0, cos, sin)))
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), v
+        assert grads[0].keys() == grads[1].keys() and any(n.startswith("lora.") for n in grads[0])
+        for n in grads[0]:
+            assert torch.equal(grads[0][n], grads[1][n]), (v, n)
+
+
+@pytest.mark.parametrize("options", LAYER_PATH_OPTIONS, ids=["layer", "rms_scaled"])
+@pytest.mark.parametrize("per_layer_controls", [True, False])
+def test_per_row_layer_call_equals_each_row_run_alone(options, per_layer_controls):
+    """Rows at different depths of one stored block (gathered controls, norm gains, biases and
+    a LoRA run per layer) give what each row gives run alone at its layer."""
+    model = _perturbed(options, per_layer_controls)
+    vs = [0, 0, 2, 4, 4]  # cycle 2x3: layers 0, 2 and 4 run stored block 0
+    x, x0 = torch.randn(5, 6, 32), torch.randn(5, 6, 32)
+    cos, sin = model.rotary(6)
+    with torch.no_grad():
+        y = model.layer(vs, x, x0, cos, sin)
+        k, val = model.layer_kv(vs, x, x0, cos, sin)
+        for row, v in enumerate(vs):
+            torch.testing.assert_close(y[row], model.layer(v, x[row : row + 1], x0[row : row + 1], cos, sin)[0])
+            k1, v1 = model.layer_kv(v, x[row : row + 1], x0[row : row + 1], cos, sin)
+            torch.testing.assert_close(k[row], k1[0])
+            torch.testing.assert_close(val[row], v1[0])
+    with pytest.raises(ValueError, match="contiguous"):
+        model.layer([0, 2, 0, 4, 4], x, x0, cos, sin)
+    with pytest.raises(ValueError, match="share their stored"):
+        model.layer([0, 1, 2, 4, 4], x, x0, cos, sin)

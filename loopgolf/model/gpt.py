@@ -1,15 +1,21 @@
 """The baseline Parameter Golf GPT, built from a depth plan.
 
-Architecture (REFERENCE.md, "Model details"): weightless RMSNorm; the normalized embedding is kept
-as x0; each virtual layer mixes ``x = a*x + b*x0`` then adds ``attn_scale * Attn(norm x)`` and
-``mlp_scale * MLP(norm x)``; QK-norm, RoPE, per-head q gain; relu^2 MLP; zero-initialised output
-projections; U-Net skips from the first half of the virtual layers into the second half; tied
-embeddings; logits soft-capped at ``c * tanh(z / c)``.
+Architecture (the Parameter Golf baseline, which the default config builds): weightless RMSNorm;
+the normalized embedding is kept as x0; each virtual layer mixes ``x = a*x + b*x0`` then adds
+``attn_scale * Attn(norm x)`` and ``mlp_scale * MLP(norm x)``; QK-norm, RoPE, per-head q gain;
+relu^2 MLP; zero-initialised output projections; U-Net skips from the first half of the virtual
+layers into the second half; tied embeddings; logits soft-capped at ``c * tanh(z / c)``.
 
 Sharing lives entirely in the plan: the model stores ``plan.num_attn`` attention sublayers and
 ``plan.num_mlp`` MLP sublayers and virtual layer v runs ``attn[attn_of[v]]`` and ``mlps[mlp_of[v]]``.
 Control tensors (attn/mlp scales, residual mixes, q gains) are tied to the stored sublayer they
 belong to (strict sharing) or kept per virtual layer (``per_layer_controls``).
+
+One code path runs a virtual layer: ``GPT.layer`` takes one virtual layer for the whole batch (the
+training forward) or one per batch row (serving, each token at its own depth); ``LayerRows`` picks
+the control rows, norm gains, biases and adapters either way (plain views when every row agrees,
+gathers only where rows differ), and ``GPT.skip_in`` / ``GPT.skip_out`` hold the U-Net skip rule
+for the full forward and the layer-by-layer runner (loopgolf.serve.runner) alike.
 
 Architecture options (plain config fields; the defaults are the baseline above) let a model
 converted from another family (Llama, GPT-2, Gemma: loopgolf.convert) be an ordinary loopgolf
@@ -25,8 +31,9 @@ This module knows nothing about training, quantization or files.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +41,6 @@ from torch import Tensor, nn
 
 from loopgolf.checks import check_range, check_types, from_dict
 from loopgolf.model.plan import DepthPlan, PlanSpec, build_plan, parse_plan
-
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out", "mlp_gate")  # mlp_gate: gated MLPs only
 UNGATED_TARGETS = LORA_TARGETS[:-1]  # the projections every model has
@@ -122,8 +128,7 @@ class ModelConfig:
             raise ValueError(f"head dim {self.model_dim // self.num_heads} must be even for rotary embeddings")
         if self.max_seq_len * self.head_dim // 2 > MAX_ROTARY_ENTRIES:
             raise ValueError(
-                f"max_seq_len {self.max_seq_len} x head dim {self.head_dim} needs rotary tables of more than "
-                f"{MAX_ROTARY_ENTRIES:,} entries; lower max_seq_len"
+                f"max_seq_len {self.max_seq_len} x head dim {self.head_dim} needs rotary tables of more than {MAX_ROTARY_ENTRIES:,} entries; lower max_seq_len"
             )
         if self.pos_emb == "learned" and self.max_seq_len * self.model_dim > MAX_ROTARY_ENTRIES:
             raise ValueError(f"a learned position table of max_seq_len {self.max_seq_len} x model_dim {self.model_dim} is too large; lower max_seq_len")
@@ -178,7 +183,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return from_dict(cls, d, "model config")
 
 
@@ -249,48 +254,85 @@ class LoRABank(nn.Module):
         return out.view(y.shape)
 
 
-class Adapters:
-    """What one virtual layer adds to the projections of the stored sublayers it runs: its LoRA
-    adapters and the projection biases (``bias``), which are control vectors (one row per stored
-    sublayer, or per virtual layer with ``per_layer_controls``)."""
+class Rows:
+    """The rows of a control tensor one layer call uses: one row ``p[i]`` for the whole batch (an
+    int ``i``: a plain view, no gather, no index tensor) or a row per batch row (``i`` an index
+    tensor: a gather, given a broadcast axis for the sequence)."""
 
-    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, v: int, attn_row: int, mlp_row: int) -> None:
-        self.banks, self.biases, self.v = banks, biases, v
-        self.attn_row, self.mlp_row = attn_row, mlp_row
+    def __init__(self, index: int | Tensor) -> None:
+        self.index = index
+        self.single = isinstance(index, int)
 
-    def __call__(self, target: str, x: Tensor, y: Tensor) -> Tensor:
-        """``y`` (the shared projection of ``x``) plus this layer's bias and adapter for ``target``."""
-        if target in self.biases:
-            row = self.attn_row if target in ATTN_TARGETS else self.mlp_row
-            y = y + self.biases[target][row].to(y.dtype)
-        if target in self.banks:
-            return self.banks[target].add_to(self.v, x, y)
-        return y
+    def rows(self, p: Tensor) -> Tensor:
+        """``p[i]``: one row, or (B, ...) with a row per batch row."""
+        return p[self.index]
+
+    def __call__(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+        """``p[i]`` cast to ``dtype``, shaped to broadcast over (B, T, ...) activations."""
+        r = p[self.index].to(dtype)
+        return r if self.single else r.unsqueeze(1)
 
 
-class RowAdapters:
-    """:class:`Adapters` for a batch whose rows run at different virtual layers (rows of one
-    virtual layer contiguous): biases picked per row, each layer's LoRA on its own rows."""
+FIRST_ROW = Rows(0)  # the final norm's single gain row
 
-    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, vs: list[int], attn_rows: Tensor, mlp_rows: Tensor) -> None:
-        self.banks, self.biases = banks, biases
-        self.attn_rows, self.mlp_rows = attn_rows, mlp_rows
-        self.runs: list[tuple[int, int, int]] = []  # (virtual layer, first row, end row)
+
+class LayerRows:
+    """Which virtual layer each batch row of one :meth:`GPT.layer` call runs, and what that picks:
+    ``attn_of`` and ``mlp_of`` (the stored sublayers, shared by every row), the control rows
+    ``attn`` and ``mlp`` (per stored sublayer, or per virtual layer with ``per_layer_controls``),
+    ``depth`` (the depth embedding rows) and ``runs`` ((virtual layer, first row, end row) for
+    each block of rows at one layer, which LoRA runs separately).
+
+    An int ``v`` (the training path) is the uniform case: every row at layer v, every pick a plain
+    view. With a sequence (one layer per row) a pick that is the same for every row is still one
+    view; only picks that differ between rows gather."""
+
+    def __init__(self, model: GPT, v: int | Sequence[int], x: Tensor) -> None:
+        plan, per_layer = model.plan, model.config.per_layer_controls
+        if isinstance(v, int):
+            self.attn_of, self.mlp_of = plan.attn_of[v], plan.mlp_of[v]
+            self.depth = Rows(v)
+            self.attn, self.mlp = (self.depth, self.depth) if per_layer else (Rows(self.attn_of), Rows(self.mlp_of))
+            self.runs = ((v, 0, x.size(0)),)
+            return
+        vs = [int(u) for u in v]
+        if len(vs) != x.size(0):
+            raise ValueError(f"{len(vs)} virtual layers given for a batch of {x.size(0)} rows")
+        self.attn_of, self.mlp_of = plan.attn_of[vs[0]], plan.mlp_of[vs[0]]
+        if any((plan.attn_of[u], plan.mlp_of[u]) != (self.attn_of, self.mlp_of) for u in vs):
+            raise ValueError("rows run in one call must share their stored attention and MLP sublayers")
+        runs: list[tuple[int, int, int]] = []
         for i, u in enumerate(vs):
-            if self.runs and self.runs[-1][0] == u and self.runs[-1][2] == i:
-                self.runs[-1] = (u, self.runs[-1][1], i + 1)
+            if runs and runs[-1][0] == u:
+                runs[-1] = (u, runs[-1][1], i + 1)
             else:
-                self.runs.append((u, i, i + 1))
-        if len({u for u, _, _ in self.runs}) != len(self.runs):
+                runs.append((u, i, i + 1))
+        if len({u for u, _, _ in runs}) != len(runs):
             raise ValueError("rows of one virtual layer must be contiguous")
+        self.runs = tuple(runs)
+        self.depth = Rows(vs[0]) if len(runs) == 1 else Rows(torch.tensor(vs, device=x.device))
+        # Without per-layer controls every row shares its stored sublayers' control rows.
+        self.attn, self.mlp = (self.depth, self.depth) if per_layer else (Rows(self.attn_of), Rows(self.mlp_of))
+
+
+class Adapters:
+    """What the virtual layers of one call add to the projections of the stored sublayers they
+    run: their LoRA adapters (each layer's on its own rows) and the projection biases
+    (``bias``), which are control vectors picked like the other controls."""
+
+    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, sel: LayerRows) -> None:
+        self.banks, self.biases, self.sel = banks, biases, sel
 
     def __call__(self, target: str, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` (the shared projection of ``x``) plus the layers' bias and adapter for ``target``."""
         if target in self.biases:
-            rows = self.attn_rows if target in ATTN_TARGETS else self.mlp_rows
-            y = y + self.biases[target][rows].to(y.dtype).unsqueeze(-2)
+            rows = self.sel.attn if target in ATTN_TARGETS else self.sel.mlp
+            y = y + rows(self.biases[target], y.dtype)
         if target in self.banks:
-            bank = self.banks[target]
-            y = torch.cat([bank.add_to(u, x[i:j], y[i:j]) for u, i, j in self.runs]) if len(self.runs) > 1 else bank.add_to(self.runs[0][0], x, y)
+            bank, runs = self.banks[target], self.sel.runs
+            if len(runs) == 1:
+                return bank.add_to(runs[0][0], x, y)
+            return torch.cat([bank.add_to(u, x[i:j], y[i:j]) for u, i, j in runs])
         return y
 
 
@@ -398,8 +440,7 @@ class GPT(nn.Module):
             setattr(self, name, nn.Parameter(torch.full((rows, d), gain)) if cfg.norm != "rms" else None)
             setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(rows, d)) if cfg.norm == "layer" else None)
         self.bias = nn.ParameterDict(
-            {t: nn.Parameter(torch.zeros(n_attn_ctrl if t in ATTN_TARGETS else n_mlp_ctrl, cfg.lora_shape(t)[1])) for t in cfg.projections}
-            if cfg.bias else {}
+            {t: nn.Parameter(torch.zeros(n_attn_ctrl if t in ATTN_TARGETS else n_mlp_ctrl, cfg.lora_shape(t)[1])) for t in cfg.projections} if cfg.bias else {}
         )
         # U-Net skips pair the first half of the virtual layers with the second half (plan.skip_pairs).
         self.skip_weight = nn.Parameter(torch.ones(v_layers // 2, d)) if cfg.unet_skips else None
@@ -430,92 +471,64 @@ class GPT(nn.Module):
             raise ValueError(f"stage {stage} is outside this plan's {self.plan.num_loops} passes")
         self.stage = None if stage is None or stage == self.plan.num_loops - 1 else stage
 
-    def _ctrl_index(self, v: int) -> tuple[int, int]:
-        if self.config.per_layer_controls:
-            return v, v
-        return self.plan.attn_of[v], self.plan.mlp_of[v]
-
-    def norm(self, x: Tensor, which: str, row: int = 0) -> Tensor:
-        """The ``which`` norm (attn_norm, mlp_norm, final_norm) with its gain row ``row``."""
+    def norm(self, x: Tensor, which: str, rows: Rows = FIRST_ROW) -> Tensor:
+        """The ``which`` norm (attn_norm, mlp_norm, final_norm) with its gain (and bias) ``rows``:
+        one row goes into the fused kernel (``F.rms_norm`` / ``F.layer_norm`` with a weight), a
+        row per batch row multiplies the weightless norm."""
         cfg, shape = self.config, (x.size(-1),)
         if cfg.norm == "rms":
             return F.rms_norm(x, shape, eps=cfg.norm_eps)
-        w = getattr(self, which)[row].to(x.dtype)
-        if cfg.norm == "rms_scaled":
-            return F.rms_norm(x, shape, w, eps=cfg.norm_eps)
+        w = rows(getattr(self, which), x.dtype)
+        if cfg.norm == "layer":
+            b, eps = rows(getattr(self, f"{which}_bias"), x.dtype), 1e-5 if cfg.norm_eps is None else cfg.norm_eps
+            return F.layer_norm(x, shape, w, b, eps=eps) if rows.single else F.layer_norm(x, shape, eps=eps) * w + b
         if cfg.norm == "rms_offset":
-            return F.rms_norm(x, shape, 1.0 + w, eps=cfg.norm_eps)
-        b = getattr(self, f"{which}_bias")[row].to(x.dtype)
-        return F.layer_norm(x, shape, w, b, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps)
+            w = 1.0 + w
+        return F.rms_norm(x, shape, w, eps=cfg.norm_eps) if rows.single else F.rms_norm(x, shape, eps=cfg.norm_eps) * w
 
-    def _layer_inputs(self, v: Sequence[int], x: Tensor, x0: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Any, int, int]:
-        """What virtual layers ``v`` (one per batch row) do before attention: (the mixed
-        residual, functions picking each row's attention and MLP control rows, the adapters, and
-        the stored attention and MLP indices the rows share)."""
-        plan, vs = self.plan, list(v)
-        if len(vs) != x.size(0):
-            raise ValueError(f"{len(vs)} virtual layers given for a batch of {x.size(0)} rows")
-        stored = plan.attn_of[vs[0]], plan.mlp_of[vs[0]]
-        if any((plan.attn_of[u], plan.mlp_of[u]) != stored for u in vs):
-            raise ValueError("rows run in one call must share their stored attention and MLP sublayers")
-        rows = [self._ctrl_index(u) for u in vs]
-        a_idx = torch.tensor([r[0] for r in rows], device=x.device)
-        m_idx = torch.tensor([r[1] for r in rows], device=x.device)
-
-        def pick_a(p: Tensor) -> Tensor:
-            return p[a_idx].to(x.dtype).unsqueeze(-2)
-
-        def pick_m(p: Tensor) -> Tensor:
-            return p[m_idx].to(x.dtype).unsqueeze(-2)
-
+    def _enter(self, v: int | Sequence[int], x: Tensor, x0: Tensor) -> tuple[LayerRows, Tensor, Callable[[str, Tensor, Tensor], Tensor]]:
+        """What virtual layer(s) ``v`` do before attention: (their :class:`LayerRows`, the residual
+        with the depth embedding added and mixed with x0, their adapters)."""
+        sel = LayerRows(self, v, x)
         if self.depth_emb is not None:
-            x = x + self.depth_emb[torch.tensor(vs, device=x.device)].to(x.dtype).unsqueeze(-2)
-        mix = self.resid_mix[a_idx].to(x.dtype)  # (rows, 2, D)
-        x = mix[:, 0].unsqueeze(-2) * x + mix[:, 1].unsqueeze(-2) * x0
-        adapt = RowAdapters(self.lora, self.bias, vs, a_idx, m_idx) if len(self.lora) or len(self.bias) else _no_adapter
-        return x, pick_a, pick_m, adapt, stored[0], stored[1]
-
-    def _norm_rows(self, x: Tensor, which: str, pick: Callable[[Tensor], Tensor]) -> Tensor:
-        """``norm`` with a gain (and bias) row per batch row, picked by ``pick``."""
-        cfg, shape = self.config, (x.size(-1),)
-        if cfg.norm == "rms":
-            return F.rms_norm(x, shape, eps=cfg.norm_eps)
-        w = pick(getattr(self, which))
-        if cfg.norm == "rms_scaled":
-            return F.rms_norm(x, shape, eps=cfg.norm_eps) * w
-        if cfg.norm == "rms_offset":
-            return F.rms_norm(x, shape, eps=cfg.norm_eps) * (1.0 + w)
-        return F.layer_norm(x, shape, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps) * w + pick(getattr(self, f"{which}_bias"))
+            x = x + sel.depth(self.depth_emb, x.dtype)
+        mix = sel.attn(self.resid_mix, x.dtype)  # (2, D), or (B, 1, 2, D) with a row per batch row
+        x = mix[..., 0, :] * x + mix[..., 1, :] * x0
+        adapt = Adapters(self.lora, self.bias, sel) if len(self.lora) or len(self.bias) else _no_adapter
+        return sel, x, adapt
 
     def layer(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None, attend=None) -> Tensor:
-        """Run virtual layer ``v``. With a sequence ``v`` (one virtual layer per batch row, all over
-        the same stored sublayers) each row runs at its own depth: the shared projections run once
-        over every row, and each row gets its own controls, biases and adapters. ``attend``
-        replaces causal attention (see :meth:`Attention.forward`)."""
-        if isinstance(v, int):  # the training path, kept exactly as it was
-            a, m = self._ctrl_index(v)
-            adapt = Adapters(self.lora, self.bias, v, a, m) if len(self.lora) or len(self.bias) else _no_adapter
-            if self.depth_emb is not None:
-                x = x + self.depth_emb[v].to(x.dtype)
-            mix = self.resid_mix[a].to(x.dtype)
-            x = mix[0] * x + mix[1] * x0
-            attn = self.attn[self.plan.attn_of[v]](self.norm(x, "attn_norm", a), self.q_gain[a], cos, sin, adapt, attend)
-            x = x + self.attn_scale[a].to(x.dtype) * attn
-            return x + self.mlp_scale[m].to(x.dtype) * self.mlps[self.plan.mlp_of[v]](self.norm(x, "mlp_norm", m), adapt)
-        x, pick_a, pick_m, adapt, ai, mi = self._layer_inputs(v, x, x0)
-        q_gain = pick_a(self.q_gain).squeeze(-2)
-        attn = self.attn[ai](self._norm_rows(x, "attn_norm", pick_a), q_gain, cos, sin, adapt, attend)
-        x = x + pick_a(self.attn_scale) * attn
-        return x + pick_m(self.mlp_scale) * self.mlps[mi](self._norm_rows(x, "mlp_norm", pick_m), adapt)
+        """Run virtual layer ``v`` over the batch, or with a sequence ``v`` (one virtual layer per
+        batch row, all over the same stored sublayers, rows of one layer contiguous) each row at
+        its own depth: the shared projections run once over every row and each row gets its own
+        controls, norm gains, biases and adapters (:class:`LayerRows`). An int ``v`` is the case
+        where every row is at the same layer. ``attend`` replaces causal attention (see
+        :meth:`Attention.forward`)."""
+        sel, x, adapt = self._enter(v, x, x0)
+        attn = self.attn[sel.attn_of](self.norm(x, "attn_norm", sel.attn), sel.attn.rows(self.q_gain), cos, sin, adapt, attend)
+        x = x + sel.attn(self.attn_scale, x.dtype) * attn
+        return x + sel.mlp(self.mlp_scale, x.dtype) * self.mlps[sel.mlp_of](self.norm(x, "mlp_norm", sel.mlp), adapt)
 
     def layer_kv(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The keys and values virtual layer ``v`` would cache for residual ``x``, without running
-        its attention or MLP: what a token that exited early leaves for deeper layers."""
-        if isinstance(v, int):
-            v = [v] * x.size(0)
-        x, pick_a, _, adapt, ai, _ = self._layer_inputs(v, x, x0)
-        _, k, val = self.attn[ai].project(self._norm_rows(x, "attn_norm", pick_a), pick_a(self.q_gain).squeeze(-2), cos, sin, adapt)
+        """The keys and values virtual layer(s) ``v`` (as in :meth:`layer`) would cache for
+        residual ``x``, without running attention or the MLP: what a token that exited early
+        leaves for deeper layers."""
+        sel, x, adapt = self._enter(v, x, x0)
+        _, k, val = self.attn[sel.attn_of].project(self.norm(x, "attn_norm", sel.attn), sel.attn.rows(self.q_gain), cos, sin, adapt)
         return k, val
+
+    def skip_in(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> Tensor:
+        """``x`` entering virtual layer ``v``: if v is a U-Net decoder layer whose encoder layer's
+        output waits in ``saved``, that output (popped) is added through ``skip_weight``."""
+        row, enc = self.skip_from.get(v, (None, None))
+        if enc in saved:
+            x = x + self.skip_weight[row].to(x.dtype) * saved.pop(enc)
+        return x
+
+    def skip_out(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> None:
+        """Keep ``x``, virtual layer ``v``'s output, in ``saved`` if v is a U-Net skip source."""
+        if v in self.skip_sources:
+            saved[v] = x
 
     def embed(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
         """The input of the first virtual layer (also kept as x0 for the residual mixes).
@@ -536,12 +549,8 @@ class GPT(nn.Module):
         x = self.embed(idx)
         x0, outputs, states = x, {}, []
         for v in self.active_layers:
-            row, enc = self.skip_from.get(v, (None, None))
-            if enc in outputs:
-                x = x + self.skip_weight[row].to(x.dtype) * outputs.pop(enc)
-            x = self.layer(v, x, x0, cos, sin)
-            if v in self.skip_sources:
-                outputs[v] = x
+            x = self.layer(v, self.skip_in(v, x, outputs), x0, cos, sin)
+            self.skip_out(v, x, outputs)
             if v in exits:
                 states.append(self.norm(x, "final_norm"))
         states.append(self.norm(x, "final_norm"))

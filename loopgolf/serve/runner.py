@@ -166,8 +166,9 @@ class LayerRunner:
             t.layer, t.skips, t.prev_pred, t.done, t.logits = 0, {}, None, False, None
 
     def advance(self, tokens: list[Token]) -> list[Token]:
-        """Run each token's next virtual layer; returns the tokens that finished in this call
-        (ran their last layer, or exited)."""
+        """Run each token's next virtual layer, with the U-Net skips of the full forward applied
+        per token from its own ``skips`` (``GPT.skip_in`` / ``GPT.skip_out``); returns the tokens
+        that finished in this call (ran their last layer, or exited)."""
         model, plan = self.model, self.model.plan
         groups: dict[tuple[int, int], list[Token]] = {}
         for t in tokens:
@@ -177,12 +178,8 @@ class LayerRunner:
         for group in groups.values():
             group.sort(key=lambda t: self.layers[t.layer])  # rows of one virtual layer contiguous
             vs = [self.layers[t.layer] for t in group]
-            x = torch.stack([t.x for t in group])
+            x = torch.stack([model.skip_in(v, t.x, t.skips) for t, v in zip(group, vs)])  # each token's own U-Net skips
             x0 = torch.stack([t.x0 for t in group])
-            for row, (t, v) in enumerate(zip(group, vs)):
-                skip_row, enc = model.skip_from.get(v, (None, None))
-                if enc in t.skips:
-                    x[row] = x[row] + model.skip_weight[skip_row].to(x.dtype) * t.skips.pop(enc)
             v_idx, s_idx, p_idx = self._index(vs), self._index([t.slot for t in group]), self._index([t.pos for t in group])
             cos, sin = self._rotary(p_idx)
 
@@ -197,8 +194,7 @@ class LayerRunner:
             self.layer_rows += len(group)
             for row, (t, v) in enumerate(zip(group, vs)):
                 t.x = y[row]
-                if v in model.skip_sources:
-                    t.skips[v] = y[row]
+                model.skip_out(v, t.x, t.skips)
                 t.layer += 1
             finished.extend(self._finish(group, vs))
         return finished
