@@ -1,14 +1,13 @@
 import pytest
 import torch
+from helpers import TINY, tiny_config
 
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, forward_flops_per_token, unique_params, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
 
-TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-
 
 def tiny(plan: PlanSpec, **kw) -> ModelConfig:
-    return ModelConfig(**{**TINY, **kw}, plan=plan)
+    return tiny_config(plan=plan, **kw)
 
 
 def test_baseline_param_count_matches_official():
@@ -150,7 +149,7 @@ def test_config_roundtrip_and_flops():
 def test_training_step_after_an_inference_mode_evaluation():
     """The rotary tables are built with the model: an evaluation under inference_mode must not
     leave inference tensors behind for the next training step to save for backward."""
-    model = GPT(ModelConfig(**TINY, plan=PlanSpec("cycle", layers=2, loops=2)))
+    model = GPT(tiny_config(plan=PlanSpec("cycle", layers=2, loops=2)))
     x = torch.randint(0, 64, (2, 12))
     with torch.inference_mode():
         model(x, x)
@@ -158,7 +157,7 @@ def test_training_step_after_an_inference_mode_evaluation():
     assert all(p.grad is not None for p in model.parameters())
     assert not any("rotary" in k for k in model.state_dict())  # built, never stored
     with pytest.raises(ValueError, match="max_seq_len"):
-        GPT(ModelConfig(**TINY, max_seq_len=8))(x)
+        GPT(tiny_config(max_seq_len=8))(x)
 
 
 def test_rotary_keeps_the_activation_dtype(monkeypatch):
@@ -173,7 +172,7 @@ def test_rotary_keeps_the_activation_dtype(monkeypatch):
         return out
 
     monkeypatch.setattr(gpt, "apply_rotary", spy)
-    model = GPT(ModelConfig(**TINY))
+    model = GPT(tiny_config())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 64, (1, 6)))
     assert seen and all(out == x == torch.bfloat16 for x, out in seen)
