@@ -290,14 +290,15 @@ def running_server(artifact, tokenizer, *, slots=4, max_queue=16, **cfg):
     """An in-process uvicorn server on a free localhost port (stopped on exit)."""
     import uvicorn
 
-    from loopgolf.serve.server import ServerConfig, build_app
+    from loopgolf.serve.server import ServerConfig, build_app, uvicorn_config
     from loopgolf.sources.open import open_for_text
 
     served = open_for_text(artifact, tokenizer)
     engine = Engine(served.model, schedule="depthwise", slots=slots, max_len=96, decode=served.tokenizer.decode, max_queue=max_queue)
     port = _free_port()
-    app = build_app(engine, served.tokenizer, ServerConfig("tiny", port=port, **cfg))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = ServerConfig("tiny", port=port, **cfg)
+    app = build_app(engine, served.tokenizer, config)
+    server = uvicorn.Server(uvicorn_config(app, config))  # as `loopgolf serve` runs it (the read deadline included)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

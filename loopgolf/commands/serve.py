@@ -78,6 +78,20 @@ def _memory_bytes() -> int | None:
         return None
 
 
+def _check_listen(host: str, port: int) -> None:
+    """OSError (one line) when ``host:port`` cannot be listened on (in use, or not an address of
+    this machine), before the model is loaded; uvicorn would log it and exit 3."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from loopgolf.serve.engine import Engine
     from loopgolf.serve.server import ServerConfig, serve
@@ -88,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.slots > MAX_SLOTS:
         raise ValueError(f"--slots {args.slots:,} is more than {MAX_SLOTS:,}")
+    _check_listen(args.host, args.port)
     served, criterion = _open(args)
     model = served.model
     context = args.context or min(served.opened.seq_len, model.config.max_seq_len)
@@ -99,10 +114,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"--slots {args.slots} x --context {context} needs a {need / 2**30:.1f} GiB KV cache, more than half of this "
             f"machine's {have / 2**30:.1f} GiB; lower --slots or --context"
         )
-    engine = Engine(
-        model, schedule=args.schedule, slots=args.slots, max_len=context, criterion=criterion, decode=served.tokenizer.decode, max_queue=args.max_queue
+    try:
+        engine = Engine(
+            model, schedule=args.schedule, slots=args.slots, max_len=context, criterion=criterion, decode=served.tokenizer.decode, max_queue=args.max_queue
+        )
+    except (RuntimeError, MemoryError) as e:  # the KV cache could not be allocated after all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--slots {args.slots} x --context {context}: the KV cache ({need / 2**30:.2f} GiB) could not be allocated: {first}") from None
+    cfg = ServerConfig(
+        args.name or served.opened.name,
+        args.host,
+        args.port,
+        args.timeout,
+        args.shutdown_grace,
+        read_timeout=args.read_timeout,
+        max_body_bytes=args.max_body_bytes,
     )
-    cfg = ServerConfig(args.name or served.opened.name, args.host, args.port, args.timeout, args.shutdown_grace)
     print(
         f"serving {cfg.model_name} ({served.opened.path}) on http://{cfg.host}:{cfg.port}/v1 — schedule {args.schedule}, "
         f"{args.slots} slots, context {engine.max_len}, early exit {criterion or 'off'}",
@@ -120,7 +147,19 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-exit", metavar="CRITERION", help=f"stop a token after a pass of a recursive plan when: {CRITERION_SYNTAX} (default: full depth)")
 
 
+def _one_line_errors(p: argparse.ArgumentParser) -> None:
+    """Argument errors of this command as one line on stderr and exit 2 (argparse would print the
+    whole usage first)."""
+
+    def error(message: str):
+        print(f"{p.prog}: error: {message} (see {p.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    p.error = error  # type: ignore[method-assign]
+
+
 def register(name: str, p: argparse.ArgumentParser) -> None:
+    _one_line_errors(p)
     _add_model_source(p)
     if name == "generate":
         p.add_argument("--prompt", required=True, help="the text to continue")
@@ -142,5 +181,14 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=positive_int, help="prompt + completion tokens per request (default: the training seq_len)")
     p.add_argument("--max-queue", type=non_negative_int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds a request may take, queueing and reading its body included (default 120)")
+    p.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a client gets to send a request's headers, and its body (default 10, at most --timeout); a half-sent request is then closed (408)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body; a larger one is refused before it is read (413; default 1 MiB)"
+    )
     p.add_argument("--shutdown-grace", type=non_negative_float, default=10.0, help="seconds in-flight requests get on SIGTERM (default 10)")
     p.set_defaults(func=cmd_serve)

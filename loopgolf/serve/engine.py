@@ -14,6 +14,11 @@ Three schedules over the same :class:`~loopgolf.serve.runner.LayerRunner`:
 
 Any schedule may be given an exit criterion; in ``static`` and ``sequence`` an exited token only
 stops computing, and its sequence waits for the step to end.
+
+Faults stay with their request: an error while choosing, scoring or decoding one sequence's token
+(non-finite logits, a failing callback) ends that request alone with an error and frees its slot.
+An error inside the model call itself cannot be pinned on one row: it ends the requests in
+flight (not the waiting ones), resets the slots and is raised; the engine can step again.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from loopgolf.model.gpt import GPT
 from loopgolf.serve.exits import ExitCriterion
 from loopgolf.serve.request import Request, TokenEvent
 from loopgolf.serve.runner import LayerRunner, Token
-from loopgolf.serve.sampling import sample
+from loopgolf.serve.sampling import sample, token_logprobs
 
 SCHEDULES = ("static", "sequence", "depthwise")
 
@@ -66,6 +71,8 @@ class Engine:
         self.wakeup = threading.Condition(self.lock)
         self.tokens_out = 0
         self.steps = 0
+        self._unscored: dict[Request, int] = {}  # prompt tokens of a scoring request not yet scored
+        self._held: dict[Request, Token] = {}  # its last prompt token, waiting for them before generating
 
     # ----------------------------------------------------------------- intake
 
@@ -79,11 +86,12 @@ class Engine:
                 f"prompt of {len(req.prompt_ids)} tokens + max_tokens {req.max_new_tokens} = {req.length} exceeds the model's context of {self.max_len} tokens"
             )
 
-    def submit(self, req: Request) -> None:
-        """Queue a request (thread-safe). QueueFull when the queue is at its bound."""
+    def submit(self, req: Request, *, bounded: bool = True) -> None:
+        """Queue a request (thread-safe). QueueFull when the queue is at its bound (``bounded``:
+        False lets the server's own health probe in)."""
         self.check(req)
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
+            if bounded and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
             req.submitted_at = time.perf_counter()
             self.waiting.append(req)
@@ -111,7 +119,10 @@ class Engine:
     def _end(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish(reason, error=error)
         if req.on_event is not None:
-            req.on_event(TokenEvent(-1, "", 0, reason))
+            try:
+                req.on_event(TokenEvent(-1, "", 0, reason))
+            except Exception:  # a listener that is gone cannot be told; the request is over anyway
+                pass
 
     def _admit(self) -> list[Token]:
         with self.lock:
@@ -126,48 +137,119 @@ class Engine:
         tokens = []
         for slot, req in admitted:
             n = len(req.prompt_ids)
-            tokens += [Token(slot, p, t, emit=p == n - 1, owner=req) for p, t in enumerate(req.prompt_ids)]
+            if req.score_prompt:  # every prompt token's prediction is wanted (it scores the next one)
+                self._unscored[req] = n
+            tokens += [Token(slot, p, t, emit=req.score_prompt or p == n - 1, owner=req) for p, t in enumerate(req.prompt_ids)]
         return tokens
 
     def _retire(self, slot: int) -> None:
-        del self.active[slot]
+        """Free a finished request's slot; its tokens still in flight (prompt tokens running
+        deeper than the one that ended it) stop: nothing needs them, and they would go on writing
+        into the cache entries of the slot's next owner."""
+        req = self.active.pop(slot)
         self.free_slots.append(slot)
+        self.in_flight = [t for t in self.in_flight if t.owner is not req]
+        self._unscored.pop(req, None)
+        self._held.pop(req, None)
+
+    def _fail(self, req: Request, slot: int, message: str) -> None:
+        """End one request with an error (the others go on)."""
+        self._end(req, "error", message)
+        if self.active.get(slot) is req:
+            self._retire(slot)
+
+    def _fail_active(self, message: str) -> None:
+        """End every request in a slot with an error (the model call failed); waiting ones stay."""
+        with self.lock:
+            reqs = list(self.active.values())
+            self.active.clear()
+            self.free_slots = list(range(self.runner.cache.slots))[::-1]
+        self.in_flight = []
+        self._unscored.clear()
+        self._held.clear()
+        for req in reqs:
+            if not req.finished:
+                self._end(req, "error", message)
 
     def step(self) -> int:
         """One engine step; returns the number of tokens generated in it."""
         self.steps += 1
         self._drop_cancelled()
         new = self._admit()
-        self.runner.start(new)
-        self.in_flight += new
-        if not self.in_flight:
-            return 0
-        if self.schedule == "depthwise":
-            done = self.runner.advance(self.in_flight)
-        else:
-            done, pending = [], self.in_flight
-            while pending:
-                done += self.runner.advance(pending)
-                pending = [t for t in pending if not t.done]
+        try:
+            self.runner.start(new)
+            self.in_flight += new
+            if not self.in_flight:
+                return 0
+            if self.schedule == "depthwise":
+                done = self.runner.advance(self.in_flight)
+            else:
+                done, pending = [], self.in_flight
+                while pending:
+                    done += self.runner.advance(pending)
+                    pending = [t for t in pending if not t.done]
+        except Exception as e:
+            self._fail_active(f"engine error: {type(e).__name__}: {e}")
+            raise
         self.in_flight = [t for t in self.in_flight if not t.done]
         emitted, nxt = 0, []
         for t in done:
             req: Request = t.owner
-            if not t.emit or req.finished:
+            if req.finished:
                 continue
-            token_id = sample(t.logits, req.sampling, req._rng)
-            req.emit(token_id, t.loops, self.decode)
-            emitted += 1
-            if req.finished or t.pos + 1 >= self.max_len:
-                if not req.finished:
-                    req.finish("length")
-                self._retire(t.slot)
-            else:
-                nxt.append(Token(t.slot, t.pos + 1, token_id, owner=req))
-        self.runner.start(nxt)
+            try:
+                emitted += self._on_done(t, nxt)
+            except Exception as e:  # this sequence's fault: it alone ends
+                self._fail(req, t.slot, f"{type(e).__name__}: {e}")
+        nxt = [t for t in nxt if not t.owner.finished]
+        try:
+            self.runner.start(nxt)
+        except Exception as e:
+            self._fail_active(f"engine error: {type(e).__name__}: {e}")
+            raise
         self.in_flight += nxt
         self.tokens_out += emitted
         return emitted
+
+    def _on_done(self, t: Token, nxt: list[Token]) -> int:
+        """A token ran its last layer (or exited): score it, or choose the next token."""
+        req: Request = t.owner
+        n = len(req.prompt_ids)
+        if req.score_prompt and t.pos < n:
+            if t.pos + 1 < n:
+                lp, top = token_logprobs(t.logits, req.prompt_ids[t.pos + 1], req.logprobs or 0)
+                req.prompt_logprobs[t.pos + 1], req.prompt_top_logprobs[t.pos + 1] = lp, top
+            self._unscored[req] -= 1
+            if t.pos < n - 1:  # the prompt's last token may be waiting for this one
+                if self._unscored[req] == 0 and req in self._held:
+                    return self._generate(self._held.pop(req), nxt)
+                return 0
+            if self._unscored[req] > 0:  # generate once every prompt token is scored
+                self._held[req] = t
+                return 0
+        elif not t.emit:
+            return 0
+        return self._generate(t, nxt)
+
+    def _generate(self, t: Token, nxt: list[Token]) -> int:
+        req: Request = t.owner
+        if req.max_new_tokens == 0:  # a scoring request: the prompt is all it wanted
+            req.end_without_tokens(self.decode)
+            self._retire(t.slot)
+            return 0
+        token_id = sample(t.logits, req.sampling, req._rng)
+        if req.logprobs is not None:
+            lp, top = token_logprobs(t.logits, token_id, req.logprobs)
+            req.token_logprobs.append(lp)
+            req.top_logprobs.append(top)
+        req.emit(token_id, t.loops, self.decode)
+        if req.finished or t.pos + 1 >= self.max_len:
+            if not req.finished:
+                self._end(req, "length")
+            self._retire(t.slot)
+        else:
+            nxt.append(Token(t.slot, t.pos + 1, token_id, owner=req))
+        return 1
 
     def _drop_cancelled(self) -> None:
         for slot, req in list(self.active.items()):
@@ -177,16 +259,18 @@ class Engine:
                 self._retire(slot)
 
     def fail_all(self, message: str, reason: str = "error") -> None:
-        """End every request (the engine cannot go on, or is stopping)."""
+        """End every request (the engine is stopping, or everything is cancelled)."""
         with self.lock:
             reqs = list(self.waiting) + list(self.active.values())
             self.waiting.clear()
+            self.active.clear()
+            self.free_slots = list(range(self.runner.cache.slots))[::-1]
+        self.in_flight = []
+        self._unscored.clear()
+        self._held.clear()
         for req in reqs:
             if not req.finished:
                 self._end(req, reason, message)
-        self.active.clear()
-        self.free_slots = list(range(self.runner.cache.slots))[::-1]
-        self.in_flight = []
 
     @torch.inference_mode()
     def run_until_idle(self) -> None:
