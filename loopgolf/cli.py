@@ -54,6 +54,15 @@ SUMMARIES: dict[str, str] = {
 EXIT_BAD_INPUT = 2  # a user mistake or a bad file: one line on stderr (loopgolf.commands.args has the same)
 
 
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr and exit 2, like every other bad input (argparse
+    would print the whole usage first); ``--help`` shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def command_module(name: str):
     return importlib.import_module(f"loopgolf.commands.{COMMANDS[name]}")
 
@@ -72,7 +81,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     every command when ``argv`` is None)."""
     from loopgolf import __version__
 
-    parser = argparse.ArgumentParser(prog="loopgolf", description="Build, train, compress and score the best language model per stored byte.")
+    parser = Parser(prog="loopgolf", description="Build, train, compress and score the best language model per stored byte.")
     parser.add_argument("--version", action="version", version=f"loopgolf {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -147,19 +147,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-exit", metavar="CRITERION", help=f"stop a token after a pass of a recursive plan when: {CRITERION_SYNTAX} (default: full depth)")
 
 
-def _one_line_errors(p: argparse.ArgumentParser) -> None:
-    """Argument errors of this command as one line on stderr and exit 2 (argparse would print the
-    whole usage first)."""
-
-    def error(message: str):
-        print(f"{p.prog}: error: {message} (see {p.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-    p.error = error  # type: ignore[method-assign]
-
-
 def register(name: str, p: argparse.ArgumentParser) -> None:
-    _one_line_errors(p)
     _add_model_source(p)
     if name == "generate":
         p.add_argument("--prompt", required=True, help="the text to continue")
