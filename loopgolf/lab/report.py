@@ -355,32 +355,24 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
         lines.append(f"The baseline `{ledger.baseline}` has fewer than two finished seeds: no test is possible.")
     elif not tested and not pairs:
         lines.append("No other variant has two or more finished seeds: no test is possible.")
-    if tested:
+    tables = (
+        ("### Welch's t-test", "seeds", tested, lambda g: (f"{len(g.bpb)} vs {len(base.bpb)}", g.test, g.test_nats, g.record_p), ".1f"),
+        ("### Paired t-test (seeds both have)", "pairs", pairs, lambda g: (str(g.paired.n), g.paired, g.paired_nats, g.record_p_paired), ".0f"),
+    )
+    for title, count, rows, pick, df_format in tables:
+        if not rows:
+            continue
         lines += [
-            "### Welch's t-test",
+            title,
             "",
-            "| variant | seeds | effect (bpb) | 95% interval | t | df | p | effect (nats) | p (nats) | record rule |",
+            f"| variant | {count} | effect (bpb) | 95% interval | t | df | p | effect (nats) | p (nats) | record rule |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for g in sorted(tested, key=lambda g: g.test.p):
-            w, wn = g.test, g.test_nats
+        for g in sorted(rows, key=lambda g: pick(g)[1].p):
+            n, w, wn, record = pick(g)
             lines.append(
-                f"| {g.name} | {len(g.bpb)} vs {len(base.bpb)} | {_f(w.diff, '+.4f')} | [{_f(w.ci_low, '+.4f')}, {_f(w.ci_high, '+.4f')}] | {_f(w.t, '.2f')} | "
-                f"{_f(w.df, '.1f')} | {_f(w.p, '.2g')} | {_f(wn.diff, '+.4f')} | {_f(wn.p, '.2g')} | {_record(g.record_p)} |"
-            )
-        lines.append("")
-    if pairs:
-        lines += [
-            "### Paired t-test (seeds both have)",
-            "",
-            "| variant | pairs | effect (bpb) | 95% interval | t | df | p | effect (nats) | p (nats) | record rule |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for g in sorted(pairs, key=lambda g: g.paired.p):
-            d, dn = g.paired, g.paired_nats
-            lines.append(
-                f"| {g.name} | {d.n} | {_f(d.diff, '+.4f')} | [{_f(d.ci_low, '+.4f')}, {_f(d.ci_high, '+.4f')}] | {_f(d.t, '.2f')} | {_f(d.df, '.0f')} | "
-                f"{_f(d.p, '.2g')} | {_f(dn.diff, '+.4f')} | {_f(dn.p, '.2g')} | {_record(g.record_p_paired)} |"
+                f"| {g.name} | {n} | {_f(w.diff, '+.4f')} | [{_f(w.ci_low, '+.4f')}, {_f(w.ci_high, '+.4f')}] | {_f(w.t, '.2f')} | "
+                f"{_f(w.df, df_format)} | {_f(w.p, '.2g')} | {_f(wn.diff, '+.4f')} | {_f(wn.p, '.2g')} | {_record(record)} |"
             )
         lines.append("")
     for g in groups:

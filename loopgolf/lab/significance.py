@@ -59,19 +59,13 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> W
 
 
 @dataclass(frozen=True)
-class Paired:
-    """The paired t-test of ``a`` against ``b`` over the seeds both have (same seed: same data
-    order and initial draw, so the seed's own luck cancels): the mean of the per-seed
+class Paired(Welch):
+    """The paired t-test of ``a`` against ``b`` over the ``n`` seeds both have (same seed: same
+    data order and initial draw, so the seed's own luck cancels): the mean of the per-seed
     differences ``a - b``, t, ``n - 1`` degrees of freedom, the two-sided p-value and the 95%
     interval of the mean difference."""
 
     n: int
-    diff: float
-    t: float
-    df: float
-    p: float
-    ci_low: float
-    ci_high: float
 
 
 def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Paired:
@@ -87,10 +81,10 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> 
     se = sd / math.sqrt(len(diffs))
     df = float(len(diffs) - 1)
     if _no_spread(sd, [*a, *b]):
-        return Paired(len(diffs), d, math.copysign(math.inf, d) if d else 0.0, df, 1.0 if d == 0.0 else 0.0, d, d)
+        return Paired(d, math.copysign(math.inf, d) if d else 0.0, df, 1.0 if d == 0.0 else 0.0, d, d, n=len(diffs))
     p = float(stats.ttest_rel(a, b).pvalue)
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
-    return Paired(len(diffs), d, d / se, df, p, d - half, d + half)
+    return Paired(d, d / se, df, p, d - half, d + half, n=len(diffs))
 
 
 def margin_p(a: Sequence[float], b: Sequence[float], margin: float, *, pair: bool) -> float:

@@ -160,8 +160,14 @@ class Engine:
 
     def _fail_active(self, message: str) -> None:
         """End every request in a slot with an error (the model call failed); waiting ones stay."""
+        self._end_requests("error", message, waiting=False)
+
+    def _end_requests(self, reason: str, message: str, *, waiting: bool) -> None:
+        """End every request in a slot (and, with ``waiting``, every queued one), freeing all slots."""
         with self.lock:
-            reqs = list(self.active.values())
+            reqs = (list(self.waiting) if waiting else []) + list(self.active.values())
+            if waiting:
+                self.waiting.clear()
             self.active.clear()
             self.free_slots = list(range(self.runner.cache.slots))[::-1]
         self.in_flight = []
@@ -169,7 +175,7 @@ class Engine:
         self._held.clear()
         for req in reqs:
             if not req.finished:
-                self._end(req, "error", message)
+                self._end(req, reason, message)
 
     def step(self) -> int:
         """One engine step; returns the number of tokens generated in it."""
@@ -260,17 +266,7 @@ class Engine:
 
     def fail_all(self, message: str, reason: str = "error") -> None:
         """End every request (the engine is stopping, or everything is cancelled)."""
-        with self.lock:
-            reqs = list(self.waiting) + list(self.active.values())
-            self.waiting.clear()
-            self.active.clear()
-            self.free_slots = list(range(self.runner.cache.slots))[::-1]
-        self.in_flight = []
-        self._unscored.clear()
-        self._held.clear()
-        for req in reqs:
-            if not req.finished:
-                self._end(req, reason, message)
+        self._end_requests(reason, message, waiting=True)
 
     @torch.inference_mode()
     def run_until_idle(self) -> None:
