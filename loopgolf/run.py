@@ -101,7 +101,8 @@ class RunOptions:
                 raise ValueError(f"--resume continues the run in its own directory with its own start; drop {', '.join(given)}")
         if self.init_from is not None and self.model_overrides:
             raise ValueError(f"--init-from takes the model from {self.init_from}; model overrides ({', '.join(sorted(self.model_overrides))}) cannot change it")
-        self.changes()  # a bad value fails here, with the field it is for
+        # Values are checked when the configuration is built from them (build_config, first thing a
+        # run does): a bad one fails there, naming its field, before any data is touched.
 
     def changes(self) -> dict[str, Any]:
         """The configuration fields these options set: dotted path -> value."""
