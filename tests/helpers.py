@@ -6,7 +6,9 @@ puts it on ``sys.path``); fixtures stay in ``conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,3 +83,84 @@ def output_error(w, deq, H) -> float:
     Hessian ``H = E[x x^T]`` when ``W`` is replaced by ``Q`` (what GPTQ minimises)."""
     d = (w - deq).double()
     return float(((d @ H.double()) * d).sum())
+
+
+def one_line_error(code: int, err: str, *words: str) -> None:
+    """A bad input's outcome: exit status 2 and one line on stderr, naming the error (and each
+    of ``words``), no traceback."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], err
+
+
+def random_model(plan, seed: int = 0, **changes: Any):
+    """A tiny model (context 64 unless ``changes`` say otherwise) with every parameter random:
+    zero-initialised projections would hide bugs in the serving paths."""
+    import torch
+
+    from loopgolf.model.gpt import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**{"max_seq_len": 64, **changes, "plan": plan}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(artifact, tokenizer, *, slots: int = 4, max_queue: int = 16, **cfg: Any) -> Iterator[tuple[str, Any, Any]]:
+    """An in-process uvicorn server on a free localhost port, as `loopgolf serve` runs it (the read
+    deadline included), stopped on exit: yields (base url, the opened model, the engine)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from loopgolf.serve.engine import Engine
+    from loopgolf.serve.server import ServerConfig, build_app, uvicorn_config
+    from loopgolf.sources.open import open_for_text
+
+    served = open_for_text(artifact, tokenizer)
+    engine = Engine(served.model, schedule="depthwise", slots=slots, max_len=96, decode=served.tokenizer.decode, max_queue=max_queue)
+    port = free_port()
+    config = ServerConfig("tiny", port=port, **cfg)
+    app = build_app(engine, served.tokenizer, config)
+    server = uvicorn.Server(uvicorn_config(app, config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", served, engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def post_completion(url: str, body: Any, raw: bytes | None = None) -> tuple[int, dict]:
+    """POST ``body`` (or the bytes ``raw``) to ``url``/v1/completions: (status, JSON answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers import one_line_error
 
 from loopgolf.cli import main
 
@@ -18,12 +19,6 @@ def _run(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     code = main(argv)
     return code, capsys.readouterr().err
-
-
-def one_line_error(code: int, err: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
 
 
 BAD_VALUES = [

@@ -11,18 +11,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import one_line_error
 from test_lab import TINY, _fake_run
 
 from loopgolf.cli import main as cli_main
 from loopgolf.lab.ledger import LedgerError, parse_ledger
 from loopgolf.lab.report import variant_stats, write_report
 from loopgolf.lab.store import Store, StoreError
-
-
-def one_line_error(code: int, err: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ import math
 import shutil
 
 import pytest
-from helpers import tiny_model
+from helpers import one_line_error, tiny_model
 
 from loopgolf.cli import main
 from loopgolf.model.plan import PlanSpec
@@ -32,14 +32,6 @@ def _eval(argv: list[str], capsys) -> dict:
     code, out, err = _main(["eval", *argv, "--json"], capsys)
     assert code == 0, err
     return json.loads(out)
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], err
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, free_port, post_completion, random_model, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
 from loopgolf.evaluate import evaluate_bpb
-from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 from loopgolf.serve.engine import SCHEDULES, Engine, QueueFull
 from loopgolf.serve.exits import ExitCriterion, parse_criterion
@@ -20,8 +21,6 @@ from loopgolf.serve.generate import Generator
 from loopgolf.serve.request import Request
 from loopgolf.serve.sampling import SamplingParams
 from loopgolf.serve.scoring import evaluate_early_exit
-
-TINY = dict(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2, max_seq_len=64)
 
 PLANS = {
     "vanilla": (PlanSpec("vanilla", layers=3), {}),
@@ -38,16 +37,6 @@ PLANS = {
     "share-mlp": (PlanSpec("cycle", layers=2, loops=2, share="mlp"), {}),
     "layernorm+learned-pos": (PlanSpec("cycle", layers=2, loops=2), dict(norm="layer", bias=True, pos_emb="learned")),
 }
-
-
-def random_model(plan: PlanSpec, seed: int = 0, **kw) -> GPT:
-    """A tiny model with every parameter random (zero-initialised projections would hide bugs)."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**TINY, **kw}, plan=plan))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -250,11 +239,9 @@ def test_early_exit_scoring_never_equals_evaluate_bpb():
 
 # ---------------------------------------------------------------- artifacts, CLI and the HTTP server
 
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -265,62 +252,6 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_artifact(text_dataset, tmp_path_factory):
-    """A random cycle model over the synthetic dataset's 384-piece tokenizer, exported at int8."""
-    from loopgolf.data.stats import find_tokenizer
-    from loopgolf.export.pack import export_model
-
-    model = random_model(PlanSpec("cycle", layers=2, loops=2), seed=8, vocab_size=384, max_seq_len=128)
-    path = tmp_path_factory.mktemp("artifact") / "tiny.ptz"
-    export_model(model, path, bits=8)
-    return path, find_tokenizer(text_dataset)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(artifact, tokenizer, *, slots=4, max_queue=16, **cfg):
-    """An in-process uvicorn server on a free localhost port (stopped on exit)."""
-    import uvicorn
-
-    from loopgolf.serve.server import ServerConfig, build_app, uvicorn_config
-    from loopgolf.sources.open import open_for_text
-
-    served = open_for_text(artifact, tokenizer)
-    engine = Engine(served.model, schedule="depthwise", slots=slots, max_len=96, decode=served.tokenizer.decode, max_queue=max_queue)
-    port = _free_port()
-    config = ServerConfig("tiny", port=port, **cfg)
-    app = build_app(engine, served.tokenizer, config)
-    server = uvicorn.Server(uvicorn_config(app, config))  # as `loopgolf serve` runs it (the read deadline included)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", served, engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-
-
-def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_openai_client_streams_and_matches_the_generator(tiny_artifact):
@@ -353,7 +284,7 @@ def test_concurrent_clients_each_get_their_alone_output(tiny_artifact):
 
         def ask(i: int) -> str:
             if i % 2:  # raw HTTP beside the official client
-                status, body = _post(url, {"prompt": prompts[i], "max_tokens": 6 + i, "temperature": 0})
+                status, body = post_completion(url, {"prompt": prompts[i], "max_tokens": 6 + i, "temperature": 0})
                 assert status == 200, body
                 return body["choices"][0]["text"]
             return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=6 + i, temperature=0).choices[0].text
@@ -384,7 +315,7 @@ def test_bad_requests_get_the_right_status(tiny_artifact):
             ({"prompt": "x", "n": 2}, None, 400, "n=1"),
         ]
         for body, raw, status, words in cases:
-            got, payload = _post(url, body, raw)
+            got, payload = post_completion(url, body, raw)
             assert got == status, (body, raw, payload)
             assert words in payload["error"]["message"], payload
 
@@ -392,10 +323,10 @@ def test_bad_requests_get_the_right_status(tiny_artifact):
 def test_full_queue_answers_429_and_slow_requests_504(tiny_artifact):
     artifact, tok = tiny_artifact
     with running_server(artifact, tok, max_queue=0) as (url, _, _):
-        status, payload = _post(url, {"prompt": "x", "max_tokens": 2})
+        status, payload = post_completion(url, {"prompt": "x", "max_tokens": 2})
         assert status == 429 and "busy" in payload["error"]["message"]
     with running_server(artifact, tok, request_timeout=0.05) as (url, _, engine):
-        status, payload = _post(url, {"prompt": "the model", "max_tokens": 90, "temperature": 0})
+        status, payload = post_completion(url, {"prompt": "the model", "max_tokens": 90, "temperature": 0})
         assert status == 504 and "cancelled" in payload["error"]["message"]
         deadline = time.monotonic() + 10
         while not engine.idle:  # the timed-out request is retired, its slot freed
@@ -424,7 +355,7 @@ def test_generate_cli_streams_text_and_json(tiny_artifact):
 
 def test_serve_shuts_down_cleanly_on_sigterm_with_a_request_in_flight(tiny_artifact):
     artifact, tok = tiny_artifact
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "loopgolf", "serve", str(artifact), "--tokenizer", str(tok), "--port", str(port), "--context", "128", "--shutdown-grace", "2"],

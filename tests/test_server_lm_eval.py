@@ -15,9 +15,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import test_serve
 import torch
-from test_serve import running_server
+from helpers import running_server
 
 DOCS = [
     ("the model stores a few unique blocks and runs them", ["many times", "under the cap", "data flows"], 0),
@@ -46,8 +45,6 @@ results = lm_eval.simple_evaluate(
 samples = [{"doc": s["doc"], "arguments": [list(a) for a in s["arguments"]], "resps": s["resps"]} for s in results["samples"]["loopgolf_tiny_choice"]]
 json.dump({"results": results["results"], "samples": samples}, open(out, "w"), default=str)
 """
-
-tiny_artifact = test_serve.tiny_artifact  # the fixture (a random cycle model over the synthetic dataset's tokenizer)
 
 
 def write_task(folder: Path, docs: list) -> Path:

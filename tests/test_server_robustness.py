@@ -13,9 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import test_serve
 import torch
-from test_serve import _post, random_model, running_server
+from helpers import one_line_error, post_completion, random_model, running_server
 
 from loopgolf.model.plan import PlanSpec
 from loopgolf.serve.engine import Engine
@@ -25,8 +24,6 @@ from loopgolf.serve.request import Request, token_texts
 from loopgolf.serve.sampling import SamplingParams, sample, token_logprobs
 
 OFFICIAL_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizers" / "fineweb_1024_bpe.model"  # vendored, see assets/README.md
-
-tiny_artifact = test_serve.tiny_artifact  # the fixture (a random cycle model over the synthetic dataset's tokenizer)
 
 
 def _get(url: str, path: str) -> tuple[int, dict]:
@@ -129,7 +126,7 @@ def test_extreme_sampling_values_fail_nothing_else_and_health_stays_ok(tiny_arti
             dict(temperature=100, top_k=2**63 - 1, seed=2**63 - 1),
             dict(temperature=1e-300, logprobs=5, echo=True),
         ):
-            status, body = _post(url, {"prompt": "data flows", "max_tokens": 4, **extra})
+            status, body = post_completion(url, {"prompt": "data flows", "max_tokens": 4, **extra})
             assert status == 200, (extra, body)
             assert body["choices"][0]["finish_reason"] == "length"
         for extra, field in (
@@ -142,7 +139,7 @@ def test_extreme_sampling_values_fail_nothing_else_and_health_stays_ok(tiny_arti
             (dict(max_tokens=10**60), "max_tokens"),
             (dict(top_k=1.5), "top_k"),
         ):
-            status, body = _post(url, {"prompt": "x", **extra})
+            status, body = post_completion(url, {"prompt": "x", **extra})
             assert status == 400 and body["error"]["param"] == field, (extra, body)
         victim.check(want)
         status, health = _get(url, "/health")
@@ -170,11 +167,11 @@ def test_a_fault_in_one_sequence_fails_only_that_request(tiny_artifact, monkeypa
         for v in victims:
             v.start()
         assert all(v.first.wait(60) for v in victims)
-        status, body = _post(url, {"prompt": "the cap", "max_tokens": 8, "seed": 4242})
+        status, body = post_completion(url, {"prompt": "the cap", "max_tokens": 8, "seed": 4242})
         assert status == 500 and "non-finite" in body["error"]["message"], body
         text, chunks, raw = _stream(url, {"prompt": "the cap", "max_tokens": 8, "seed": 4242})
         assert "non-finite" in raw and raw.endswith("data: [DONE]\n\n")
-        status, body = _post(url, {"prompt": "the cap", "max_tokens": 8, "seed": 7})
+        status, body = post_completion(url, {"prompt": "the cap", "max_tokens": 8, "seed": 7})
         assert status == 200, body
         for v in victims:
             v.check(want)
@@ -199,7 +196,7 @@ def test_health_recovers_after_a_failed_model_call_and_waiting_requests_survive(
         results: list = [None, None]
 
         def ask(i: int) -> None:
-            results[i] = _post(url, {"prompt": "the model", "max_tokens": 6, "temperature": 0})
+            results[i] = post_completion(url, {"prompt": "the model", "max_tokens": 6, "temperature": 0})
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
         for t in threads:
@@ -218,7 +215,7 @@ def test_health_recovers_after_a_failed_model_call_and_waiting_requests_survive(
             assert time.monotonic() < deadline, health
             time.sleep(0.1)
         assert health["engine_faults"] == 1 and "device lost" in health["last_error"]
-        status, body = _post(url, {"prompt": "the model", "max_tokens": 6, "temperature": 0})
+        status, body = post_completion(url, {"prompt": "the model", "max_tokens": 6, "temperature": 0})
         assert status == 200, body
         assert body["choices"][0]["text"] == Generator(served.model, served.tokenizer).generate("the model", 6, temperature=0.0).text
 
@@ -267,7 +264,7 @@ def test_unparseable_json_answers_400_not_500(tiny_artifact):
             (b"", "malformed JSON", None),
         ]
         for raw, words, param in cases:
-            status, body = _post(url, None, raw)
+            status, body = post_completion(url, None, raw)
             assert status == 400, (raw[:60], body)
             assert words in body["error"]["message"] and body["error"]["param"] == param, (raw[:60], body)
         for path in ("/tokenize", "/detokenize"):
@@ -278,7 +275,7 @@ def test_unparseable_json_answers_400_not_500(tiny_artifact):
                     raise AssertionError("accepted")
                 except urllib.error.HTTPError as e:
                     assert e.code == 400 and words in json.loads(e.read())["error"]["message"]
-        status, _ = _post(url, {"prompt": "a \U0001f600 pair is fine", "max_tokens": 2})
+        status, _ = post_completion(url, {"prompt": "a \U0001f600 pair is fine", "max_tokens": 2})
         assert status == 200
 
 
@@ -323,7 +320,7 @@ def test_oversized_bodies_are_refused_before_they_are_read(tiny_artifact):
         # at the limit is fine
         fill = json.dumps({"prompt": "x", "max_tokens": 1, "user": ""}).encode()
         exact = fill[:-2] + b" " * (4096 - len(fill)) + fill[-2:]
-        status, body = _post(url, None, exact)
+        status, body = post_completion(url, None, exact)
         assert len(exact) == 4096 and status == 200, body
 
 
@@ -338,7 +335,7 @@ def test_half_sent_requests_are_timed_out(tiny_artifact):
         out, took = _raw_http(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
         assert out == b"" and 0.9 < took < 6
         # a slow but whole request inside the deadline is served
-        status, body = _post(url, {"prompt": "the model", "max_tokens": 2})
+        status, body = post_completion(url, {"prompt": "the model", "max_tokens": 2})
         assert status == 200, body
     with running_server(artifact, tok, request_timeout=1.0, read_timeout=30.0) as (url, _, _):  # --timeout bounds the read too
         out, took = _raw_http(url, b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt": ')
@@ -346,11 +343,6 @@ def test_half_sent_requests_are_timed_out(tiny_artifact):
 
 
 # ---------------------------------------------------------------- 5. command-line values
-
-
-def _one_line(err: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(
@@ -374,9 +366,7 @@ def test_serve_argument_errors_are_one_line_and_exit_2(extra, words, tiny_artifa
     with pytest.raises(SystemExit) as e:
         main(["serve", str(artifact), "--tokenizer", str(tok), *extra])
     err = capsys.readouterr().err
-    assert e.value.code == 2
-    _one_line(err)
-    assert words in err
+    one_line_error(e.value.code, err, words)
 
 
 def test_serve_impossible_settings_are_one_line_and_exit_2(tiny_artifact, capsys, monkeypatch):
@@ -400,16 +390,12 @@ def test_serve_impossible_settings_are_one_line_and_exit_2(tiny_artifact, capsys
             capsys.readouterr()
             code = main([*common, *extra])
             err = capsys.readouterr().err
-            assert code == 2, (extra, err)
-            _one_line(err)
-            assert words in err, err
+            one_line_error(code, err, words)
         monkeypatch.setattr(serve_command, "_memory_bytes", lambda: 1 << 20)  # a machine with 1 MiB
         capsys.readouterr()
         code = main([*common, "--slots", "64", "--context", "128"])
         err = capsys.readouterr().err
-        assert code == 2
-        _one_line(err)
-        assert "KV cache" in err and "lower --slots or --context" in err
+        one_line_error(code, err, "KV cache", "lower --slots or --context")
     finally:
         busy.close()
 
@@ -493,7 +479,7 @@ def test_generator_server_and_cli_text_is_decode_of_all_minus_decode_of_prompt(o
     assert main(["generate", str(artifact), "--tokenizer", str(tok), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == prompt + want + "\n"
     with running_server(artifact, tok) as (url, _, _):
-        status, body = _post(url, {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        status, body = post_completion(url, {"prompt": prompt, "max_tokens": 8, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"] == want
         text, _, _ = _stream(url, {"prompt": prompt, "max_tokens": 8, "temperature": 0})
         assert text == want
@@ -524,7 +510,7 @@ def test_echo_and_logprobs_follow_openai_semantics(tiny_artifact):
         ids = encode_prompt(sp, prompt)
         ref = _forward_logprobs(model, ids)
         # scoring: echo, max_tokens 0 -> the prompt's tokens, the first with logprob null
-        status, body = _post(url, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+        status, body = post_completion(url, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
         assert status == 200, body
         c = body["choices"][0]
         assert c["text"] == sp.decode(ids) == prompt and c["finish_reason"] == "length"
@@ -537,10 +523,10 @@ def test_echo_and_logprobs_follow_openai_semantics(tiny_artifact):
             assert best == pytest.approx(float(ref[i - 1].max()), abs=1e-3) and best >= lp["token_logprobs"][i]
         assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
         # the same prompt as token ids, in lm-eval's batch form [[ids]]
-        status, by_ids = _post(url, {"prompt": [ids], "max_tokens": 0, "echo": True, "logprobs": 1})
+        status, by_ids = post_completion(url, {"prompt": [ids], "max_tokens": 0, "echo": True, "logprobs": 1})
         assert status == 200 and by_ids["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
         # echo + greedy generation: a greedy token's logprob is exactly its top alternative's
-        status, body = _post(url, {"prompt": prompt, "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 3})
+        status, body = post_completion(url, {"prompt": prompt, "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 3})
         c = body["choices"][0]
         lp = c["logprobs"]
         _check_block(lp, c["text"])
@@ -548,7 +534,7 @@ def test_echo_and_logprobs_follow_openai_semantics(tiny_artifact):
         for value, top in zip(lp["token_logprobs"][len(ids) :], lp["top_logprobs"][len(ids) :]):
             assert len(top) == 3 and value == max(top.values())
         # without echo: the completion's tokens only, offsets into the completion
-        status, plain = _post(url, {"prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 0})
+        status, plain = post_completion(url, {"prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 0})
         p = plain["choices"][0]
         assert p["text"] == c["text"][len(prompt) :]
         _check_block(p["logprobs"], p["text"])
@@ -562,7 +548,7 @@ def test_echo_and_logprobs_follow_openai_semantics(tiny_artifact):
         assert sum((b["token_logprobs"] for b in blocks), []) == lp["token_logprobs"]
         assert sum((b["text_offset"] for b in blocks), []) == lp["text_offset"]
         # several prompts: one choice each, in order
-        status, many = _post(url, {"prompt": ["the model", "data flows"], "max_tokens": 3, "temperature": 0})
+        status, many = post_completion(url, {"prompt": ["the model", "data flows"], "max_tokens": 3, "temperature": 0})
         assert status == 200 and [ch["index"] for ch in many["choices"]] == [0, 1]
         gen = Generator(model, sp)
         assert [ch["text"] for ch in many["choices"]] == [gen.generate(q, 3, temperature=0.0).text for q in ("the model", "data flows")]
@@ -578,7 +564,7 @@ def test_echo_and_logprobs_follow_openai_semantics(tiny_artifact):
             (dict(prompt=[[1, 2], "x"]), "prompt"),
             (dict(prompt=["x"] * 33), "prompt"),
         ):
-            status, err = _post(url, {"prompt": "x", **extra})
+            status, err = post_completion(url, {"prompt": "x", **extra})
             assert status == 400 and err["error"]["param"] == field, (extra, err)
 
 
