@@ -14,6 +14,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from loopgolf.commands.args import EXIT_BAD_INPUT
+
 # command -> module of loopgolf.commands that implements it, in the order `--help` lists them.
 COMMANDS: dict[str, str] = {
     "run": "run",
@@ -51,7 +53,6 @@ SUMMARIES: dict[str, str] = {
     "generate": "generate text from a model (KV cache per virtual layer, optional early exit)",
     "serve": "an OpenAI-style completions server (localhost) on a continuous-batching engine",
 }
-EXIT_BAD_INPUT = 2  # a user mistake or a bad file: one line on stderr (loopgolf.commands.args has the same)
 
 
 class Parser(argparse.ArgumentParser):

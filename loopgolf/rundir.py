@@ -221,22 +221,6 @@ class RunDir:
         """A summary is written last, so its presence means the run finished."""
         return self.summary_path.is_file()
 
-    @property
-    def resumable(self) -> bool:
-        return not self.finished and self.checkpoint_path.is_file() and self.config_path.is_file()
-
-    def status(self) -> str:
-        """``finished``, ``resumable`` (a checkpoint to continue from), ``failed`` (its log ends
-        with an error), ``unfinished`` (started, then stopped or still running) or ``empty``."""
-        if self.finished:
-            return "finished"
-        if self.resumable:
-            return "resumable"
-        if not self.config_path.is_file():
-            return "empty"
-        last = self.last_event()
-        return "failed" if last is not None and last.get("event") == "error" else "unfinished"
-
     def is_empty(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 
@@ -311,19 +295,14 @@ class RunDir:
             records.append(rec)
         return records
 
-    def last_event(self) -> dict[str, Any] | None:
-        try:
-            records = self.read_log()
-        except (RunDirError, OSError):
-            return None
-        return records[-1] if records else None
-
-    def environment(self) -> dict[str, Any] | None:
-        """The ``env`` of the log's start record (versions and hardware), if there is one."""
-        try:
-            records = self.read_log()
-        except (RunDirError, OSError):
-            return None
+    def environment(self, records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The ``env`` of the log's start record (versions and hardware), if there is one; from
+        ``records`` when the caller has already read the log."""
+        if records is None:
+            try:
+                records = self.read_log()
+            except (RunDirError, OSError):
+                return None
         env = records[0].get("env") if records and records[0].get("event") == "start" else None
         return env if isinstance(env, dict) else None
 

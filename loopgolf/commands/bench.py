@@ -43,8 +43,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     for flag, pair in (("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ValueError(f"{flag} takes MIN,MAX with MIN <= MAX, got {','.join(map(str, pair))}")
-    if args.arrival_rate < 0:
-        raise ValueError(f"--arrival-rate must be >= 0, got {args.arrival_rate}")
     spec = StreamSpec(args.requests, tuple(args.prompt_len), tuple(args.output_len), args.arrival_rate, args.seed)
     r = bench_serve(
         args.model,

@@ -338,9 +338,8 @@ def read_run_files(run_dir: Path, *, strict: bool = True) -> tuple[dict | None, 
 
     config = read(lambda: rundir.read_config().to_dict()) if rundir.config_path.is_file() else None
     summary = read(lambda: rundir.read_summary().to_dict()) if rundir.finished else None
-    if rundir.log_path.is_file():
-        read(rundir.read_log)  # every line a JSON object
-    return config, summary, rundir.environment()
+    records = read(rundir.read_log) if rundir.log_path.is_file() else None  # every line a JSON object
+    return config, summary, rundir.environment(records) if records is not None else None
 
 
 def _preset_of(run_dir: Path) -> str | None:

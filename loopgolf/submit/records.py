@@ -133,7 +133,7 @@ def read_run(path: str | Path) -> SeedRun:
     except ValueError as e:
         raise ValueError(f"{artifact}: {e}") from None
     records = _check_against_log(rundir, summary)
-    env = rundir.environment() or {}
+    env = rundir.environment(records) or {}
     return SeedRun(rundir, config, summary, hashlib.sha256(artifact.read_bytes()).hexdigest(), env, _logged_train_seconds(records))
 
 
