@@ -13,6 +13,7 @@ tokens of context or more; each target is still scored exactly once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -71,6 +72,94 @@ def scoring_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[in
     return out
 
 
+@dataclass
+class WindowBatch:
+    """Scoring windows run in one forward pass: inputs ``x`` (B, T), targets ``y`` and ``mask``
+    (the targets scored here; the rest are context scored by an earlier window)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    first_token: int  # where the batch's first window starts in the stream
+    index: int  # the batch's place in the evaluation, from 0
+
+    def target_positions(self, windows: list[tuple[int, int, int]]) -> np.ndarray:
+        """Stream positions (index into the token stream) of the targets ``mask`` selects."""
+        pos = np.zeros(self.mask.shape, dtype=np.int64)
+        for i, (start, end, _) in enumerate(windows):
+            pos[i, : end - start] = np.arange(start + 1, end + 1)
+        return pos[self.mask]
+
+
+def check_eval_args(tokens: np.ndarray, seq_len: int, stride: int | None, max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """The tokens scored (a prefix with ``max_tokens``) and the stride, checked."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]
+    if len(tokens) < seq_len + 1 and stride == seq_len:
+        raise ValueError(f"validation set has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    return tokens, stride
+
+
+def window_batches(tokens: np.ndarray, windows: list[tuple[int, int, int]], batch_size: int, vocab: int) -> Iterator[tuple[WindowBatch, list]]:
+    """The windows in batches of ``batch_size``, in order, with the windows of each."""
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b : b + batch_size]
+        # Windows in a batch share a length except possibly the last sliding one.
+        length = max(end - start for start, end, _ in batch)
+        x = np.zeros((len(batch), length), dtype=np.int64)
+        y = np.zeros((len(batch), length), dtype=np.int64)
+        mask = np.zeros((len(batch), length), dtype=bool)
+        for i, (start, end, first) in enumerate(batch):
+            n = end - start
+            x[i, :n] = tokens[start:end]
+            y[i, :n] = tokens[start + 1 : end + 1]
+            mask[i, first - start : n] = True
+        if int(y.max()) >= vocab:
+            raise ValueError(f"token id {int(y.max())} is outside the tokenizer's {vocab}-entry byte table")
+        yield WindowBatch(x, y, mask, batch[0][0], b // batch_size), batch
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU (float32 there: bf16 is far slower on CPU)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def token_nll(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Negative log-likelihood (nats, float32) of every target in ``y`` (B, T) given inputs
+    ``x``: a full softmax over the vocabulary at every position."""
+    with autocast_for(device):
+        logits = model(torch.from_numpy(x).to(device))
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), torch.from_numpy(y).to(device).reshape(-1), reduction="none").view(y.shape)
+
+
+class Tally:
+    """Sums of scored nats, targets and target bytes, added to batch by batch."""
+
+    def __init__(self, tables: ByteTables) -> None:
+        self.tables = tables
+        self.loss_sum, self.n_targets, self.n_bytes = 0.0, 0, 0
+
+    def add(self, nll: torch.Tensor, x: np.ndarray, y: np.ndarray, mask: np.ndarray, where: str) -> float:
+        """Add the masked targets' ``nll``; returns their summed loss. A non-finite sum stops the
+        evaluation: a NaN score with exit 0 is worse than no score."""
+        m = torch.from_numpy(mask).to(nll.device)
+        batch_loss = float(nll[m].double().sum())
+        if not math.isfinite(batch_loss):
+            raise FloatingPointError(f"evaluation loss is {batch_loss} in {where}; the model gives non-finite logits there")
+        self.loss_sum += batch_loss
+        self.n_targets += int(mask.sum())
+        self.n_bytes += int(target_byte_counts(x[mask], y[mask], self.tables).sum())
+        return batch_loss
+
+    def result(self, seq_len: int, stride: int) -> EvalResult:
+        return EvalResult.from_sums(self.loss_sum, self.n_targets, self.n_bytes, seq_len, stride)
+
+
 def evaluate_bpb(
     model: nn.Module,
     tokens: np.ndarray,
@@ -87,63 +176,22 @@ def evaluate_bpb(
 
     ``model(x)`` must return logits (B, T, V). ``max_tokens`` keeps only a prefix (for cheap
     periodic validation during training); the final score uses every token."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    stride = seq_len if stride is None else stride
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
-    if max_tokens is not None:
-        tokens = tokens[: max_tokens + 1]
-    if len(tokens) < seq_len + 1 and stride == seq_len:
-        raise ValueError(f"validation set has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    tokens, stride = check_eval_args(tokens, seq_len, stride, max_tokens)
     windows = scoring_windows(len(tokens), seq_len, stride)
     device = torch.device(device)
-    vocab = int(tables.base_bytes.shape[0])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    loss_sum = 0.0
-    n_targets = 0
-    n_bytes = 0
+    tally = Tally(tables)
     was_training = model.training
     model.eval()
-    iterator = range(0, len(windows), batch_size)
+    batches = window_batches(tokens, windows, batch_size, int(tables.base_bytes.shape[0]))
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="eval", unit="batch", leave=False)
+        batches = tqdm(batches, total=-(-len(windows) // batch_size), desc="eval", unit="batch", leave=False)
     try:
         with torch.inference_mode():
-            for b in iterator:
-                batch = windows[b : b + batch_size]
-                # Windows in a batch share a length except possibly the last sliding one.
-                length = max(end - start for start, end, _ in batch)
-                x = np.zeros((len(batch), length), dtype=np.int64)
-                y = np.zeros((len(batch), length), dtype=np.int64)
-                mask = np.zeros((len(batch), length), dtype=bool)
-                for i, (start, end, first) in enumerate(batch):
-                    n = end - start
-                    x[i, :n] = tokens[start:end]
-                    y[i, :n] = tokens[start + 1 : end + 1]
-                    mask[i, first - start : n] = True
-                if int(y.max()) >= vocab:
-                    raise ValueError(f"token id {int(y.max())} is outside the tokenizer's {vocab}-entry byte table")
-                xt = torch.from_numpy(x).to(device)
-                with amp:
-                    logits = model(xt)
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), torch.from_numpy(y).to(device).reshape(-1), reduction="none").view(
-                    len(batch), length
-                )
-                m = torch.from_numpy(mask).to(device)
-                batch_loss = float(nll[m].double().sum())
-                if not math.isfinite(batch_loss):
-                    # A NaN score with exit 0 is worse than no score: stop and say where.
-                    raise FloatingPointError(
-                        f"evaluation loss is {batch_loss} in the windows starting at token {batch[0][0]:,} "
-                        f"(batch {b // batch_size + 1}); the model gives non-finite logits there"
-                    )
-                loss_sum += batch_loss
-                n_targets += int(mask.sum())
-                n_bytes += int(target_byte_counts(x[mask], y[mask], tables).sum())
+            for batch, _ in batches:
+                nll = token_nll(model, batch.x, batch.y, device)
+                tally.add(nll, batch.x, batch.y, batch.mask, f"the windows starting at token {batch.first_token:,} (batch {batch.index + 1})")
     finally:
         model.train(was_training)
-    return EvalResult.from_sums(loss_sum, n_targets, n_bytes, seq_len, stride)
+    return tally.result(seq_len, stride)

@@ -164,3 +164,15 @@ def post_completion(url: str, body: Any, raw: bytes | None = None) -> tuple[int,
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def random_byte_tables(vocab: int, seed: int = 0):
+    """Byte tables for a ``vocab``-id tokenizer with 1-3 bytes per id and some leading spaces."""
+    from loopgolf.data.tokenizer import ByteTables
+
+    rng = np.random.default_rng(seed)
+    return ByteTables(
+        base_bytes=rng.integers(1, 4, size=vocab).astype(np.int64),
+        has_leading_space=rng.random(vocab) < 0.3,
+        is_boundary=np.zeros(vocab, dtype=bool),
+    )

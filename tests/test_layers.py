@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model",),
     ("data",),
     ("export", "evaluate"),
+    ("ttt",),
     ("config",),
     ("train",),
     ("rundir",),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, free_port, post_completion, random_model, running_server
+from helpers import TINY, free_port, post_completion, random_byte_tables, random_model, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -212,17 +212,11 @@ def test_depthwise_mixes_depths_in_one_call():
 
 
 def test_early_exit_scoring_never_equals_evaluate_bpb():
-    from loopgolf.data.tokenizer import ByteTables
-
     vocab = TINY["vocab_size"]
     model = random_model(PlanSpec("cycle", layers=2, loops=2), seed=4)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, size=16 * 4 + 1).astype(np.uint16)
-    tables = ByteTables(
-        base_bytes=rng.integers(1, 4, size=vocab).astype(np.int64),
-        has_leading_space=rng.random(vocab) < 0.3,
-        is_boundary=np.zeros(vocab, dtype=bool),
-    )
+    tables = random_byte_tables(vocab, seed=1)
     full = evaluate_bpb(model, tokens, tables, seq_len=16, batch_size=2)
     never = evaluate_early_exit(model, tokens, tables, 16, parse_criterion("never"), batch_size=3)
     assert never.val_bpb == pytest.approx(full.val_bpb, rel=1e-6)
@@ -497,7 +491,8 @@ def frozen_exit_reference(model: GPT, ids: list[int], threshold: float) -> tuple
     logits = torch.zeros(len(ids), model.config.vocab_size)
     loops = [0] * len(ids)
     exits = set(model.loop_exits())
-    for v in model.active_layers:
+    passes = [max(model.active_passes[: j + 1]) for j in range(len(model.active_layers))]
+    for j, v in enumerate(model.active_layers):
         row, enc = model.skip_from.get(v, (None, None))
         if enc in outputs:
             x = x + model.skip_weight[row].to(x.dtype) * outputs.pop(enc)
@@ -505,16 +500,16 @@ def frozen_exit_reference(model: GPT, ids: list[int], threshold: float) -> tuple
         x = model.layer(v, x, x0, cos, sin)
         if v in model.skip_sources:
             outputs[v] = x
-        if v in exits:
+        if j in exits:
             probs = model.head(model.norm(x, "final_norm"))[0].softmax(-1)
             fire = (probs.max(-1).values >= threshold) & ~frozen
             for p in fire.nonzero()[:, 0].tolist():
-                logits[p], loops[p] = model.head(model.norm(x, "final_norm"))[0, p], model.plan.loop_of[v] + 1
+                logits[p], loops[p] = model.head(model.norm(x, "final_norm"))[0, p], passes[j] + 1
             kept = torch.where(fire[None, :, None], x, kept)
             frozen |= fire
     final = model.head(model.norm(x, "final_norm"))[0]
     for p in (~frozen).nonzero()[:, 0].tolist():
-        logits[p], loops[p] = final[p], model.plan.loop_of[model.active_layers[-1]] + 1
+        logits[p], loops[p] = final[p], passes[-1] + 1
     return logits, loops
 
 

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 EXIT_BAD_INPUT = 2  # a user mistake or a bad file: one line on stderr
+LOOPS_HELP = "a pass beyond training repeats the last trained pass's per-layer parameters; docs/evaluation.md#more-loops-at-evaluation"
 EXIT_OVER_CAP = 3  # the run finished and wrote its report, but code + model exceed the cap
 
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from loopgolf.commands.args import non_negative_float, non_negative_int, positive_float, positive_int
+from loopgolf.commands.args import LOOPS_HELP, non_negative_float, non_negative_int, positive_float, positive_int
 from loopgolf.serve.exits import CRITERION_SYNTAX
 
 DESCRIPTION = {
@@ -25,6 +25,8 @@ def _open(args: argparse.Namespace):
 
     criterion = parse_criterion(args.early_exit) if args.early_exit else None
     served = open_for_text(args.model, args.tokenizer, resolve_device(args.device or "auto"))
+    if args.loops is not None:
+        served.model.set_loops(args.loops)
     if criterion is not None:
         check_fires(criterion, served.model)
     return served, criterion
@@ -63,10 +65,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def kv_cache_bytes(model, slots: int, context: int) -> int:
-    """Bytes of the engine's KV cache: keys and values per (virtual layer, slot, position)."""
+    """Bytes of the engine's KV cache: keys and values per (layer step, slot, position)."""
     cfg = model.config
     itemsize = next(model.parameters()).element_size()
-    return 2 * model.plan.num_virtual * slots * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return 2 * len(model.active_layers) * slots * context * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def _memory_bytes() -> int | None:
@@ -132,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(
         f"serving {cfg.model_name} ({served.opened.path}) on http://{cfg.host}:{cfg.port}/v1 — schedule {args.schedule}, "
-        f"{args.slots} slots, context {engine.max_len}, early exit {criterion or 'off'}",
+        f"{args.slots} slots, context {engine.max_len}, early exit {criterion or 'off'}" + (f", {args.loops} loops" if args.loops is not None else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -145,6 +147,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one of the data the run trained on)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--early-exit", metavar="CRITERION", help=f"stop a token after a pass of a recursive plan when: {CRITERION_SYNTAX} (default: full depth)")
+    p.add_argument("--loops", type=positive_int, help=f"run the looped block(s) of a recursive plan N times instead of the trained count ({LOOPS_HELP})")
 
 
 def register(name: str, p: argparse.ArgumentParser) -> None:

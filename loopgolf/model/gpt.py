@@ -317,22 +317,22 @@ class LayerRows:
 
 class Adapters:
     """What the virtual layers of one call add to the projections of the stored sublayers they
-    run: their LoRA adapters (each layer's on its own rows) and the projection biases
-    (``bias``), which are control vectors picked like the other controls."""
+    run: their LoRA adapters (each layer's on its own rows), the projection biases (``bias``),
+    which are control vectors picked like the other controls, and any attached adapters
+    (:meth:`GPT.attach_lora`), added after the model's own."""
 
-    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, sel: LayerRows) -> None:
-        self.banks, self.biases, self.sel = banks, biases, sel
+    def __init__(self, banks: nn.ModuleDict, biases: nn.ParameterDict, sel: LayerRows, attached: dict[str, LoRABank] | None = None) -> None:
+        self.banks, self.biases, self.sel, self.attached = banks, biases, sel, attached or {}
 
     def __call__(self, target: str, x: Tensor, y: Tensor) -> Tensor:
         """``y`` (the shared projection of ``x``) plus the layers' bias and adapter for ``target``."""
         if target in self.biases:
             rows = self.sel.attn if target in ATTN_TARGETS else self.sel.mlp
             y = y + rows(self.biases[target], y.dtype)
-        if target in self.banks:
-            bank, runs = self.banks[target], self.sel.runs
-            if len(runs) == 1:
-                return bank.add_to(runs[0][0], x, y)
-            return torch.cat([bank.add_to(u, x[i:j], y[i:j]) for u, i, j in runs])
+        for banks in (self.banks, self.attached):
+            if target in banks:
+                bank, runs = banks[target], self.sel.runs
+                y = bank.add_to(runs[0][0], x, y) if len(runs) == 1 else torch.cat([bank.add_to(u, x[i:j], y[i:j]) for u, i, j in runs])
         return y
 
 
@@ -459,17 +459,59 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
         self.stage: int | None = None  # progressive recurrence: None runs every virtual layer
+        self.loops: int | None = None  # None: the trained loop count (see set_loops)
+        self._schedule: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def active_layers(self) -> tuple[int, ...]:
-        """The virtual layers the forward pass runs at the current stage."""
+        """The virtual layers the forward pass runs, in order, at the current stage or loop
+        count: each entry names the trained virtual layer whose parameters that step runs (a
+        loop beyond training repeats the last trained pass's layers)."""
+        if self._schedule is not None:
+            return self._schedule[0]
         return self.plan.active_layers(self.stage)
+
+    @property
+    def active_passes(self) -> tuple[int, ...]:
+        """The pass (0 for the first) each step of :attr:`active_layers` belongs to."""
+        if self._schedule is not None:
+            return self._schedule[1]
+        return tuple(self.plan.loop_of[v] for v in self.active_layers)
 
     def set_stage(self, stage: int | None) -> None:
         """Run only passes 0..stage of the plan (progressive recurrence); None runs all."""
         if stage is not None and not 0 <= stage < self.plan.num_loops:
             raise ValueError(f"stage {stage} is outside this plan's {self.plan.num_loops} passes")
+        if self.loops is not None and stage is not None:
+            raise ValueError("a model run at a changed loop count has no recurrence stages; set_loops(None) first")
         self.stage = None if stage is None or stage == self.plan.num_loops - 1 else stage
+
+    def attach_lora(self, banks: dict[str, LoRABank] | None) -> None:
+        """Add ``banks`` (projection -> a :class:`LoRABank` with one adapter per virtual layer)
+        to the projections, after the model's own adapters; None detaches them. They are held
+        outside the module tree: not parameters of the model, not in its state dict or artifact
+        (test-time training adapts them and throws them away)."""
+        for target, bank in (banks or {}).items():
+            if target not in self.config.projections:
+                raise ValueError(f"cannot attach an adapter to {target!r}; this model's projections are {', '.join(self.config.projections)}")
+            if len(bank.A) != self.plan.num_virtual:
+                raise ValueError(f"the {target!r} adapters have {len(bank.A)} virtual layers; the model has {self.plan.num_virtual}")
+        self.__dict__["attached_lora"] = dict(banks) if banks else None
+
+    def set_loops(self, loops: int | None) -> None:
+        """Run the plan's looped block(s) ``loops`` times instead of the trained count
+        (``DepthPlan.schedule`` says which parameters each pass runs); None, or the trained
+        count, runs the plan as trained. Refused for plans without loops (vanilla, explicit)."""
+        if self.stage is not None and loops is not None:
+            raise ValueError("a model in a progressive-recurrence stage cannot change its loop count; set_stage(None) first")
+        if loops is None:
+            self.loops, self._schedule = None, None
+            return
+        schedule = self.plan.schedule(loops)
+        if loops == self.plan.num_loops:
+            self.loops, self._schedule = None, None
+        else:
+            self.loops, self._schedule = loops, schedule
 
     def norm(self, x: Tensor, which: str, rows: Rows = FIRST_ROW) -> Tensor:
         """The ``which`` norm (attn_norm, mlp_norm, final_norm) with its gain (and bias) ``rows``:
@@ -494,7 +536,8 @@ class GPT(nn.Module):
             x = x + sel.depth(self.depth_emb, x.dtype)
         mix = sel.attn(self.resid_mix, x.dtype)  # (2, D), or (B, 1, 2, D) with a row per batch row
         x = mix[..., 0, :] * x + mix[..., 1, :] * x0
-        adapt = Adapters(self.lora, self.bias, sel) if len(self.lora) or len(self.bias) else _no_adapter
+        attached = self.__dict__.get("attached_lora")
+        adapt = Adapters(self.lora, self.bias, sel, attached) if len(self.lora) or len(self.bias) or attached else _no_adapter
         return sel, x, adapt
 
     def layer(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None, attend=None) -> Tensor:
@@ -519,7 +562,9 @@ class GPT(nn.Module):
 
     def skip_in(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> Tensor:
         """``x`` entering virtual layer ``v``: if v is a U-Net decoder layer whose encoder layer's
-        output waits in ``saved``, that output (popped) is added through ``skip_weight``."""
+        output waits in ``saved``, that output (popped) is added through ``skip_weight``. At a
+        changed loop count a layer run twice adds its skip once, the first time, from its encoder
+        layer's latest output (``skip_out`` overwrites)."""
         row, enc = self.skip_from.get(v, (None, None))
         if enc in saved:
             x = x + self.skip_weight[row].to(x.dtype) * saved.pop(enc)
@@ -543,15 +588,15 @@ class GPT(nn.Module):
         return rms_norm(x) if self.config.embed_norm else x
 
     def hidden_states(self, idx: Tensor, exits: tuple[int, ...] = ()) -> list[Tensor]:
-        """Final-normed hidden states (B, T, D) after each virtual layer in ``exits`` (in order of
-        depth) and after the last active layer (always last in the list)."""
+        """Final-normed hidden states (B, T, D) after each step of :attr:`active_layers` whose
+        position is in ``exits`` (in order of depth) and after the last one (always last)."""
         cos, sin = self.rotary(idx.size(1)) if self.rotary is not None else (None, None)
         x = self.embed(idx)
         x0, outputs, states = x, {}, []
-        for v in self.active_layers:
+        for j, v in enumerate(self.active_layers):
             x = self.layer(v, self.skip_in(v, x, outputs), x0, cos, sin)
             self.skip_out(v, x, outputs)
-            if v in exits:
+            if j in exits:
                 states.append(self.norm(x, "final_norm"))
         states.append(self.norm(x, "final_norm"))
         return states
@@ -570,11 +615,10 @@ class GPT(nn.Module):
         return self.head(self.hidden(idx))
 
     def loop_exits(self) -> tuple[int, ...]:
-        """The last virtual layer of every pass but the last: where early exit can read a
-        prediction (``plan.loop_of``; for CYCLE K x B, layers K-1, 2K-1, ...)."""
-        loop_of = self.plan.loop_of
-        active = self.active_layers
-        return tuple(v for i, v in enumerate(active[:-1]) if loop_of[active[i + 1]] != loop_of[v])
+        """Positions in :attr:`active_layers` of the last layer of every pass but the last:
+        where early exit can read a prediction (for CYCLE K x B, K-1, 2K-1, ...)."""
+        passes = self.active_passes
+        return tuple(j for j in range(len(passes) - 1) if passes[j + 1] != passes[j])
 
     def loop_logits(self, idx: Tensor) -> list[Tensor]:
         """Logits after each pass of the plan, the full-depth logits last."""

@@ -12,13 +12,14 @@ every ``config.json`` and artifact); :func:`build_plan` turns it into the explic
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from loopgolf.checks import check_types, from_dict
 
 PLAN_KINDS = ("vanilla", "cycle", "sequence", "cycle-rev", "middle-cycle", "middle-sequence", "mini-loop", "explicit")
 SHARE_MODES = ("block", "mlp", "attn")
+LOOPED_KINDS = ("cycle", "sequence", "cycle-rev", "middle-cycle", "middle-sequence", "mini-loop")
 # The most virtual layers a plan may run (the presets run 6-17). A bound, so that a typo or a
 # crafted artifact header asking for a billion layers is an error, not a hang.
 MAX_VIRTUAL_LAYERS = 1024
@@ -124,6 +125,31 @@ class DepthPlan:
         n_enc = self.num_virtual // 2
         return tuple((n_enc - 1 - i, n_enc + i) for i in range(n_enc))
 
+    def schedule(self, passes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(trained virtual layer, pass) of every layer run when the looped block(s) run
+        ``passes`` times instead of the trained count (``num_loops``).
+
+        The layers run are those of the same plan built with ``passes`` loops; each runs the
+        parameters of a trained virtual layer: the same block at the same pass while the pass
+        exists in training, else at the last trained pass. Fewer passes than trained are the
+        progressive-recurrence stages (``active_layers(passes - 1)``); a pass beyond training
+        repeats the last trained pass's controls, adapters and depth embeddings over the same
+        stored block. U-Net skips keep their trained pairs: see ``GPT.skip_in``."""
+        s = self.spec
+        if s.kind not in LOOPED_KINDS:
+            raise ValueError(
+                f"a {s.kind} plan has no loop to run more or fewer times; changing the loop count needs a plan with loops ({', '.join(LOOPED_KINDS)})"
+            )
+        if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
+            raise ValueError(f"the loop count must be a positive integer, got {passes!r}")
+        if _virtual_count(replace(s, loops=passes - 1 if s.kind == "mini-loop" else passes)) > MAX_VIRTUAL_LAYERS:
+            raise ValueError(f"{passes} loops would run more than the {MAX_VIRTUAL_LAYERS} virtual layers allowed")
+        trained_blocks, trained_passes = _block_order(s)
+        layer_of = {(b, p): v for v, (b, p) in enumerate(zip(trained_blocks, trained_passes))}
+        last = self.num_loops - 1
+        blocks, pass_of = _block_order(s, passes)
+        return tuple(layer_of[(b, min(p, last))] for b, p in zip(blocks, pass_of)), pass_of
+
     def attn_uses(self, i: int) -> int:
         """How many virtual layers run stored attention sublayer ``i``."""
         return self.attn_of.count(i)
@@ -188,10 +214,13 @@ def _virtual_count(spec: PlanSpec) -> int:
     return k * b + extra
 
 
-def _block_order(spec: PlanSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _block_order(spec: PlanSpec, passes: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(block index, pass index) per virtual layer for the shared-block kinds, before sharing
-    modes are applied."""
+    modes are applied. ``passes`` runs the looped blocks that many times instead of the spec's
+    count (for mini-loop, 1 + its extra loops)."""
     k, b = spec.layers, spec.loops
+    if passes is not None:
+        b = passes - 1 if spec.kind == "mini-loop" else passes
     if spec.kind == "vanilla":
         return tuple(range(k)), (0,) * k
     if spec.kind in ("cycle", "middle-cycle"):
@@ -204,7 +233,7 @@ def _block_order(spec: PlanSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
         a, e = spec.loop_start, spec.loop_end
         if not 0 <= a <= e < k:
             raise ValueError(f"mini-loop slice {a}..{e} must lie inside the {k}-layer stack (0 <= start <= end < {k})")
-        if b < 1:
+        if b < (1 if passes is None else 0):
             raise ValueError(f"mini-loop needs loops >= 1 extra passes over the slice, got {b}")
         order = [(i, 0) for i in range(e + 1)]
         order += [(i, loop) for loop in range(1, b + 1) for i in range(a, e + 1)]

@@ -1,5 +1,5 @@
 """Run tokens through a model's virtual layers one layer at a time, each token at its own depth,
-over a KV cache keyed by (virtual layer, slot): the core that cached generation, early-exit
+over a KV cache keyed by (layer step, slot): the core that cached generation, early-exit
 scoring and every serving engine share.
 
 A token is one row. Each call to :meth:`LayerRunner.advance` moves every given token on by one
@@ -52,8 +52,9 @@ class Token:
 
 
 class KVCache:
-    """Keys and values per (virtual layer, slot, position): a shared stored block run at several
-    depths writes a different entry at each. Slots are reused by whoever is given them."""
+    """Keys and values per (layer step, slot, position): a shared stored block run at several
+    depths writes a different entry at each (one per step of ``GPT.active_layers``, so a loop
+    run beyond the trained count has entries of its own). Slots are reused by whoever is given them."""
 
     def __init__(self, model: GPT, slots: int, max_len: int) -> None:
         cfg = model.config
@@ -62,7 +63,7 @@ class KVCache:
         p = next(model.parameters())
         # One flat (layer, slot) axis: gathering rows is then one index_select over a sliced
         # view, about 5x faster on CPU than advanced indexing over two axes (measured).
-        shape = (model.plan.num_virtual * slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (len(model.active_layers) * slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=p.device, dtype=p.dtype)
         self.v = torch.zeros(shape, device=p.device, dtype=p.dtype)
         self.slots, self.max_len = slots, max_len
@@ -125,10 +126,12 @@ class LayerRunner:
     def __init__(self, model: GPT, slots: int, max_len: int, criterion: ExitCriterion | None = None) -> None:
         self.model = model
         self.cache = KVCache(model, slots, max_len)
-        self.layers = model.active_layers
+        self.layers = model.active_layers  # the trained virtual layer each step runs
+        self.passes = model.active_passes
+        # Passes run by the time each step is done (a coda after the loops is in the last one).
+        self.passes_done = tuple(max(self.passes[: j + 1]) + 1 for j in range(len(self.passes)))
         self.criterion = criterion if criterion is not None and criterion.fires else None
-        self.exit_points = frozenset(model.loop_exits()) if self.criterion is not None else frozenset()
-        self.loop_of = model.plan.loop_of
+        self.exit_points = frozenset(model.loop_exits()) if self.criterion is not None else frozenset()  # steps
         self.device = next(model.parameters()).device
         self.layer_calls = 0  # model calls made (one per group of rows per advance)
         self.layer_rows = 0  # rows those calls ran (layer_rows / layer_calls: the batch a call sees)
@@ -180,7 +183,7 @@ class LayerRunner:
             vs = [self.layers[t.layer] for t in group]
             x = torch.stack([model.skip_in(v, t.x, t.skips) for t, v in zip(group, vs)])  # each token's own U-Net skips
             x0 = torch.stack([t.x0 for t in group])
-            v_idx, s_idx, p_idx = self._index(vs), self._index([t.slot for t in group]), self._index([t.pos for t in group])
+            v_idx, s_idx, p_idx = self._index([t.layer for t in group]), self._index([t.slot for t in group]), self._index([t.pos for t in group])
             cos, sin = self._rotary(p_idx)
 
             def attend(q: Tensor, k: Tensor, val: Tensor) -> Tensor:
@@ -196,15 +199,15 @@ class LayerRunner:
                 t.x = y[row]
                 model.skip_out(v, t.x, t.skips)
                 t.layer += 1
-            finished.extend(self._finish(group, vs))
+            finished.extend(self._finish(group))
         return finished
 
-    def _finish(self, group: list[Token], vs: list[int]) -> list[Token]:
+    def _finish(self, group: list[Token]) -> list[Token]:
         """Predict for the rows at their last layer or at an exit point; retire those done."""
         last = len(self.layers)
         ending = [t for t in group if t.layer == last]
-        probing = [t for t, v in zip(group, vs) if t.layer < last and t.can_exit and v in self.exit_points]
-        passes = [self.loop_of[v] + 1 for t, v in zip(group, vs) if t.layer < last and t.can_exit and v in self.exit_points]
+        probing = [t for t in group if t.layer < last and t.can_exit and t.layer - 1 in self.exit_points]
+        passes = [self.passes_done[t.layer - 1] for t in probing]
         heads = [t for t in ending if t.emit] + probing
         if heads:
             t0 = time.perf_counter()
@@ -226,9 +229,9 @@ class LayerRunner:
                 self._fill_from_exit(exited)
                 self.seconds["exit_fill"] += time.perf_counter() - t0
         for t in ending:
-            t.loops = self.loop_of[self.layers[-1]] + 1
+            t.loops = self.passes_done[-1]
         for t in exited:
-            t.loops = self.loop_of[self.layers[t.layer - 1]] + 1
+            t.loops = self.passes_done[t.layer - 1]
         done = ending + exited
         for t in done:
             t.done = True
@@ -240,20 +243,20 @@ class LayerRunner:
         # One call per stored sublayer pair (as in advance): the deeper virtual layers that run
         # the same shared block fill together, each row with its own layer's controls.
         plan = self.model.plan
-        groups: dict[tuple[int, int], list[tuple[int, Token]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, int, Token]]] = {}
         for t in exited:
             for j in range(t.layer, len(self.layers)):
                 v = self.layers[j]
-                groups.setdefault((plan.attn_of[v], plan.mlp_of[v]), []).append((v, t))
+                groups.setdefault((plan.attn_of[v], plan.mlp_of[v]), []).append((v, j, t))
         for entries in groups.values():
             entries.sort(key=lambda e: e[0])  # rows of one virtual layer contiguous (adapters)
-            vs = [v for v, _ in entries]
-            x = torch.stack([t.x for _, t in entries])
-            x0 = torch.stack([t.x0 for _, t in entries])
-            s_idx, p_idx = self._index([t.slot for _, t in entries]), self._index([t.pos for _, t in entries])
+            vs = [v for v, _, _ in entries]
+            x = torch.stack([t.x for _, _, t in entries])
+            x0 = torch.stack([t.x0 for _, _, t in entries])
+            s_idx, p_idx = self._index([t.slot for _, _, t in entries]), self._index([t.pos for _, _, t in entries])
             cos, sin = self._rotary(p_idx)
             k, val = self.model.layer_kv(vs, x, x0, cos, sin)
-            self.cache.write(self._index(vs), s_idx, p_idx, k, val)
+            self.cache.write(self._index([j for _, j, _ in entries]), s_idx, p_idx, k, val)
 
     def run(self, tokens: list[Token]) -> None:
         """Embed ``tokens`` and run them until every one is done (full depth or exit)."""

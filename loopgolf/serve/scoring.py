@@ -55,7 +55,7 @@ def evaluate_early_exit(
         raise ValueError(f"token id {int(tokens.max())} is outside the tokenizer's {vocab}-entry byte table")
     device = next(model.parameters()).device
     runner = LayerRunner(model, min(batch_size, len(windows)), seq_len, criterion)
-    loops_full = model.plan.num_loops if model.stage is None else model.stage + 1
+    loops_full = max(model.active_passes) + 1
     hist = [0] * loops_full
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
     was_training = model.training
