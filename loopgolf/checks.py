@@ -93,9 +93,21 @@ def check_range(where: str, name: str, value: float | int, lo: float | None = No
         raise ValueError(f"{where} {name} must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}], got {value!r}")
 
 
+# Field metadata: a field added after files with its dataclass were first written. A strict read
+# (``from_dict(..., required=True)``) lets it be missing, so that older run directories still
+# read, and the field takes its default (which must mean "the behaviour before the field").
+ADDED_LATER = {"added_later": True}
+
+
+def required_fields(cls: type) -> set[str]:
+    """The fields a strict read of ``cls`` needs: all but those marked :data:`ADDED_LATER`."""
+    return {f.name for f in dataclasses.fields(cls) if not f.metadata.get("added_later")}
+
+
 def from_dict(cls: type, d: Any, where: str, *, required: bool = False) -> Any:
     """``cls(**d)`` for a dataclass, with one ValueError for a non-dict, unknown keys, or (with
-    ``required``) missing ones, instead of a TypeError from the constructor."""
+    ``required``) missing ones (fields marked :data:`ADDED_LATER` may be missing), instead of a
+    TypeError from the constructor."""
     if not isinstance(d, dict):
         raise ValueError(f"{where} must be an object of {cls.__name__} fields, got {d!r:.80}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -103,7 +115,7 @@ def from_dict(cls: type, d: Any, where: str, *, required: bool = False) -> Any:
     if unknown:
         raise ValueError(f"unknown {where} field(s) {unknown}; valid: {', '.join(sorted(names))}")
     if required:
-        missing = sorted(n for n in names if n not in d)
+        missing = sorted(n for n in required_fields(cls) if n not in d)
         if missing:
             raise ValueError(f"{where} is missing field(s) {missing}")
     return cls(**d)

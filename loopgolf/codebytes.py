@@ -112,9 +112,15 @@ def script_config(config: RunConfig) -> dict[str, Any]:
     return baked
 
 
-def script_modules() -> list[str]:
-    """The loopgolf modules a script embeds: the import closure of :data:`SCRIPT_ENTRY_POINTS`."""
-    return package_modules(SCRIPT_ENTRY_POINTS)[0]
+def script_entry_points(config: RunConfig) -> tuple[str, ...]:
+    """:data:`SCRIPT_ENTRY_POINTS`, and test-time training (imported by the run only when its
+    configuration asks for it) when ``config`` does: a script carries only the code it runs."""
+    return SCRIPT_ENTRY_POINTS + (("loopgolf.ttt",) if config.eval.ttt is not None else ())
+
+
+def script_modules(config: RunConfig) -> list[str]:
+    """The loopgolf modules a script for ``config`` embeds: the import closure of its entry points."""
+    return package_modules(script_entry_points(config))[0]
 
 
 def module_sources(modules: list[str]) -> dict[str, tuple[bool, str]]:
@@ -212,7 +218,7 @@ class Bundle:
     def of(cls, config: RunConfig, modules: list[str] | None = None) -> Bundle:
         """The bundle for a run's configuration, from this installation's files."""
         baked = script_config(config)
-        sources = module_sources(modules if modules is not None else script_modules())
+        sources = module_sources(modules if modules is not None else script_modules(config))
         return cls(baked, sources, code_id(sources, baked))
 
     def render(self, form: str = "plain", compress: str | None = None) -> str:
@@ -273,6 +279,6 @@ def code_counts(config: RunConfig) -> CodeCount:
     """The code a run with ``config`` counts: its plain ``train_gpt.py``. One fresh interpreter
     gives both the script's closure and the scoring path's (importing the scoring entry points
     first leaves the union, the script's closure, unchanged)."""
-    scoring, script = package_modules(SCORING_ENTRY_POINTS, SCRIPT_ENTRY_POINTS)
+    scoring, script = package_modules(SCORING_ENTRY_POINTS, script_entry_points(config))
     bundle = Bundle.of(config, modules=script)
     return CodeCount(len(bundle.render().encode("utf-8")), bundle.code_id, source_bytes(scoring))

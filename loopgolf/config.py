@@ -20,11 +20,14 @@ preset with the command line's changes applied (:meth:`RunConfig.from_preset`, t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from loopgolf.checks import check_range, check_types, from_dict
+import numpy as np
+
+from loopgolf.checks import ADDED_LATER, check_range, check_types, from_dict
 from loopgolf.export.artifact import CODECS
 from loopgolf.export.pack import DEFAULT_CAP_BYTES
 from loopgolf.model.gpt import MAX_SEQ_LEN, ModelConfig, unique_params_formula
@@ -75,6 +78,61 @@ class OptimizerConfig:
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
 
 
+LOOP_SAMPLING_SYNTAX = "uniform:LO-HI (each count equally likely) or poisson:MEAN[:MAX] (1 + Poisson(MEAN - 1), at most MAX, default 2 x MEAN)"
+MAX_SAMPLED_LOOPS = 64
+
+
+@dataclass(frozen=True)
+class LoopSampler:
+    """How many times depth-sampled training runs a recursive plan's loop at a step.
+
+    ``uniform:LO-HI`` draws every count in LO..HI with equal chance; ``poisson:MEAN[:MAX]`` draws
+    ``1 + Poisson(MEAN - 1)`` (mean MEAN before the cap), at most MAX (default ``2 * MEAN``,
+    rounded up), as recurrent-depth models train with a random number of iterations so that
+    they can be run deeper later. A step's count depends only on the run's seed and the step
+    (so every rank and a resumed run draw the same)."""
+
+    kind: str
+    low: int = 1
+    high: int = 1
+    mean: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoopSampler:
+        kind, _, arg = str(text).strip().partition(":")
+        try:
+            if kind == "uniform":
+                lo, sep, hi = arg.partition("-")
+                if not sep:
+                    raise ValueError
+                sampler = cls("uniform", int(lo), int(hi))
+            elif kind == "poisson":
+                mean, _, top = arg.partition(":")
+                m = float(mean)
+                if not math.isfinite(m):
+                    raise ValueError
+                sampler = cls("poisson", 1, int(top) if top else math.ceil(2 * m), m)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"cannot parse loop_sampling {text!r}: expected {LOOP_SAMPLING_SYNTAX}") from None
+        if not 1 <= sampler.low <= sampler.high <= MAX_SAMPLED_LOOPS:
+            raise ValueError(f"loop_sampling {text!r}: the counts must satisfy 1 <= low <= high <= {MAX_SAMPLED_LOOPS}")
+        if kind == "poisson" and not 1.0 <= sampler.mean <= sampler.high:
+            raise ValueError(f"loop_sampling {text!r}: the mean must be in [1, max]")
+        return sampler
+
+    def __str__(self) -> str:
+        return f"uniform:{self.low}-{self.high}" if self.kind == "uniform" else f"poisson:{self.mean:g}:{self.high}"
+
+    def draw(self, seed: int, step: int) -> int:
+        """The loop count of training step ``step`` of a run seeded ``seed``."""
+        rng = np.random.default_rng([seed, step, 0x100B5])
+        if self.kind == "uniform":
+            return int(rng.integers(self.low, self.high + 1))
+        return int(min(1 + rng.poisson(self.mean - 1.0), self.high))
+
+
 @dataclass
 class TrainConfig:
     seq_len: int = 1024
@@ -87,6 +145,9 @@ class TrainConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_clip: float = 0.0
     recurrence_stages: list[float] = field(default_factory=list)  # progressive recurrence: training fraction at which each extra pass switches on
+    # Depth-sampled training: each step runs the plan's loop a drawn number of times
+    # (LoopSampler: "uniform:LO-HI" or "poisson:MEAN[:MAX]"); None: the trained count.
+    loop_sampling: str | None = field(default=None, metadata=ADDED_LATER)
     val_every: int = 0  # steps between periodic validations (0 = only at the end)
     val_max_tokens: int | None = 65_536  # periodic validation scores a prefix this long
     log_every: int = 10
@@ -127,6 +188,10 @@ class TrainConfig:
             raise ValueError(f"recurrence_stages must be increasing fractions in [0, 1), got {self.recurrence_stages}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ValueError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.loop_sampling is not None:
+            self.loop_sampling = str(LoopSampler.parse(self.loop_sampling))
+            if self.recurrence_stages:
+                raise ValueError("loop_sampling draws the loop count at every step; it cannot be combined with recurrence_stages")
 
 
 def train_config_from_dict(d: dict[str, Any], *, required: bool = False) -> TrainConfig:
@@ -185,12 +250,37 @@ class EvalConfig:
 
     stride: int | None = None
     batch_size: int = 8
+    # Compute spent at evaluation on the roundtrip model (docs/evaluation.md): the loop count of a
+    # recursive plan (None: the trained count), score-first test-time training (a TTTSpec in
+    # its text form; None: none) and the seconds it may adapt for (None: unbounded).
+    loops: int | None = field(default=None, metadata=ADDED_LATER)
+    ttt: str | None = field(default=None, metadata=ADDED_LATER)
+    eval_time: float | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
+        if isinstance(self.eval_time, int) and not isinstance(self.eval_time, bool):
+            self.eval_time = float(self.eval_time)
         check_types(self, "eval")
         if self.stride is not None:
             check_range("eval", "stride", self.stride, 1)
         check_range("eval", "batch_size", self.batch_size, 1)
+        if self.loops is not None:
+            check_range("eval", "loops", self.loops, 1, 1024)
+        if self.ttt is not None:
+            from loopgolf.ttt import TTTSpec
+
+            self.ttt = str(TTTSpec.parse(self.ttt))
+            if TTTSpec.parse(self.ttt).reset == "doc" and self.stride is not None:
+                raise ValueError("eval ttt with reset=doc scores documents in chunks of their own; it takes no stride")
+        if self.eval_time is not None:
+            check_range("eval", "eval_time", self.eval_time, 0.0, None, lo_open=True)
+            if self.ttt is None:
+                raise ValueError("eval eval_time bounds test-time training; set eval ttt too")
+
+    @property
+    def computes(self) -> bool:
+        """Whether the final evaluation spends compute beyond plain scoring."""
+        return self.loops is not None or self.ttt is not None
 
 
 @dataclass
@@ -253,6 +343,11 @@ class RunConfig:
                 setattr(self, name, from_dict(cls, value, where, required=name in ("data",)))
         check_types(self, "run config")
         check_range("run config", "checkpoint_every", self.checkpoint_every, 0)
+        # Loop counts other than the trained one need a plan with loops (refused here, before a run starts).
+        if self.train.loop_sampling is not None:
+            self.model.depth_plan.schedule(LoopSampler.parse(self.train.loop_sampling).high)
+        if self.eval.loops is not None:
+            self.model.depth_plan.schedule(self.eval.loops)
         if self.uptrain is not None and self.export.qat.mode != "off" and (self.uptrain.distill_from is not None or self.uptrain.exit_loss_weight > 0):
             raise ValueError("QAT cannot be combined with distillation or exit losses yet: uptrain first, then run QAT on the result")
 

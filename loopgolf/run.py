@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import loopgolf
-from loopgolf.config import RunConfig, TrainConfig, get_preset
+from loopgolf.config import EvalConfig, RunConfig, TrainConfig, get_preset
 from loopgolf.data.dataset import Dataset
 from loopgolf.data.shards import TokenLoader, read_shard_header
 from loopgolf.device import resolve_device
@@ -60,6 +60,10 @@ class RunOptions:
     qat: str | None = None  # off | ste | noise
     qat_start: float | None = None  # fraction of the budget after which QAT is on
     stride: int | None = None  # sliding-window eval stride for the final scores
+    loops: int | None = None  # loop count of a recursive plan at the final evaluation
+    ttt: str | None = None  # score-first test-time training at the final evaluation (loopgolf.ttt.TTTSpec)
+    eval_time: float | None = None  # seconds test-time training may adapt for
+    loop_sampling: str | None = None  # depth-sampled training (loopgolf.config.LoopSampler)
     device: str | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig field -> value
     train_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> value (optim: a dict of OptimizerConfig fields)
@@ -121,6 +125,10 @@ class RunOptions:
             "export.qat.mode": self.qat,
             "export.qat.start_frac": self.qat_start,
             "eval.stride": self.stride,
+            "eval.loops": self.loops,
+            "eval.ttt": self.ttt,
+            "eval.eval_time": self.eval_time,
+            "train.loop_sampling": self.loop_sampling,
             "checkpoint_every": self.checkpoint_every,
         }
         out.update({k: v for k, v in given.items() if v is not None})
@@ -187,8 +195,10 @@ def describe_budget(cfg: TrainConfig) -> str:
 
 def _apply(base: RunConfig, opts: RunOptions) -> RunConfig:
     changes = opts.changes()
-    train_changes = {k: v for k, v in changes.items() if k.startswith("train.")}
-    train = base.with_changes(train_changes).train if train_changes else base.train  # --train may change the stop rule --time looks at
+    # --train may change the stop rule --time looks at (the model changes come along: a train
+    # setting such as loop_sampling is checked against the plan).
+    train_changes = {k: v for k, v in changes.items() if k.startswith(("train.", "model."))}
+    train = base.with_changes(train_changes).train if train_changes else base.train
     return base.with_changes({**changes, **budget_changes(train, opts.time_budget, opts.max_steps)})
 
 
@@ -462,6 +472,10 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
     reloaded, _ = load_model(rundir.artifact_path, device=device)
     post = score(reloaded)
     rundir.log({"event": "eval_post", **post.to_dict()})
+    eval_compute = None
+    if eval_cfg.computes:
+        eval_compute = score_with_compute(reloaded, val_tokens, ds.tables, train_cfg.seq_len, eval_cfg, post, device=device, progress=opts.progress)
+        rundir.log({"event": "eval_compute", **eval_compute})
 
     xz = None
     if opts.xz_baseline:
@@ -513,10 +527,63 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
         loopgolf_version=loopgolf.__version__,
         torch_version=torch.__version__,
         uptrain=uptrain_info,
+        eval_compute=eval_compute,
     )
     rundir.write_summary(summary)
     rundir.log({"event": "end", "total_seconds": summary.total_seconds})
     return RunOutcome(summary, rundir.path)
+
+
+def score_with_compute(
+    model: torch.nn.Module,
+    tokens: Any,
+    tables: Any,
+    seq_len: int,
+    eval_cfg: EvalConfig,
+    plain: EvalResult,
+    *,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The final score with the evaluation compute ``eval_cfg`` asks for (a loop count,
+    test-time training), as the summary's ``eval_compute``. ``plain`` is the roundtrip score
+    without it (the baseline when the windows and loop count are the same)."""
+    model.set_loops(eval_cfg.loops)
+    try:
+        loops = model.loops or model.plan.num_loops
+        t0 = time.perf_counter()
+        if eval_cfg.ttt is None:
+            r = evaluate_bpb(model, tokens, tables, seq_len, stride=eval_cfg.stride, batch_size=eval_cfg.batch_size, device=device, progress=progress)
+            return {
+                "loops": loops,
+                "ttt": None,
+                "val_bpb": r.val_bpb,
+                "val_loss": r.val_loss,
+                "val_bpb_without_ttt": None,
+                "eval_seconds": time.perf_counter() - t0,
+            }
+        from loopgolf.ttt import TTTSpec, evaluate_ttt
+
+        spec = TTTSpec.parse(eval_cfg.ttt)
+        same_windows = spec.reset == "none" and model.loops is None  # then plain evaluation is the baseline
+        r = evaluate_ttt(
+            model, tokens, tables, seq_len, spec, stride=eval_cfg.stride, batch_size=eval_cfg.batch_size, device=device,
+            eval_time=eval_cfg.eval_time, baseline=not same_windows, progress=progress,
+        )  # fmt: skip
+        return {
+            "loops": loops,
+            "ttt": str(spec),
+            "val_bpb": r.adapted.val_bpb,
+            "val_loss": r.adapted.val_loss,
+            "val_bpb_without_ttt": plain.val_bpb if same_windows else r.base.val_bpb,
+            "eval_seconds": r.seconds,
+            "eval_time": eval_cfg.eval_time,
+            "tokens_adapted": r.tokens_adapted,
+            "updates": r.updates,
+            "adapting_stopped_at": r.adapting_stopped_at,
+        }
+    finally:
+        model.set_loops(None)
 
 
 def build_objective(model: torch.nn.Module, uptrain: dict[str, Any], *, fresh: bool, device: torch.device, say=print):
@@ -599,6 +666,17 @@ def format_train_summary(s: TrainSummary) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def describe_eval_compute(e: dict[str, Any]) -> str:
+    """One line for the summary's ``eval_compute``."""
+    what = [f"{e['loops']} loops"] + ([f"TTT {e['ttt']}"] if e.get("ttt") else [])
+    line = f"{e['val_bpb']:.4f}  ({', '.join(what)}; {e['eval_seconds']:.1f} s"
+    if e.get("ttt"):
+        line += f"; {e['val_bpb_without_ttt']:.4f} without TTT; {e['tokens_adapted']:,} tokens adapted"
+        if e.get("adapting_stopped_at") is not None:
+            line += f", adapting stopped at token {e['adapting_stopped_at']:,} (eval_time {e['eval_time']:g} s)"
+    return line + ")"
+
+
 def format_summary(s: RunSummary | dict[str, Any], run_dir: str | Path | None = None) -> str:
     """The table printed at the end of a run."""
     s = s.to_dict() if isinstance(s, RunSummary) else s
@@ -610,6 +688,7 @@ def format_summary(s: RunSummary | dict[str, Any], run_dir: str | Path | None = 
         ("train time / tokens per s", f"{s['train_seconds']:.1f} s / {s['tokens_per_second']:,.0f}"),
         ("val_bpb pre-export", f"{s['val_bpb_pre']:.4f}"),
         ("val_bpb post-roundtrip", f"{s['val_bpb_post']:.4f}  (gap {s['quant_gap_bpb']:+.4f})"),
+        *([("val_bpb with eval compute", describe_eval_compute(s["eval_compute"]))] if s.get("eval_compute") else []),
         (
             "baseline xz bpb",
             "not measured"

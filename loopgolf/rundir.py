@@ -28,11 +28,11 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopgolf.checks import check_types
+from loopgolf.checks import ADDED_LATER, check_types, required_fields
 from loopgolf.config import RunConfig
 from loopgolf.model.gpt import ModelConfig
 from loopgolf.util import append_jsonl, atomic_write_json
@@ -104,7 +104,8 @@ class RunSummary:
     total_seconds: float
     loopgolf_version: str
     torch_version: str
-    uptrain: dict[str, Any] | None = None
+    uptrain: dict[str, Any] | None = field(default=None, metadata=ADDED_LATER)
+    eval_compute: dict[str, Any] | None = field(default=None, metadata=ADDED_LATER)  # loops / test-time training on the roundtrip model
 
     def __post_init__(self) -> None:
         check_types(self, "summary")
@@ -137,7 +138,7 @@ class RunSummary:
         if not isinstance(d, dict):
             raise ValueError(f"{where} must hold a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in d and n != "uptrain")
+        missing = sorted(n for n in required_fields(cls) if n not in d)
         unknown = sorted(set(d) - names)
         if missing or unknown:
             raise ValueError(f"{where} is not a summary this loopgolf writes: missing {missing}, unknown {unknown} (made by another version? rerun it)")

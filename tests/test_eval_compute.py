@@ -3,6 +3,8 @@ score-first test-time training (loopgolf.ttt)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +309,54 @@ def test_a_vanilla_model_refuses_loops_on_the_command_line(text_dataset, tmp_pat
     capsys.readouterr()
     code = main(["eval", str(path), "--data", str(text_dataset), "--loops", "2"])
     one_line_error(code, capsys.readouterr().err, "vanilla plan has no loop")
+
+
+# ---------------------------------------------------------------- depth-sampled training and the run contract
+
+
+def test_depth_sampled_training_draws_a_loop_count_per_step(text_dataset, tmp_path):
+    from loopgolf.cli import main
+    from loopgolf.config import LoopSampler
+    from loopgolf.util import read_jsonl
+
+    out = tmp_path / "run"
+    argv = ["run", "--preset", "debug", "--plan", "cycle:1x2", "--loop-sampling", "uniform:1-3", "--steps", "12", "--train", "log_every=1"]
+    assert main([*argv, "--data", str(text_dataset), "--out", str(out), "--seed", "5", "--json"]) == 0
+    records = [r for r in read_jsonl(out / "log.jsonl") if r.get("event") == "train"]
+    sampler = LoopSampler.parse("uniform:1-3")
+    assert [r["loops"] for r in records] == [sampler.draw(5, r["step"] - 1) for r in records]
+    assert {r["loops"] for r in records} == {1, 2, 3}
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["loop_sampling"] == "uniform:1-3"
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--plan", "vanilla:2", "--loop-sampling", "uniform:1-2"], "has no loop"),
+        (["--plan", "cycle:1x2", "--loop-sampling", "uniform:1-2", "--train", "recurrence_stages=[0.5]"], "cannot be combined with recurrence_stages"),
+        (["--loop-sampling", "poisson:nan"], "cannot parse loop_sampling"),
+        (["--eval-time", "5"], "set eval ttt too"),
+        (["--ttt", "rank=2,reset=doc", "--stride", "8"], "takes no stride"),
+        (["--plan", "vanilla:2", "--loops", "2"], "has no loop"),
+    ],
+)
+def test_bad_depth_and_eval_compute_settings_fail_before_training(text_dataset, tmp_path, capsys, extra, match):
+    from loopgolf.cli import main
+
+    capsys.readouterr()
+    code = main(["run", "--preset", "debug", "--data", str(text_dataset), "--out", str(tmp_path / "run"), "--steps", "2", *extra])
+    one_line_error(code, capsys.readouterr().err, match)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_run_configs_written_before_eval_compute_still_read():
+    from loopgolf.config import RunConfig, get_preset
+
+    config = RunConfig.from_preset(get_preset("debug"))
+    d = config.to_dict()
+    for part, name in (("eval", "loops"), ("eval", "ttt"), ("eval", "eval_time"), ("train", "loop_sampling")):
+        del d[part][name]
+    assert RunConfig.from_dict(d) == config
+    d["eval"]["ttt"] = "rank=3"
+    assert RunConfig.from_dict(d).eval.ttt == str(TTTSpec(rank=3))

@@ -374,3 +374,18 @@ def test_train_flops_counts_each_recurrence_stage_at_its_depth():
     assert train_flops(row) == pytest.approx(3 * tokens * (0.4 * shallow + 0.6 * full), rel=1e-12)
     row.summary["stage_steps"] = [0]
     assert train_flops(row) == pytest.approx(3 * tokens * full, rel=1e-12)
+
+
+def test_train_flops_counts_each_depth_sampled_step_at_the_depth_it_drew():
+    from loopgolf.config import LoopSampler, get_preset
+    from loopgolf.lab.report import train_flops
+    from loopgolf.lab.store import RunRow
+    from loopgolf.model.gpt import forward_flops_per_token
+
+    p = get_preset("cpu-shared-scales")  # cycle 2 x 3
+    config = {"model": p.model.to_dict(), "train": {"seq_len": p.train.seq_len, "seed": 7, "loop_sampling": "uniform:1-4"}}
+    tokens = 20 * p.train.batch_tokens
+    row = RunRow("x", None, None, 1, "done", config, {"steps": 20, "stage_steps": [], "train_tokens": tokens}, None, None, None, None, None)
+    draws = [LoopSampler.parse("uniform:1-4").draw(7, s) for s in range(20)]
+    want = sum(3 * tokens / 20 * forward_flops_per_token(p.model, p.train.seq_len, num_layers=2 * n) for n in draws)
+    assert len(set(draws)) > 1 and train_flops(row) == pytest.approx(want, rel=1e-12)

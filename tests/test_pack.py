@@ -185,18 +185,19 @@ def _loaded_loopgolf_files(script: str) -> dict[str, str]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ttt", "rank=2,lr=0.001"]], ids=["plain", "ttt"])
+def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path, extra):
     """Independent of the bundler's own closure: run `loopgolf run` (GPTQ export, so the lazily
-    imported encoders load too) in a fresh interpreter and list the loopgolf files it loaded. The
-    script it counts embeds exactly those files' bytes (plus the script's entry point), and its
-    size is the code_bytes the run reported."""
+    imported encoders load too; with and without test-time training at evaluation) in a fresh
+    interpreter and list the loopgolf files it loaded. The script it counts embeds exactly those
+    files' bytes (plus the script's entry point), and its size is the code_bytes the run reported."""
     from loopgolf.codebytes import Bundle, script_modules
     from loopgolf.rundir import RunDir
 
     out = tmp_path / "run"
     loaded = _loaded_loopgolf_files(
         "from loopgolf.cli import main\n"
-        f"assert main(['run', '--preset', 'debug', '--data', {str(text_dataset)!r}, '--out', {str(out)!r}, '--quant', 'int6,gptq', '--json']) == 0"
+        f"assert main(['run', '--preset', 'debug', '--data', {str(text_dataset)!r}, '--out', {str(out)!r}, '--quant', 'int6,gptq', '--json', *{extra!r}]) == 0"
     )
     summary = json.loads((out / "summary.json").read_text())
     counted = {n: f for n, f in loaded.items() if n not in NOT_COUNTED}
@@ -211,8 +212,10 @@ def test_code_bytes_counts_the_files_a_real_run_executes(text_dataset, tmp_path)
         "loopgolf.model.gpt",
     } <= set(counted)
     # What the script embeds is what the run executed, nothing more, plus its entry point.
-    assert sorted(set(counted) | set(SCRIPT_ONLY)) == script_modules()
-    bundle = Bundle.of(RunDir(out).read_config())
+    assert ("loopgolf.ttt" in counted) == bool(extra)
+    config = RunDir(out).read_config()
+    assert sorted(set(counted) | set(SCRIPT_ONLY)) == script_modules(config)
+    bundle = Bundle.of(config)
     for name, path in counted.items():
         assert bundle.sources[name][1].encode("utf-8") == Path(path).read_bytes(), name
     assert summary["code_bytes"] == len(bundle.render().encode("utf-8"))

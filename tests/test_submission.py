@@ -541,3 +541,29 @@ def test_seeds_on_different_data_are_refused(reference_run, tmp_path, capsys):
     write_records([reference_run, moved], tmp_path / "ok", info=SubmissionInfo())
     other = copy_as_seed(reference_run, tmp_path / "other", 5, summary_change=lambda s: s.update(data="/corpora/my_books"))
     refused([reference_run, other], tmp_path / "out", capsys, "runs used different data", "'/corpora/my_books'", str(other))
+
+
+def test_script_runs_the_configured_evaluation_compute(official_layout, tmp_path):
+    """A run with a loop count and test-time training at evaluation: its script runs the same
+    evaluation and prints the submitted score; the records folder submits that score and says
+    what the evaluation did."""
+    data = official_layout / "data" / "datasets" / "fineweb10B_sp1024"
+    ref = tmp_path / "ref"
+    argv = ["run", "--preset", "debug", "--plan", "cycle:1x2", "--loops", "3", "--ttt", "rank=2,lr=0.01", "--eval-time", "100"]
+    assert main([*argv, "--data", str(data), "--out", str(ref), "--seed", str(SEED), "--json"]) == 0
+    summary = json.loads((ref / "summary.json").read_text())
+    e = summary["eval_compute"]
+    assert e["loops"] == 3 and e["ttt"].startswith("rank=2,lr=0.01") and e["tokens_adapted"] > 0
+    assert e["val_bpb"] != summary["val_bpb_post"] and e["val_bpb_without_ttt"] != summary["val_bpb_post"]  # 3 loops, not the trained 2
+    script = tmp_path / "train_gpt.py"
+    script.write_text(render_script(RunDir(ref).read_config()), encoding="utf-8")
+    proc = run_script(script, official_layout, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "out" / "summary.json").read_text())["eval_compute"]
+    assert got["val_bpb"] == pytest.approx(e["val_bpb"], abs=1e-4)
+    assert f"final_eval_compute_exact loops:3 ttt:{e['ttt']} val_loss:{got['val_loss']:.8f} val_bpb:{got['val_bpb']:.8f}" in proc.stdout
+    folder = tmp_path / "records"
+    sub = write_records([ref], folder, info=SubmissionInfo(author="a", github_id="b"))
+    assert sub["val_bpb"] == e["val_bpb"] and sub["seed_results"][str(SEED)]["val_bpb_roundtrip"] == summary["val_bpb_post"]
+    assert sub["evaluation"]["ttt"] == e["ttt"] and sub["evaluation"]["loops"] == 3
+    assert "test-time training" in (folder / "README.md").read_text()

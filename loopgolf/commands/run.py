@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from loopgolf.commands.args import EXIT_OVER_CAP, add_model_overrides, kv, model_overrides, non_negative_int, positive_int
+from loopgolf.commands.args import EXIT_OVER_CAP, LOOPS_HELP, add_model_overrides, kv, model_overrides, non_negative_int, positive_float, positive_int
+from loopgolf.config import LOOP_SAMPLING_SYNTAX
 
 DESCRIPTION = {
     "run": "Train a model, export it under the byte cap and score it before and after the roundtrip. Under torchrun, trains data-parallel on every rank.",
@@ -49,6 +50,10 @@ def run_options(args: argparse.Namespace, train_only: bool = False):
         qat=args.qat,
         qat_start=args.qat_start,
         stride=args.stride,
+        loops=args.loops,
+        ttt=args.ttt,
+        eval_time=args.eval_time,
+        loop_sampling=args.loop_sampling,
         device=args.device,
         model_overrides=model_overrides(args),
         train_overrides=train_set,
@@ -119,6 +124,15 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=positive_int, help="sliding-window stride for the final scores (default: non-overlapping)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--train", dest="train_set", type=kv, action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
+    p.add_argument(
+        "--loop-sampling",
+        metavar="DIST",
+        help=f"depth-sampled training: each step runs a recursive plan's loop a drawn number of times: {LOOP_SAMPLING_SYNTAX}",
+    )
+    e = p.add_argument_group("compute at evaluation (the final scores of the roundtrip model)")
+    e.add_argument("--loops", type=positive_int, metavar="N", help=f"run a recursive plan's loop N times at evaluation ({LOOPS_HELP})")
+    e.add_argument("--ttt", metavar="SPEC", help="score-first test-time training of LoRA adapters, e.g. rank=8,lr=0.003 (the syntax of `loopgolf eval --ttt`)")
+    e.add_argument("--eval-time", type=positive_float, metavar="S", help="with --ttt: stop adapting after S seconds of evaluation")
     add_model_overrides(p)
     u = p.add_argument_group("uptraining (after `loopgolf convert`)")
     u.add_argument(

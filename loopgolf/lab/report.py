@@ -50,6 +50,19 @@ def train_flops(row: RunRow) -> float | None:
         starts = [int(x) for x in row.summary.get("stage_steps") or []]
     except (KeyError, TypeError, ValueError, RecursionError):  # a config this loopgolf cannot read: FLOPs unknown
         return None
+    sampling = row.config["train"].get("loop_sampling") if isinstance(row.config.get("train"), dict) else None
+    if sampling and steps > 0:
+        # Depth-sampled training: each step at the depth it drew (a function of seed and step).
+        from collections import Counter
+
+        from loopgolf.config import LoopSampler
+
+        try:
+            sampler, seed = LoopSampler.parse(sampling), int(row.config["train"]["seed"])
+            counts = Counter(sampler.draw(seed, s) for s in range(steps))
+            return sum(3.0 * forward_flops_per_token(cfg, seq_len, num_layers=len(cfg.depth_plan.schedule(n)[0])) * tokens * k / steps for n, k in counts.items())
+        except (KeyError, TypeError, ValueError):
+            return None
     if len(starts) < 2 or steps <= 0:
         return 3.0 * forward_flops_per_token(cfg, seq_len) * tokens
     # Progressive recurrence: each stage's steps at that stage's depth (stage i runs from

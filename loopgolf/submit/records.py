@@ -92,6 +92,11 @@ def _check_against_log(rundir: RunDir, s: RunSummary) -> list[dict[str, Any]]:
         ("val_bpb_post", post.get("val_bpb"), s.val_bpb_post),
         ("val_loss_post", post.get("val_loss"), s.val_loss_post),
     )
+    if s.eval_compute is not None:
+        computed = next((r for r in reversed(records) if r.get("event") == "eval_compute"), None)
+        if computed is None:
+            raise ValueError(f"{rundir.log_path} has no eval_compute record but the summary has eval_compute: the files disagree, refusing to submit them")
+        claims += (("eval_compute val_bpb", computed.get("val_bpb"), s.eval_compute["val_bpb"]),)
     for name, logged, summary in claims:
         if not isinstance(logged, (int, float)) or isinstance(logged, bool) or not _close(float(logged), float(summary)):
             raise ValueError(
@@ -211,19 +216,37 @@ def _hardware(r: SeedRun) -> str:
     return f"{s.world_size}x {s.device}" + (f" ({cpu})" if isinstance(cpu, str) and cpu else "")
 
 
+def final_score(s: RunSummary) -> tuple[float, float]:
+    """(val_loss, val_bpb) a run submits: with the evaluation compute its configuration ran
+    (loops, test-time training) when it ran any, else the roundtrip score."""
+    if s.eval_compute is not None:
+        return float(s.eval_compute["val_loss"]), float(s.eval_compute["val_bpb"])
+    return s.val_loss_post, s.val_bpb_post
+
+
+def _evaluation(config: RunConfig) -> str:
+    e = config.eval
+    parts = [f"stride {e.stride or 'none (non-overlapping)'}"]
+    if e.loops is not None:
+        parts.append(f"{e.loops} loops")
+    if e.ttt is not None:
+        parts.append(f"score-first LoRA test-time training ({e.ttt})")
+    return ", ".join(parts)
+
+
 def _technique(s: RunSummary, config: RunConfig) -> str:
     plan = config.model.depth_plan.describe()
     return (
         f"loopgolf preset {config.preset}: {plan}; {s.unique_params:,} unique / {s.effective_params:,} effective "
-        f"params; quantization {s.quant}; {s.codec} codec; eval stride {s.eval_stride or 'none (non-overlapping)'}"
+        f"params; quantization {s.quant}; {s.codec} codec; eval {_evaluation(config)}"
     )
 
 
 def submission_json(runs: list[SeedRun], info: SubmissionInfo, bytes_code: int) -> dict[str, Any]:
     """The ``submission.json`` fields the official records use, from the runs and the script."""
     sums = [r.summary for r in runs]
-    bpb_mean, bpb_std = _mean_std([s.val_bpb_post for s in sums])
-    loss_mean, loss_std = _mean_std([s.val_loss_post for s in sums])
+    bpb_mean, bpb_std = _mean_std([final_score(s)[1] for s in sums])
+    loss_mean, loss_std = _mean_std([final_score(s)[0] for s in sums])
     totals = [s.model_bytes + bytes_code for s in sums]
     first = runs[0]
     warnings = record_warnings(runs)
@@ -242,8 +265,10 @@ def submission_json(runs: list[SeedRun], info: SubmissionInfo, bytes_code: int) 
         "seeds": [r.seed for r in runs],
         "seed_results": {
             str(r.seed): {
-                "val_loss": r.summary.val_loss_post,
-                "val_bpb": r.summary.val_bpb_post,
+                "val_loss": final_score(r.summary)[0],
+                "val_bpb": final_score(r.summary)[1],
+                "val_bpb_roundtrip": r.summary.val_bpb_post,  # before any evaluation compute
+                "eval_compute": r.summary.eval_compute,
                 "artifact_bytes": r.summary.model_bytes + bytes_code,  # model + code: what the cap counts
                 "model_bytes": r.summary.model_bytes,
                 "artifact_sha256": r.artifact_sha256,
@@ -262,6 +287,13 @@ def submission_json(runs: list[SeedRun], info: SubmissionInfo, bytes_code: int) 
         "hardware": _hardware(first),
         "pytorch_version": first.summary.torch_version,
         "technique_summary": _technique(first.summary, first.config),
+        "evaluation": {
+            "stride": first.config.eval.stride,
+            "loops": first.config.eval.loops,
+            "ttt": first.config.eval.ttt,
+            "eval_time": first.config.eval.eval_time,
+            "val_bpb_roundtrip_mean": statistics.fmean(s.val_bpb_post for s in sums),
+        },
         "loopgolf_version": first.summary.loopgolf_version,
         "code_id": first.summary.code_id,
     }
@@ -278,7 +310,7 @@ def readme(runs: list[SeedRun], sub: dict[str, Any], *, form: str, compress: str
         else f"SEED={seed} python {SCRIPT_NAME}   # or: torchrun --standalone --nproc_per_node=8 {SCRIPT_NAME}"
     )
     rows = "\n".join(
-        f"| {r.seed} | {r.summary.val_loss_post:.8f} | {r.summary.val_bpb_post:.8f} | {r.summary.steps} | "
+        f"| {r.seed} | {final_score(r.summary)[0]:.8f} | {final_score(r.summary)[1]:.8f} | {r.summary.steps} | "
         f"{r.summary.step_avg_ms:.1f} | {r.summary.model_bytes:,} | {r.summary.model_bytes + sub['bytes_code']:,} |"
         for r in runs
     )
@@ -287,10 +319,14 @@ def readme(runs: list[SeedRun], sub: dict[str, Any], *, form: str, compress: str
     intro = "" if sub["blurb"] == sub["technique_summary"] else sub["blurb"] + "\n\n"
     warn = "".join(f"> **Not a valid record attempt:** {w}.\n" for w in sub["record_warnings"])
     warn = warn + f">\n> Track: `{sub['track']}` (`records/track_{sub['track']}`).\n\n" if warn else ""
+    e = sub["evaluation"]
+    computes = e["loops"] is not None or e["ttt"] is not None
+    compute = f" and evaluation compute ({_evaluation(first.config)}; {e['val_bpb_roundtrip_mean']:.8f} without it)" if computes else ""
+    compute_line = ", then the submitted score with that evaluation, `final_eval_compute_exact loops:... ttt:... val_loss:... val_bpb:...`," if computes else ""
     return f"""# {sub["name"]}
 
 {warn}{intro}val_bpb {sub["val_bpb"]:.8f} (mean of {len(runs)} seed{"s" if len(runs) > 1 else ""}, std {sub["val_bpb_std"]:.8f}), after the
-int roundtrip of the exported artifact; {sub["bytes_total"]:,} bytes at most (cap {sub["cap_bytes"]:,}).
+int roundtrip of the exported artifact{compute}; {sub["bytes_total"]:,} bytes at most (cap {sub["cap_bytes"]:,}).
 
 ## Model
 
@@ -305,7 +341,7 @@ int roundtrip of the exported artifact; {sub["bytes_total"]:,} bytes at most (ca
 `{SCRIPT_NAME}` reads the official FineWeb layout: `DATA_PATH` (default
 `./data/datasets/fineweb10B_sp{first.config.model.vocab_size}`) and `TOKENIZER_PATH`, and `SEED`, `RUN_ID`,
 `MAX_WALLCLOCK_SECONDS`, `ITERATIONS` and the official script's other settings. It prints
-`final_roundtrip_exact val_loss:... val_bpb:...` and the total submission size. The runs below used
+`final_roundtrip_exact val_loss:... val_bpb:...`{compute_line} and the total submission size. The runs below used
 {sub["hardware"]}, PyTorch {sub["pytorch_version"]}, data {sub["dataset"]}.
 
 ## Results

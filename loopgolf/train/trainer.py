@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loopgolf.config import TrainConfig
+from loopgolf.config import LoopSampler, TrainConfig
 from loopgolf.data.shards import TokenLoader
 from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_checkpoint, save_checkpoint
 from loopgolf.train.distributed import all_reduce_gradients, all_reduce_mean, broadcast_parameters, current_world
@@ -141,16 +141,26 @@ def compile_model(model: Callable[..., torch.Tensor], backend: str = "inductor")
     return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
 
 
-def warm_up_compiled(step_fn: Callable[..., torch.Tensor], model: nn.Module, stages: list[int | None], x: torch.Tensor, amp: AbstractContextManager) -> None:
+def warm_up_compiled(
+    step_fn: Callable[..., torch.Tensor],
+    model: nn.Module,
+    stages: list[int | None],
+    x: torch.Tensor,
+    amp: AbstractContextManager,
+    set_depth: Callable[[int | None], None] | None = None,
+) -> None:
     """Compile every recurrence stage's graph (forward and backward) before the clock starts, so
     switching stages during training reuses a cached graph instead of compiling on the budget.
-    Gradients are discarded; parameters are untouched."""
+    ``set_depth`` (default ``model.set_stage``) puts the model at each entry of ``stages``
+    (``model.set_loops`` for depth-sampled training). Gradients are discarded; parameters are
+    untouched."""
     # Inputs and targets are distinct tensors, as in training: passing one tensor twice would
     # guard the graph on that aliasing and recompile at the first real step.
     y = x.clone()
+    set_depth = model.set_stage if set_depth is None else set_depth
     for stage in stages:
         if stages != [None]:
-            model.set_stage(stage)
+            set_depth(stage)
         with amp:
             loss = step_fn(x, y)
         loss.backward()
@@ -241,6 +251,9 @@ def train(
                 f"recurrence_stages has {len(cfg.recurrence_stages)} start fractions but the plan has "
                 f"{loops - 1} extra pass(es) to switch on ({model.plan.describe()})"
             )
+    sampler = None if cfg.loop_sampling is None else LoopSampler.parse(cfg.loop_sampling)
+    if sampler is not None:
+        model.plan.schedule(sampler.high)  # a plan without loops is refused here, before any step
     optimizers = build_optimizers(model, cfg.optim, tied=tied_embeddings)
     accum, micro_tokens = accumulation_steps(cfg, world)
     cuda = device.type == "cuda"
@@ -270,11 +283,13 @@ def train(
     if cfg.compile:
         step_fn = compile_model(step_fn)
         stages: list[int | None] = list(range(model.plan.num_loops)) if staged else [None]
+        if sampler is not None:  # one graph per loop count the sampler can draw
+            stages = list(range(sampler.low, sampler.high + 1))
         # Each stage is one cached graph of the same function: dynamo must be allowed to keep them all.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(stages) + 1)
         dummy = torch.zeros(micro_tokens // cfg.seq_len, cfg.seq_len, dtype=torch.long, device=device)
         try:
-            warm_up_compiled(step_fn, model, stages, dummy, amp)
+            warm_up_compiled(step_fn, model, stages, dummy, amp, set_depth=model.set_loops if sampler is not None else None)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             raise ValueError(
                 f"torch.compile failed ({type(e.inner_exception).__name__}; on CPU it needs a working C++ compiler); train without compile=true"
@@ -311,6 +326,8 @@ def train(
                     state.stage_steps.append(step)
                     model.set_stage(len(state.stage_steps) - 1)
                     log({"event": "stage", "stage": len(state.stage_steps) - 1, "step": step, "virtual_layers": len(model.active_layers)})
+            if sampler is not None:
+                model.set_loops(sampler.draw(cfg.seed, step))
             if on_step is not None:
                 on_step(step, training_progress(step, now, cfg), model)
             t0 = time.perf_counter()
@@ -366,6 +383,8 @@ def train(
                     "elapsed": state.elapsed,
                     "tokens_per_second": tok_s,
                 }
+                if sampler is not None:  # the loop count this step drew
+                    record["loops"] = model.loops or model.plan.num_loops
                 if log_parts is not None:  # the parts of the last micro-batch's loss (distillation, exit losses)
                     record["parts"] = log_parts()
                 log(record)
@@ -374,6 +393,8 @@ def train(
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:.0f}s")
                 bar.update(1)
             if val_due and main:  # the other ranks go on and wait for rank 0 at the next collective
+                if sampler is not None:  # validate at the trained loop count; the next step draws again
+                    model.set_loops(None)
                 record = {"step": step, **validate(model)}
                 state.val_history.append(record)
                 log({"event": "val", **record})
@@ -392,6 +413,8 @@ def train(
             if len(state.stage_steps) < model.plan.num_loops:
                 log({"event": "warning", "message": f"training ended in recurrence stage {len(state.stage_steps) - 1}; later passes are untrained"})
             model.set_stage(None)
+        if sampler is not None:
+            model.set_loops(None)
     return TrainResult(
         steps=step,
         train_tokens=state.tokens,
