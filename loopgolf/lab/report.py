@@ -60,7 +60,9 @@ def train_flops(row: RunRow) -> float | None:
         try:
             sampler, seed = LoopSampler.parse(sampling), int(row.config["train"]["seed"])
             counts = Counter(sampler.draw(seed, s) for s in range(steps))
-            return sum(3.0 * forward_flops_per_token(cfg, seq_len, num_layers=len(cfg.depth_plan.schedule(n)[0])) * tokens * k / steps for n, k in counts.items())
+            return sum(
+                3.0 * forward_flops_per_token(cfg, seq_len, num_layers=len(cfg.depth_plan.schedule(n)[0])) * tokens * k / steps for n, k in counts.items()
+            )
         except (KeyError, TypeError, ValueError):
             return None
     if len(starts) < 2 or steps <= 0:
