@@ -360,3 +360,10 @@ def test_run_configs_written_before_eval_compute_still_read():
     assert RunConfig.from_dict(d) == config
     d["eval"]["ttt"] = "rank=3"
     assert RunConfig.from_dict(d).eval.ttt == str(TTTSpec(rank=3))
+
+
+def test_the_commands_help_gives_the_ttt_syntax():
+    from loopgolf.commands.args import TTT_HELP
+    from loopgolf.ttt import TTT_SYNTAX
+
+    assert TTT_SYNTAX.split(" (e.g.")[0] in TTT_HELP

@@ -176,6 +176,7 @@ def fake_summary(**values) -> dict:
         "loopgolf_version": "0.1.0",
         "torch_version": "x",
         "uptrain": None,
+        "eval_compute": None,
     }
     s.update(values)
     s["model_bytes"] = s["artifact_bytes"] - s["code_bytes"]

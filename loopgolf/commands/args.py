@@ -9,6 +9,12 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2  # a user mistake or a bad file: one line on stderr
 LOOPS_HELP = "a pass beyond training repeats the last trained pass's per-layer parameters; docs/evaluation.md#more-loops-at-evaluation"
+# loopgolf.ttt.TTT_SYNTAX, written out so that a command's help does not import the TTT code
+# (a test keeps the two equal).
+TTT_HELP = (
+    "score-first test-time training of per-virtual-layer LoRA adapters: rank=R,lr=LR[,targets=q+v+...|all][,reset=none|doc][,steps=N][,chunk=T][,seed=S], "
+    "e.g. rank=8,lr=0.003 (docs/evaluation.md#score-first-test-time-training)"
+)
 EXIT_OVER_CAP = 3  # the run finished and wrote its report, but code + model exceed the cap
 
 

@@ -7,9 +7,8 @@ import argparse
 import json
 import time
 
-from loopgolf.commands.args import LOOPS_HELP, int_list, positive_float, positive_int
+from loopgolf.commands.args import LOOPS_HELP, TTT_HELP, int_list, positive_float, positive_int
 from loopgolf.serve.exits import CRITERION_SYNTAX
-from loopgolf.ttt import TTT_SYNTAX
 
 DESCRIPTION = {
     "eval": "Score a model on a dataset's validation split with the official val_bpb. MODEL is an artifact (what a finished "
@@ -130,9 +129,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         metavar="N[,N...]",
         help=f"run the looped block(s) of a recursive plan N times instead of the trained count; a list scores each count ({LOOPS_HELP})",
     )
-    p.add_argument(
-        "--ttt", metavar="SPEC", help=f"score-first test-time training of per-virtual-layer LoRA adapters: {TTT_SYNTAX}; reports val_bpb with and without it"
-    )
+    p.add_argument("--ttt", metavar="SPEC", help=f"{TTT_HELP}; reports val_bpb with and without it")
     p.add_argument("--eval-time", type=positive_float, metavar="S", help="with --ttt: stop adapting (and keep scoring) after S seconds of evaluation")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from loopgolf.commands.args import EXIT_OVER_CAP, LOOPS_HELP, add_model_overrides, kv, model_overrides, non_negative_int, positive_float, positive_int
+from loopgolf.commands.args import EXIT_OVER_CAP, LOOPS_HELP, TTT_HELP, add_model_overrides, kv, model_overrides, non_negative_int, positive_float, positive_int
 from loopgolf.config import LOOP_SAMPLING_SYNTAX
 
 DESCRIPTION = {
@@ -131,7 +131,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     )
     e = p.add_argument_group("compute at evaluation (the final scores of the roundtrip model)")
     e.add_argument("--loops", type=positive_int, metavar="N", help=f"run a recursive plan's loop N times at evaluation ({LOOPS_HELP})")
-    e.add_argument("--ttt", metavar="SPEC", help="score-first test-time training of LoRA adapters, e.g. rank=8,lr=0.003 (the syntax of `loopgolf eval --ttt`)")
+    e.add_argument("--ttt", metavar="SPEC", help=TTT_HELP)
     e.add_argument("--eval-time", type=positive_float, metavar="S", help="with --ttt: stop adapting after S seconds of evaluation")
     add_model_overrides(p)
     u = p.add_argument_group("uptraining (after `loopgolf convert`)")
