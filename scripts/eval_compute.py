@@ -1,12 +1,12 @@
 """The evaluation-compute benchmark of docs/results/eval-compute.md: what loops and score-first
 test-time training buy at evaluation, and what they cost in evaluation seconds.
 
-    taskset -c 0 python scripts/eval_compute.py --corpus embedded DEFAULT_RUN FIXED_B3_RUN SAMPLED_B3_RUN \\
-        --corpus man-pages DEFAULT_RUN FIXED_B3_RUN SAMPLED_B3_RUN --json out.json [--md docs/results/eval-compute.md]
+    taskset -c 0 python scripts/eval_compute.py --corpus embedded DEFAULT_RUN FIXED_B3_RUN SAMPLED_B3_RUN... \\
+        --corpus man-pages DEFAULT_RUN FIXED_B3_RUN SAMPLED_B3_RUN... --json out.json [--md docs/results/eval-compute.md]
 
 Each RUN is a finished `loopgolf run` directory: the default `cpu` model, a B = 3 recursive model
 (`cpu-shared-scales`, 2 blocks x 3 loops + per-layer controls) trained at its fixed depth, and the
-same trained with `--loop-sampling poisson:3`. Every score is of the run's roundtrip artifact on
+same trained with `--loop-sampling` (one or more distributions, read from each run's config). Every score is of the run's roundtrip artifact on
 its own validation split. On the default model: non-overlapping windows, stride 64, and a grid of
 TTT settings; on the recursive models: loops 1..6 (and TTT at the trained depth). Run it on one
 pinned core with nothing else running: the seconds are the point.
@@ -47,6 +47,7 @@ def plain(model, ds, seq_len: int, stride: int | None = None) -> dict:
 def ttt(model, ds, seq_len: int, spec: str) -> dict:
     r = evaluate_ttt(model, ds.val_tokens(), ds.tables, seq_len, TTTSpec.parse(spec), batch_size=8)
     return {
+        "given": spec,
         "spec": str(r.spec),
         "val_bpb": r.adapted.val_bpb,
         "without": r.base.val_bpb,
@@ -56,8 +57,10 @@ def ttt(model, ds, seq_len: int, spec: str) -> dict:
     }
 
 
-def bench_corpus(name: str, default_run: Path, fixed_run: Path, sampled_run: Path) -> dict:
-    out: dict = {"corpus": name, "runs": {"default": str(default_run), "fixed": str(fixed_run), "sampled": str(sampled_run)}}
+def bench_corpus(name: str, default_run: Path, fixed_run: Path, sampled_runs: list[Path]) -> dict:
+    from loopgolf.rundir import RunDir
+
+    out: dict = {"corpus": name, "runs": {"default": str(default_run), "fixed": str(fixed_run), "sampled": [str(p) for p in sampled_runs]}}
     opened = open_model(default_run)
     ds = open_data(opened, None, None)
     m, seq_len = opened.model, opened.seq_len
@@ -66,7 +69,8 @@ def bench_corpus(name: str, default_run: Path, fixed_run: Path, sampled_run: Pat
     for spec in TTT_GRID:
         out["default"]["ttt"].append(ttt(m, ds, seq_len, spec))
         print("  ttt", out["default"]["ttt"][-1], flush=True)
-    for key, run in (("fixed", fixed_run), ("sampled", sampled_run)):
+    out["sampled"] = []
+    for key, run in [("fixed", fixed_run)] + [("sampled", p) for p in sampled_runs]:
         opened = open_model(run)
         m = opened.model
         print(f"[{name}] {key} B=3 model {run}", flush=True)
@@ -76,8 +80,12 @@ def bench_corpus(name: str, default_run: Path, fixed_run: Path, sampled_run: Pat
             rows.append({"loops": n, **plain(m, ds, opened.seq_len)})
             print("  loops", rows[-1], flush=True)
         m.set_loops(None)
-        out[key] = {"loops": rows, "ttt": ttt(m, ds, opened.seq_len, "rank=8,lr=0.003")}
-        print("  ttt", out[key]["ttt"], flush=True)
+        entry = {"loop_sampling": RunDir(run).read_config().train.loop_sampling, "loops": rows, "ttt": ttt(m, ds, opened.seq_len, "rank=8,lr=0.003")}
+        print("  ttt", entry["ttt"], flush=True)
+        if key == "fixed":
+            out["fixed"] = entry
+        else:
+            out["sampled"].append(entry)
     return out
 
 
@@ -104,7 +112,9 @@ def markdown(results: list[dict], command: str) -> str:
         lines += [
             f"## {r['corpus']}",
             "",
-            f"Runs: default `{r['runs']['default']}`, fixed B = 3 `{r['runs']['fixed']}`, depth-sampled B = 3 `{r['runs']['sampled']}`.",
+            f"Runs: default `{r['runs']['default']}`, fixed B = 3 `{r['runs']['fixed']}`, depth-sampled B = 3 "
+            + ", ".join(f"`{p}`" for p in r["runs"]["sampled"])
+            + ".",
             "",
             "### Default `cpu` model (4 x 256 vanilla, 250 steps)",
             "",
@@ -115,23 +125,25 @@ def markdown(results: list[dict], command: str) -> str:
         ]
         for t in d["ttt"]:
             lines.append(
-                f"| TTT `{t['spec']}` | {t['val_bpb']:.4f} | {t['val_bpb'] - base['val_bpb']:+.4f} (vs its own no-TTT {t['without']:.4f}: {-t['gain']:+.4f}) | {t['seconds']:.1f} |"
+                f"| TTT `{t['given']}` | {t['val_bpb']:.4f} | {t['val_bpb'] - base['val_bpb']:+.4f} (vs its own no-TTT {t['without']:.4f}: {-t['gain']:+.4f}) | {t['seconds']:.1f} |"
             )
         lines += [
             "",
             "### B = 3 recursive model (`cpu-shared-scales`, 300 steps): loops at evaluation",
             "",
-            "| loops | fixed depth: val_bpb | eval s | depth-sampled (`poisson:3`): val_bpb | eval s |",
-            "|---:|---:|---:|---:|---:|",
+            "| loops | fixed depth: val_bpb | " + " | ".join(f"sampled `{e['loop_sampling']}`: val_bpb" for e in r["sampled"]) + " | eval s (fixed) |",
+            "|---:|---:|" + "---:|" * len(r["sampled"]) + "---:|",
         ]
-        for a, b in zip(r["fixed"]["loops"], r["sampled"]["loops"]):
+        for i, a in enumerate(r["fixed"]["loops"]):
             mark = " (trained)" if a["loops"] == 3 else ""
-            lines.append(f"| {a['loops']}{mark} | {a['val_bpb']:.4f} | {a['seconds']:.1f} | {b['val_bpb']:.4f} | {b['seconds']:.1f} |")
-        for key in ("fixed", "sampled"):
-            t = r[key]["ttt"]
+            cells = " | ".join(f"{e['loops'][i]['val_bpb']:.4f}" for e in r["sampled"])
+            lines.append(f"| {a['loops']}{mark} | {a['val_bpb']:.4f} | {cells} | {a['seconds']:.1f} |")
+        for e in [r["fixed"], *r["sampled"]]:
+            t = e["ttt"]
+            what = "fixed-depth" if e["loop_sampling"] is None else f"`{e['loop_sampling']}`"
             lines.append("")
             lines.append(
-                f"TTT `{t['spec']}` on the {key} model at 3 loops: {t['without']:.4f} -> {t['val_bpb']:.4f} ({-t['gain']:+.4f}), {t['seconds']:.1f} s."
+                f"TTT `{t['given']}` on the {what} model at 3 loops: {t['without']:.4f} -> {t['val_bpb']:.4f} ({-t['gain']:+.4f}), {t['seconds']:.1f} s."
             )
         lines.append("")
     return "\n".join(lines)
@@ -139,12 +151,15 @@ def markdown(results: list[dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", nargs=4, action="append", metavar=("NAME", "DEFAULT_RUN", "FIXED_RUN", "SAMPLED_RUN"), required=True)
+    ap.add_argument("--corpus", nargs="+", action="append", metavar="NAME DEFAULT_RUN FIXED_RUN SAMPLED_RUN", required=True)
     ap.add_argument("--json", required=True, help="raw results")
     ap.add_argument("--md", help="write the results page here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = [bench_corpus(name, Path(a), Path(b), Path(c)) for name, a, b, c in args.corpus]
+    for c in args.corpus:
+        if len(c) < 4:
+            ap.error(f"--corpus takes NAME DEFAULT_RUN FIXED_RUN SAMPLED_RUN..., got {c}")
+    results = [bench_corpus(name, Path(a), Path(b), [Path(p) for p in rest]) for name, a, b, *rest in args.corpus]
     Path(args.json).write_text(json.dumps(results, indent=1))
     if args.md:
         command = (

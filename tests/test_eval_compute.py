@@ -367,3 +367,19 @@ def test_the_commands_help_gives_the_ttt_syntax():
     from loopgolf.ttt import TTT_SYNTAX
 
     assert TTT_SYNTAX.split(" (e.g.")[0] in TTT_HELP
+
+
+def test_generate_runs_more_loops_and_a_vanilla_model_refuses(tiny_artifact, tmp_path, capsys):
+    from loopgolf.cli import main
+    from loopgolf.export.pack import export_model
+
+    path, tokenizer = tiny_artifact
+    argv = ["generate", str(path), "--tokenizer", str(tokenizer), "--prompt", "the model", "--max-new-tokens", "3", "--temperature", "0", "--json"]
+    capsys.readouterr()
+    assert main([*argv, "--loops", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["loops"] == [3, 3, 3]
+    vanilla = tmp_path / "vanilla.ptz"
+    export_model(random_model(PlanSpec("vanilla", layers=2), vocab_size=384, max_seq_len=64), vanilla, bits=8)
+    code = main(["generate", str(vanilla), *argv[2:], "--loops", "2"])
+    one_line_error(code, capsys.readouterr().err, "vanilla plan has no loop")

@@ -31,7 +31,9 @@ def _main(argv: list[str], capsys) -> tuple[int, str, str]:
 def _eval(argv: list[str], capsys) -> dict:
     code, out, err = _main(["eval", *argv, "--json"], capsys)
     assert code == 0, err
-    return json.loads(out)
+    r = json.loads(out)
+    assert r.pop("eval_seconds") > 0  # the one figure that differs between two evaluations
+    return r
 
 
 @pytest.fixture(scope="module")

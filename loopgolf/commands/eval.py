@@ -89,11 +89,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             from loopgolf.serve.scoring import evaluate_early_exit
 
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 r = evaluate_early_exit(
                     model, ds.val_tokens(), ds.tables, seq_len, criterion, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.json
                 )
-            out = {**r.to_dict(), **loops}
+            out = {**r.to_dict(), "eval_seconds": time.perf_counter() - t0, **loops}
             line = (
                 f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  early exit {r.criterion}: mean passes/token {r.mean_loops:.3f} of {r.full_loops}  "
                 f"(per pass {r.loop_histogram})  targets {r.num_targets:,}  bytes {r.target_bytes:,}"
