@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, free_port, post_completion, random_byte_tables, random_model, running_server
+from helpers import TINY, free_port, one_line_error, post_completion, random_byte_tables, random_model, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -138,8 +138,18 @@ def test_queue_bound_and_cancel():
     assert len(engine.free_slots) == 1
 
 
-def _alone(model: GPT, prompt: list[int], n: int, criterion: ExitCriterion | None) -> list[int]:
-    return Generator(model, criterion=criterion).generate(prompt, n, temperature=0.0).token_ids
+def test_offline_serving_takes_more_requests_than_the_queue_bound():
+    """``run_offline`` is given its whole list: the server's queue bound does not refuse it
+    (``bench serve --requests 256`` failed with QueueFull before)."""
+    model = random_model(PlanSpec("cycle", layers=1, loops=2), seed=1)
+    engine = Engine(model, slots=2, max_queue=3)
+    reqs = [Request([1 + i % 7, 2], 2, SamplingParams(temperature=0.0)) for i in range(9)]
+    engine.run_offline(reqs, realtime=False)
+    assert all(r.finish_reason == "length" and len(r.generated) == 2 for r in reqs)
+
+
+def _alone(model: GPT, prompt: list[int], n: int, criterion: ExitCriterion | None, exit_state: str = "fill") -> list[int]:
+    return Generator(model, criterion=criterion, exit_state=exit_state).generate(prompt, n, temperature=0.0).token_ids
 
 
 SCHED_MODEL = random_model(PlanSpec("cycle", layers=2, loops=3), seed=11)
@@ -159,13 +169,14 @@ SCHED_MODEL = random_model(PlanSpec("cycle", layers=2, loops=3), seed=11)
     st.sampled_from(SCHEDULES),
     st.integers(1, 4),
     st.sampled_from(["never", "agree", "after:2", "maxprob:0.2"]),
+    st.sampled_from(["fill", "share"]),
 )
-def test_scheduler_keeps_every_request_whole_and_equal_to_alone(specs, schedule, slots, crit):
+def test_scheduler_keeps_every_request_whole_and_equal_to_alone(specs, schedule, slots, crit, exit_state):
     """Random arrivals and lengths: each request gets exactly its tokens, in order, equal to
     what it gets when served alone (greedy; exits are per token, so batching cannot change
     them), and every streamed event is delivered once."""
     model, criterion = SCHED_MODEL, parse_criterion(crit)
-    engine = Engine(model, schedule=schedule, slots=slots, criterion=criterion, max_queue=100)
+    engine = Engine(model, schedule=schedule, slots=slots, criterion=criterion, exit_state=exit_state, max_queue=100)
     events: dict[int, list[int]] = {i: [] for i in range(len(specs))}
     reqs = []
     for i, (prompt, n, _) in enumerate(specs):
@@ -183,7 +194,7 @@ def test_scheduler_keeps_every_request_whole_and_equal_to_alone(specs, schedule,
         assert r.finish_reason == "length"
         assert len(r.generated) == n
         assert [t for t in events[i] if t >= 0] == r.generated  # streamed once each, in order
-        assert r.generated == _alone(model, prompt, n, criterion)
+        assert r.generated == _alone(model, prompt, n, criterion, exit_state)
 
 
 def test_depthwise_mixes_depths_in_one_call():
@@ -211,17 +222,19 @@ def test_depthwise_mixes_depths_in_one_call():
     assert runner.layer_rows > runner.layer_calls
 
 
-def test_early_exit_scoring_never_equals_evaluate_bpb():
+@pytest.mark.parametrize("exit_state", ["fill", "share"])
+def test_early_exit_scoring_never_equals_evaluate_bpb(exit_state):
     vocab = TINY["vocab_size"]
     model = random_model(PlanSpec("cycle", layers=2, loops=2), seed=4)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, size=16 * 4 + 1).astype(np.uint16)
     tables = random_byte_tables(vocab, seed=1)
     full = evaluate_bpb(model, tokens, tables, seq_len=16, batch_size=2)
-    never = evaluate_early_exit(model, tokens, tables, 16, parse_criterion("never"), batch_size=3)
+    never = evaluate_early_exit(model, tokens, tables, 16, parse_criterion("never"), exit_state=exit_state, batch_size=3)
     assert never.val_bpb == pytest.approx(full.val_bpb, rel=1e-6)
     assert never.mean_loops == 2.0
-    early = evaluate_early_exit(model, tokens, tables, 16, parse_criterion("after:1"), batch_size=3)
+    early = evaluate_early_exit(model, tokens, tables, 16, parse_criterion("after:1"), exit_state=exit_state, batch_size=3)
+    assert early.exit_state == exit_state
     assert early.mean_loops == 1.0
     model.set_stage(0)
     first = evaluate_bpb(model, tokens, tables, seq_len=16, batch_size=2)
@@ -343,6 +356,8 @@ def test_generate_cli_streams_text_and_json(tiny_artifact):
     assert plain.returncode == 0 and plain.stdout == "the model" + out["text"] + "\n"
     bad = _cli("generate", str(artifact), "--tokenizer", str(tok), "--prompt", "x", "--early-exit", "maxprob:2")
     assert bad.returncode != 0 and "maxprob" in bad.stderr and "Traceback" not in bad.stderr
+    lonely = _cli("generate", str(artifact), "--tokenizer", str(tok), "--prompt", "x", "--exit-state", "fill")
+    one_line_error(lonely.returncode, lonely.stderr, "needs --early-exit")
     missing = _cli("generate", str(artifact), "--prompt", "x")
     assert missing.returncode != 0 and "--tokenizer" in missing.stderr
 
@@ -422,6 +437,17 @@ def test_eval_early_exit_cli_never_equals_plain_eval(tiny_artifact, text_dataset
     assert e["mean_loops"] == 1.0 and e["loop_histogram"][0] == e["num_targets"]
     bad = _cli("eval", *common, "--early-exit", "sometimes")
     assert bad.returncode != 0 and "unknown exit criterion" in bad.stderr
+    fill = _cli("eval", *common, "--early-exit", "after:1", "--exit-state", "fill")
+    assert fill.returncode == 0, fill.stderr
+    f = json.loads(fill.stdout[fill.stdout.index("{") :])
+    assert e["exit_state"] == "share" and f["exit_state"] == "fill"  # share is the default
+    assert f["val_bpb"] == pytest.approx(e["val_bpb"], rel=1e-6)  # after:1: nothing reads the deeper entries
+    for args, words in (
+        (["--exit-state", "share"], ("needs --early-exit",)),
+        (["--early-exit", "after:1", "--exit-state", "copy"], ("--exit-state", "invalid choice")),
+    ):
+        r = _cli("eval", *common, *args)
+        one_line_error(r.returncode, r.stderr, *words)
 
 
 def test_bench_serve_smoke(tiny_artifact, text_dataset):
@@ -477,11 +503,28 @@ def test_a_run_does_not_import_serve():
 
 
 @torch.no_grad()
-def frozen_exit_reference(model: GPT, ids: list[int], threshold: float) -> tuple[Tensor, list[int]]:
+def frozen_exit_reference(model: GPT, ids: list[int], threshold: float, exit_state: str = "fill") -> tuple[Tensor, list[int]]:
     """Full-sequence forward where a position whose top probability after a pass reaches
-    ``threshold`` keeps that residual for every deeper layer (its keys and values there come
-    from it; no U-Net skip is added to it): the runner's documented exit-state fill, written as
-    a plain causal forward. Returns each position's logits (at its exit) and passes run."""
+    ``threshold`` stops there, written as a plain causal forward. ``fill``: it keeps that
+    residual for every deeper layer (its keys and values there come from it; no U-Net skip is
+    added to it). ``share``: a deeper layer whose attention block the position ran before uses
+    the keys and values of its last such run instead (``fill`` where it never ran the block).
+    Returns each position's logits (at its exit) and passes run."""
+    from loopgolf.model.gpt import causal_attention
+
+    last_kv: dict[int, tuple[Tensor, Tensor]] = {}  # attention block -> its latest keys and values
+
+    def attend_with(block: int):
+        def attend(q: Tensor, k: Tensor, val: Tensor) -> Tensor:
+            if exit_state == "share" and block in last_kv:
+                old_k, old_v = last_kv[block]
+                keep = frozen[None, None, :, None]
+                k, val = torch.where(keep, old_k, k), torch.where(keep, old_v, val)
+            last_kv[block] = (k, val)
+            return causal_attention(q, k, val)
+
+        return attend
+
     idx = torch.tensor([ids])
     cos, sin = model.rotary(idx.size(1)) if model.rotary is not None else (None, None)
     x = model.embed(idx)
@@ -497,7 +540,7 @@ def frozen_exit_reference(model: GPT, ids: list[int], threshold: float) -> tuple
         if enc in outputs:
             x = x + model.skip_weight[row].to(x.dtype) * outputs.pop(enc)
         x = torch.where(frozen[None, :, None], kept, x)
-        x = model.layer(v, x, x0, cos, sin)
+        x = model.layer(v, x, x0, cos, sin, attend_with(model.plan.attn_of[v]))
         if v in model.skip_sources:
             outputs[v] = x
         if j in exits:
@@ -513,8 +556,10 @@ def frozen_exit_reference(model: GPT, ids: list[int], threshold: float) -> tuple
     return logits, loops
 
 
-@pytest.mark.parametrize("name", ["cycle", "cycle+lora+controls", "middle-cycle"])
-def test_exited_tokens_leave_keys_and_values_from_their_exit_state(name):
+@pytest.mark.parametrize("exit_state", ["fill", "share"])
+@pytest.mark.parametrize("name", ["cycle", "cycle+lora+controls", "middle-cycle", "mini-loop", "share-mlp"])
+def test_exited_tokens_leave_keys_and_values_from_their_exit_state(name, exit_state):
+    """Cached, token by token, equals the scheme's own full-sequence reference forward."""
     from loopgolf.serve.runner import LayerRunner, Token
 
     plan, kw = PLANS[name]
@@ -525,9 +570,11 @@ def test_exited_tokens_leave_keys_and_values_from_their_exit_state(name):
         for lg in model.loop_logits(torch.tensor([ids]))[:-1]:
             probs.append(lg[0].softmax(-1).max(-1).values)
     threshold = float(torch.cat(probs).median())
-    ref_logits, ref_loops = frozen_exit_reference(model, ids, threshold)
+    ref_logits, ref_loops = frozen_exit_reference(model, ids, threshold, exit_state)
     assert 0 < sum(n < model.plan.num_loops for n in ref_loops) < len(ids)  # some exit, some do not
-    runner = LayerRunner(model, 1, 32, parse_criterion(f"maxprob:{threshold}"))
+    if exit_state == "share" and name != "share-mlp":  # (unique attention blocks: nothing to share, all fill)
+        assert not torch.allclose(ref_logits, frozen_exit_reference(model, ids, threshold, "fill")[0], atol=1e-3)  # the scheme matters
+    runner = LayerRunner(model, 1, 32, parse_criterion(f"maxprob:{threshold}"), exit_state)
     tokens = [Token(0, p, t) for p, t in enumerate(ids)]
     with torch.inference_mode():
         runner.run(tokens)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from loopgolf.serve.engine import Engine
-from loopgolf.serve.exits import ExitCriterion, check_fires, parse_criterion
+from loopgolf.serve.exits import DEFAULT_EXIT_STATE, ExitCriterion, check_exit_state, check_fires, parse_criterion
 from loopgolf.serve.request import Request
 from loopgolf.serve.sampling import SamplingParams
 
@@ -66,11 +66,13 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def run_engine(model, reqs: list[Request], schedule: str, criterion: ExitCriterion | None, slots: int, max_len: int) -> dict[str, Any]:
+def run_engine(
+    model, reqs: list[Request], schedule: str, criterion: ExitCriterion | None, slots: int, max_len: int, exit_state: str = DEFAULT_EXIT_STATE
+) -> dict[str, Any]:
     """Serve ``reqs`` (copied) on a fresh engine; tokens/s, latency, passes and the time split."""
-    warm = Engine(model, schedule=schedule, slots=slots, max_len=max_len, criterion=criterion)
+    warm = Engine(model, schedule=schedule, slots=slots, max_len=max_len, criterion=criterion, exit_state=exit_state)
     warm.run_offline(_copy(reqs[:2]), realtime=False)  # first-call costs out of the measurement
-    eng = Engine(model, schedule=schedule, slots=slots, max_len=max_len, criterion=criterion)
+    eng = Engine(model, schedule=schedule, slots=slots, max_len=max_len, criterion=criterion, exit_state=exit_state)
     mine = _copy(reqs)
     wall = eng.run_offline(mine, realtime=any(r.arrival > 0 for r in mine))
     tokens = sum(len(r.generated) for r in mine)
@@ -109,16 +111,24 @@ def _post(url: str, body: dict, timeout: float) -> dict:
 
 
 def load_test(
-    model_path: str, tokenizer: str | None, reqs: list[Request], criterion: str | None, slots: int, concurrency: int, timeout: float = 300.0
+    model_path: str,
+    tokenizer: str | None,
+    reqs: list[Request],
+    criterion: str | None,
+    slots: int,
+    concurrency: int,
+    timeout: float = 300.0,
+    exit_state: str = DEFAULT_EXIT_STATE,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Start `loopgolf serve` in a second process on a free localhost port, send ``reqs`` from
     ``concurrency`` client threads, then SIGTERM it; bounded by ``timeout`` seconds overall."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "loopgolf", "serve", model_path, "--port", str(port), "--slots", str(slots), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "loopgolf", "serve", model_path, "--port", str(port), "--slots", str(slots), "--device", device]
     if tokenizer:
         cmd += ["--tokenizer", tokenizer]
     if criterion:
-        cmd += ["--early-exit", criterion]
+        cmd += ["--early-exit", criterion, "--exit-state", exit_state]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -233,6 +243,8 @@ def bench_serve(
     tokenizer: str | None = None,
     data: str | None = None,
     criterion: str | None = None,
+    exit_state: str = DEFAULT_EXIT_STATE,
+    device: str = "cpu",
     spec: StreamSpec = StreamSpec(),
     slots: int = 8,
     eval_tokens: int = 16384,
@@ -249,7 +261,10 @@ def bench_serve(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if threads:
         torch.set_num_threads(threads)
-    opened = open_model(model_path, "cpu")
+    from loopgolf.device import resolve_device
+
+    check_exit_state(exit_state)
+    opened = open_model(model_path, resolve_device(device))
     model = opened.model
     data_dir = resolve_data_dir(opened, data)
     # The tokenizer: given, else the one next to the data (as `eval` finds it), else the run's.
@@ -265,14 +280,14 @@ def bench_serve(
     with torch.inference_mode():
         # Warm the process once over the whole stream (allocator, thread pool, kernels) so that the
         # engine measured first is not charged for it.
-        Engine(model, schedule="depthwise", slots=slots, max_len=max_len, criterion=crit).run_offline(_copy(reqs), realtime=False)
+        Engine(model, schedule="depthwise", slots=slots, max_len=max_len, criterion=crit, exit_state=exit_state).run_offline(_copy(reqs), realtime=False)
         # Rounds of all four engines back to back: a shared machine's speed drifts over seconds,
         # so the speedups are ratios within a round, and the medians over rounds are reported.
         for _ in range(repeats):
-            rounds.append({name: run_engine(model, reqs, schedule, c, slots, max_len) for name, schedule, c in setups})
+            rounds.append({name: run_engine(model, reqs, schedule, c, slots, max_len, exit_state) for name, schedule, c in setups})
         seq_len = min(opened.seq_len, model.config.max_seq_len)
         full = evaluate_early_exit(model, val, ds.tables, seq_len, parse_criterion("never"), max_tokens=eval_tokens)
-        early = evaluate_early_exit(model, val, ds.tables, seq_len, crit, max_tokens=eval_tokens)
+        early = evaluate_early_exit(model, val, ds.tables, seq_len, crit, exit_state=exit_state, max_tokens=eval_tokens)
     same = all(r["static"]["outputs"] == r["sequence"]["outputs"] == rounds[0]["static"]["outputs"] for r in rounds)
     exit_same = all(r["sequence_exit"]["outputs"] == r["depthwise"]["outputs"] == rounds[0]["depthwise"]["outputs"] for r in rounds)
     for r in rounds:
@@ -289,13 +304,15 @@ def bench_serve(
     server = None
     if server_requests > 0:
         # The server gets the tokenizer and the criterion measured above (the default one too).
-        server = load_test(str(model_path), str(tok_path), reqs[:server_requests], str(crit), slots, concurrency)
+        server = load_test(str(model_path), str(tok_path), reqs[:server_requests], str(crit), slots, concurrency, exit_state=exit_state, device=device)
     d = engines["depthwise"]
     speedups = {name: ratio(a, b) for name, (a, b) in SPEEDUPS.items()}
     return {
         "model": str(opened.path),
         "plan": model.plan.describe(),
         "criterion": str(crit),
+        "exit_state": exit_state,
+        "device": str(next(model.parameters()).device),
         "requests": spec.requests,
         "prompt_len": list(spec.prompt_len),
         "output_len": list(spec.output_len),
@@ -320,8 +337,8 @@ def bench_serve(
 
 def format_bench_serve(r: dict[str, Any]) -> str:
     lines = [
-        f"model {r['model']}  plan {r['plan']}  early exit {r['criterion']}  {r['requests']} requests "
-        f"(prompt {r['prompt_len'][0]}-{r['prompt_len'][1]}, output {r['output_len'][0]}-{r['output_len'][1]} tokens), {r['slots']} slots, {r['threads']} threads",
+        f"model {r['model']}  plan {r['plan']}  early exit {r['criterion']} ({r['exit_state']})  {r['requests']} requests "
+        f"(prompt {r['prompt_len'][0]}-{r['prompt_len'][1]}, output {r['output_len'][0]}-{r['output_len'][1]} tokens), {r['slots']} slots, {r['device']}, {r['threads']} threads",
         f"{'engine':<15}{'exit':>10}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'passes':>8}{'rows/call':>10}  time split (s)",
     ]
     for name, e in r["engines"].items():

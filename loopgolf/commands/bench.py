@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from loopgolf.commands.args import add_model_overrides, int_list, kv, model_overrides, non_negative_float, non_negative_int, positive_int
-from loopgolf.serve.exits import CRITERION_SYNTAX
+from loopgolf.serve.exits import CRITERION_SYNTAX, DEFAULT_EXIT_STATE, EXIT_STATE_HELP, EXIT_STATES
 
 DESCRIPTION: dict[str, str] = {}
 
@@ -49,6 +49,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         data=args.data,
         criterion=args.early_exit,
+        exit_state=args.exit_state,
+        device=args.device or "cpu",
         spec=spec,
         slots=args.slots,
         eval_tokens=args.eval_tokens,
@@ -104,6 +106,8 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--early-exit", metavar="CRITERION", help=f"{CRITERION_SYNTAX} (default: agree on plans of 3 or more passes, where it can fire; maxprob:0.5 on 2)"
     )
+    s.add_argument("--exit-state", choices=EXIT_STATES, default=DEFAULT_EXIT_STATE, help=EXIT_STATE_HELP)
+    s.add_argument("--device", help="cpu (default) or cuda: where the engines run")
     s.add_argument("--requests", type=positive_int, default=32, help="requests in the stream (default 32)")
     s.add_argument("--prompt-len", type=int_list, default=[16, 96], metavar="MIN,MAX", help="prompt tokens (default 16,96)")
     s.add_argument("--output-len", type=int_list, default=[16, 64], metavar="MIN,MAX", help="generated tokens (default 16,64)")

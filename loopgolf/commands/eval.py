@@ -8,7 +8,7 @@ import json
 import time
 
 from loopgolf.commands.args import LOOPS_HELP, TTT_HELP, int_list, positive_float, positive_int
-from loopgolf.serve.exits import CRITERION_SYNTAX
+from loopgolf.serve.exits import CRITERION_SYNTAX, EXIT_STATE_HELP, EXIT_STATES
 
 DESCRIPTION = {
     "eval": "Score a model on a dataset's validation split with the official val_bpb. MODEL is an artifact (what a finished "
@@ -40,6 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.ttt:
             raise ValueError("--early-exit and --ttt cannot be combined")
         criterion = parse_criterion(args.early_exit)
+    elif args.exit_state is not None:
+        raise ValueError("--exit-state says what an exited token leaves behind; it needs --early-exit")
     if args.ttt:
         from loopgolf.ttt import TTTSpec, evaluate_ttt
 
@@ -87,16 +89,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out = {**r.to_dict(), "eval_seconds": time.perf_counter() - t0, **loops}
             line = f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  targets {r.num_targets:,}  bytes {r.target_bytes:,}  (seq_len {r.seq_len}, stride {r.stride})"
         else:
+            from loopgolf.serve.exits import DEFAULT_EXIT_STATE
             from loopgolf.serve.scoring import evaluate_early_exit
 
             t0 = time.perf_counter()
             with torch.inference_mode():
                 r = evaluate_early_exit(
-                    model, ds.val_tokens(), ds.tables, seq_len, criterion, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.json
-                )
+                    model, ds.val_tokens(), ds.tables, seq_len, criterion, exit_state=args.exit_state or DEFAULT_EXIT_STATE, batch_size=args.batch_size,
+                    max_tokens=args.max_tokens, progress=not args.json,
+                )  # fmt: skip
             out = {**r.to_dict(), "eval_seconds": time.perf_counter() - t0, **loops}
             line = (
-                f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  early exit {r.criterion}: mean passes/token {r.mean_loops:.3f} of {r.full_loops}  "
+                f"val_bpb {r.val_bpb:.6f}  val_loss {r.val_loss:.6f}  early exit {r.criterion} ({r.exit_state}): mean passes/token {r.mean_loops:.3f} of {r.full_loops}  "
                 f"(per pass {r.loop_histogram})  targets {r.num_targets:,}  bytes {r.target_bytes:,}"
             )
         results.append({**out, **where})
@@ -124,6 +128,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help=f"score with early exit after each pass of a recursive plan, token by token through the KV cache: {CRITERION_SYNTAX}; "
         "reports val_bpb and the mean passes per token (non-overlapping windows)",
     )
+    p.add_argument("--exit-state", choices=EXIT_STATES, help=f"with --early-exit: {EXIT_STATE_HELP}")
     p.add_argument(
         "--loops",
         type=_loop_counts,

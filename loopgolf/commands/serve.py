@@ -8,7 +8,7 @@ import json
 import sys
 
 from loopgolf.commands.args import LOOPS_HELP, non_negative_float, non_negative_int, positive_float, positive_int
-from loopgolf.serve.exits import CRITERION_SYNTAX
+from loopgolf.serve.exits import CRITERION_SYNTAX, DEFAULT_EXIT_STATE, EXIT_STATE_HELP, EXIT_STATES
 
 DESCRIPTION = {
     "serve": "Serve POST /v1/completions (stream via server-sent events), GET /v1/models and GET /health with "
@@ -24,6 +24,8 @@ def _open(args: argparse.Namespace):
     from loopgolf.sources.open import open_for_text
 
     criterion = parse_criterion(args.early_exit) if args.early_exit else None
+    if criterion is None and args.exit_state is not None:
+        raise ValueError("--exit-state says what an exited token leaves behind; it needs --early-exit")
     served = open_for_text(args.model, args.tokenizer, resolve_device(args.device or "auto"))
     if args.loops is not None:
         served.model.set_loops(args.loops)
@@ -36,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from loopgolf.serve.generate import Generator
 
     served, criterion = _open(args)
-    gen = Generator(served.model, served.tokenizer, criterion=criterion)
+    gen = Generator(served.model, served.tokenizer, criterion=criterion, exit_state=args.exit_state or DEFAULT_EXIT_STATE)
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     if args.json:
         g = gen.generate(args.prompt, args.max_new_tokens, **kwargs)
@@ -118,7 +120,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         engine = Engine(
-            model, schedule=args.schedule, slots=args.slots, max_len=context, criterion=criterion, decode=served.tokenizer.decode, max_queue=args.max_queue
+            model,
+            schedule=args.schedule,
+            slots=args.slots,
+            max_len=context,
+            criterion=criterion,
+            exit_state=args.exit_state or DEFAULT_EXIT_STATE,
+            decode=served.tokenizer.decode,
+            max_queue=args.max_queue,
         )
     except (RuntimeError, MemoryError) as e:  # the KV cache could not be allocated after all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -134,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(
         f"serving {cfg.model_name} ({served.opened.path}) on http://{cfg.host}:{cfg.port}/v1 — schedule {args.schedule}, "
-        f"{args.slots} slots, context {engine.max_len}, early exit {criterion or 'off'}" + (f", {args.loops} loops" if args.loops is not None else ""),
+        f"{args.slots} slots, context {engine.max_len}, early exit {f'{criterion} ({args.exit_state or DEFAULT_EXIT_STATE})' if criterion else 'off'}"
+        + (f", {args.loops} loops" if args.loops is not None else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -147,6 +157,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one of the data the run trained on)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--early-exit", metavar="CRITERION", help=f"stop a token after a pass of a recursive plan when: {CRITERION_SYNTAX} (default: full depth)")
+    p.add_argument("--exit-state", choices=EXIT_STATES, help=f"with --early-exit: {EXIT_STATE_HELP}")
     p.add_argument("--loops", type=positive_int, help=f"run the looped block(s) of a recursive plan N times instead of the trained count ({LOOPS_HELP})")
 
 

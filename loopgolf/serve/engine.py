@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from loopgolf.model.gpt import GPT
-from loopgolf.serve.exits import ExitCriterion
+from loopgolf.serve.exits import DEFAULT_EXIT_STATE, ExitCriterion
 from loopgolf.serve.request import Request, TokenEvent
 from loopgolf.serve.runner import LayerRunner, Token
 from loopgolf.serve.sampling import sample, token_logprobs
@@ -52,6 +52,7 @@ class Engine:
         slots: int = 8,
         max_len: int | None = None,
         criterion: ExitCriterion | None = None,
+        exit_state: str = DEFAULT_EXIT_STATE,
         decode: Callable[[list[int]], str] | None = None,
         max_queue: int = 64,
     ) -> None:
@@ -62,7 +63,7 @@ class Engine:
         model.eval()
         self.model, self.schedule, self.decode, self.max_queue = model, schedule, decode, max_queue
         self.max_len = max_len or model.config.max_seq_len
-        self.runner = LayerRunner(model, slots, self.max_len, criterion)
+        self.runner = LayerRunner(model, slots, self.max_len, criterion, exit_state)
         self.free_slots = list(range(slots))[::-1]
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}  # slot -> request
@@ -283,7 +284,7 @@ class Engine:
         while i < len(order) or not self.idle:
             now = time.perf_counter() - start
             while i < len(order) and (not realtime or order[i].arrival <= now):
-                self.submit(order[i])
+                self.submit(order[i], bounded=False)  # the whole list is this caller's: no queue bound to refuse it
                 i += 1
             if self.idle and i < len(order):
                 time.sleep(max(0.0, order[i].arrival - (time.perf_counter() - start)))

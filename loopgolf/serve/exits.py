@@ -14,6 +14,24 @@ from torch import Tensor
 
 CRITERION_SYNTAX = "never | maxprob:P (0 < P <= 1) | agree | after:N (N >= 1)"
 
+# What an exited token leaves in the deeper layers' KV cache entries, which later tokens read:
+# ``fill`` computes each deeper layer's keys and values from the token's exit residual (its own
+# norm, mix, controls and adapters; a third of a layer per deeper layer); ``share`` reuses the
+# entry the token left at its last run of the same attention block (recursion-wise sharing, as
+# Mixture-of-Recursions does: a copy, no compute), computing only for blocks it never ran.
+EXIT_STATES = ("fill", "share")
+DEFAULT_EXIT_STATE = "share"
+EXIT_STATE_HELP = (
+    "what an exited token leaves for deeper layers' attention: fill (keys/values computed from its exit state) or "
+    f"share (the keys/values it left at its last run of the same block; no compute). Default {DEFAULT_EXIT_STATE}"
+)
+
+
+def check_exit_state(name: str) -> str:
+    if name not in EXIT_STATES:
+        raise ValueError(f"unknown exit state {name!r}; expected one of {', '.join(EXIT_STATES)}")
+    return name
+
 
 @dataclass(frozen=True)
 class ExitCriterion:
@@ -39,7 +57,7 @@ class ExitCriterion:
             return [False] * logits.size(0)
         if self.kind == "maxprob":
             top = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
-            return [bool(p >= self.value) for p in top]
+            return (top >= self.value).tolist()
         if self.kind == "agree":
             pred = logits.argmax(dim=-1).tolist()
             return [prev is not None and prev == p for prev, p in zip(prev_preds, pred)]

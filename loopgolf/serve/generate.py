@@ -16,7 +16,7 @@ import torch
 
 from loopgolf.model.gpt import GPT
 from loopgolf.serve.engine import Engine
-from loopgolf.serve.exits import ExitCriterion
+from loopgolf.serve.exits import DEFAULT_EXIT_STATE, ExitCriterion
 from loopgolf.serve.request import Request, TokenEvent
 from loopgolf.serve.sampling import SamplingParams
 
@@ -43,10 +43,12 @@ class Generation:
 class Generator:
     """Generates for one prompt at a time (for many at once, use :class:`Engine`)."""
 
-    def __init__(self, model: GPT, tokenizer=None, criterion: ExitCriterion | None = None, max_len: int | None = None) -> None:
+    def __init__(
+        self, model: GPT, tokenizer=None, criterion: ExitCriterion | None = None, max_len: int | None = None, exit_state: str = DEFAULT_EXIT_STATE
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         decode = None if tokenizer is None else (lambda ids: tokenizer.decode(ids))
-        self.engine = Engine(model, schedule="sequence", slots=1, max_len=max_len, criterion=criterion, decode=decode)
+        self.engine = Engine(model, schedule="sequence", slots=1, max_len=max_len, criterion=criterion, exit_state=exit_state, decode=decode)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from loopgolf.data.tokenizer import ByteTables, target_byte_counts
 from loopgolf.evaluate import EvalResult, scoring_windows
 from loopgolf.model.gpt import GPT
-from loopgolf.serve.exits import ExitCriterion
+from loopgolf.serve.exits import DEFAULT_EXIT_STATE, ExitCriterion
 from loopgolf.serve.runner import LayerRunner, Token
 
 
 @dataclass
 class EarlyExitResult(EvalResult):
     criterion: str = "never"
+    exit_state: str = DEFAULT_EXIT_STATE
     mean_loops: float = 0.0  # passes of the plan run per scored token
     full_loops: int = 0  # passes at full depth
     loop_histogram: list[int] | None = None  # scored tokens that stopped after pass 1, 2, ...
@@ -40,6 +41,7 @@ def evaluate_early_exit(
     seq_len: int,
     criterion: ExitCriterion,
     *,
+    exit_state: str = DEFAULT_EXIT_STATE,
     batch_size: int = 32,
     max_tokens: int | None = None,
     progress: bool = False,
@@ -54,7 +56,7 @@ def evaluate_early_exit(
     if int(tokens.max()) >= vocab:
         raise ValueError(f"token id {int(tokens.max())} is outside the tokenizer's {vocab}-entry byte table")
     device = next(model.parameters()).device
-    runner = LayerRunner(model, min(batch_size, len(windows)), seq_len, criterion)
+    runner = LayerRunner(model, min(batch_size, len(windows)), seq_len, criterion, exit_state)
     loops_full = max(model.active_passes) + 1
     hist = [0] * loops_full
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
@@ -98,6 +100,7 @@ def evaluate_early_exit(
         seq_len,
         seq_len,
         criterion=str(criterion),
+        exit_state=exit_state,
         mean_loops=sum((i + 1) * n for i, n in enumerate(hist)) / max(1, sum(hist)),
         full_loops=loops_full,
         loop_histogram=hist,
