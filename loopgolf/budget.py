@@ -441,12 +441,17 @@ def measure_matmul_rate() -> tuple[float, str]:
     return peak.flops, f"{peak.size} x {peak.size} {peak.dtype} matmuls on {dev.type}"
 
 
-def script_code_bytes(preset: str) -> int:
-    """The bytes of the train_gpt.py a default run of ``preset`` generates (what the run counts)."""
+def script_code_bytes(preset: str, code_form: str = "plain") -> int:
+    """The bytes of the train_gpt.py a default run of ``preset`` generates in ``code_form``
+    (what the run counts)."""
+    from dataclasses import replace
+
     from loopgolf.codebytes import code_counts
     from loopgolf.config import RunConfig, get_preset
 
-    return code_counts(RunConfig.from_preset(get_preset(preset))).code_bytes
+    config = RunConfig.from_preset(get_preset(preset))
+    config = replace(config, export=replace(config.export, code_form=code_form))
+    return code_counts(config).code_bytes
 
 
 def _dedupe(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -471,6 +476,7 @@ def budget_report(
     weights: str,
     code_bytes: int | None,
     overrides: dict[str, Any],
+    code_form: str = "plain",
     layers: list[int] | None = None,
     loops: list[int] | None = None,
     width_step: int | None = None,
@@ -483,8 +489,8 @@ def budget_report(
     from loopgolf.config import get_preset
 
     fam = family or ([preset] if preset else default_family())  # a list: that preset, not its family
-    n_code = script_code_bytes(preset or family_presets(fam)[0]) if code_bytes is None else code_bytes
-    out: dict[str, Any] = {"cap_bytes": cap, "code_bytes": n_code, "quant": policy.describe()}
+    n_code = script_code_bytes(preset or family_presets(fam)[0], code_form) if code_bytes is None else code_bytes
+    out: dict[str, Any] = {"cap_bytes": cap, "code_bytes": n_code, "code_form": None if code_bytes is not None else code_form, "quant": policy.describe()}
     if preset:
         base = get_preset(preset)
         cfg = ModelConfig.from_dict({**base.model.to_dict(), **overrides})
@@ -519,6 +525,8 @@ def budget_report(
 def format_budget_report(out: dict[str, Any]) -> str:
     lines = []
     cap, n_code, candidates = out["cap_bytes"], out["code_bytes"], out["candidates"]
+    form_flag = f" --code-form {out['code_form']}" if out.get("code_form") not in (None, "plain") else ""
+    code_note = f" code ({out['code_form']})" if out.get("code_form") not in (None, "plain") else " code"
     notes = {key for c in [*candidates, out.get("config", {})] for key in c.get("uncalibrated", [])}
     if "config" in out:
         c = out["config"]
@@ -526,7 +534,7 @@ def format_budget_report(out: dict[str, Any]) -> str:
         mark = " (uncalibrated)" if c["uncalibrated"] else ""
         lines.append(f"{c['preset']} {' '.join(c['overrides'])}".rstrip())
         lines.append(
-            f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,} code = {c['predicted_bytes']:,} of {cap:,}: {verdict}"
+            f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,}{code_note} = {c['predicted_bytes']:,} of {cap:,}: {verdict}"
         )
     lines.append(f"candidates of family {out['family']} fitting {cap:,} bytes with quant {out['quant']} (widest, deepest, most loops first):")
     if not candidates:
@@ -538,6 +546,7 @@ def format_budget_report(out: dict[str, Any]) -> str:
         lines.append(
             f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
             f"{c['forward_flops_per_token']:>13.3g}  {c['est_step_seconds']:>8.3g}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
+            + form_flag
         )
     if candidates:
         rate, measured = out["matmul_flops"]["flops_per_second"], out["matmul_flops"]["measured"]

@@ -223,12 +223,15 @@ class QATSchedule:
 class ExportConfig:
     """How the trained model is stored: under which byte cap (code included), with which codec
     (``auto``: the smallest) and quantization policy (``""``: the int8 baseline;
-    :func:`loopgolf.export.quantize.parse_policy` syntax), and the QAT that prepares for it."""
+    :func:`loopgolf.export.quantize.parse_policy` syntax), and the QAT that prepares for it.
+    ``code_form`` is the form of ``train_gpt.py`` whose bytes count against the cap (and that
+    ``loopgolf submission`` writes): :data:`CODE_FORMS`."""
 
     cap_bytes: int = DEFAULT_CAP_BYTES
     codec: str = "auto"
     quant: str = ""
     qat: QATSchedule = field(default_factory=QATSchedule)
+    code_form: str = field(default="plain", metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.qat, dict):
@@ -238,9 +241,23 @@ class ExportConfig:
             raise ValueError(f"the byte cap must be a positive integer, got {self.cap_bytes!r}")
         if self.codec not in ("auto", *CODECS):
             raise ValueError(f"unknown codec {self.codec!r}; valid: auto, {', '.join(CODECS)}")
+        split_code_form(self.code_form)
         from loopgolf.export.quantize import parse_policy  # the encoders load only where a policy is checked
 
         parse_policy(self.quant)
+
+
+# The forms of the generated train_gpt.py: the sources as they are (plain) or through
+# python-minifier (minify), optionally wrapped in a self-extracting lzma or brotli stub.
+CODE_FORMS = ("plain", "minify", "plain+lzma", "plain+brotli", "minify+lzma", "minify+brotli")
+
+
+def split_code_form(code_form: str) -> tuple[str, str | None]:
+    """``"minify+lzma"`` -> ``("minify", "lzma")``; ValueError for anything not in :data:`CODE_FORMS`."""
+    if code_form not in CODE_FORMS:
+        raise ValueError(f"unknown code form {code_form!r}; valid: {', '.join(CODE_FORMS)}")
+    form, _, compress = code_form.partition("+")
+    return form, compress or None
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import loopgolf
-from loopgolf.config import EvalConfig, RunConfig, TrainConfig, get_preset
+from loopgolf.config import EvalConfig, RunConfig, TrainConfig, get_preset, split_code_form
 from loopgolf.data.dataset import Dataset
 from loopgolf.data.shards import TokenLoader, read_shard_header
 from loopgolf.device import resolve_device
@@ -56,6 +56,7 @@ class RunOptions:
     time_budget: float | None = None
     max_steps: int | None = None
     codec: str | None = None
+    code_form: str | None = None  # the form of train_gpt.py counted against the cap (config.CODE_FORMS)
     quant: str | None = None  # quantization policy (loopgolf.export.quantize.parse_policy syntax)
     qat: str | None = None  # off | ste | noise
     qat_start: float | None = None  # fraction of the budget after which QAT is on
@@ -121,6 +122,7 @@ class RunOptions:
             "train.device": self.device,
             "export.cap_bytes": self.cap_bytes,
             "export.codec": self.codec,
+            "export.code_form": self.code_form,
             "export.quant": self.quant,
             "export.qat.mode": self.qat,
             "export.qat.start_frac": self.qat_start,
@@ -294,6 +296,10 @@ def setup(opts: RunOptions) -> RunSetup:
     """Fix a run's configuration, join the process group under torchrun, open the data and name
     the run directory."""
     config = resumed_config(opts) if opts.resume is not None else build_config(opts)
+    if opts.code is None and split_code_form(config.export.code_form)[0] == "minify":
+        from loopgolf.codebytes import require_minifier
+
+        require_minifier()  # before training, not after it
     ctx, device = init_distributed(resolve_device(config.train.device))
     data_dir, data_name = _data_location(opts, config, ctx)
     ds = Dataset.open(data_dir, opts.tokenizer, verify=opts.verify_data)
@@ -448,7 +454,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
     if opts.code is None:
         from loopgolf.codebytes import code_counts
 
-        counted = code_counts(config)  # the plain train_gpt.py this configuration generates
+        counted = code_counts(config)  # the train_gpt.py this configuration generates, in its code form
         n_code, code_id, n_code_scoring = counted.code_bytes, counted.code_id, counted.code_bytes_scoring
     else:
         (n_code, code_id), n_code_scoring = opts.code, None
@@ -496,6 +502,7 @@ def _execute(opts: RunOptions, rs: RunSetup, t_start: float) -> RunOutcome:
         code_bytes=cap.code_bytes,
         code_id=code_id,
         code_bytes_scoring=n_code_scoring,
+        code_form=export_cfg.code_form,
         cap_bytes=cap.cap_bytes,
         headroom_bytes=cap.headroom,
         fits=cap.fits,
@@ -696,7 +703,12 @@ def format_summary(s: RunSummary | dict[str, Any], run_dir: str | Path | None = 
             else f"{s['baseline_xz_bpb']:.4f}"
             + (f"  (approximate, {s.get('baseline_xz_unknown_targets', 0):,} unknown-piece targets)" if s.get("baseline_xz_approximate") else ""),
         ),
-        ("artifact bytes", f"{s['model_bytes']:,} model ({s['codec']}) + {s['code_bytes']:,} code = {s['artifact_bytes']:,}"),
+        (
+            "artifact bytes",
+            f"{s['model_bytes']:,} model ({s['codec']}) + {s['code_bytes']:,} code"
+            + (f" ({s['code_form']})" if s.get("code_form", "plain") != "plain" else "")
+            + f" = {s['artifact_bytes']:,}",
+        ),
         ("cap", f"{s['cap_bytes']:,}: " + (f"fits, {s['headroom_bytes']:,} to spare" if s["fits"] else f"OVER by {-s['headroom_bytes']:,} bytes")),
         ("device / total time", f"{s['device']} / {s['total_seconds']:.1f} s"),
         ("run dir", str(run_dir if run_dir is not None else s.get("run_dir", ""))),

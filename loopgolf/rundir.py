@@ -71,7 +71,7 @@ class RunSummary:
     baseline_xz_unknown_targets: int | None
     artifact_bytes: int  # model_bytes + code_bytes: what the cap counts
     model_bytes: int
-    code_bytes: int  # the train_gpt.py this configuration generates (loopgolf.codebytes)
+    code_bytes: int  # the train_gpt.py this configuration generates, in code_form (loopgolf.codebytes)
     code_id: str  # sha256 of that script's embedded sources and configuration
     code_bytes_scoring: int | None  # the scoring path's source alone, for information
     cap_bytes: int
@@ -106,6 +106,7 @@ class RunSummary:
     torch_version: str
     uptrain: dict[str, Any] | None = field(default=None, metadata=ADDED_LATER)
     eval_compute: dict[str, Any] | None = field(default=None, metadata=ADDED_LATER)  # loops / test-time training on the roundtrip model
+    code_form: str = field(default="plain", metadata=ADDED_LATER)  # the form of train_gpt.py code_bytes counts (config.CODE_FORMS)
 
     def __post_init__(self) -> None:
         check_types(self, "summary")

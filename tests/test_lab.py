@@ -145,6 +145,7 @@ def fake_summary(**values) -> dict:
         "code_bytes": 100,
         "code_id": "0" * 64,
         "code_bytes_scoring": None,
+        "code_form": "plain",
         "cap_bytes": 16_000_000,
         "headroom_bytes": 0,
         "fits": True,

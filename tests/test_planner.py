@@ -265,3 +265,25 @@ def test_trained_weights_shrink_only_the_coded_matrices():
             assert b["predicted_bytes"] < a["predicted_bytes"]
     with pytest.raises(PlanError, match="unknown weights"):
         predict_bytes(cfg, policy, "brotli", weights="pretrained")
+
+
+def test_budget_counts_the_code_in_the_form_asked(capsys):
+    """`--code-form` counts the generated script in that form (a minified, compressed script is a
+    fraction of the plain one) and the listed commands carry the flag; `--code-bytes` with it is refused."""
+    parser = plan_parser()
+    common = ["plan", "--cap", "2500000", "--preset", "cpu-shared", "--matmul-flops", "2e10", "--json"]
+    args = parser.parse_args([*common, "--code-form", "minify+lzma"])
+    assert args.func(args) == 0
+    packed = json.loads(capsys.readouterr().out)
+    plain = loopgolf.budget.script_code_bytes("cpu-shared")
+    assert packed["code_form"] == "minify+lzma" and packed["code_bytes"] == loopgolf.budget.script_code_bytes("cpu-shared", "minify+lzma")
+    assert packed["code_bytes"] < plain / 4
+    args = parser.parse_args([*common[:-1], "--code-form", "minify+lzma"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "code (minify+lzma)" in text and "--code-form minify+lzma" in text
+    args = parser.parse_args([*common, "--code-form", "minify", "--code-bytes", "100"])
+    with pytest.raises(ValueError, match="give one"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--code-form", "zip"])

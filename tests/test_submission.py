@@ -138,7 +138,11 @@ def test_minified_and_compressed_scripts_give_the_same_numbers(reference_run, of
     )
     assert proc.returncode == 0, proc.stderr
     assert_reproduces(reference_run, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["code_bytes"] == script.stat().st_size
+    made = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert made["code_bytes"] == script.stat().st_size
+    # The script says its own form, and the form is not part of the code id.
+    assert made["code_form"] == form + (f"+{compress}" if compress else "")
+    assert made["code_id"] == json.loads((reference_run / "summary.json").read_text())["code_id"]
 
 
 def test_script_reports_bad_settings_and_missing_data(reference_run, tmp_path):
@@ -567,3 +571,37 @@ def test_script_runs_the_configured_evaluation_compute(official_layout, tmp_path
     assert sub["val_bpb"] == e["val_bpb"] and sub["seed_results"][str(SEED)]["val_bpb_roundtrip"] == summary["val_bpb_post"]
     assert sub["evaluation"]["ttt"] == e["ttt"] and sub["evaluation"]["loops"] == 3
     assert "test-time training" in (folder / "README.md").read_text()
+
+
+def test_code_form_is_what_a_run_counts_and_what_the_submission_writes(reference_run, official_layout, tmp_path):
+    """`run --code-form minify+lzma` counts that form's bytes against the cap (same code id as the
+    plain run: the form is packaging), says so in its summary, and `submission` writes that form
+    unless told otherwise; an unknown form is refused."""
+    from loopgolf.config import ExportConfig
+
+    data = official_layout / "data" / "datasets" / "fineweb10B_sp1024"
+    out = tmp_path / "packed"
+    assert main(["run", "--preset", "debug", "--data", str(data), "--out", str(out), "--seed", str(SEED), "--code-form", "minify+lzma", "--json"]) == 0
+    ref = json.loads((reference_run / "summary.json").read_text())
+    got = json.loads((out / "summary.json").read_text())
+    config = RunDir(out).read_config()
+    assert config.export.code_form == "minify+lzma" and got["code_form"] == "minify+lzma" and ref["code_form"] == "plain"
+    assert got["code_bytes"] == len(Bundle.of(config).render("minify", "lzma").encode("utf-8")) < ref["code_bytes"] / 4
+    assert got["code_id"] == ref["code_id"] and got["model_bytes"] == ref["model_bytes"]
+    assert got["artifact_bytes"] == got["model_bytes"] + got["code_bytes"]
+    sub = write_records([out], tmp_path / "records", info=SubmissionInfo())
+    assert sub["bytes_code"] == got["code_bytes"] == (tmp_path / "records" / "train_gpt.py").stat().st_size
+    plain = write_records([out], tmp_path / "records-plain", info=SubmissionInfo(), form="plain")
+    assert plain["bytes_code"] == ref["code_bytes"]
+    with pytest.raises(ValueError, match="unknown code form"):
+        ExportConfig(code_form="zip")
+
+
+def test_a_minified_code_form_without_the_minifier_fails_before_training(official_layout, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "python_minifier", None)  # importing it now raises ImportError
+    data = official_layout / "data" / "datasets" / "fineweb10B_sp1024"
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "debug", "--data", str(data), "--out", str(out), "--code-form", "minify"]) == 2
+    err = capsys.readouterr().err
+    assert "python-minifier" in err and "loopgolf[submit]" in err and "Traceback" not in err
+    assert not (out / "log.jsonl").exists()  # nothing trained

@@ -20,6 +20,9 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from loopgolf.budget import budget_report, format_budget_report
     from loopgolf.export.quantize import parse_policy
 
+    if args.code_bytes is not None and args.code_form is not None:
+        raise ValueError("--code-bytes gives the code's size outright; --code-form counts a generated script's form: give one")
+
     out = budget_report(
         args.cap,
         preset=args.preset,
@@ -28,6 +31,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         codec=args.codec,
         weights=args.weights,
         code_bytes=args.code_bytes,
+        code_form=args.code_form or "plain",
         overrides=model_overrides(args),
         layers=args.layers,
         loops=args.loops,
@@ -41,7 +45,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 def register(name: str, p: argparse.ArgumentParser) -> None:
     from loopgolf.budget import WEIGHTS
-    from loopgolf.config import PRESETS
+    from loopgolf.config import CODE_FORMS, PRESETS
     from loopgolf.export.artifact import CODECS
     from loopgolf.export.pack import DEFAULT_CAP_BYTES
 
@@ -60,6 +64,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         default="trained",
         help="predict a trained model (default) or freshly initialised, Gaussian-like weights, which code a few percent larger",
     )
+    p.add_argument("--code-form", choices=CODE_FORMS, help="count the generated train_gpt.py in this form (as `run --code-form`; default plain)")
     p.add_argument("--code-bytes", type=int, help="code bytes counted against the cap (default: the size of the train_gpt.py a run of the preset generates)")
     p.add_argument("--layers", type=int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=int_list, help="also try these loop counts, e.g. 2,3,4")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from loopgolf.commands.args import EXIT_OVER_CAP, LOOPS_HELP, TTT_HELP, add_model_overrides, kv, model_overrides, non_negative_int, positive_float, positive_int
-from loopgolf.config import LOOP_SAMPLING_SYNTAX
+from loopgolf.config import CODE_FORMS, LOOP_SAMPLING_SYNTAX
 
 DESCRIPTION = {
     "run": "Train a model, export it under the byte cap and score it before and after the roundtrip. Under torchrun, trains data-parallel on every rank.",
@@ -46,6 +46,7 @@ def run_options(args: argparse.Namespace, train_only: bool = False):
         time_budget=args.time,
         max_steps=args.steps,
         codec=args.codec,
+        code_form=args.code_form,
         quant=args.quant,
         qat=args.qat,
         qat_start=args.qat_start,
@@ -118,6 +119,12 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=positive_int, help="training/eval sequence length")
     p.add_argument("--batch-tokens", type=positive_int, help="global tokens per optimizer step")
     p.add_argument("--codec", help="artifact compression: auto (smallest, default), zlib, lzma, zstd, brotli")
+    p.add_argument(
+        "--code-form",
+        choices=CODE_FORMS,
+        help="the form of train_gpt.py whose bytes count against the cap (and that `submission` writes): plain (default), "
+        "minify (python-minifier) and either wrapped in a self-extracting lzma or brotli stub",
+    )
     p.add_argument("--quant", metavar="POLICY", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default: the int8 baseline)")
     p.add_argument("--qat", choices=("off", "ste", "noise"), help="loop-aware QAT on the shared block matrices over the end of training (default off)")
     p.add_argument("--qat-start", type=float, help="fraction of the budget after which QAT is on (default 0.85)")

@@ -23,7 +23,7 @@ def cmd_submission(args: argparse.Namespace) -> int:
         args.runs,
         args.out,
         info=info,
-        form="minify" if args.minify else "plain",
+        form=("minify" if args.minify else "plain") if args.minify or args.compress else None,
         compress=args.compress,
         force=args.force,
         allow_code_change=args.allow_code_change,
@@ -52,7 +52,12 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--github-id", help="GitHub id for submission.json")
     p.add_argument("--blurb", help="one-paragraph description (default: the model's technique summary)")
     p.add_argument("--date", help="submission date, ISO (default: today, UTC)")
-    p.add_argument("--minify", action="store_true", help="minify the embedded modules (python-minifier; docstrings dropped, names kept)")
+    p.add_argument(
+        "--minify",
+        action="store_true",
+        help="minify the embedded modules (python-minifier; docstrings dropped, names kept). Without --minify or --compress "
+        "the script takes the form the runs counted (their `run --code-form`)",
+    )
     p.add_argument("--compress", nargs="?", const="lzma", choices=("lzma", "brotli"), help="wrap the script in a self-extracting stub (default lzma)")
     p.add_argument("--allow-code-change", action="store_true", help="accept runs made by other loopgolf code than this installation's (their code id differs)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")

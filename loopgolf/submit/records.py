@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loopgolf.codebytes import Bundle, script_config
-from loopgolf.config import RunConfig
+from loopgolf.config import RunConfig, split_code_form
 from loopgolf.rundir import RunDir, RunSummary
 from loopgolf.util import atomic_directory, atomic_write_json
 
@@ -363,15 +363,19 @@ def write_records(
     out: str | Path,
     *,
     info: SubmissionInfo,
-    form: str = "plain",
+    form: str | None = None,
     compress: str | None = None,
     force: bool = False,
     allow_code_change: bool = False,
 ) -> dict[str, Any]:
-    """Check the runs and write the records folder; returns its ``submission.json`` contents."""
+    """Check the runs and write the records folder; returns its ``submission.json`` contents.
+    ``form`` None: the script takes the form the runs counted (``export.code_form``)."""
     runs = [read_run(p) for p in run_dirs]
     check_runs(runs)
     runs.sort(key=lambda r: r.seed)
+    if form is None:
+        form, counted_compress = split_code_form(runs[0].config.export.code_form)
+        compress = compress or counted_compress
     bundle = Bundle.of(runs[0].config)
     if not allow_code_change:
         for r in runs:
