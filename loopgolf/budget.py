@@ -55,6 +55,10 @@ def calibration_table() -> dict:
 
 
 # Parts of a policy the measured rates do not cover, and what that means for a prediction.
+# Where a candidate's step time comes from: a few real steps here (cached per device), or the
+# matmul estimate (3 x forward FLOPs x tokens / a measured matmul rate).
+STEP_TIME_SOURCES = ("measure", "estimate")
+
 UNCALIBRATED: dict[str, str] = {
     "gptq": "GPTQ codes are predicted with round-to-nearest rates; GPTQ's compressed size was not measured",
 }
@@ -330,6 +334,7 @@ def search(
     width_step: int | None = None,
     max_width: int = 8192,
     weights: str = "trained",
+    keep_configs: bool = False,
 ) -> list[dict[str, Any]]:
     """Configurations of ``preset_family`` that fit ``cap_bytes`` (model + code bytes), best first.
 
@@ -340,7 +345,8 @@ def search(
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
     "unique_params", "effective_params", "uncalibrated", "seq_len", "tokens_per_step",
-    "forward_flops_per_token"}``. ``weights`` as in :func:`predict_bytes`."""
+    "forward_flops_per_token"}`` (and with ``keep_configs`` the built ``_configs``: its
+    ModelConfig and the preset's TrainConfig). ``weights`` as in :func:`predict_bytes`."""
     from loopgolf.config import get_preset
 
     policy = policy or QuantPolicy()
@@ -387,6 +393,8 @@ def search(
                     "forward_flops_per_token": forward_flops_per_token(cfg, preset.train.seq_len),
                 }
             )
+            if keep_configs:  # for measuring its step time; not part of the report
+                candidates[-1]["_configs"] = (cfg, preset.train)
     candidates.sort(key=lambda c: (-c["model_dim"], -c["virtual_layers"], -c["loops"], -c["predicted_bytes"], c["preset"]))
     return candidates
 
@@ -459,7 +467,7 @@ def _dedupe(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     byte-identical rows (the same command, the same prediction)."""
     seen, out = set(), []
     for c in candidates:
-        key = json.dumps(c, sort_keys=True)
+        key = json.dumps({k: v for k, v in c.items() if k != "_configs"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -482,6 +490,9 @@ def budget_report(
     width_step: int | None = None,
     top: int = 10,
     matmul_flops: float | None = None,
+    step_time: str | None = None,
+    time_budget: float | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """What ``loopgolf budget`` prints: ``preset``'s predicted bytes (with ``overrides``), and the
     widest configurations of ``family`` (default: ``preset``, else the family that suits this
@@ -511,13 +522,59 @@ def budget_report(
         }
     search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
     candidates = _dedupe(
-        search(cap, fam, policy, codec=codec, code_bytes=n_code, overrides=search_overrides, layers=layers, loops=loops, width_step=width_step, weights=weights)
+        search(
+            cap,
+            fam,
+            policy,
+            codec=codec,
+            code_bytes=n_code,
+            overrides=search_overrides,
+            layers=layers,
+            loops=loops,
+            width_step=width_step,
+            weights=weights,
+            keep_configs=True,
+        )  # fmt: skip
     )[:top]
     rate, measured = (matmul_flops, "given by --matmul-flops") if matmul_flops else measure_matmul_rate()
+    # Step times: measured here by default (cached per device), or the matmul estimate when asked
+    # (or when a matmul rate is given, which only the estimate uses).
+    step_time = step_time or ("estimate" if matmul_flops else "measure")
+    if step_time not in STEP_TIME_SOURCES:
+        raise PlanError(f"unknown step time source {step_time!r}; valid: {', '.join(STEP_TIME_SOURCES)}")
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise PlanError(f"--time must be a positive number of seconds, got {time_budget!r}")
+    bar = None
+    if step_time == "measure" and candidates and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(candidates), desc="timing steps", unit="candidate", leave=False)
     for c in candidates:
+        model_cfg, train_cfg = c.pop("_configs")
         c["est_step_seconds"] = train_step_seconds(c["forward_flops_per_token"], c["tokens_per_step"], rate)
+        if step_time == "measure":
+            from loopgolf.train.steptime import step_time as measured_step_time
+
+            st = measured_step_time(model_cfg, train_cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            c["step_seconds"], c["step_stage_seconds"], c["step_time"] = st.mean_seconds(), st.stage_seconds, "cached" if st.cached else "measured"
+            if time_budget is not None:
+                c["steps_in_budget"] = st.steps_in(time_budget)
+            if bar is not None:
+                bar.update(1)
+        else:
+            c["step_seconds"], c["step_time"] = c["est_step_seconds"], "estimate"
+            if time_budget is not None:
+                c["steps_in_budget"] = int(time_budget / c["est_step_seconds"])
+        if time_budget is not None:
+            if train_cfg.time_budget is not None and train_cfg.max_steps is not None:  # `run --time` keeps such a preset's step cap
+                c["steps_in_budget"] = min(c["steps_in_budget"], train_cfg.max_steps)
+            c["tokens_in_budget"] = c["steps_in_budget"] * c["tokens_per_step"]
+    if bar is not None:
+        bar.close()
     out["family"] = fam if isinstance(fam, str) else ",".join(fam)
     out["matmul_flops"] = {"flops_per_second": rate, "measured": measured}
+    out["step_time"] = step_time
+    out["time_budget"] = time_budget
     out["candidates"] = candidates
     return out
 
@@ -540,19 +597,31 @@ def format_budget_report(out: dict[str, Any]) -> str:
     if not candidates:
         lines.append("  none: lower the bits, or raise the cap")
     else:
-        lines.append(f"  {'bytes':>12}  {'d':<5} {'V':<3} {'loops':<5} {'unique':>11}  {'fwd FLOPs/tok':>13}  {'~step s':>8}  command")
+        step_head = "step s" if out.get("step_time") == "measure" else "~step s"
+        steps_head = f"  {'steps':>7}" if out.get("time_budget") is not None else ""
+        lines.append(f"  {'bytes':>12}  {'d':<5} {'V':<3} {'loops':<5} {'unique':>11}  {'fwd FLOPs/tok':>13}  {step_head:>8}{steps_head}  command")
     for c in candidates:
         mark = "*" if c["uncalibrated"] else " "
+        steps = f"  {c['steps_in_budget']:>7,}" if "steps_in_budget" in c else ""
+        time_flag = f" --time {out['time_budget']:g}" if out.get("time_budget") is not None else ""
         lines.append(
             f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
-            f"{c['forward_flops_per_token']:>13.3g}  {c['est_step_seconds']:>8.3g}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
+            f"{c['forward_flops_per_token']:>13.3g}  {c['step_seconds']:>8.3g}{steps}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
             + form_flag
+            + time_flag
         )
-    if candidates:
+    if candidates and out.get("step_time") == "measure":
+        lines.append(
+            "  step s: measured here, a few real training steps on synthetic tokens (each progressive-recurrence stage at its own "
+            "depth, weighted by its share of the budget); cached per device under the loopgolf cache"
+        )
+    elif candidates:
         rate, measured = out["matmul_flops"]["flops_per_second"], out["matmul_flops"]["measured"]
         lines.append(
             f"  ~step s: an estimate of one training step here, 3 x forward FLOPs/token x tokens/step / {rate / 1e9:,.1f} GFLOP/s "
             f"({measured}); real steps are slower (elementwise work, optimizer, data)"
         )
+    if candidates and out.get("time_budget") is not None:
+        lines.append(f"  steps: optimizer steps each candidate gets in {out['time_budget']:g} s of training on this machine")
     lines += [f"  * uncalibrated: {UNCALIBRATED[key]}" for key in sorted(notes)]
     return "\n".join(lines)

@@ -75,3 +75,13 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+CACHE_ENV = "LOOPGOLF_CACHE"
+
+
+def cache_dir() -> Path:
+    """loopgolf's cache (the default dataset, measured step times): ``$LOOPGOLF_CACHE``, else
+    ``~/.cache/loopgolf``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "loopgolf"

@@ -287,3 +287,33 @@ def test_budget_counts_the_code_in_the_form_asked(capsys):
         args.func(args)
     with pytest.raises(SystemExit):
         parser.parse_args([*common, "--code-form", "zip"])
+
+
+def test_budget_time_lists_the_steps_each_candidate_gets(capsys, monkeypatch, tmp_path):
+    """`--time S`: steps in S seconds per candidate, from the matmul estimate (given a rate) or from
+    measured step times (the default; here a stand-in measurement), and commands that train for S."""
+    parser = plan_parser()
+    common = ["plan", "--cap", "1000000", "--family", "cpu-shared,cpu-mini-loop", "--code-bytes", "50000", "--top", "3"]
+    args = parser.parse_args([*common, "--matmul-flops", "2e10", "--time", "600", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step_time"] == "estimate" and out["time_budget"] == 600
+    for c in out["candidates"]:
+        assert c["step_time"] == "estimate" and c["steps_in_budget"] == int(600 / c["est_step_seconds"])
+        assert c["tokens_in_budget"] == c["steps_in_budget"] * c["tokens_per_step"]
+    monkeypatch.setenv("LOOPGOLF_CACHE", str(tmp_path))
+    import loopgolf.train.steptime as steptime
+
+    monkeypatch.setattr(steptime, "measure", lambda m, t, d, **kw: [0.5] * (len(t.recurrence_stages) + 1))
+    args = parser.parse_args([*common, "--time", "300"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "steps" in text and "measured here" in text and "--time 300" in text
+    assert "     600  loopgolf run --preset" in text  # 300 s / 0.5 s per step
+    args = parser.parse_args([*common, "--time", "300", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {c["step_time"] for c in out["candidates"]} == {"cached"} and {c["steps_in_budget"] for c in out["candidates"]} == {600}
+    for bad in ("0", "nan", "-5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*common, "--time", bad])

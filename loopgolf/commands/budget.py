@@ -38,13 +38,16 @@ def cmd_budget(args: argparse.Namespace) -> int:
         width_step=args.width_step,
         top=args.top,
         matmul_flops=args.matmul_flops,
+        step_time=args.step_time,
+        time_budget=args.time,
+        progress=not args.json,
     )
     print(json.dumps(out, indent=2) if args.json else format_budget_report(out))
     return 0
 
 
 def register(name: str, p: argparse.ArgumentParser) -> None:
-    from loopgolf.budget import WEIGHTS
+    from loopgolf.budget import STEP_TIME_SOURCES, WEIGHTS
     from loopgolf.config import CODE_FORMS, PRESETS
     from loopgolf.export.artifact import CODECS
     from loopgolf.export.pack import DEFAULT_CAP_BYTES
@@ -71,6 +74,13 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--width-step", type=positive_int, help="width granularity (default: head size x query/KV ratio)")
     p.add_argument("--top", type=positive_int, default=10, help="candidates to list (default 10)")
     p.add_argument("--matmul-flops", type=positive_float, help="FLOP/s to estimate step times with (default: measured here in well under a second)")
+    p.add_argument(
+        "--step-time",
+        choices=STEP_TIME_SOURCES,
+        help="measure: time a few real training steps of each candidate here (cached per device, the default); "
+        "estimate: 3 x forward FLOPs / a matmul rate, instant (the default when --matmul-flops is given)",
+    )
+    p.add_argument("--time", type=positive_float, metavar="S", help="training seconds: list the optimizer steps each candidate gets in S seconds here")
     add_model_overrides(p)
     p.add_argument("--json", action="store_true", help='print {"config": ..., "candidates": [...]}')
     p.set_defaults(func=cmd_budget)

@@ -34,12 +34,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loopgolf.data.corpus import CorpusError, Document, build_dataset, load_manifest, verify_dataset
+from loopgolf.util import cache_dir
 
 DEFAULT_CORPUS_NAME = "python-docs"
 DEFAULT_CORPUS_FORMAT = 2  # bump when the corpus text or the build recipe changes: new cache dir (2: train shuffled)
 DEFAULT_SEED = 1337
 MIN_MODULE_CHARS = 300  # shorter module texts are mostly one-line stubs
-CACHE_ENV = "LOOPGOLF_CACHE"
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "__pycache__"})
 _DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -133,10 +133,7 @@ def default_corpus_description() -> str:
 
 
 def _cache_root(cache_root: str | os.PathLike | None) -> Path:
-    if cache_root is not None:
-        return Path(cache_root)
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "loopgolf"
+    return Path(cache_root) if cache_root is not None else cache_dir()
 
 
 def default_dataset_dir(vocab_size: int = 1024, cache_root: str | os.PathLike | None = None) -> Path:

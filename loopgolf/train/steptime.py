@@ -1,0 +1,137 @@
+"""Measured training step time: a few real optimizer steps of a configuration on this device.
+
+The byte planner's matmul estimate (3 x forward FLOPs / a matmul rate) ignores everything but
+the matmuls: attention's softmax, norms, Muon's Newton-Schulz, per-layer controls, Python. On a
+small CPU model those are most of the step. :func:`step_time` builds the model, runs the real
+optimizers on synthetic tokens for a warm-up step and ``steps`` timed steps at each progressive-
+recurrence stage (each stage runs at its own depth), and keeps the median per stage.
+
+Results are cached as JSON under ``<cache>/steptime/`` (``$LOOPGOLF_CACHE``, else
+``~/.cache/loopgolf``), keyed by everything that changes the time: the model configuration, the
+training shape and optimizer, the device (CPU model and thread count, or the GPU's name), and the
+torch version. A second plan of the same candidates is instant; a shape change measures anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from loopgolf.config import TrainConfig
+from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.train.optim import build_optimizers
+from loopgolf.train.trainer import accumulation_steps, run_step
+from loopgolf.util import atomic_write_json, cache_dir
+
+STEPTIME_FORMAT = 1  # bump when what is measured changes: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step at each progressive-recurrence stage (one entry without stages),
+    and the fraction of the training budget at which each stage starts."""
+
+    stage_seconds: list[float]
+    stage_starts: list[float]  # [0.0, *recurrence_stages]
+    device: str
+    cached: bool = False
+
+    def steps_in(self, seconds: float) -> int:
+        """Optimizer steps a wallclock budget of ``seconds`` gives: each stage runs its share of
+        the budget at its own step time (stages switch on the budget's fraction, as in training)."""
+        if not seconds > 0:
+            raise ValueError(f"a time budget must be positive, got {seconds!r}")
+        ends = [*self.stage_starts[1:], 1.0]
+        return int(sum((end - start) * seconds / t for start, end, t in zip(self.stage_starts, ends, self.stage_seconds)))
+
+    def mean_seconds(self) -> float:
+        """Seconds per step averaged over the budget's stages (time-weighted)."""
+        ends = [*self.stage_starts[1:], 1.0]
+        steps = sum((end - start) / t for start, end, t in zip(self.stage_starts, ends, self.stage_seconds))
+        return 1.0 / steps
+
+
+def device_key(device: torch.device) -> str:
+    """What makes one machine's step times another's: the CPU model and thread count, or the GPU."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()} threads"
+
+
+def cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps: int) -> str:
+    train = asdict(train_cfg)
+    shape = {k: train[k] for k in ("seq_len", "batch_tokens", "micro_batch_tokens", "optim", "grad_clip", "recurrence_stages", "compile")}
+    blob = {
+        "format": STEPTIME_FORMAT,
+        "model": model_cfg.to_dict(),
+        "train": shape,
+        "device": device_key(device),
+        "torch": torch.__version__,
+        "steps": steps,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def measure(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, *, steps: int = 2, warmup: int = 1) -> list[float]:
+    """Median seconds per optimizer step at each stage, measured now (no cache)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    torch.manual_seed(0)
+    model = GPT(model_cfg).to(device)
+    model.train()
+    optimizers = build_optimizers(model, train_cfg.optim, tied=model_cfg.tie_embeddings)
+    accum, _ = accumulation_steps(train_cfg, 1)
+    rows = train_cfg.batch_tokens // train_cfg.seq_len
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randint(0, model_cfg.vocab_size, (rows, train_cfg.seq_len), generator=gen)
+    ys = torch.randint(0, model_cfg.vocab_size, (rows, train_cfg.seq_len), generator=gen)
+    if device.type == "cpu":
+        xs, ys = xs.to(device), ys.to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    stages: list[int | None] = list(range(len(train_cfg.recurrence_stages) + 1)) if train_cfg.recurrence_stages else [None]
+    out = []
+    for stage in stages:
+        model.set_stage(stage)
+        times = []
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            loss = run_step(model, model, optimizers, xs, ys, accum=accum, amp=amp, world_size=1, grad_clip=train_cfg.grad_clip, device=device)
+            float(loss)  # wait for the step
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    model.set_stage(None)
+    return out
+
+
+def step_time(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, *, steps: int = 2, warmup: int = 1, use_cache: bool = True) -> StepTime:
+    """The step time of a configuration on ``device``: from the cache, else measured and cached."""
+    starts = [0.0, *train_cfg.recurrence_stages]
+    key = cache_key(model_cfg, train_cfg, device, steps)
+    path = cache_dir() / "steptime" / f"{key}.json"
+    if use_cache and path.is_file():
+        try:
+            entry = json.loads(path.read_text())
+            seconds = entry["stage_seconds"]
+            if len(seconds) == len(starts) and all(isinstance(t, float) and t > 0 for t in seconds):
+                return StepTime(seconds, starts, entry["device"], cached=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged entry is measured again and overwritten
+    seconds = measure(model_cfg, train_cfg, device, steps=steps, warmup=warmup)
+    entry: dict[str, Any] = {"stage_seconds": seconds, "device": device_key(device), "torch": torch.__version__, "measured_at": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, entry)
+    except OSError:
+        pass  # an unwritable cache costs a later plan the measurement again, nothing else
+    return StepTime(seconds, starts, entry["device"])
