@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from loopgolf.export.artifact import CODECS, FLOAT_SCHEMES, QuantizedTensor, build_payload, compress, container_overhead, scheme_bits
-from loopgolf.export.quantize import QuantPolicy, stored_scheme, tensor_role
+from loopgolf.export.quantize import QuantPolicy, parse_policy, stored_scheme, tensor_role
 from loopgolf.model.gpt import GPT, ModelConfig, effective_params, forward_flops_per_token, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan, parse_plan
 
@@ -493,6 +493,7 @@ def budget_report(
     step_time: str | None = None,
     time_budget: float | None = None,
     progress: bool = False,
+    fit: Any = None,
 ) -> dict[str, Any]:
     """What ``loopgolf budget`` prints: ``preset``'s predicted bytes (with ``overrides``), and the
     widest configurations of ``family`` (default: ``preset``, else the family that suits this
@@ -535,7 +536,12 @@ def budget_report(
             weights=weights,
             keep_configs=True,
         )  # fmt: skip
-    )[:top]
+    )
+    # With a loss fit and a time budget the ranking is by predicted val_bpb, so every candidate
+    # is timed and predicted before the top are kept; otherwise the widest are kept first.
+    ranked = fit is not None and time_budget is not None
+    if not ranked:
+        candidates = candidates[:top]
     rate, measured = (matmul_flops, "given by --matmul-flops") if matmul_flops else measure_matmul_rate()
     # Step times: measured here by default (cached per device), or the matmul estimate when asked
     # (or when a matmul rate is given, which only the estimate uses).
@@ -569,12 +575,24 @@ def budget_report(
             if train_cfg.time_budget is not None and train_cfg.max_steps is not None:  # `run --time` keeps such a preset's step cap
                 c["steps_in_budget"] = min(c["steps_in_budget"], train_cfg.max_steps)
             c["tokens_in_budget"] = c["steps_in_budget"] * c["tokens_per_step"]
+            if fit is not None:
+                if c["tokens_in_budget"] < 1:
+                    c["predicted_bpb"], c["predicted_bpb_interval"] = None, None
+                else:
+                    pred = fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
+                    c["predicted_bpb"], c["predicted_bpb_interval"] = pred, [pred - fit.loo_mae, pred + fit.loo_mae]
     if bar is not None:
         bar.close()
+    if ranked:
+        candidates = sorted(candidates, key=lambda c: (c["predicted_bpb"] is None, c["predicted_bpb"] or 0.0))[:top]
     out["family"] = fam if isinstance(fam, str) else ",".join(fam)
     out["matmul_flops"] = {"flops_per_second": rate, "measured": measured}
     out["step_time"] = step_time
     out["time_budget"] = time_budget
+    out["fit"] = None if fit is None else {"dataset": fit.dataset, "quant": fit.quant, "runs": len(fit.runs), "loo_mae": fit.loo_mae, "params": fit.params}
+    if fit is not None:
+        if parse_policy(fit.quant).describe() != policy.describe():
+            out["fit_warning"] = f"the loss fit was made on runs with quant {fit.quant or 'int8'!r}; this plan asks for {policy.describe()}"
     out["candidates"] = candidates
     return out
 
@@ -593,16 +611,22 @@ def format_budget_report(out: dict[str, Any]) -> str:
         lines.append(
             f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,}{code_note} = {c['predicted_bytes']:,} of {cap:,}: {verdict}"
         )
-    lines.append(f"candidates of family {out['family']} fitting {cap:,} bytes with quant {out['quant']} (widest, deepest, most loops first):")
+    ranked = out.get("fit") is not None and out.get("time_budget") is not None
+    order = f"best predicted val_bpb in {out['time_budget']:g} s first" if ranked else "widest, deepest, most loops first"
+    lines.append(f"candidates of family {out['family']} fitting {cap:,} bytes with quant {out['quant']} ({order}):")
     if not candidates:
         lines.append("  none: lower the bits, or raise the cap")
     else:
         step_head = "step s" if out.get("step_time") == "measure" else "~step s"
         steps_head = f"  {'steps':>7}" if out.get("time_budget") is not None else ""
+        steps_head += f"  {'val_bpb (+-)':>15}" if ranked else ""
         lines.append(f"  {'bytes':>12}  {'d':<5} {'V':<3} {'loops':<5} {'unique':>11}  {'fwd FLOPs/tok':>13}  {step_head:>8}{steps_head}  command")
     for c in candidates:
         mark = "*" if c["uncalibrated"] else " "
         steps = f"  {c['steps_in_budget']:>7,}" if "steps_in_budget" in c else ""
+        if ranked:
+            pred = c.get("predicted_bpb")
+            steps += f"  {pred:>7.4f} +-{out['fit']['loo_mae']:.3f}" if pred is not None else f"  {'-':>15}"
         time_flag = f" --time {out['time_budget']:g}" if out.get("time_budget") is not None else ""
         lines.append(
             f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
@@ -623,5 +647,14 @@ def format_budget_report(out: dict[str, Any]) -> str:
         )
     if candidates and out.get("time_budget") is not None:
         lines.append(f"  steps: optimizer steps each candidate gets in {out['time_budget']:g} s of training on this machine")
+        if ranked:
+            f = out["fit"]
+            lines.append(
+                f"  val_bpb: roundtrip val_bpb predicted by the loss fit of {f['dataset']} ({f['runs']} runs); +- its mean error on runs left out of the fit"
+            )
+        elif out.get("fit_missing"):
+            lines.append(f"  no val_bpb prediction: {out['fit_missing']}")
+    if out.get("fit_warning"):
+        lines.append(f"  warning: {out['fit_warning']}")
     lines += [f"  * uncalibrated: {UNCALIBRATED[key]}" for key in sorted(notes)]
     return "\n".join(lines)

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "lab",
     "runs": "lab",
     "report": "lab",
+    "fit": "lab",
     "generate": "serve",
     "serve": "serve",
 }
@@ -50,6 +51,7 @@ SUMMARIES: dict[str, str] = {
     "sweep": "run a ledger's variants x seeds (resumable, parallel, into the results store)",
     "runs": "query the results store (or `runs add RUN_DIR` to add runs made outside a sweep)",
     "report": "a ledger's runs -> markdown report with significance tests and PNG plots",
+    "fit": "fit the loss model (val_bpb in stored/effective params and tokens) on a dataset's runs in the store",
     "generate": "generate text from a model (KV cache per virtual layer, optional early exit)",
     "serve": "an OpenAI-style completions server (localhost) on a continuous-batching engine",
 }

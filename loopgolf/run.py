@@ -167,9 +167,9 @@ def environment() -> dict[str, Any]:
 def resolve_data(opts: RunOptions, vocab_size: int) -> tuple[Path, str]:
     if opts.data is not None:
         return Path(opts.data), str(opts.data)
-    from loopgolf.data.default_corpus import DEFAULT_CORPUS_NAME, ensure_default_dataset
+    from loopgolf.data.default_corpus import DEFAULT_DATA_NAME, ensure_default_dataset
 
-    return ensure_default_dataset(vocab_size=vocab_size, progress=opts.progress), f"embedded:{DEFAULT_CORPUS_NAME}"
+    return ensure_default_dataset(vocab_size=vocab_size, progress=opts.progress), DEFAULT_DATA_NAME
 
 
 def budget_changes(train: TrainConfig, time_budget: float | None, max_steps: int | None) -> dict[str, Any]:

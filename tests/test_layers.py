@@ -15,7 +15,7 @@ PACKAGE = ROOT / "loopgolf"
 # import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "util", "checks", "device"),
-    ("model",),
+    ("model", "lossmodel"),
     ("data",),
     ("export", "evaluate"),
     ("ttt",),

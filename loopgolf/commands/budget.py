@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from loopgolf.commands.args import add_model_overrides, int_list, model_overrides, positive_float, positive_int
 
@@ -20,6 +21,17 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from loopgolf.budget import budget_report, format_budget_report
     from loopgolf.export.quantize import parse_policy
 
+    fit, fit_missing = None, None
+    if args.time is not None or args.fit is not None:
+        from loopgolf.lossmodel import fit_path, load_fit
+
+        path = Path(args.fit) if args.fit else fit_path(args.data)
+        if args.fit or path.is_file():
+            fit = load_fit(path)  # a named file must be readable; a default one that is missing is a note
+        else:
+            fit_missing = (
+                f"no loss fit for dataset {args.data!r} (looked for {path}); make one with `loopgolf sweep calibration` then `loopgolf fit --data {args.data}`"
+            )
     if args.code_bytes is not None and args.code_form is not None:
         raise ValueError("--code-bytes gives the code's size outright; --code-form counts a generated script's form: give one")
 
@@ -41,7 +53,10 @@ def cmd_budget(args: argparse.Namespace) -> int:
         step_time=args.step_time,
         time_budget=args.time,
         progress=not args.json,
+        fit=fit,
     )
+    if fit_missing:
+        out["fit_missing"] = fit_missing
     print(json.dumps(out, indent=2) if args.json else format_budget_report(out))
     return 0
 
@@ -49,6 +64,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
 def register(name: str, p: argparse.ArgumentParser) -> None:
     from loopgolf.budget import STEP_TIME_SOURCES, WEIGHTS
     from loopgolf.config import CODE_FORMS, PRESETS
+    from loopgolf.data.default_corpus import DEFAULT_DATA_NAME
     from loopgolf.export.artifact import CODECS
     from loopgolf.export.pack import DEFAULT_CAP_BYTES
 
@@ -80,7 +96,19 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help="measure: time a few real training steps of each candidate here (cached per device, the default); "
         "estimate: 3 x forward FLOPs / a matmul rate, instant (the default when --matmul-flops is given)",
     )
-    p.add_argument("--time", type=positive_float, metavar="S", help="training seconds: list the optimizer steps each candidate gets in S seconds here")
+    p.add_argument(
+        "--time",
+        type=positive_float,
+        metavar="S",
+        help="training seconds: list the optimizer steps each candidate gets in S seconds here and, with a loss fit for --data, "
+        "its predicted val_bpb, best first",
+    )
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA_NAME,
+        help="the dataset whose loss fit predicts val_bpb with --time (its name as runs record it; default the embedded corpus)",
+    )
+    p.add_argument("--fit", metavar="FILE", help="a loss fit file from `loopgolf fit` (default: the one `loopgolf fit --data` saved for --data)")
     add_model_overrides(p)
     p.add_argument("--json", action="store_true", help='print {"config": ..., "candidates": [...]}')
     p.set_defaults(func=cmd_budget)

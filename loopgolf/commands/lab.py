@@ -130,14 +130,61 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from loopgolf.lab.lossfit import fit_store
+    from loopgolf.lab.store import Store
+    from loopgolf.lossmodel import fit_path
+    from loopgolf.util import atomic_write_json
+
+    with Store(store_path(args.store), readonly=True) as store:
+        rows = store.rows(args.ledger) if args.ledger else store.rows()
+    result = fit_store(rows, args.data, args.quant)
+    out = Path(args.out) if args.out else fit_path(args.data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result.to_dict())
+    if args.json:
+        print(json.dumps({**result.to_dict(), "path": str(out)}, indent=2))
+        return 0
+    p = result.params
+    print(
+        f"loopgolf fit: {out}\n  dataset {result.dataset}, quant {result.quant or 'int8'}, {len(result.runs)} runs\n"
+        f"  val_bpb = {p['E']:.4f} + {p['A']:.4g} / P^{p['alpha']:.3f} + {p['B']:.4g} / D^{p['beta']:.3f},  "
+        f"P = N^{1 - p['gamma']:.3f} x M^{p['gamma']:.3f}  (N stored, M effective params, D tokens)\n"
+        f"  in-fit RMSE {result.rmse:.4f}; left-out error: mean {result.loo_mae:.4f}, max {result.loo_max:.4f} bpb"
+    )
+    for r in sorted(result.runs, key=lambda r: -abs(r["bpb"] - r["left_out_predicted"]))[:5]:
+        print(f"  worst left out: {r['name']}: {r['bpb']:.4f} measured, {r['left_out_predicted']:.4f} predicted without it")
+    return 0
+
+
 def register(name: str, p: argparse.ArgumentParser) -> None:
     store_help = f"results store (default $LOOPGOLF_STORE or {DEFAULT_STORE.as_posix()})"
     if name == "sweep":
         _sweep(p, store_help)
     elif name == "runs":
         _runs(p, store_help)
+    elif name == "fit":
+        _fit(p, store_help)
     else:
         _report(p, store_help)
+
+
+def _fit(p: argparse.ArgumentParser, store_help: str) -> None:
+    from loopgolf.data.default_corpus import DEFAULT_DATA_NAME
+
+    p.description = (
+        "Fit val_bpb = E + A / P^alpha + B / D^beta, P = N^(1-gamma) M^gamma (N stored and M effective parameters, D training "
+        "tokens) on the finished runs of one dataset in the results store (roundtrip bpb, one quantization policy), and save "
+        "it as JSON with each run's residual and the error on runs left out of the fit; `loopgolf budget --time S` predicts "
+        "with it. Needs scipy (the lab extra)."
+    )
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--data", default=DEFAULT_DATA_NAME, help="the dataset's name as runs record it (default: the embedded corpus)")
+    p.add_argument("--quant", default="", help="the runs' quantization policy (default: the int8 baseline)")
+    p.add_argument("--ledger", help="only runs of this ledger (default: every run of the dataset)")
+    p.add_argument("--out", help="fit file (default: the loopgolf cache's fits/<dataset>.json, where budget looks)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fit)
 
 
 def _sweep(p: argparse.ArgumentParser, store_help: str) -> None:

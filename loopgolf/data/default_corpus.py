@@ -37,6 +37,7 @@ from loopgolf.data.corpus import CorpusError, Document, build_dataset, load_mani
 from loopgolf.util import cache_dir
 
 DEFAULT_CORPUS_NAME = "python-docs"
+DEFAULT_DATA_NAME = f"embedded:{DEFAULT_CORPUS_NAME}"  # what a run on it records as its data name
 DEFAULT_CORPUS_FORMAT = 2  # bump when the corpus text or the build recipe changes: new cache dir (2: train shuffled)
 DEFAULT_SEED = 1337
 MIN_MODULE_CHARS = 300  # shorter module texts are mostly one-line stubs

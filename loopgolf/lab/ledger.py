@@ -18,6 +18,7 @@ A ledger is a TOML file (or the name of a built-in one in ``loopgolf/lab/ledgers
     seeds = [1, 2, 3]           # optional: replaces the default seeds
     model = { model_dim = 256 } # optional ModelConfig overrides
     train = { seq_len = 128 }   # optional TrainConfig overrides
+    budget = { steps = 200 }    # optional: replaces the ledger's budget for this variant
 
 A ``flops`` or ``tokens`` budget becomes a step count per variant (rounded to the nearest step, at
 least 1), so variants of different cost train on the same compute or the same tokens. FLOPs count
@@ -38,7 +39,7 @@ import tomllib
 
 BUDGET_KINDS = ("steps", "tokens", "seconds", "flops")
 _TOP_KEYS = {"name", "description", "baseline", "seeds", "cap_bytes", "data", "budget", "variant"}
-_VARIANT_KEYS = {"name", "preset", "seeds", "model", "train", "description"}
+_VARIANT_KEYS = {"name", "preset", "seeds", "model", "train", "description", "budget"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -54,6 +55,7 @@ class Variant:
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    budget: tuple[str, float] | None = None  # (kind, amount) replacing the ledger's
 
 
 @dataclass(frozen=True)
@@ -156,19 +158,23 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
     if not isinstance(data, str) or not data:
         raise fail('must be "default" or a dataset directory', "data")
 
-    budget = doc["budget"]
-    if not isinstance(budget, dict):
-        raise fail("must be a table: [budget] with one of " + ", ".join(BUDGET_KINDS), "budget")
-    for k in budget:
-        if k not in BUDGET_KINDS:
-            raise fail(f"unknown budget; valid: {', '.join(BUDGET_KINDS)}", k, "budget")
-    if len(budget) != 1:
-        raise LedgerError(f"{source}: [budget] needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(budget)}")
-    ((kind, amount),) = budget.items()
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
-        raise fail(f"must be a positive number, got {amount!r}", kind, "budget")
-    if kind == "steps" and not isinstance(amount, int):
-        raise fail(f"must be an integer number of steps, got {amount!r}", kind, "budget")
+    def read_budget(budget: Any, fail_at) -> tuple[str, float]:
+        """``(kind, amount)`` of a budget table; ``fail_at(message, key)`` names the place."""
+        if not isinstance(budget, dict):
+            raise fail_at("must be a table with one of " + ", ".join(BUDGET_KINDS), "budget")
+        for k in budget:
+            if k not in BUDGET_KINDS:
+                raise fail_at(f"unknown budget; valid: {', '.join(BUDGET_KINDS)}", k)
+        if len(budget) != 1:
+            raise fail_at(f"needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(budget)}", "budget")
+        ((kind, amount),) = budget.items()
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
+            raise fail_at(f"must be a positive number, got {amount!r}", kind)
+        if kind == "steps" and not isinstance(amount, int):
+            raise fail_at(f"must be an integer number of steps, got {amount!r}", kind)
+        return kind, float(amount)
+
+    kind, amount = read_budget(doc["budget"], lambda m, k: fail(m, k, None if k == "budget" else "budget"))
 
     raw_variants = doc["variant"]
     if not isinstance(raw_variants, list) or not raw_variants or not all(isinstance(v, dict) for v in raw_variants):
@@ -193,10 +199,11 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
         for sub, key, valid in _unknown_overrides(v.get("model", {}), v.get("train", {})):
             raise fail(f"unknown {sub.replace('.', ' ')} field; valid: {', '.join(valid)}", key, "variant", i, sub=sub)
         seeds = _seeds(v["seeds"], lambda m: fail(m, "seeds", "variant", i)) if "seeds" in v else default_seeds
-        variants.append(Variant(v["name"], v["preset"], seeds, dict(v.get("model", {})), dict(v.get("train", {})), str(v.get("description", ""))))
+        own_budget = read_budget(v["budget"], lambda m, k: fail(m, k, "variant", i, sub=None if k == "budget" else "budget")) if "budget" in v else None
+        variants.append(Variant(v["name"], v["preset"], seeds, dict(v.get("model", {})), dict(v.get("train", {})), str(v.get("description", "")), own_budget))
     if doc["baseline"] not in {v.name for v in variants}:
         raise fail(f"names no variant (variants: {', '.join(v.name for v in variants)})", "baseline")
-    ledger = Ledger(name, str(doc.get("description", "")), doc["baseline"], cap, kind, float(amount), tuple(variants), data, source)
+    ledger = Ledger(name, str(doc.get("description", "")), doc["baseline"], cap, kind, amount, tuple(variants), data, source)
     for i, v in enumerate(variants):  # the presets and overrides must build now, not hours into a sweep
         try:
             resolve(ledger, v)
@@ -260,12 +267,13 @@ def resolve(ledger: Ledger, variant: Variant) -> ResolvedVariant:
     batch = preset.train.batch_tokens
     steps: int | None = None
     seconds: float | None = None
-    if ledger.budget_kind == "steps":
-        steps = int(ledger.budget)
-    elif ledger.budget_kind == "tokens":
-        steps = max(1, round(ledger.budget / batch))
-    elif ledger.budget_kind == "flops":
-        steps = max(1, round(ledger.budget / (3.0 * fwd * batch)))
+    kind, amount = variant.budget or (ledger.budget_kind, ledger.budget)
+    if kind == "steps":
+        steps = int(amount)
+    elif kind == "tokens":
+        steps = max(1, round(amount / batch))
+    elif kind == "flops":
+        steps = max(1, round(amount / (3.0 * fwd * batch)))
     else:
-        seconds = ledger.budget
+        seconds = amount
     return ResolvedVariant(variant, steps, seconds, fwd, batch)
