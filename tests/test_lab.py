@@ -12,6 +12,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from helpers import fake_summary
 
 from loopgolf.cli import main as cli_main
 from loopgolf.config import get_preset
@@ -126,63 +127,6 @@ def test_pareto_frontier():
 
 
 # ---------------------------------------------------------------- results store
-
-
-def fake_summary(**values) -> dict:
-    """A complete summary.json (every RunSummary field) with ``values`` in it: the numbers of a
-    run that never trained, for the store and report tests."""
-    s = {
-        "val_bpb_pre": 2.0,
-        "val_bpb_post": 2.0,
-        "val_loss_pre": 1.4,
-        "val_loss_post": 1.4,
-        "quant_gap_bpb": 0.0,
-        "baseline_xz_bpb": None,
-        "baseline_xz_approximate": None,
-        "baseline_xz_unknown_targets": None,
-        "artifact_bytes": 1000,
-        "model_bytes": 900,
-        "code_bytes": 100,
-        "code_id": "0" * 64,
-        "code_bytes_scoring": None,
-        "code_form": "plain",
-        "cap_bytes": 16_000_000,
-        "headroom_bytes": 0,
-        "fits": True,
-        "codec": "zlib",
-        "quant": "int8",
-        "qat": {"mode": "off", "start_frac": 0.85},
-        "export": {},
-        "unique_params": 1000,
-        "effective_params": 1000,
-        "train_tokens": 256,
-        "train_seconds": 1.0,
-        "tokens_per_second": 256.0,
-        "steps": 1,
-        "stage_steps": [],
-        "final_train_loss": 3.0,
-        "val_targets": 100,
-        "val_target_bytes": 300,
-        "eval_seq_len": 32,
-        "eval_stride": None,
-        "device": "cpu",
-        "world_size": 1,
-        "resumed_from": None,
-        "preset": "debug",
-        "seed": 0,
-        "plan": {"spec": {"kind": "vanilla"}, "virtual_layers": 2, "attn_of": [0, 1]},
-        "data": "synthetic",
-        "artifact": "artifact.lgz",
-        "total_seconds": 1.0,
-        "loopgolf_version": "0.1.0",
-        "torch_version": "x",
-        "uptrain": None,
-        "eval_compute": None,
-    }
-    s.update(values)
-    s["model_bytes"] = s["artifact_bytes"] - s["code_bytes"]
-    s["headroom_bytes"] = s["cap_bytes"] - s["artifact_bytes"]
-    return s
 
 
 def _fake_run(root: Path, name: str, *, bpb: float, seed: int, artifact: int = 1000, steps: int = 5, dim: int = 32) -> Path:

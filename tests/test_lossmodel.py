@@ -63,3 +63,91 @@ def test_fit_files_round_trip_and_bad_inputs_are_refused():
     ):
         with pytest.raises(FitError):
             LossFit.from_dict(text)
+
+
+def _run_dir(root, name: str, point: Point, *, data: str = "synthetic", quant: str = "", uptrain=None):
+    """A finished run directory as the store reads it, with ``point``'s numbers."""
+    from helpers import fake_summary
+
+    from loopgolf.config import RunConfig, get_preset
+
+    d = root / name
+    d.mkdir(parents=True)
+    config = RunConfig.from_preset(get_preset("debug")).with_changes({"data": {"name": data, "dir": "/nowhere"}, "export.quant": quant}).to_dict()
+    summary = fake_summary(
+        val_bpb_post=point.bpb,
+        unique_params=int(point.unique_params),
+        effective_params=int(point.effective_params),
+        train_tokens=int(point.train_tokens),
+        uptrain=uptrain,
+    )
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "log.jsonl").write_text(json.dumps({"event": "start", "env": {}}) + "\n")
+    return d
+
+
+def test_fit_command_fits_a_datasets_runs_and_budget_predicts_with_it(tmp_path, monkeypatch, capsys):
+    """`loopgolf fit` takes the dataset's finished int8 runs from the store (not other datasets,
+    policies or uptraining runs), saves the fit where `budget --time` finds it, and the budget then
+    ranks candidates by predicted val_bpb, in predicted order."""
+    from loopgolf.cli import main
+    from loopgolf.lab.store import Store
+    from loopgolf.lossmodel import fit_path, load_fit
+
+    monkeypatch.setenv("LOOPGOLF_CACHE", str(tmp_path / "cache"))
+    store = tmp_path / "store.sqlite"
+    points = synthetic()
+    with Store(store) as s:
+        for i, p in enumerate(points):
+            s.add(_run_dir(tmp_path, f"r{i}", p))
+        # Noise the fit must leave out: another dataset, another policy, an uptraining run.
+        s.add(_run_dir(tmp_path, "other-data", Point(1e5, 1e5, 1e6, 9.0), data="elsewhere"))
+        s.add(_run_dir(tmp_path, "other-quant", Point(1e5, 1e5, 1e6, 9.0), quant="int6"))
+        s.add(_run_dir(tmp_path, "uptrained", Point(1e5, 1e5, 1e6, 9.0), uptrain={"from": "x"}))
+    assert main(["fit", "--store", str(store), "--data", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    assert "left-out error" in out and str(fit_path("synthetic")) in out
+    saved = load_fit(fit_path("synthetic"))
+    assert len(saved.runs) == len(points) and saved.params["gamma"] == pytest.approx(TRUE["gamma"], abs=0.02)
+    # Too few runs of a dataset: a clear error naming what the store has and the ledger to run.
+    assert main(["fit", "--store", str(store), "--data", "elsewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "1 finished run(s)" in err and "synthetic (" in err and "sweep calibration" in err
+
+    import loopgolf.train.steptime as steptime
+
+    monkeypatch.setattr(steptime, "measure", lambda m, t, d, **kw: [0.05 * m.model_dim / 128] * (len(t.recurrence_stages) + 1))
+    args = [
+        "budget",
+        "--cap",
+        "2000000",
+        "--family",
+        "cpu-vanilla,cpu-shared-scales,cpu-k1",
+        "--layers",
+        "2,4",
+        "--time",
+        "120",
+        "--data",
+        "synthetic",
+        "--top",
+        "6",
+    ]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    preds = [c["predicted_bpb"] for c in report["candidates"]]
+    assert len(preds) >= 3 and preds == sorted(preds) and report["fit"]["dataset"] == "synthetic"
+    for c in report["candidates"]:
+        assert c["predicted_bpb"] == pytest.approx(saved.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"]))
+        lo, hi = c["predicted_bpb_interval"]
+        assert lo < c["predicted_bpb"] < hi and hi - lo == pytest.approx(2 * saved.loo_mae)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "best predicted val_bpb in 120 s first" in text and "+-" in text
+    assert main([*args, "--quant", "int6"]) == 0
+    assert "warning: the loss fit was made on runs with quant 'int8'" in capsys.readouterr().out
+    # A named fit file must be readable.
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main([*args, "--fit", str(bad)]) == 2
+    assert "not a loopgolf loss fit" in capsys.readouterr().err
