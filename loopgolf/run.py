@@ -172,17 +172,18 @@ def resolve_data(opts: RunOptions, vocab_size: int) -> tuple[Path, str]:
     return ensure_default_dataset(vocab_size=vocab_size, progress=opts.progress), DEFAULT_DATA_NAME
 
 
-def budget_changes(train: TrainConfig, time_budget: float | None, max_steps: int | None) -> dict[str, Any]:
+def budget_changes(configured_time_budget: float | None, time_budget: float | None, max_steps: int | None) -> dict[str, Any]:
     """The changes ``--time`` / ``--steps`` make to ``train``. ``--steps N`` sets the step
     budget. ``--time S`` sets the wallclock budget, and on a configuration that stops on steps
     alone (the default ``cpu`` preset) it replaces that stop, so ``--time 600`` trains for 600 s
     rather than stopping at the preset's step count; where the configuration already has a
     wallclock budget (the ``pg`` presets: 20,000 steps or 600 s) its step cap stays. Both
-    together: whichever comes first."""
+    together: whichever comes first. ``configured_time_budget``: the configuration's own wallclock
+    budget, before these flags."""
     changes: dict[str, Any] = {}
     if time_budget is not None:
         changes["train.time_budget"] = time_budget
-        if max_steps is None and train.time_budget is None:
+        if max_steps is None and configured_time_budget is None:
             changes["train.max_steps"] = None
     if max_steps is not None:
         changes["train.max_steps"] = max_steps
@@ -197,11 +198,11 @@ def describe_budget(cfg: TrainConfig) -> str:
 
 def _apply(base: RunConfig, opts: RunOptions) -> RunConfig:
     changes = opts.changes()
-    # --train may change the stop rule --time looks at (the model changes come along: a train
-    # setting such as loop_sampling is checked against the plan).
-    train_changes = {k: v for k, v in changes.items() if k.startswith(("train.", "model."))}
-    train = base.with_changes(train_changes).train if train_changes else base.train
-    return base.with_changes({**changes, **budget_changes(train, opts.time_budget, opts.max_steps)})
+    # --train may change the wallclock budget --time looks at. Read it from the changes rather
+    # than from a config built without --steps/--time: `--steps N --train time_budget=null`
+    # is valid only once --steps is in (it failed with "training needs a stop" before).
+    configured = changes["train.time_budget"] if "train.time_budget" in changes else base.train.time_budget
+    return base.with_changes({**changes, **budget_changes(configured, opts.time_budget, opts.max_steps)})
 
 
 def build_config(opts: RunOptions) -> RunConfig:

@@ -126,6 +126,10 @@ def test_default_preset_stops_on_steps_and_presets_json_shows_the_budget(capsys)
     assert budget(time_budget=60.0, max_steps=40) == (40, 60.0)  # both: whichever comes first
     assert budget(max_steps=10) == (10, None)
     assert budget(preset="pg-vanilla", time_budget=300.0) == (20_000, 300.0)  # a wallclock preset keeps its step cap
+    # A wallclock preset trained by steps alone: valid once --steps is in (it failed with "needs a stop").
+    assert budget(preset="cpu-vanilla", max_steps=50, train_overrides={"time_budget": None}) == (50, None)
+    with pytest.raises(ValueError, match="needs a stop"):
+        budget(preset="cpu-vanilla", train_overrides={"time_budget": None})
     assert describe_budget(build_config(RunOptions()).train) == "250 steps"
     assert describe_budget(build_config(RunOptions(preset="pg-vanilla")).train) == "600 s or 20,000 steps (whichever comes first)"
 
