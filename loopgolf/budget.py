@@ -581,6 +581,7 @@ def budget_report(
                 else:
                     pred = fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
                     c["predicted_bpb"], c["predicted_bpb_interval"] = pred, [pred - fit.loo_mae, pred + fit.loo_mae]
+                    c["extrapolated"] = fit.outside(c["unique_params"], c["tokens_in_budget"])
     if bar is not None:
         bar.close()
     if ranked:
@@ -626,7 +627,8 @@ def format_budget_report(out: dict[str, Any]) -> str:
         steps = f"  {c['steps_in_budget']:>7,}" if "steps_in_budget" in c else ""
         if ranked:
             pred = c.get("predicted_bpb")
-            steps += f"  {pred:>7.4f} +-{out['fit']['loo_mae']:.3f}" if pred is not None else f"  {'-':>15}"
+            far = "!" if c.get("extrapolated") else " "
+            steps += f"  {pred:>7.4f}{far}+-{out['fit']['loo_mae']:.3f}" if pred is not None else f"  {'-':>15}"
         time_flag = f" --time {out['time_budget']:g}" if out.get("time_budget") is not None else ""
         lines.append(
             f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
@@ -652,6 +654,12 @@ def format_budget_report(out: dict[str, Any]) -> str:
             lines.append(
                 f"  val_bpb: roundtrip val_bpb predicted by the loss fit of {f['dataset']} ({f['runs']} runs); +- its mean error on runs left out of the fit"
             )
+            far = [c for c in candidates if c.get("extrapolated")]
+            if far:
+                lines.append(
+                    f"  ! {len(far)} prediction(s) outside the runs the fit saw ({far[0]['extrapolated'][0]}{', ...' if len(far) > 1 else ''}): "
+                    "the error does not hold there and can be far larger; add calibration runs of that size and length"
+                )
         elif out.get("fit_missing"):
             lines.append(f"  no val_bpb prediction: {out['fit_missing']}")
     if out.get("fit_warning"):

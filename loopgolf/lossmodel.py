@@ -109,6 +109,17 @@ class LossFit:
     def predict(self, unique_params: float, effective_params: float, train_tokens: float) -> float:
         return predict(self.params, unique_params, effective_params, train_tokens)
 
+    def outside(self, unique_params: float, train_tokens: float) -> list[str]:
+        """What puts a prediction outside the runs the fit saw (stored parameters or tokens beyond
+        their range, by more than 10%): there the left-out error says nothing. Measured: a fit on
+        0.4-1.6 M tokens predicted 1.63 for a run of 24 M tokens that scored 1.98."""
+        out = []
+        for what, value, key in (("stored parameters", unique_params, "unique_params"), ("training tokens", train_tokens, "train_tokens")):
+            seen = [r[key] for r in self.runs if isinstance(r.get(key), (int, float))]
+            if seen and not (min(seen) / 1.1 <= value <= max(seen) * 1.1):
+                out.append(f"{what} {value:,.0f} outside the fit's {min(seen):,.0f}-{max(seen):,.0f}")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
