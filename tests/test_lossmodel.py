@@ -139,6 +139,7 @@ def test_fit_command_fits_a_datasets_runs_and_budget_predicts_with_it(tmp_path, 
     assert len(preds) >= 3 and preds == sorted(preds) and report["fit"]["dataset"] == "synthetic"
     for c in report["candidates"]:
         assert c["predicted_bpb"] == pytest.approx(saved.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"]))
+        assert c["extrapolated"] == saved.outside(c["unique_params"], c["tokens_in_budget"])
         lo, hi = c["predicted_bpb_interval"]
         assert lo < c["predicted_bpb"] < hi and hi - lo == pytest.approx(2 * saved.loo_mae)
     assert main(args) == 0
@@ -151,3 +152,11 @@ def test_fit_command_fits_a_datasets_runs_and_budget_predicts_with_it(tmp_path, 
     bad.write_text("{}")
     assert main([*args, "--fit", str(bad)]) == 2
     assert "not a loopgolf loss fit" in capsys.readouterr().err
+
+
+def test_predictions_outside_the_fitted_range_are_flagged():
+    got = fit(synthetic(), dataset="synthetic")
+    assert got.outside(2e5, 1e6) == []  # inside the grid
+    assert got.outside(5e4 / 1.05, 5e6 * 1.05) == []  # within 10% of its edges
+    far = got.outside(1e8, 1e9)
+    assert len(far) == 2 and "stored parameters" in far[0] and "training tokens" in far[1]
