@@ -58,6 +58,9 @@ def calibration_table() -> dict:
 # Where a candidate's step time comes from: a few real steps here (cached per device), or the
 # matmul estimate (3 x forward FLOPs x tokens / a measured matmul rate).
 STEP_TIME_SOURCES = ("measure", "estimate")
+# A candidate whose estimated step is longer than this is not measured (three real steps of a
+# Parameter Golf-scale model on a CPU take minutes): its estimate stands, marked as such.
+MEASURE_LIMIT_SECONDS = 2.0
 
 UNCALIBRATED: dict[str, str] = {
     "gptq": "GPTQ codes are predicted with round-to-nearest rates; GPTQ's compressed size was not measured",
@@ -558,7 +561,7 @@ def budget_report(
     for c in candidates:
         model_cfg, train_cfg = c.pop("_configs")
         c["est_step_seconds"] = train_step_seconds(c["forward_flops_per_token"], c["tokens_per_step"], rate)
-        if step_time == "measure":
+        if step_time == "measure" and c["est_step_seconds"] <= MEASURE_LIMIT_SECONDS:
             from loopgolf.train.steptime import step_time as measured_step_time
 
             st = measured_step_time(model_cfg, train_cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -568,6 +571,8 @@ def budget_report(
             if bar is not None:
                 bar.update(1)
         else:
+            if bar is not None:
+                bar.update(1)
             c["step_seconds"], c["step_time"] = c["est_step_seconds"], "estimate"
             if time_budget is not None:
                 c["steps_in_budget"] = int(time_budget / c["est_step_seconds"])
@@ -641,6 +646,12 @@ def format_budget_report(out: dict[str, Any]) -> str:
             "  step s: measured here, a few real training steps on synthetic tokens (each progressive-recurrence stage at its own "
             "depth, weighted by its share of the budget); cached per device under the loopgolf cache"
         )
+        slow = [c for c in candidates if c["step_time"] == "estimate"]
+        if slow:
+            lines.append(
+                f"  {len(slow)} candidate(s) estimated at over {MEASURE_LIMIT_SECONDS:g} s per step were not measured: their step s is "
+                "the matmul estimate (a lower bound)"
+            )
     elif candidates:
         rate, measured = out["matmul_flops"]["flops_per_second"], out["matmul_flops"]["measured"]
         lines.append(

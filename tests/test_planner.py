@@ -317,3 +317,20 @@ def test_budget_time_lists_the_steps_each_candidate_gets(capsys, monkeypatch, tm
     for bad in ("0", "nan", "-5"):
         with pytest.raises(SystemExit):
             parser.parse_args([*common, "--time", bad])
+
+
+def test_budget_does_not_time_steps_too_slow_to_measure(monkeypatch, capsys):
+    """A Parameter Golf-scale candidate on this CPU keeps its matmul estimate (measuring three of
+    its steps would take minutes), and the report says so."""
+    import loopgolf.train.steptime as steptime
+
+    monkeypatch.setattr(steptime, "measure", lambda *a, **kw: pytest.fail("a slow candidate was measured"))
+    monkeypatch.setattr(loopgolf.budget, "measure_matmul_rate", lambda: (1e11, "fake"))
+    parser = plan_parser()
+    args = parser.parse_args(["plan", "--cap", "16000000", "--family", "pg-vanilla", "--top", "1", "--json"])
+    assert args.func(args) == 0
+    [c] = json.loads(capsys.readouterr().out)["candidates"]
+    assert c["est_step_seconds"] > loopgolf.budget.MEASURE_LIMIT_SECONDS and c["step_time"] == "estimate"
+    args = parser.parse_args(["plan", "--cap", "16000000", "--family", "pg-vanilla", "--top", "1"])
+    assert args.func(args) == 0
+    assert "were not measured" in capsys.readouterr().out
