@@ -36,6 +36,11 @@ PLANS = {
     "mini-loop": (PlanSpec("mini-loop", layers=4, loops=2, loop_start=1, loop_end=2), {}),
     "share-mlp": (PlanSpec("cycle", layers=2, loops=2, share="mlp"), {}),
     "layernorm+learned-pos": (PlanSpec("cycle", layers=2, loops=2), dict(norm="layer", bias=True, pos_emb="learned")),
+    # Every option of the record's architecture at once, on a plan that shares a block.
+    "record-options": (
+        PlanSpec("mini-loop", layers=4, loops=2, loop_start=1, loop_end=2),
+        dict(mlp_act="leaky_relu2", ln_scale=True, rope_dims=4, xsa=True, attn_gate=True, attn_gate_scale=0.5, gate_window=8, skip_gates=True, smear_gate=True),
+    ),
 }
 
 

@@ -31,6 +31,7 @@ This module knows nothing about training, quantization or files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,7 +47,8 @@ LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out", "mlp_gate")  # mlp_gate
 UNGATED_TARGETS = LORA_TARGETS[:-1]  # the projections every model has
 ATTN_TARGETS = ("q", "k", "v", "o")
 NORMS = ("rms", "rms_scaled", "rms_offset", "layer")  # weightless RMS | RMS * w | RMS * (1 + w) | LayerNorm(w, b)
-MLP_ACTS = ("relu2", "gelu", "swiglu", "geglu")
+MLP_ACTS = ("relu2", "gelu", "swiglu", "geglu", "leaky_relu2")
+LEAKY_SLOPE = 0.5  # leaky_relu2: LeakyReLU(0.5)^2, the Parameter Golf record's MLP (openai/parameter-golf #493)
 GATED_ACTS = ("swiglu", "geglu")
 POS_EMBS = ("rope", "learned")
 # Bounds on the shape of a model, far above any model that fits a byte cap: they turn a typo or a
@@ -88,6 +90,17 @@ class ModelConfig:
     mlp_act: str = "relu2"
     mlp_hidden: int | None = None  # MLP width; None: mlp_mult * model_dim
     bias: bool = False  # a bias on every attention and MLP projection
+    # The Parameter Golf record's architecture options (docs/models.md "The record's
+    # architecture"); each off by default, so the baseline above is unchanged bit for bit.
+    ln_scale: bool = False  # virtual layer v's normed inputs are scaled by 1/sqrt(v + 1)
+    rope_dims: int | None = None  # rotate only the first rope_dims of each head (None: all of it)
+    xsa: bool = False  # exclusive self-attention: drop each head output's component along the token's own value
+    attn_gate: bool = False  # sparse head-output gate: y_h *= sigmoid(scale * w_h . x[:gate_window])
+    attn_gate_scale: float = 1.0
+    gate_window: int = 12  # leading residual dims the attention gate and the smear gate read
+    skip_gates: bool = False  # U-Net skips mix by a learned sigmoid gate (lerp) instead of adding
+    smear_gate: bool = False  # e_t += lam * sigmoid(w . e_t[:gate_window]) * e_{t-1}, never across a BOS
+    smear_bos_id: int = 1  # the token that starts a document (the official shards' BOS)
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
@@ -95,7 +108,15 @@ class ModelConfig:
         elif isinstance(self.plan, str):  # --model plan=cycle:3x2
             self.plan = parse_plan(self.plan)
         check_types(self, "model")
-        for name in ("rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std", "norm_eps", "embed_scale"):  # JSON may write 3 for 3.0
+        for name in (
+            "rope_base",
+            "logit_softcap",
+            "qk_gain_init",
+            "tied_embed_init_std",
+            "norm_eps",
+            "embed_scale",
+            "attn_gate_scale",
+        ):  # JSON may write 3 for 3.0
             if getattr(self, name) is not None:
                 setattr(self, name, float(getattr(self, name)))
         for name, valid in (("norm", NORMS), ("mlp_act", MLP_ACTS), ("pos_emb", POS_EMBS)):
@@ -145,10 +166,27 @@ class ModelConfig:
                 raise ValueError(f"LoRA rank for {name!r} must be an integer in [1, {MAX_LORA_RANK}], got {rank!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        self._check_record_options()
+
+    def _check_record_options(self) -> None:
+        if self.rope_dims is not None:
+            if self.pos_emb != "rope":
+                raise ValueError(f"rope_dims needs rotary positions (pos_emb 'rope'), not {self.pos_emb!r}")
+            if not 2 <= self.rope_dims <= self.head_dim or self.rope_dims % 2:
+                raise ValueError(f"rope_dims must be an even number in [2, head dim {self.head_dim}], got {self.rope_dims}")
+        check_range("model", "gate_window", self.gate_window, 1, self.model_dim)
+        check_range("model", "attn_gate_scale", self.attn_gate_scale, -1e4, 1e4)
+        if self.smear_gate:
+            check_range("model", "smear_bos_id", self.smear_bos_id, 0, self.vocab_size - 1)
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each head that RoPE rotates."""
+        return self.head_dim if self.rope_dims is None else self.rope_dims
 
     @property
     def depth_plan(self) -> DepthPlan:
@@ -227,6 +265,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``2 * cos.size(-1)`` dimensions of each head (all of them unless the
+    model has ``rope_dims``); the rest pass through (partial RoPE: they carry no position)."""
+    rotated = 2 * cos.size(-1)
+    if rotated < x.size(-1):
+        return torch.cat((apply_rotary(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
     # The tables take the dtype of x: fp32 tables would upcast bf16 queries and keys.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.size(-1) // 2
@@ -294,6 +337,7 @@ class LayerRows:
             self.depth = Rows(v)
             self.attn, self.mlp = (self.depth, self.depth) if per_layer else (Rows(self.attn_of), Rows(self.mlp_of))
             self.runs = ((v, 0, x.size(0)),)
+            self.ln = _ln_factor(v) if model.config.ln_scale else None
             return
         vs = [int(u) for u in v]
         if len(vs) != x.size(0):
@@ -313,6 +357,21 @@ class LayerRows:
         self.depth = Rows(vs[0]) if len(runs) == 1 else Rows(torch.tensor(vs, device=x.device))
         # Without per-layer controls every row shares its stored sublayers' control rows.
         self.attn, self.mlp = (self.depth, self.depth) if per_layer else (Rows(self.attn_of), Rows(self.mlp_of))
+        self.ln: float | Tensor | None = None
+        if model.config.ln_scale:
+            self.ln = _ln_factor(vs[0]) if len(runs) == 1 else torch.tensor([_ln_factor(u) for u in vs], device=x.device, dtype=x.dtype).view(-1, 1, 1)
+
+    def scaled(self, h: Tensor) -> Tensor:
+        """A normed sublayer input times the layer's ``ln_scale`` factor (when the model has it)."""
+        return h if self.ln is None else h * self.ln
+
+
+def _ln_factor(v: int) -> float:
+    """``ln_scale``'s factor for virtual layer v (openai/parameter-golf #315): 1/sqrt(v + 1), so
+    deeper layers write smaller updates into a residual stream that has grown. It follows the
+    virtual layer, not the stored block: a block shared by layers 2 and 5 reads its inputs at
+    1/sqrt(3) at the first and 1/sqrt(6) at the second."""
+    return 1.0 / math.sqrt(v + 1)
 
 
 class Adapters:
@@ -348,7 +407,8 @@ class Attention(nn.Module):
         super().__init__()
         d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.xsa = cfg.qk_norm, cfg.xsa
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.attn_gate_scale
         self.c_q = Linear(d, d)
         self.c_k = Linear(d, kv)
         self.c_v = Linear(d, kv)
@@ -370,12 +430,20 @@ class Attention(nn.Module):
         q = q * (g[None, :, None, None] if g.dim() == 1 else g[:, :, None, None])
         return q, k, v
 
-    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor | None, sin: Tensor | None, adapt=_no_adapter, attend=None) -> Tensor:
+    def forward(self, x: Tensor, q_gain: Tensor, cos: Tensor | None, sin: Tensor | None, adapt=_no_adapter, attend=None, gate: Tensor | None = None) -> Tensor:
         """``attend(q, k, v) -> (B, H, T, hd)`` replaces causal attention over this call's own
-        tokens (a KV cache's attention over past and present keys, for one)."""
+        tokens (a KV cache's attention over past and present keys, for one). ``gate``: the
+        head-output gate's weights, (H, gate_window) or one per batch row (B, H, gate_window)."""
         b, t, _ = x.shape
         q, k, v = self.project(x, q_gain, cos, sin, adapt)
         y = causal_attention(q, k, v) if attend is None else attend(q, k, v)
+        if self.xsa:
+            y = exclude_own_value(y, v)
+        if gate is not None:
+            w = gate.to(x.dtype)
+            window = x[..., : self.gate_window]
+            logits = torch.einsum("btw,hw->bht", window, w) if w.dim() == 2 else torch.einsum("btw,bhw->bht", window, w)
+            y = y * torch.sigmoid(self.gate_scale * logits).unsqueeze(-1)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return adapt("o", y, self.proj(y))
 
@@ -390,6 +458,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_ca
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attention(q, k, v, is_causal=True)
+
+
+def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
+    """Exclusive self-attention (XSA, openai/parameter-golf #478): each head's output ``y``
+    (B, H, T, hd) minus its projection on the unit vector of the token's own value ``v``
+    (B, H_kv, T, hd; a query head reads its group's value head), so attention carries only what
+    the other tokens add and the residual stream keeps the token's own content."""
+    b, h, t, hd = y.shape
+    groups = v.size(1)
+    yg = y.view(b, groups, h // groups, t, hd)
+    unit = F.normalize(v, dim=-1).unsqueeze(2)
+    return (yg - (yg * unit).sum(-1, keepdim=True) * unit).view(b, h, t, hd)
 
 
 class MLP(nn.Module):
@@ -407,6 +487,8 @@ class MLP(nn.Module):
         u = adapt("mlp_in", x, self.fc(x))
         if self.act == "relu2":
             h = F.relu(u).square()
+        elif self.act == "leaky_relu2":
+            h = F.leaky_relu(u, LEAKY_SLOPE).square()
         elif self.act == "gelu":
             h = F.gelu(u, approximate="tanh")
         else:
@@ -444,12 +526,19 @@ class GPT(nn.Module):
         )
         # U-Net skips pair the first half of the virtual layers with the second half (plan.skip_pairs).
         self.skip_weight = nn.Parameter(torch.ones(v_layers // 2, d)) if cfg.unet_skips else None
+        # Gates start at zero: sigmoid(0) = 1/2, as in the record (a skip gate starts as the mean
+        # of the skip and the residual; the head-output gate halves attention at first).
+        self.skip_gate = nn.Parameter(torch.zeros(v_layers // 2, d)) if cfg.unet_skips and cfg.skip_gates else None
+        self.attn_gate = nn.Parameter(torch.zeros(n_attn_ctrl, cfg.num_heads, cfg.gate_window)) if cfg.attn_gate else None
+        # The smear starts off (lam = 0): the model begins as the baseline.
+        self.smear_gate = nn.Parameter(torch.zeros(cfg.gate_window)) if cfg.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if cfg.smear_gate else None
         self.depth_emb = nn.Parameter(torch.zeros(v_layers, d)) if cfg.depth_embeddings else None
         self.lora = nn.ModuleDict(
             {t: LoRABank(v_layers, *cfg.lora_shape(t), cfg.lora_ranks[t], cfg.lora_scale(t)) for t in LORA_TARGETS if t in cfg.lora_ranks}
         )
         self.lm_head = None if cfg.tie_embeddings else Linear(d, cfg.vocab_size, zero_init=True)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.pos_emb == "rope" else None
+        self.rotary = Rotary(cfg.rotary_dims, cfg.rope_base, cfg.max_seq_len) if cfg.pos_emb == "rope" else None
         # U-Net skips, fixed once from the full plan: decoder layer v adds encoder layer e's
         # output through skip_weight[row]. A progressive-recurrence stage that leaves e or v out
         # drops that pair; it never hands a row to another pair.
@@ -548,16 +637,17 @@ class GPT(nn.Module):
         where every row is at the same layer. ``attend`` replaces causal attention (see
         :meth:`Attention.forward`)."""
         sel, x, adapt = self._enter(v, x, x0)
-        attn = self.attn[sel.attn_of](self.norm(x, "attn_norm", sel.attn), sel.attn.rows(self.q_gain), cos, sin, adapt, attend)
+        gate = None if self.attn_gate is None else sel.attn.rows(self.attn_gate)
+        attn = self.attn[sel.attn_of](sel.scaled(self.norm(x, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt, attend, gate)
         x = x + sel.attn(self.attn_scale, x.dtype) * attn
-        return x + sel.mlp(self.mlp_scale, x.dtype) * self.mlps[sel.mlp_of](self.norm(x, "mlp_norm", sel.mlp), adapt)
+        return x + sel.mlp(self.mlp_scale, x.dtype) * self.mlps[sel.mlp_of](sel.scaled(self.norm(x, "mlp_norm", sel.mlp)), adapt)
 
     def layer_kv(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
         """The keys and values virtual layer(s) ``v`` (as in :meth:`layer`) would cache for
         residual ``x``, without running attention or the MLP: what a token that exited early
         leaves for deeper layers."""
         sel, x, adapt = self._enter(v, x, x0)
-        _, k, val = self.attn[sel.attn_of].project(self.norm(x, "attn_norm", sel.attn), sel.attn.rows(self.q_gain), cos, sin, adapt)
+        _, k, val = self.attn[sel.attn_of].project(sel.scaled(self.norm(x, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt)
         return k, val
 
     def skip_in(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> Tensor:
@@ -567,7 +657,11 @@ class GPT(nn.Module):
         layer's latest output (``skip_out`` overwrites)."""
         row, enc = self.skip_from.get(v, (None, None))
         if enc in saved:
-            x = x + self.skip_weight[row].to(x.dtype) * saved.pop(enc)
+            skip = self.skip_weight[row].to(x.dtype) * saved.pop(enc)
+            if self.skip_gate is None:
+                return x + skip
+            # Gated skip (openai/parameter-golf #289): g * x + (1 - g) * skip, g = sigmoid(gate).
+            return torch.lerp(skip, x, torch.sigmoid(self.skip_gate[row].to(x.dtype)))
         return x
 
     def skip_out(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> None:
@@ -575,17 +669,39 @@ class GPT(nn.Module):
         if v in self.skip_sources:
             saved[v] = x
 
-    def embed(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+    def embed(self, idx: Tensor, positions: Tensor | None = None, previous: Tensor | None = None) -> Tensor:
         """The input of the first virtual layer (also kept as x0 for the residual mixes).
-        ``positions`` (shaped like ``idx``) places tokens that are not at 0..T-1 (a KV cache's)."""
-        x = self.tok_emb(idx)
-        if self.config.embed_scale != 1.0:
-            x = x * self.config.embed_scale
+        ``positions`` (shaped like ``idx``) places tokens that are not at 0..T-1 (a KV cache's);
+        ``previous`` (shaped like ``idx``, -1 for none) gives the token before each one when it
+        is not the previous column of ``idx`` (the smear gate reads it)."""
+        x = self.token_embedding(idx)
+        if self.smear_gate is not None:
+            x = self.smear(idx, x, previous)
         if self.pos_emb is not None:
             if idx.size(1) > self.config.max_seq_len:
                 raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the model's max_seq_len={self.config.max_seq_len} learned positions")
             x = x + (self.pos_emb.weight[: idx.size(1)] if positions is None else self.pos_emb(positions))
         return rms_norm(x) if self.config.embed_norm else x
+
+    def token_embedding(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    def smear(self, idx: Tensor, x: Tensor, previous: Tensor | None = None) -> Tensor:
+        """SmearGate (openai/parameter-golf #1667, BOS fix #1855): each token embedding e_t gets
+        ``lam * sigmoid(w . e_t[:gate_window]) * e_{t-1}``, a cheap bigram signal, except where
+        t is a BOS (a document's first token must not see the previous document) or has no
+        previous token (the first column, without ``previous``; or ``previous`` -1)."""
+        if previous is None:
+            prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+            has_prev = torch.ones_like(idx, dtype=torch.bool)
+            has_prev[:, 0] = False
+        else:
+            has_prev = previous >= 0
+            prev = self.token_embedding(previous.clamp(min=0))
+        keep = (has_prev & (idx != self.config.smear_bos_id)).to(x.dtype).unsqueeze(-1)
+        g = self.smear_lambda.to(x.dtype) * torch.sigmoid(x[..., : self.config.gate_window] @ self.smear_gate.to(x.dtype))
+        return x + g.unsqueeze(-1) * prev * keep
 
     def hidden_states(self, idx: Tensor, exits: tuple[int, ...] = ()) -> list[Tensor]:
         """Final-normed hidden states (B, T, D) after each step of :attr:`active_layers` whose
@@ -652,6 +768,7 @@ def _control_params(cfg: ModelConfig, n_attn: int, n_mlp: int) -> int:
     mixes, q gains, norm gains and biases, projection biases."""
     d = cfg.model_dim
     per_attn, per_mlp = 3 * d + cfg.num_heads, d
+    per_attn += cfg.num_heads * cfg.gate_window if cfg.attn_gate else 0
     norm_vectors = {"rms": 0, "rms_scaled": 1, "rms_offset": 1, "layer": 2}[cfg.norm]
     per_attn += norm_vectors * d
     per_mlp += norm_vectors * d
@@ -662,12 +779,13 @@ def _control_params(cfg: ModelConfig, n_attn: int, n_mlp: int) -> int:
 
 
 def _model_wide_params(cfg: ModelConfig) -> int:
-    """Embeddings, positions, head, skips and depth embeddings."""
+    """Embeddings, positions, head, skips (and their gates), depth embeddings, the smear gate."""
     d, v_layers = cfg.model_dim, cfg.depth_plan.num_virtual
     total = cfg.vocab_size * d
     total += cfg.max_seq_len * d if cfg.pos_emb == "learned" else 0
     total += 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    total += (v_layers // 2) * d if cfg.unet_skips else 0
+    total += (v_layers // 2) * d * (2 if cfg.skip_gates else 1) if cfg.unet_skips else 0
+    total += cfg.gate_window + 1 if cfg.smear_gate else 0
     total += v_layers * d if cfg.depth_embeddings else 0
     return total
 

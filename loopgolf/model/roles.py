@@ -13,7 +13,8 @@ Roles:
 - ``lora``: per-virtual-layer LoRA factors;
 - ``pos``: a learned position table;
 - ``control``: per-sublayer or per-virtual-layer vectors (attn/mlp scales, residual mixes, q gains,
-  norm gains and biases, projection biases) and the U-Net skip weights;
+  norm gains and biases, projection biases, the record recipe's attention gates), the U-Net skip
+  weights and gates, and the smear gate;
 - ``depth``: per-virtual-layer depth embeddings.
 """
 
@@ -38,6 +39,10 @@ _CONTROL_NAMES = (
     "attn_norm_bias",
     "mlp_norm_bias",
     "final_norm_bias",
+    "skip_gate",
+    "attn_gate",
+    "smear_gate",
+    "smear_lambda",
 )
 _ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("embed", re.compile(r"^tok_emb\.weight$")),

@@ -140,7 +140,8 @@ class Engine:
             n = len(req.prompt_ids)
             if req.score_prompt:  # every prompt token's prediction is wanted (it scores the next one)
                 self._unscored[req] = n
-            tokens += [Token(slot, p, t, emit=req.score_prompt or p == n - 1, owner=req) for p, t in enumerate(req.prompt_ids)]
+            ids = req.prompt_ids
+            tokens += [Token(slot, p, t, emit=req.score_prompt or p == n - 1, owner=req, prev_id=ids[p - 1] if p else None) for p, t in enumerate(ids)]
         return tokens
 
     def _retire(self, slot: int) -> None:
@@ -255,7 +256,7 @@ class Engine:
                 self._end(req, "length")
             self._retire(t.slot)
         else:
-            nxt.append(Token(t.slot, t.pos + 1, token_id, owner=req))
+            nxt.append(Token(t.slot, t.pos + 1, token_id, owner=req, prev_id=t.token_id))
         return 1
 
     def _drop_cancelled(self) -> None:

@@ -45,6 +45,7 @@ class Token:
     emit: bool = True  # its prediction is wanted (a prompt's last token or a generated one)
     can_exit: bool = True  # the exit criterion applies to it
     owner: Any = None  # whatever the caller keeps with it (a request)
+    prev_id: int | None = None  # the token before it in its sequence (None: it is the first); the smear gate reads it
     x: Tensor | None = None  # residual (1, D)
     x0: Tensor | None = None
     layer: int = 0  # index into LayerRunner.layers of the next virtual layer to run
@@ -195,7 +196,8 @@ class LayerRunner:
         for t in tokens:
             self._check_position(t)
         ids = self._index([t.token_id for t in tokens])[:, None]
-        x = self.model.embed(ids, self._index([t.pos for t in tokens])[:, None])
+        previous = self._index([-1 if t.prev_id is None else t.prev_id for t in tokens])[:, None]
+        x = self.model.embed(ids, self._index([t.pos for t in tokens])[:, None], previous)
         for row, t in enumerate(tokens):
             t.x = t.x0 = x[row]
             t.layer, t.skips, t.prev_pred, t.done, t.logits = 0, {}, None, False, None

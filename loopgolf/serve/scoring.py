@@ -75,7 +75,7 @@ def evaluate_early_exit(
                 x = np.stack([tokens[s:e] for s, e, _ in batch]).astype(np.int64)
                 y = np.stack([tokens[s + 1 : e + 1] for s, e, _ in batch]).astype(np.int64)
                 for p in range(seq_len):
-                    row = [Token(i, p, int(x[i, p])) for i in range(len(batch))]
+                    row = [Token(i, p, int(x[i, p]), prev_id=int(x[i, p - 1]) if p else None) for i in range(len(batch))]
                     runner.run(row)
                     logits = torch.stack([t.logits for t in row])
                     target = torch.from_numpy(y[:, p]).to(device)
