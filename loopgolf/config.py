@@ -43,6 +43,11 @@ def may_change_on_resume(f: Any) -> bool:
     return f.metadata.get("on_resume") == "may change"
 
 
+# The Newton-Schulz coefficient schedules Muon knows (loopgolf.train.optim.NS_SCHEDULES, which a
+# test keeps equal to this list; named here so that checking a config loads no training code).
+MUON_NS_SCHEDULES = ("standard", "polar_express")
+
+
 @dataclass
 class OptimizerConfig:
     """Learning rates and settings of the Muon + Adam optimizers (loopgolf.train.optim)."""
@@ -61,11 +66,16 @@ class OptimizerConfig:
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
+    # Newton-Schulz coefficients of Muon (MUON_NS_SCHEDULES): "standard" repeats one tuple every
+    # step; "polar_express" takes a minimax-optimal tuple per step (the record's Muon, PR #1787).
+    muon_ns: str = field(default="standard", metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_types(self, "optim")
         if self.adapter_optimizer not in ("adam", "muon"):
             raise ValueError(f"adapter_optimizer must be 'adam' or 'muon', got {self.adapter_optimizer!r}")
+        if self.muon_ns not in MUON_NS_SCHEDULES:
+            raise ValueError(f"optim muon_ns must be one of {', '.join(MUON_NS_SCHEDULES)}, got {self.muon_ns!r}")
         for name in ("matrix_lr", "scalar_lr", "embed_lr", "head_lr", "untied_embed_lr", "adapter_lr"):
             check_range("optim", name, getattr(self, name), 0.0)
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
@@ -156,6 +166,13 @@ class TrainConfig:
         default=False, metadata=MAY_CHANGE_ON_RESUME
     )  # torch.compile (inductor): CUDA, or CPU with a C++ compiler; compiled before the clock starts
     device: str = field(default="auto", metadata=MAY_CHANGE_ON_RESUME)  # auto | cpu | cuda
+    # The warmdown's floor: the lr multiplier decays to this fraction instead of 0 (the record's
+    # MIN_LR, 0.10; PR #1787). 0: decay to zero.
+    min_lr_frac: float = field(default=0.0, metadata=ADDED_LATER)
+    # Decay of an exponential moving average of the weights, kept (in float32) after every
+    # optimizer step and swapped in for the live weights when training ends, so the exported and
+    # scored model is the average (the record: 0.9965). None: no average, the live weights.
+    ema_decay: float | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
@@ -188,6 +205,9 @@ class TrainConfig:
             raise ValueError(f"recurrence_stages must be increasing fractions in [0, 1), got {self.recurrence_stages}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ValueError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        check_range("train", "min_lr_frac", self.min_lr_frac, 0.0, 1.0)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train ema_decay must be in (0, 1) (e.g. 0.9965), or null for no weight average; got {self.ema_decay!r}")
         if self.loop_sampling is not None:
             self.loop_sampling = str(LoopSampler.parse(self.loop_sampling))
             if self.recurrence_stages:

@@ -226,3 +226,15 @@ def test_bad_record_options_are_one_line_errors(changes, needle):
 def test_config_round_trips_through_a_dict():
     cfg = tiny_config(plan=CYCLE, **RECORD)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_checkpoint_from_before_the_options_still_resumes():
+    """A run directory written before these fields existed has none of them in its model
+    config; resuming it with today's (default) config is the same model."""
+    from loopgolf.train.checkpoint import check_resumable
+
+    cfg = tiny_config(plan=CYCLE).to_dict()
+    old = {k: v for k, v in cfg.items() if k not in ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id")}
+    check_resumable({"config": {"model": old}}, cfg, {})
+    with pytest.raises(ValueError, match="xsa"):
+        check_resumable({"config": {"model": old}}, {**cfg, "xsa": True}, {})

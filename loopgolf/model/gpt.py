@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopgolf.checks import check_range, check_types, from_dict
+from loopgolf.checks import ADDED_LATER, check_range, check_types, from_dict
 from loopgolf.model.plan import DepthPlan, PlanSpec, build_plan, parse_plan
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out", "mlp_gate")  # mlp_gate: gated MLPs only
@@ -92,15 +92,15 @@ class ModelConfig:
     bias: bool = False  # a bias on every attention and MLP projection
     # The Parameter Golf record's architecture options (docs/models.md "The record's
     # architecture"); each off by default, so the baseline above is unchanged bit for bit.
-    ln_scale: bool = False  # virtual layer v's normed inputs are scaled by 1/sqrt(v + 1)
-    rope_dims: int | None = None  # rotate only the first rope_dims of each head (None: all of it)
-    xsa: bool = False  # exclusive self-attention: drop each head output's component along the token's own value
-    attn_gate: bool = False  # sparse head-output gate: y_h *= sigmoid(scale * w_h . x[:gate_window])
-    attn_gate_scale: float = 1.0
-    gate_window: int = 12  # leading residual dims the attention gate and the smear gate read
-    skip_gates: bool = False  # U-Net skips mix by a learned sigmoid gate (lerp) instead of adding
-    smear_gate: bool = False  # e_t += lam * sigmoid(w . e_t[:gate_window]) * e_{t-1}, never across a BOS
-    smear_bos_id: int = 1  # the token that starts a document (the official shards' BOS)
+    ln_scale: bool = field(default=False, metadata=ADDED_LATER)  # virtual layer v's normed inputs are scaled by 1/sqrt(v + 1)
+    rope_dims: int | None = field(default=None, metadata=ADDED_LATER)  # rotate only the first rope_dims of each head (None: all of it)
+    xsa: bool = field(default=False, metadata=ADDED_LATER)  # exclusive self-attention: drop each head output's component along the token's own value
+    attn_gate: bool = field(default=False, metadata=ADDED_LATER)  # sparse head-output gate: y_h *= sigmoid(scale * w_h . x[:gate_window])
+    attn_gate_scale: float = field(default=1.0, metadata=ADDED_LATER)
+    gate_window: int = field(default=12, metadata=ADDED_LATER)  # leading residual dims the attention gate and the smear gate read
+    skip_gates: bool = field(default=False, metadata=ADDED_LATER)  # U-Net skips mix by a learned sigmoid gate (lerp) instead of adding
+    smear_gate: bool = field(default=False, metadata=ADDED_LATER)  # e_t += lam * sigmoid(w . e_t[:gate_window]) * e_{t-1}, never across a BOS
+    smear_bos_id: int = field(default=1, metadata=ADDED_LATER)  # the token that starts a document (the official shards' BOS)
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):

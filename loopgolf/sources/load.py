@@ -36,6 +36,7 @@ class Source:
 def _read_model_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor], str]:
     """A loopgolf run or convert directory: its model config and its checkpoint's weights."""
     from loopgolf.train.checkpoint import check_state_matches
+    from loopgolf.train.ema import exported_state
 
     rundir = RunDir(path)
     try:
@@ -48,7 +49,7 @@ def _read_model_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor], str]:
     ckpt = rundir.read_checkpoint()
     with torch.device("meta"):
         names = GPT(model_cfg).state_dict()
-    state = ckpt["model"]
+    state = exported_state(ckpt)  # a run that averages its weights exports the average
     try:
         check_state_matches(names, state, where=f"{rundir.checkpoint_path} (against its config.json)")
     except ValueError as e:

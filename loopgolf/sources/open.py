@@ -105,6 +105,7 @@ def _trained_seq_len(config: RunConfig | None, model_cfg: ModelConfig) -> int:
 
 def _from_checkpoint(path: Path, device: Any) -> tuple[GPT, int | None]:
     from loopgolf.train.checkpoint import load_model_state, read_checkpoint
+    from loopgolf.train.ema import exported_state
 
     try:
         ckpt = read_checkpoint(path)
@@ -115,7 +116,7 @@ def _from_checkpoint(path: Path, device: Any) -> tuple[GPT, int | None]:
         raise ValueError(f"{path} does not record its model config")
     cfg = ModelConfig.from_dict(model_dict)
     model = GPT(cfg)
-    load_model_state(model, ckpt["model"])
+    load_model_state(model, exported_state(ckpt))  # a run that averages its weights exports the average
     train = (ckpt.get("config") or {}).get("train")
     seq_len = train.get("seq_len") if isinstance(train, dict) else None
     return model.to(device).eval(), seq_len if isinstance(seq_len, int) and seq_len > 0 else None

@@ -2,7 +2,8 @@
 
 One file, ``checkpoint.pt`` in the run directory, holds everything the next step depends on:
 model parameters, optimizer states (Adam moments and step counts, Muon momentum buffers), the
-loader's stream position, the torch/CUDA/numpy/Python RNG states, and the loop's own state (step,
+weight averages of a run with ``ema_decay`` (key ``ema``, absent otherwise), the loader's stream
+position, the torch/CUDA/numpy/Python RNG states, and the loop's own state (step,
 training seconds used, tokens, recurrence-stage starts, the loss history and the length of
 ``log.jsonl`` at that moment). With the same configuration and data, a resumed CPU run repeats
 the uninterrupted run's losses exactly; the wallclock budget continues from the seconds used.
@@ -34,7 +35,7 @@ import random
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loopgolf.config import TrainConfig, may_change_on_resume
+from loopgolf.config import OptimizerConfig, TrainConfig, may_change_on_resume
 from loopgolf.data.shards import TokenLoader
+from loopgolf.model.gpt import ModelConfig
+from loopgolf.train.ema import WeightEMA
 from loopgolf.util import atomic_write_bytes
 
 FORMAT_VERSION = 2
@@ -158,9 +161,10 @@ def save_checkpoint(
     state: TrainState,
     config: dict[str, Any] | None = None,
     hook_state: Any = None,
+    ema_state: dict[str, Tensor] | None = None,
 ) -> int:
     """Write a checkpoint atomically; return its size in bytes. Call on one rank only: the
-    optimizer states are identical on every rank."""
+    optimizer states (and weight averages) are identical on every rank."""
     path = Path(path)
     payload = {
         "format": FORMAT_VERSION,
@@ -172,6 +176,8 @@ def save_checkpoint(
         "config": config or {},
         "hook": hook_state,
     }
+    if ema_state is not None:  # only then: a run without averages writes what it always wrote
+        payload["ema"] = ema_state
     return _write_payload(path, payload)
 
 
@@ -280,13 +286,37 @@ def check_resumable(ckpt: dict[str, Any], model_config: dict[str, Any], train_co
     if ckpt.get("weights_only"):
         raise ValueError("this checkpoint holds start weights only (from `loopgolf convert`): train from it with --init-from DIR, it has no run to resume")
     saved = ckpt.get("config") or {}
-    if "model" in saved and saved["model"] != model_config:
-        diff = sorted(k for k in set(saved["model"]) | set(model_config) if saved["model"].get(k) != model_config.get(k))
+    saved_model = {**_added_defaults(ModelConfig), **saved["model"]} if isinstance(saved.get("model"), dict) else saved.get("model")
+    model_config = {**_added_defaults(ModelConfig), **model_config}
+    if "model" in saved and saved_model != model_config:
+        diff = sorted(k for k in set(saved_model) | set(model_config) if saved_model.get(k) != model_config.get(k))
         raise ValueError(f"checkpoint was written for a different model (fields {diff} differ)")
     if "train" in saved:
-        diff = sorted(k for k in set(saved["train"]) | set(train_config) if k not in RESUMABLE_TRAIN_CHANGES and saved["train"].get(k) != train_config.get(k))
+        saved_train, train_config = _with_added_defaults(saved["train"]), _with_added_defaults(train_config)
+        diff = sorted(k for k in set(saved_train) | set(train_config) if k not in RESUMABLE_TRAIN_CHANGES and saved_train.get(k) != train_config.get(k))
         if diff:
             raise ValueError(f"checkpoint was written with different training settings {diff}; only {', '.join(RESUMABLE_TRAIN_CHANGES)} may change on resume")
+
+
+def _added_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls``'s fields marked as added later (loopgolf.checks.ADDED_LATER)."""
+    return {
+        f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        for f in fields(cls)
+        if f.metadata.get("added_later")
+    }
+
+
+def _with_added_defaults(train: Any) -> Any:
+    """A stored train config (a dict) with the fields added to TrainConfig and OptimizerConfig
+    since it was written filled in with their defaults, which mean the behaviour it ran with: a
+    checkpoint from before a field existed still resumes."""
+    if not isinstance(train, dict):
+        return train
+    out = {**_added_defaults(TrainConfig), **train}
+    if isinstance(out.get("optim"), dict):
+        out["optim"] = {**_added_defaults(OptimizerConfig), **out["optim"]}
+    return out
 
 
 def restore_checkpoint(
@@ -297,7 +327,8 @@ def restore_checkpoint(
     loader: TokenLoader,
     restore_rng: bool = True,
 ) -> TrainState:
-    """Put model, optimizers, loader and RNGs back where the checkpoint left them."""
+    """Put model, optimizers, loader and RNGs back where the checkpoint left them (the weight
+    averages: :func:`restore_ema`)."""
     load_model_state(model, ckpt["model"])
     saved_opts = ckpt["optimizers"]
     if len(saved_opts) != len(optimizers):
@@ -308,3 +339,10 @@ def restore_checkpoint(
     if restore_rng:
         set_rng_state(ckpt["rng"])
     return TrainState.from_dict(ckpt["train"])
+
+
+def restore_ema(ckpt: dict[str, Any], ema: WeightEMA) -> None:
+    """Put the checkpoint's weight averages into ``ema`` (a run with ``ema_decay``)."""
+    if ckpt.get("ema") is None:
+        raise ValueError("the checkpoint holds no weight averages but this run keeps them (ema_decay is set): it was written by another run")
+    ema.load_state_dict(ckpt["ema"])

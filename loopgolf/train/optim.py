@@ -1,8 +1,12 @@
 """Muon for the block matrices, Adam for embeddings and control tensors (the baseline recipe).
 
 Muon: SGD with Nesterov momentum whose update is orthogonalised by a 5-step Newton-Schulz
-iteration (coefficients 3.4445, -4.7750, 2.0315) and scaled by sqrt(max(1, rows/cols)).
-The iteration runs in bfloat16 on CUDA and in float32 on CPU (bf16 matmul is ~100x slower there).
+iteration and scaled by sqrt(max(1, rows/cols)). The iteration's coefficients are a schedule
+(``OptimizerConfig.muon_ns``, :data:`NS_SCHEDULES`): ``standard`` repeats (3.4445, -4.7750,
+2.0315) at every step; ``polar_express`` takes a different minimax-optimal tuple at each step
+(Amsel et al. 2025, "The Polar Express", arXiv:2505.16932; openai/parameter-golf PR #1344, in
+the record since PR #1787). The iteration runs in bfloat16 on CUDA and in float32 on CPU (bf16
+matmul is ~100x slower there).
 """
 
 from __future__ import annotations
@@ -14,18 +18,34 @@ from torch import Tensor, nn
 from loopgolf.config import OptimizerConfig
 from loopgolf.model.roles import parameter_roles
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NSCoeffs = tuple[float, float, float]  # (a, b, c) of one step: x <- a x + (b A + c A^2) x, A = x x^T
+
+NS_COEFFS: NSCoeffs = (3.4445, -4.7750, 2.0315)
+# Polar Express: per-step (a, b, c) chosen minimax-optimal for the singular values the previous
+# steps leave (Amsel et al. 2025, arXiv:2505.16932), the tuples openai/parameter-golf PR #1344
+# introduced and the record (PR #1787 onwards) trains with at 5 steps.
+POLAR_EXPRESS_COEFFS: tuple[NSCoeffs, ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# OptimizerConfig.muon_ns -> coefficient schedule. Step i uses entry i; steps beyond the list
+# repeat its last entry (the record instead stops after its 5 tuples: the same at 5 steps).
+NS_SCHEDULES: dict[str, tuple[NSCoeffs, ...]] = {"standard": (NS_COEFFS,), "polar_express": POLAR_EXPRESS_COEFFS}
 
 
-def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise a 2-D matrix (the zeroth power of its singular values)."""
-    a, b, c = NS_COEFFS
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7, schedule: tuple[NSCoeffs, ...] = (NS_COEFFS,)) -> Tensor:
+    """Approximately orthogonalise a 2-D matrix (the zeroth power of its singular values) with
+    ``steps`` odd-polynomial steps, step i taking ``schedule[min(i, len(schedule) - 1)]``."""
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     x = x / (x.norm() + eps)
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = schedule[min(i, len(schedule) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
@@ -36,8 +56,14 @@ class Muon(torch.optim.Optimizer):
     updates are summed across ranks, so the work is split rather than repeated. Gradients must
     already be averaged across ranks (``loopgolf.train.distributed.all_reduce_gradients``)."""
 
-    def __init__(self, params, lr: float = 0.04, momentum: float = 0.95, backend_steps: int = 5, nesterov: bool = True):
+    def __init__(
+        self, params, lr: float = 0.04, momentum: float = 0.95, backend_steps: int = 5, nesterov: bool = True, ns_schedule: tuple[NSCoeffs, ...] = (NS_COEFFS,)
+    ):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        # An attribute, not a param-group default: group defaults go into the optimizer's
+        # state_dict, and checkpoints written before the schedule existed must still load. The
+        # schedule comes from the run's config, which a resume cannot change.
+        self.ns_schedule = ns_schedule
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -60,7 +86,7 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad)
                 if i % world == rank:
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = newton_schulz(g, steps=group["backend_steps"])
+                    g = newton_schulz(g, steps=group["backend_steps"], schedule=self.ns_schedule)
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     flat[offset : offset + p.numel()] = g.reshape(-1).to(flat.dtype)
                 offset += p.numel()
@@ -120,7 +146,9 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
         (adam_groups if cfg.adapter_optimizer == "adam" else muon_groups).append(adapters)
     optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)]
     if muon_groups:
-        optimizers.append(Muon(muon_groups, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps))
+        optimizers.append(
+            Muon(muon_groups, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps, ns_schedule=NS_SCHEDULES[cfg.muon_ns])
+        )
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

@@ -8,7 +8,8 @@ recurrence stage (each stage runs at its own depth), and keeps the median per st
 
 Results are cached as JSON under ``<cache>/steptime/`` (``$LOOPGOLF_CACHE``, else
 ``~/.cache/loopgolf``), keyed by everything that changes the time: the model configuration, the
-training shape and optimizer, the device (CPU model and thread count, or the GPU's name), and the
+training shape and optimizer (and whether a weight average is kept: its update is part of each
+step), the device (CPU model and thread count, or the GPU's name), and the
 torch version. A second plan of the same candidates is instant; a shape change measures anew.
 """
 
@@ -20,13 +21,14 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-from loopgolf.config import TrainConfig
+from loopgolf.config import OptimizerConfig, TrainConfig
 from loopgolf.model.gpt import GPT, ModelConfig
+from loopgolf.train.ema import WeightEMA
 from loopgolf.train.optim import build_optimizers
 from loopgolf.train.trainer import accumulation_steps, run_step
 from loopgolf.util import atomic_write_json, cache_dir
@@ -69,6 +71,12 @@ def device_key(device: torch.device) -> str:
 def cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps: int) -> str:
     train = asdict(train_cfg)
     shape = {k: train[k] for k in ("seq_len", "batch_tokens", "micro_batch_tokens", "optim", "grad_clip", "recurrence_stages", "compile")}
+    # Optimizer fields added later are left out at their defaults (which time as before), so
+    # the entries measured before them keep their keys.
+    added = {f.name: f.default for f in fields(OptimizerConfig) if f.metadata.get("added_later")}
+    shape["optim"] = {k: v for k, v in shape["optim"].items() if k not in added or v != added[k]}
+    if train_cfg.ema_decay is not None:  # the average's update is part of the step; its decay does not change the time
+        shape["ema"] = True
     blob = {
         "format": STEPTIME_FORMAT,
         "model": model_cfg.to_dict(),
@@ -88,6 +96,7 @@ def measure(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device
     model = GPT(model_cfg).to(device)
     model.train()
     optimizers = build_optimizers(model, train_cfg.optim, tied=model_cfg.tie_embeddings)
+    ema = None if train_cfg.ema_decay is None else WeightEMA(model, train_cfg.ema_decay)
     accum, _ = accumulation_steps(train_cfg, 1)
     rows = train_cfg.batch_tokens // train_cfg.seq_len
     gen = torch.Generator().manual_seed(0)
@@ -105,7 +114,7 @@ def measure(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            loss = run_step(model, model, optimizers, xs, ys, accum=accum, amp=amp, world_size=1, grad_clip=train_cfg.grad_clip, device=device)
+            loss = run_step(model, model, optimizers, xs, ys, accum=accum, amp=amp, world_size=1, grad_clip=train_cfg.grad_clip, device=device, ema=ema)
             float(loss)  # wait for the step
             if i >= warmup:
                 times.append(time.perf_counter() - t0)

@@ -27,8 +27,9 @@ from torch import nn
 
 from loopgolf.config import LoopSampler, TrainConfig
 from loopgolf.data.shards import TokenLoader
-from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_checkpoint, save_checkpoint
+from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_checkpoint, restore_ema, save_checkpoint
 from loopgolf.train.distributed import all_reduce_gradients, all_reduce_mean, broadcast_parameters, current_world
+from loopgolf.train.ema import WeightEMA
 from loopgolf.train.optim import build_optimizers, muon_momentum_at
 from loopgolf.util import append_jsonl
 
@@ -71,12 +72,12 @@ def training_progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
 
 
 def lr_multiplier(step: int, elapsed: float, cfg: TrainConfig) -> float:
-    """1 until the last ``warmdown_frac`` of the budget, then linear to 0 (after an optional
-    linear warmup)."""
+    """1 until the last ``warmdown_frac`` of the budget, then linear down to ``min_lr_frac``
+    (0 by default; the floor holds to the end), after an optional linear warmup."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     if cfg.warmdown_frac <= 0:
         return warm
-    return warm * max(0.0, min(1.0, (1.0 - training_progress(step, elapsed, cfg)) / cfg.warmdown_frac))
+    return warm * max(cfg.min_lr_frac, min(1.0, (1.0 - training_progress(step, elapsed, cfg)) / cfg.warmdown_frac))
 
 
 def recurrence_stage(step: int, elapsed: float, cfg: TrainConfig) -> int:
@@ -179,9 +180,11 @@ def run_step(
     world_size: int,
     grad_clip: float,
     device: torch.device,
+    ema: WeightEMA | None = None,
 ) -> torch.Tensor:
-    """One optimizer step over a batch split into ``accum`` micro-batches; returns the sum of the
-    micro-batch losses as a device tensor. Nothing in here waits for the GPU."""
+    """One optimizer step over a batch split into ``accum`` micro-batches (then the weight
+    average's update, with ``ema``); returns the sum of the micro-batch losses as a device
+    tensor. Nothing in here waits for the GPU."""
     loss_sum = torch.zeros((), device=device)
     if device.type == "cuda":  # pinned memory lets the copy run without blocking the host
         xs, ys = xs.pin_memory().to(device, non_blocking=True), ys.pin_memory().to(device, non_blocking=True)
@@ -196,6 +199,8 @@ def run_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for opt in optimizers:
         opt.step()
+    if ema is not None:
+        ema.update()
     model.zero_grad(set_to_none=True)
     return loss_sum
 
@@ -237,6 +242,11 @@ def train(
     are averaged across ranks and rank 0 alone logs, validates, shows progress and checkpoints.
     ``checkpoint`` says when to write checkpoints; ``resume`` is a checkpoint read with
     :func:`loopgolf.train.checkpoint.read_checkpoint` to continue from.
+
+    With ``cfg.ema_decay`` a moving average of the weights (:mod:`loopgolf.train.ema`) is kept
+    after every step and, when the budget ends, copied into ``model``: what the caller scores
+    and exports is the average. Periodic validation and checkpoints see the live weights (the
+    checkpoint holds the averages beside them).
     """
     rank, world = current_world()
     if (loader.rank, loader.world_size) != (rank, world):
@@ -277,6 +287,11 @@ def train(
         log({"event": "resume", "step": state.step, "elapsed": state.elapsed, "tokens": state.tokens, "world_size": world})
     if world > 1:
         broadcast_parameters(model)
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = WeightEMA(model, cfg.ema_decay)  # a fresh run averages from the weights it starts from
+        if resume is not None:
+            restore_ema(resume, ema)
 
     step_fn: Callable[..., torch.Tensor] = model if forward is None else forward
     log_parts = getattr(forward, "log_values", None)
@@ -340,7 +355,7 @@ def train(
             # One read per step, split into micro-batches: the step sees the same tokens
             # whatever the accumulation or world size.
             xs, ys = loader.next_batch(accum * micro_tokens)
-            loss_sum = run_step(step_fn, model, optimizers, xs, ys, accum=accum, amp=amp, world_size=world, grad_clip=cfg.grad_clip, device=device)
+            loss_sum = run_step(step_fn, model, optimizers, xs, ys, accum=accum, amp=amp, world_size=world, grad_clip=cfg.grad_clip, device=device, ema=ema)
             step += 1
             state.tokens += cfg.batch_tokens
             pending.append(loss_sum)
@@ -401,10 +416,14 @@ def train(
                 if bar is not None:
                     bar.write(f"step {step}: val_loss {record['val_loss']:.4f} val_bpb {record['val_bpb']:.4f}")
             if ckpt_now:
-                _save(checkpoint, model, optimizers, loader, state, on_step, log_path, main)
+                _save(checkpoint, model, optimizers, loader, state, on_step, log_path, main, ema)
                 saved_at = step
         if checkpoint is not None and checkpoint.final and saved_at != step:
-            _save(checkpoint, model, optimizers, loader, state, on_step, log_path, main)
+            _save(checkpoint, model, optimizers, loader, state, on_step, log_path, main, ema)
+        if ema is not None:
+            # After the final checkpoint, which keeps the live weights a resume continues from.
+            ema.copy_to(model)
+            log({"event": "ema", "step": step, "decay": cfg.ema_decay, "message": "the weight averages replaced the live weights"})
     finally:
         if bar is not None:
             bar.close()
@@ -437,16 +456,20 @@ def _save(
     on_step: Callable | None,
     log_path: Path | None,
     main: bool,
+    ema: WeightEMA | None = None,
 ) -> None:
-    """Rank 0 writes the checkpoint (optimizer states are the same on every rank). The log
-    record goes first, so the saved log length includes it."""
+    """Rank 0 writes the checkpoint (optimizer states and weight averages are the same on every
+    rank). The log record goes first, so the saved log length includes it."""
     if not main:
         return
     if log_path is not None:
         append_jsonl(log_path, {"event": "checkpoint", "step": state.step, "path": str(policy.path)})
         state.log_bytes = log_path.stat().st_size
     hook_state = on_step.state_dict() if on_step is not None and hasattr(on_step, "state_dict") else None
-    save_checkpoint(policy.path, model=model, optimizers=optimizers, loader=loader, state=state, config=policy.config, hook_state=hook_state)
+    ema_state = None if ema is None else ema.state_dict()
+    save_checkpoint(
+        policy.path, model=model, optimizers=optimizers, loader=loader, state=state, config=policy.config, hook_state=hook_state, ema_state=ema_state
+    )
 
 
 def _eta(step: int, elapsed: float, cfg: TrainConfig) -> float:
