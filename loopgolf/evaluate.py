@@ -8,6 +8,10 @@ Non-overlapping scoring (the official default) cuts the concatenated validation 
 multiple of ``seq_len`` plus one and scores each window once. Sliding-window scoring
 (``stride < seq_len``) gives every target except those in the first window ``seq_len - stride``
 tokens of context or more; each target is still scored exactly once.
+
+Validation data with a byte sidecar (a tokenizer that transforms the text first, see
+``loopgolf.data.sidecar``) comes with :class:`~loopgolf.data.sidecar.SidecarTables` instead of
+piece tables: a target's bytes are then the sidecar's count at its stream position.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopgolf.data.sidecar import SidecarError, SidecarTables
 from loopgolf.data.tokenizer import ByteTables, target_byte_counts
 
 
@@ -137,23 +142,39 @@ def token_nll(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.devi
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), torch.from_numpy(y).to(device).reshape(-1), reduction="none").view(y.shape)
 
 
+def scored_bytes(tables: ByteTables | SidecarTables, prev: np.ndarray, targets: np.ndarray, positions: np.ndarray | None) -> int:
+    """Summed bytes of ``targets`` (after ``prev``), at stream ``positions``: the sidecar's counts
+    there when the data has one (positions are then required), else the official piece rule."""
+    if isinstance(tables, SidecarTables):
+        if positions is None:
+            raise SidecarError(
+                f"{tables.source} has a byte sidecar, so its targets' bytes depend on their stream positions, which this scoring path does not give"
+            )
+        if len(positions) != len(targets):
+            raise ValueError(f"{len(positions)} target positions for {len(targets)} targets")
+        return tables.bytes_at(positions)
+    return int(target_byte_counts(prev, targets, tables).sum())
+
+
 class Tally:
     """Sums of scored nats, targets and target bytes, added to batch by batch."""
 
-    def __init__(self, tables: ByteTables) -> None:
+    def __init__(self, tables: ByteTables | SidecarTables) -> None:
         self.tables = tables
         self.loss_sum, self.n_targets, self.n_bytes = 0.0, 0, 0
 
-    def add(self, nll: torch.Tensor, x: np.ndarray, y: np.ndarray, mask: np.ndarray, where: str) -> float:
+    def add(self, nll: torch.Tensor, x: np.ndarray, y: np.ndarray, mask: np.ndarray, where: str, positions: np.ndarray | None = None) -> float:
         """Add the masked targets' ``nll``; returns their summed loss. A non-finite sum stops the
-        evaluation: a NaN score with exit 0 is worse than no score."""
+        evaluation: a NaN score with exit 0 is worse than no score. ``positions`` (the stream
+        positions of the masked targets, :meth:`WindowBatch.target_positions`) are needed when the
+        tables are a byte sidecar's."""
         m = torch.from_numpy(mask).to(nll.device)
         batch_loss = float(nll[m].double().sum())
         if not math.isfinite(batch_loss):
             raise FloatingPointError(f"evaluation loss is {batch_loss} in {where}; the model gives non-finite logits there")
         self.loss_sum += batch_loss
         self.n_targets += int(mask.sum())
-        self.n_bytes += int(target_byte_counts(x[mask], y[mask], self.tables).sum())
+        self.n_bytes += scored_bytes(self.tables, x[mask], y[mask], positions)
         return batch_loss
 
     def result(self, seq_len: int, stride: int) -> EvalResult:
@@ -163,7 +184,7 @@ class Tally:
 def evaluate_bpb(
     model: nn.Module,
     tokens: np.ndarray,
-    tables: ByteTables,
+    tables: ByteTables | SidecarTables,
     seq_len: int,
     *,
     stride: int | None = None,
@@ -175,7 +196,10 @@ def evaluate_bpb(
     """Score ``tokens`` (the concatenated validation shards) with ``model``.
 
     ``model(x)`` must return logits (B, T, V). ``max_tokens`` keeps only a prefix (for cheap
-    periodic validation during training); the final score uses every token."""
+    periodic validation during training); the final score uses every token. With
+    :class:`SidecarTables`, ``tokens`` must be the whole stream the sidecar was made for."""
+    if isinstance(tables, SidecarTables):
+        tables.check_stream(tokens)
     tokens, stride = check_eval_args(tokens, seq_len, stride, max_tokens)
     windows = scoring_windows(len(tokens), seq_len, stride)
     device = torch.device(device)
@@ -189,9 +213,11 @@ def evaluate_bpb(
         batches = tqdm(batches, total=-(-len(windows) // batch_size), desc="eval", unit="batch", leave=False)
     try:
         with torch.inference_mode():
-            for batch, _ in batches:
+            for batch, wins in batches:
                 nll = token_nll(model, batch.x, batch.y, device)
-                tally.add(nll, batch.x, batch.y, batch.mask, f"the windows starting at token {batch.first_token:,} (batch {batch.index + 1})")
+                where = f"the windows starting at token {batch.first_token:,} (batch {batch.index + 1})"
+                positions = batch.target_positions(wins) if isinstance(tables, SidecarTables) else None
+                tally.add(nll, batch.x, batch.y, batch.mask, where, positions)
     finally:
         model.train(was_training)
     return tally.result(seq_len, stride)

@@ -273,14 +273,14 @@ def evaluate_ttt(
     def score(x: np.ndarray, y: np.ndarray, mask: np.ndarray, positions: np.ndarray, where: str) -> None:
         nonlocal base_seconds
         nll = _score(model, x, y, device)
-        tally.add(nll, x, y, mask, where)
+        tally.add(nll, x, y, mask, where, positions)
         if keep_scores:
             scores.append((positions, nll[torch.from_numpy(mask).to(nll.device)].double().cpu().numpy()))
         ttt.scored(int(positions.max()) + 1)
         if base_tally is not None:
             t0 = time.perf_counter()
             model.attach_lora(None)
-            base_tally.add(_score(model, x, y, device), x, y, mask, where)
+            base_tally.add(_score(model, x, y, device), x, y, mask, where, positions)
             model.attach_lora(ttt.banks)
             base_seconds += time.perf_counter() - t0
 

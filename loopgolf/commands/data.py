@@ -26,6 +26,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         shuffle=not args.keep_order,
         force=args.force,
         progress=not args.json,
+        transform=args.transform,
         **({"max_input_bytes": args.max_input_bytes} if args.max_input_bytes else {}),
     )
     if args.json:
@@ -34,7 +35,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         for split, s in manifest["splits"].items():
             print(f"{split:5s}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['text_bytes']:,} text bytes, {len(s['shards'])} shard(s)")
         order = f"shuffled (seed {manifest['shuffle_seed']})" if manifest["train_order"] == "shuffled" else "in source order"
-        print(f"wrote {args.out} (vocab {manifest['vocab_size']}, tokenizer {manifest['tokenizer']}, train documents {order})")
+        transform = f", text transform {manifest['text_transform']} with validation byte sidecars" if "text_transform" in manifest else ""
+        print(f"wrote {args.out} (vocab {manifest['vocab_size']}, tokenizer {manifest['tokenizer']}, train documents {order}{transform})")
     return 0
 
 
@@ -83,6 +85,12 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help="keep the training documents in source order (default: shuffled with --seed; validation keeps source order either way)",
     )
     b.add_argument("--no-byte-fallback", action="store_true", help="train the tokenizer without byte-fallback pieces")
+    b.add_argument(
+        "--transform",
+        choices=["caseops", "identity"],
+        help="transform the text losslessly before tokenizing (caseops: capitals become lowercase letters plus operator characters) and "
+        "write byte sidecars that score val_bpb on the original text's bytes (default: none, or what --tokenizer declares)",
+    )
     b.add_argument(
         "--max-input-bytes",
         type=positive_int,

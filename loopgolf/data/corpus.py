@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loopgolf import __version__
+from loopgolf.data.caseops import TextTransform, TransformError, get_transform
 from loopgolf.data.dataset import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -47,6 +48,7 @@ from loopgolf.data.dataset import (
     verify_tokenizer,
 )
 from loopgolf.data.shards import BOS_ID, ShardError, find_shards, load_tokens, read_shard_header, write_shard
+from loopgolf.data.sidecar import SidecarError, piece_text, read_declaration, sidecar_path
 from loopgolf.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from loopgolf.util import atomic_directory, atomic_write_json
 
@@ -225,17 +227,22 @@ class _ShardWriter:
     """Accumulates token arrays and writes shards of exactly `shard_tokens` (the last: fewer).
 
     Documents may straddle shard boundaries, as in the official export: the stream is what counts.
+    With `sidecar` (a transform), each shard gets a byte sidecar cut at the same token.
     """
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int) -> None:
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int, sidecar: TextTransform | None = None) -> None:
         self.out_dir, self.split = out_dir, split
         self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
+        self.sidecar = sidecar
         self.pending: list[np.ndarray] = []
+        self.pending_counts: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[dict] = []
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, counts: np.ndarray | None = None) -> None:
         self.pending.append(tokens)
+        if self.sidecar is not None:
+            self.pending_counts.append(counts)
         self.pending_tokens += len(tokens)
         while self.pending_tokens >= self.shard_tokens:
             self._flush(self.shard_tokens)
@@ -252,22 +259,42 @@ class _ShardWriter:
         self.pending_tokens = len(rest)
         path = self.out_dir / _shard_name(self.split, len(self.shards))
         write_shard(path, body, vocab_size=self.vocab_size)
+        if self.sidecar is not None:
+            from loopgolf.data.sidecar_build import write_sidecar  # dataset preparation only: not in a run's counted code
+
+            counts = np.concatenate(self.pending_counts)
+            self.pending_counts = [counts[n:]] if len(rest) else []
+            write_sidecar(sidecar_path(path), counts[:n], self.sidecar)
         self.shards.append({"file": path.name, "tokens": int(n), "bytes": path.stat().st_size, "sha256": _file_sha256(path)})
 
 
-def _write_split(sp, docs: list[Document], out_dir: Path, split: str, shard_tokens: int, vocab_size: int, progress: bool) -> dict:
-    writer = _ShardWriter(out_dir, split, shard_tokens, vocab_size)
+def _write_split(
+    sp, docs: list[Document], out_dir: Path, split: str, shard_tokens: int, vocab_size: int, progress: bool, transform: TextTransform | None = None
+) -> dict:
+    """Encode `docs` into shards; with `transform`, the transformed text, and for the validation
+    split a byte sidecar per shard (the original text's bytes of every token)."""
+    sidecar = transform if transform is not None and split == "val" else None
+    writer = _ShardWriter(out_dir, split, shard_tokens, vocab_size, sidecar)
+    pieces = piece_text(sp) if sidecar is not None else None
     total = 0
     with tqdm(total=len(docs), desc=f"encode {split}", unit="doc", disable=not progress) as bar:
         for start in range(0, len(docs), _ENCODE_BATCH):
             batch = docs[start : start + _ENCODE_BATCH]
-            for doc, ids in zip(batch, sp.encode([d.text for d in batch], out_type=int)):
+            texts = [d.text for d in batch]
+            if sidecar is not None:
+                from loopgolf.data.sidecar_build import encode_documents  # dataset preparation only: not in a run's counted code
+
+                encoded = encode_documents(texts, sp, sidecar, pieces=pieces, names=[d.source for d in batch])
+            else:
+                texts = [transform.encode(t) for t in texts] if transform is not None else texts
+                encoded = [(ids, None) for ids in sp.encode(texts, out_type=int)]
+            for doc, (ids, counts) in zip(batch, encoded):
                 arr = np.empty(len(ids) + 1, dtype=np.int64)
                 arr[0] = BOS_ID
                 arr[1:] = ids
                 if len(ids) and (arr.max() >= vocab_size or arr.min() < 0):
                     raise CorpusError(f"{doc.source}: token id {int(arr.max())} does not fit vocab_size {vocab_size}")
-                writer.add(arr.astype(np.uint16))
+                writer.add(arr.astype(np.uint16), None if counts is None else np.concatenate([[0], counts]))  # BOS: 0 bytes
                 total += len(arr)
             bar.update(len(batch))
     shards = writer.close()
@@ -324,6 +351,7 @@ def build_dataset(
     progress: bool = True,
     source_names: list[str] | None = None,
     max_input_bytes: int = MAX_INPUT_BYTES,
+    transform: str | None = None,
 ) -> dict:
     """Build an official-format dataset in `out_dir` from text; return its manifest.
 
@@ -333,6 +361,12 @@ def build_dataset(
     the order of the training documents; validation documents always keep their source order.
     Each input file must be a regular file of at most `max_input_bytes`. The directory appears
     complete or not at all.
+
+    `transform` (``loopgolf.data.caseops``; default: the one a given `tokenizer` declares, else
+    none) is applied to every document before tokenizing; a tokenizer trained here for it uses
+    the lossless SentencePiece settings and keeps the transform's operators as single pieces.
+    The validation shards then get byte sidecars, the tokenizer a ``tokenizer.transform.json``
+    declaration and the manifest a ``text_transform``; ``text_bytes`` stays the original text's.
     """
     out_dir = Path(out_dir)
     # Cheap checks first: a bad argument should not cost a pass over a large corpus.
@@ -357,6 +391,16 @@ def build_dataset(
         vocab_size = int(sp_given.get_piece_size())
     elif not 0 < vocab_size <= MAX_VOCAB:
         raise CorpusError(f"vocab_size must be in [1, {MAX_VOCAB}] (shards store uint16), got {vocab_size}")
+    try:
+        tf = get_transform(transform) if transform is not None else None
+        given_tf = read_declaration(tokenizer_path) if tokenizer_path is not None else None
+    except (TransformError, SidecarError) as e:
+        raise CorpusError(str(e)) from None
+    if given_tf is not None and tf is not None and given_tf.name != tf.name:
+        raise CorpusError(f"tokenizer {tokenizer_path} declares the text transform {given_tf.name!r}, not {tf.name!r}")
+    tf = tf or given_tf
+    if tf is not None and not tf.is_identity and tokenizer_path is None and not byte_fallback:
+        raise CorpusError(f"the {tf.name} transform needs a tokenizer with byte fallback (it must spell back every character); drop --no-byte-fallback")
 
     if inputs is not None:
         if isinstance(inputs, (str, os.PathLike)):
@@ -378,21 +422,28 @@ def build_dataset(
     if shuffle:
         rng.shuffle(train)
 
+    if tf is not None:
+        from loopgolf.data.sidecar_build import LOSSLESS_TRAINER_SETTINGS, write_declaration  # dataset preparation only: not in a run's counted code
     tmp_name = None
     try:
         with atomic_directory(out_dir, overwrite=force) as tmp:
             tmp_name = str(tmp)
             if tokenizer_path is not None:
                 _copy_tokenizer(tokenizer_path, tmp)
+            elif tf is not None and not tf.is_identity:
+                lossless = dict(LOSSLESS_TRAINER_SETTINGS, user_defined_symbols=list(tf.reserved))
+                train_tokenizer((tf.encode(d.text) for d in train), vocab_size, tmp / "tokenizer", seed=seed, extra_settings=lossless)
             else:
                 train_tokenizer((d.text for d in train), vocab_size, tmp / "tokenizer", byte_fallback=byte_fallback, seed=seed)
+            if tf is not None:
+                write_declaration(tmp / TOKENIZER_NAME, tf)
             sp = load_tokenizer(tmp / TOKENIZER_NAME)
             vocab_size = int(sp.get_piece_size())  # the trainer may not reach the requested size
             if vocab_size > MAX_VOCAB:
                 raise CorpusError(f"tokenizer has {vocab_size} pieces; shards store uint16 ids (max {MAX_VOCAB})")
             splits = {
-                "train": _write_split(sp, train, tmp, "train", shard_tokens, vocab_size, progress),
-                "val": _write_split(sp, val, tmp, "val", shard_tokens, vocab_size, progress),
+                "train": _write_split(sp, train, tmp, "train", shard_tokens, vocab_size, progress, tf),
+                "val": _write_split(sp, val, tmp, "val", shard_tokens, vocab_size, progress, tf),
             }
             val_text = "\n".join(d.text for d in val).encode("utf-8")
             splits["val"]["text_xz_bytes"] = len(lzma.compress(val_text, preset=_XZ_PRESET))
@@ -409,10 +460,11 @@ def build_dataset(
                 "train_order": "shuffled" if shuffle else "source",
                 "shuffle_seed": seed if shuffle else None,
                 "shard_tokens": shard_tokens,
+                **({"text_transform": tf.name} if tf is not None else {}),
                 "splits": splits,
             }
             atomic_write_json(tmp / MANIFEST_NAME, manifest)
-    except (ShardError, TokenizerError) as e:
+    except (ShardError, TokenizerError, SidecarError) as e:
         # Name the output directory, not the temporary one that no longer exists.
         msg = str(e).replace(tmp_name, str(out_dir)) if tmp_name else str(e)
         raise CorpusError(msg) from e

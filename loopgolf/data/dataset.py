@@ -21,7 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
+from loopgolf.data.caseops import IDENTITY, TRANSFORMS
 from loopgolf.data.shards import find_shards, load_tokens
+from loopgolf.data.sidecar import (
+    SidecarError,
+    SidecarTables,
+    check_sidecar,
+    declaration_path,
+    find_val_sidecars,
+    load_val_sidecars,
+    piece_text,
+    read_declaration,
+)
 from loopgolf.data.stats import find_tokenizer
 from loopgolf.data.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 
@@ -39,6 +50,8 @@ _WARNED: set[str] = set()  # manifests already warned about (once per process)
 _RACY_NS = 2_000_000_000
 # sha256 of shard files by (resolved path, size, st_mtime_ns, st_ino): one hash per file per process.
 _SHA256_CACHE: dict[tuple[str, int, int, int], str] = {}
+# Validation data whose byte sidecar passed check_sidecar, by the stat keys of every file involved.
+_SIDECAR_CHECKED: set[tuple] = set()
 
 
 class CorpusError(ValueError):
@@ -69,6 +82,7 @@ _FIELDS = (
     ("train_order", lambda v: v in ("shuffled", "source"), '"shuffled" or "source"'),
     ("shuffle_seed", lambda v: v is None or type(v) is int, "an integer or null"),
     ("shard_tokens", lambda v: type(v) is int and v >= 1, "a positive integer"),
+    ("text_transform", lambda v: v in TRANSFORMS, f"a known text transform ({', '.join(TRANSFORMS)})"),
 )
 _SPLIT_FIELDS = ("documents", "tokens", "text_bytes", "text_xz_bytes")  # non-negative integers when present
 
@@ -242,6 +256,42 @@ def verify_tokenizer(data_dir: Path, manifest: dict, tokenizer: Path | None = No
     return tok
 
 
+def val_byte_counts(
+    root: Path, tok: Path, sp, val_shards: list[Path], tables: ByteTables, manifest: dict | None, check: bool
+) -> tuple[ByteTables | SidecarTables, str]:
+    """What scoring counts as the bytes of the validation targets, and the tokenizer's transform.
+
+    The transform is what the tokenizer declares (its ``.transform.json``; none: identity), and a
+    manifest that records one must agree. Sidecars beside the validation shards, when there are
+    any, give the counts (all shards need one; each is checked against its shard); a tokenizer
+    that transforms the text and has none is an error, never piece bytes. With `check`, the
+    sidecar's sum per document is compared with the decoded original text, once per process per
+    unchanged set of files (:func:`loopgolf.data.sidecar.check_sidecar`)."""
+    declared = read_declaration(tok) or IDENTITY
+    if manifest is not None and manifest.get("text_transform", IDENTITY.name) != declared.name:
+        raise SidecarError(
+            f"{root / MANIFEST_NAME} says the text was transformed with {manifest.get('text_transform', IDENTITY.name)!r}, "
+            f"but tokenizer {tok} declares {declared.name!r} (in {declaration_path(tok).name}; none means identity)"
+        )
+    sidecars = find_val_sidecars(val_shards)
+    if sidecars is None:
+        if not declared.is_identity:
+            raise SidecarError(
+                f"tokenizer {tok} declares the text transform {declared.name!r}, but the validation shards in {root} have no byte sidecars "
+                f"(fineweb_val_*.bytes): its pieces do not spell the original text, so val_bpb cannot be counted; rebuild the data with "
+                f"`loopgolf data build --transform {declared.name}`"
+            )
+        return tables, declared.name
+    counts = load_val_sidecars(val_shards, sidecars, declared)
+    if check:
+        files = [*val_shards, *sidecars, tok] + ([declaration_path(tok)] if declaration_path(tok).is_file() else [])
+        key = tuple(_stat_key(p, p.stat()) for p in files)
+        if key not in _SIDECAR_CHECKED:
+            check_sidecar(load_tokens(val_shards), counts, piece_text(sp), declared, where=f"validation data in {root}")
+            _SIDECAR_CHECKED.add(key)
+    return SidecarTables(tables, counts, declared.name, f"the validation data in {root}"), declared.name
+
+
 def _unchecked_hint(e: CorpusError) -> CorpusError:
     return CorpusError(f"{e}; rebuild the dataset (loopgolf data build), or pass {SKIP_FLAG} to use it unchecked")
 
@@ -262,6 +312,11 @@ class Dataset:
     same process only stats, unless the file changed or was modified under 2 s before it was
     hashed. A change after `open` returns is not noticed. ``verify=False`` (``--no-verify-data``)
     skips all of it. Datasets without a manifest (official FineWeb downloads) open unchecked.
+
+    A tokenizer that declares a text transform needs byte sidecars beside the validation shards
+    (:func:`val_byte_counts`); `tables` are then :class:`SidecarTables`. The sidecars' headers,
+    sizes and token counts are always checked; their sums against the decoded text only when
+    verifying with ``val`` among `splits`.
     """
 
     root: Path
@@ -269,7 +324,8 @@ class Dataset:
     val_shards: list[Path]
     tokenizer_path: Path
     vocab_size: int
-    tables: ByteTables
+    tables: ByteTables | SidecarTables
+    transform: str = IDENTITY.name
 
     @classmethod
     def open(cls, root: Path, tokenizer: Path | None = None, *, verify: bool = True, splits: Sequence[str] = ("train", "val")) -> Dataset:
@@ -297,7 +353,9 @@ class Dataset:
                 raise CorpusError(f"{tok} has {vocab} pieces but {root / MANIFEST_NAME} says vocab_size {manifest['vocab_size']}")
         except CorpusError as e:
             raise _unchecked_hint(e) from None
-        return cls(root, find_shards(root, "train"), find_shards(root, "val"), tok, vocab, build_byte_tables(sp, vocab))
+        train_shards, val_shards = find_shards(root, "train"), find_shards(root, "val")
+        tables, transform = val_byte_counts(root, tok, sp, val_shards, build_byte_tables(sp, vocab), manifest, verify and "val" in splits)
+        return cls(root, train_shards, val_shards, tok, vocab, tables, transform)
 
     def val_tokens(self) -> np.ndarray:
         return load_tokens(self.val_shards, vocab_size=self.vocab_size)

@@ -182,12 +182,14 @@ def train_tokenizer(
     seed: int = 1337,
     max_sentence_length: int = 16384,
     threads: int = 2,
+    extra_settings: dict | None = None,
 ) -> Path:
     """Train a SentencePiece BPE tokenizer with the official settings; return `<prefix>.model`.
 
     Documents are streamed to the trainer (no temporary text file), split into lines. The model
     comes back in memory and is written atomically with its `.vocab`; its bytes hold no paths,
-    so the same inputs give byte-identical files.
+    so the same inputs give byte-identical files. `extra_settings` (SentencePiece trainer options)
+    replace official ones, e.g. the lossless settings a tokenizer for transformed text needs.
     """
     if vocab_size <= 0:
         raise TokenizerError(f"vocab_size must be positive, got {vocab_size}")
@@ -196,7 +198,7 @@ def train_tokenizer(
     prefix = Path(model_prefix)
     model_path = prefix.with_name(prefix.name + ".model")
     vocab_path = prefix.with_name(prefix.name + ".vocab")
-    settings = dict(OFFICIAL_TRAINER_SETTINGS, byte_fallback=bool(byte_fallback))
+    settings = {**OFFICIAL_TRAINER_SETTINGS, "byte_fallback": bool(byte_fallback), **(extra_settings or {})}
     seen = [0]
 
     def sentences() -> Iterator[str]:
