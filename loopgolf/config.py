@@ -69,6 +69,14 @@ class OptimizerConfig:
     # Newton-Schulz coefficients of Muon (MUON_NS_SCHEDULES): "standard" repeats one tuple every
     # step; "polar_express" takes a minimax-optimal tuple per step (the record's Muon, PR #1787).
     muon_ns: str = field(default="standard", metadata=ADDED_LATER)
+    # Decoupled weight decay (each step w <- w * (1 - lr * wd) before the update, lr the scheduled
+    # one) and Muon's per-row normalisation of the update before Newton-Schulz: the record's
+    # MUON_WD 0.095, EMBED_WD 0.085, ADAM_WD 0.02, MUON_ROW_NORMALIZE (PR #1855's stack).
+    # 0 / false: the baseline (plain Adam, no decay).
+    muon_weight_decay: float = field(default=0.0, metadata=ADDED_LATER)
+    muon_row_normalize: bool = field(default=False, metadata=ADDED_LATER)
+    embed_weight_decay: float = field(default=0.0, metadata=ADDED_LATER)  # the tied embedding (or untied input embedding)
+    adam_weight_decay: float = field(default=0.0, metadata=ADDED_LATER)  # control tensors and an untied head
 
     def __post_init__(self) -> None:
         check_types(self, "optim")
@@ -83,6 +91,8 @@ class OptimizerConfig:
         check_range("optim", "adam_eps", self.adam_eps, 0.0, None, lo_open=True)
         check_range("optim", "muon_momentum_warmup_steps", self.muon_momentum_warmup_steps, 0)
         check_range("optim", "muon_backend_steps", self.muon_backend_steps, 1, 100)
+        for name in ("muon_weight_decay", "embed_weight_decay", "adam_weight_decay"):
+            check_range("optim", name, getattr(self, name), 0.0, 10.0)
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed

@@ -602,3 +602,54 @@ def test_two_gloo_ranks_keep_the_same_average_as_one_process(text_dataset, tmp_p
     for name, t in one["ema"].items():
         torch.testing.assert_close(two["ema"][name], t, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(t, one["model"][name]) for name, t in one["ema"].items())  # averages, not the live weights
+
+
+# ------------------------------------------------------------------ weight decay, row normalisation
+
+
+def _muon_step(p0: torch.Tensor, grad: torch.Tensor, **kw) -> torch.Tensor:
+    p = torch.nn.Parameter(p0.clone())
+    p.grad = grad.clone()
+    Muon([p], lr=0.1, momentum=0.0, nesterov=False, **kw).step()
+    return p.detach()
+
+
+def test_muon_weight_decay_is_decoupled_and_scaled_by_the_lr():
+    torch.manual_seed(0)
+    p0, grad = torch.randn(16, 8), torch.randn(16, 8)
+    plain = _muon_step(p0, grad)
+    decayed = _muon_step(p0, grad, weight_decay=0.5)
+    # w <- w * (1 - lr * wd) - lr * update: the update is the one without decay
+    assert torch.allclose(decayed, p0 * (1 - 0.1 * 0.5) + (plain - p0), atol=1e-6)
+
+
+def test_muon_row_normalize_orthogonalises_the_row_normalised_update():
+    torch.manual_seed(1)
+    p0, grad = torch.randn(16, 8), torch.randn(16, 8) * torch.logspace(-2, 2, 16)[:, None]
+    got = _muon_step(p0, grad, row_normalize=True)
+    unit_rows = grad / grad.norm(dim=-1, keepdim=True)
+    want = p0 - 0.1 * newton_schulz(unit_rows) * max(1.0, 16 / 8) ** 0.5
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, _muon_step(p0, grad), atol=1e-3)  # it changes the update
+
+
+def test_adam_weight_decay_switches_to_adamw_per_group_and_zero_keeps_adam():
+    model = GPT(tiny_config(plan=PlanSpec("vanilla", layers=2)))
+    plain = build_optimizers(model, OptimizerConfig(), tied=True)[0]
+    assert type(plain) is torch.optim.Adam
+    opt = build_optimizers(model, OptimizerConfig(embed_weight_decay=0.085, adam_weight_decay=0.02), tied=True)[0]
+    assert type(opt) is torch.optim.AdamW
+    embed = model.tok_emb.weight
+    by_param = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(embed)] == 0.085
+    assert {by_param[id(p)] for n, p in model.named_parameters() if n in ("attn_scale", "q_gain", "skip_weight")} == {0.02}
+    muon = build_optimizers(model, OptimizerConfig(muon_weight_decay=0.095, muon_row_normalize=True), tied=True)[1]
+    assert (muon.weight_decay, muon.row_normalize) == (0.095, True)
+
+
+@pytest.mark.parametrize("field_name", ["muon_weight_decay", "embed_weight_decay", "adam_weight_decay"])
+@pytest.mark.parametrize("value", [-0.1, float("nan"), 11.0, "a lot"])
+def test_bad_weight_decays_are_one_line_errors(field_name, value):
+    with pytest.raises(ValueError, match=field_name) as e:
+        OptimizerConfig(**{field_name: value})
+    assert "\n" not in str(e.value)

@@ -57,13 +57,23 @@ class Muon(torch.optim.Optimizer):
     already be averaged across ranks (``loopgolf.train.distributed.all_reduce_gradients``)."""
 
     def __init__(
-        self, params, lr: float = 0.04, momentum: float = 0.95, backend_steps: int = 5, nesterov: bool = True, ns_schedule: tuple[NSCoeffs, ...] = (NS_COEFFS,)
+        self,
+        params,
+        lr: float = 0.04,
+        momentum: float = 0.95,
+        backend_steps: int = 5,
+        nesterov: bool = True,
+        ns_schedule: tuple[NSCoeffs, ...] = (NS_COEFFS,),
+        weight_decay: float = 0.0,
+        row_normalize: bool = False,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
         # An attribute, not a param-group default: group defaults go into the optimizer's
         # state_dict, and checkpoints written before the schedule existed must still load. The
         # schedule comes from the run's config, which a resume cannot change.
         self.ns_schedule = ns_schedule
+        self.weight_decay = weight_decay  # decoupled: w <- w * (1 - lr * wd) before the update
+        self.row_normalize = row_normalize  # each row of the update to unit norm before Newton-Schulz
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -86,6 +96,8 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad)
                 if i % world == rank:
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    if self.row_normalize:
+                        g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                     g = newton_schulz(g, steps=group["backend_steps"], schedule=self.ns_schedule)
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     flat[offset : offset + p.numel()] = g.reshape(-1).to(flat.dtype)
@@ -94,6 +106,8 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
+                if self.weight_decay > 0:
+                    p.mul_(1.0 - group["lr"] * self.weight_decay)
                 p.add_(flat[offset : offset + p.numel()].view_as(p), alpha=-group["lr"])
                 offset += p.numel()
 
@@ -130,24 +144,36 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
     ``initial_lr`` so a schedule can scale it."""
     roles = split_parameters(model)
     fused = next(model.parameters()).is_cuda
-    adam_groups = []
+    # With a weight decay the Adam groups run AdamW (decoupled decay, per group); without, plain
+    # Adam as before (the same update, and the same optimizer state in checkpoints).
+    decay = cfg.embed_weight_decay > 0 or cfg.adam_weight_decay > 0
+    adam_groups: list[dict] = []
     if roles["embed"]:
-        adam_groups.append({"params": [p for _, p in roles["embed"]], "lr": cfg.embed_lr if tied else cfg.untied_embed_lr})
+        adam_groups.append({"params": [p for _, p in roles["embed"]], "lr": cfg.embed_lr if tied else cfg.untied_embed_lr, **({"weight_decay": cfg.embed_weight_decay} if decay else {})})
     if roles["head"]:
-        adam_groups.append({"params": [p for _, p in roles["head"]], "lr": cfg.head_lr})
+        adam_groups.append({"params": [p for _, p in roles["head"]], "lr": cfg.head_lr, **({"weight_decay": cfg.adam_weight_decay} if decay else {})})
     if roles["scalar"]:
-        adam_groups.append({"params": [p for _, p in roles["scalar"]], "lr": cfg.scalar_lr})
+        adam_groups.append({"params": [p for _, p in roles["scalar"]], "lr": cfg.scalar_lr, **({"weight_decay": cfg.adam_weight_decay} if decay else {})})
     muon_groups = []
     if roles["matrix"]:
         muon_groups.append({"params": [p for _, p in roles["matrix"]], "lr": cfg.matrix_lr})
     if roles["adapter"]:
         # adapter_lr applies under either optimizer: under Muon the adapters are their own group.
-        adapters = {"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr}
+        adapters = {"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr, **({"weight_decay": 0.0} if decay and cfg.adapter_optimizer == "adam" else {})}
         (adam_groups if cfg.adapter_optimizer == "adam" else muon_groups).append(adapters)
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)]
+    adam = torch.optim.AdamW if decay else torch.optim.Adam
+    optimizers: list[torch.optim.Optimizer] = [adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)]
     if muon_groups:
         optimizers.append(
-            Muon(muon_groups, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps, ns_schedule=NS_SCHEDULES[cfg.muon_ns])
+            Muon(
+                muon_groups,
+                lr=cfg.matrix_lr,
+                momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps,
+                ns_schedule=NS_SCHEDULES[cfg.muon_ns],
+                weight_decay=cfg.muon_weight_decay,
+                row_normalize=cfg.muon_row_normalize,
+            )
         )
     for opt in optimizers:
         for group in opt.param_groups:
