@@ -400,7 +400,9 @@ class RunConfig:
 
     @classmethod
     def from_preset(cls, preset: Preset) -> RunConfig:
-        return cls(preset.name, preset.model, preset.train, eval=EvalConfig(batch_size=preset.eval_batch_size))
+        evaluation = replace(preset.eval, batch_size=preset.eval_batch_size) if preset.eval is not None else EvalConfig(batch_size=preset.eval_batch_size)
+        export = replace(preset.export, qat=replace(preset.export.qat)) if preset.export is not None else ExportConfig()
+        return cls(preset.name, preset.model, preset.train, export=export, eval=evaluation)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in the layout ``config.json`` holds."""
@@ -499,6 +501,10 @@ class Preset:
     model: ModelConfig
     train: TrainConfig
     eval_batch_size: int = 8
+    # The export and evaluation a preset's runs use (None: the defaults: the int8 baseline
+    # export, plain evaluation); the record presets carry the record's.
+    export: ExportConfig | None = None
+    eval: EvalConfig | None = None
 
 
 # The default run stops at a fixed step count, not a wallclock budget, so its score does not
@@ -666,6 +672,84 @@ def _family(scale: Scale) -> list[Preset]:
     return presets
 
 
+# The current Parameter Golf record's recipe (openai/parameter-golf PR #1855, 1.0611 val_bpb;
+# docs/models.md "The record's architecture", docs/training.md, docs/export.md).
+RECORD_ARCH: dict[str, Any] = dict(
+    mlp_mult=4,
+    mlp_act="leaky_relu2",
+    ln_scale=True,
+    rope_dims=16,
+    xsa=True,
+    attn_gate=True,
+    attn_gate_scale=0.5,
+    gate_window=12,
+    skip_gates=True,
+    smear_gate=True,
+    qk_gain_init=5.0,
+)
+RECORD_OPTIM: dict[str, Any] = dict(
+    matrix_lr=0.026,
+    embed_lr=0.03,
+    scalar_lr=0.02,
+    beta2=0.99,
+    muon_momentum=0.97,
+    muon_momentum_warmup_start=0.92,
+    muon_ns="polar_express",
+    muon_row_normalize=True,
+    muon_weight_decay=0.095,
+    embed_weight_decay=0.085,
+    adam_weight_decay=0.02,
+)
+RECORD_TRAIN: dict[str, Any] = dict(warmdown_frac=0.85, min_lr_frac=0.1, grad_clip=0.3)
+# int6 GPTQ matrices, int7 embedding (loopgolf.export.quantize.parse_policy).
+RECORD_QUANT = "int6,embed=7,gptq"
+
+
+def _record_presets() -> list[Preset]:
+    """``pg-record`` (the record's configuration on loopgolf) and ``cpu-record`` (the same recipe
+    at the cpu family's scale). Not carried over: the 2-lane parallel decoder, the SP8192
+    case-operations tokenizer (pg-record uses plain SP8192 FineWeb), and phased global TTT
+    (pg-record evaluates with loopgolf's per-document score-first TTT)."""
+    pg = Preset(
+        "pg-record",
+        "the Parameter Golf record's recipe (PR #1855): 11 x 512, 8/4 heads, MLP 4x LeakyReLU(0.5)^2, layers 3-5 run 3x from 35%, "
+        "XSA, partial RoPE, gates, SmearGate, Polar-Express Muon, EMA; SP8192 data (loopgolf data fineweb --variant sp8192), 600 s on one GPU",
+        ModelConfig(
+            vocab_size=8192, max_seq_len=2048, plan=PlanSpec("mini-loop", layers=11, loops=2, loop_start=3, loop_end=5), **RECORD_ARCH
+        ),
+        _pg_train(
+            seq_len=2048,
+            batch_tokens=786_432,
+            ema_decay=0.9965,
+            recurrence_stages=[0.35, 0.35],
+            optim=OptimizerConfig(**RECORD_OPTIM, muon_momentum_warmup_steps=1500),
+            **RECORD_TRAIN,
+        ),
+        eval_batch_size=8,
+        export=ExportConfig(quant=RECORD_QUANT),
+        eval=EvalConfig(ttt="rank=80,lr=0.0001,chunk=48,reset=doc", eval_time=480.0),
+    )
+    # At the cpu family's scale (about 300-600 steps in 600 s) the record's EMA (an average over
+    # ~286 of its 4,931 steps) would average in the early, poor weights: 0.97 averages over ~33
+    # steps, about the same few percent of the run. Muon's momentum warmup keeps the family's 100.
+    cpu = Preset(
+        "cpu-record",
+        "the record's recipe at the cpu family's scale: 4 x 256, 4/2 heads, MLP 4x LeakyReLU(0.5)^2, layers 1-2 run 3x from 35%, "
+        "XSA, partial RoPE (16 of 64), gates, SmearGate, Polar-Express Muon, EMA 0.97, int6 GPTQ export; 600 s on 2 cores",
+        ModelConfig(model_dim=256, num_heads=4, num_kv_heads=2, plan=PlanSpec("mini-loop", layers=4, loops=2, loop_start=1, loop_end=2), **RECORD_ARCH),
+        _cpu_train(
+            max_steps=None,
+            time_budget=600.0,
+            ema_decay=0.97,
+            recurrence_stages=[0.35, 0.35],
+            optim=OptimizerConfig(**RECORD_OPTIM, muon_momentum_warmup_steps=100),
+            **RECORD_TRAIN,
+        ),
+        export=ExportConfig(quant=RECORD_QUANT),
+    )
+    return [pg, cpu]
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -699,6 +783,7 @@ PRESETS: dict[str, Preset] = {
             eval_batch_size=32,
         ),
         *[p for scale in SCALES for p in _family(scale)],
+        *_record_presets(),
     ]
 }
 
@@ -710,4 +795,12 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     p = PRESETS[name]
     # Hand out copies so callers can override freely.
-    return Preset(p.name, p.description, ModelConfig.from_dict(p.model.to_dict()), replace(p.train, optim=replace(p.train.optim)), p.eval_batch_size)
+    return Preset(
+        p.name,
+        p.description,
+        ModelConfig.from_dict(p.model.to_dict()),
+        replace(p.train, optim=replace(p.train.optim)),
+        p.eval_batch_size,
+        None if p.export is None else replace(p.export, qat=replace(p.export.qat)),
+        None if p.eval is None else replace(p.eval),
+    )

@@ -40,7 +40,9 @@ def test_every_preset_builds_and_trains_one_step(name, shard):
 def test_pg_presets_fit_the_cap_at_int8():
     # int8 per-row matrices and fp16/fp32 small tensors: about one byte per big-matrix parameter.
     for name, preset in PRESETS.items():
-        if name.startswith("pg-") or name == "baseline":
+        # pg-record stores 36 M parameters: it fits only through int6 GPTQ codes that compress
+        # to about 3.5 bits each (the record's artifact: 15.9 MB), not at int8.
+        if (name.startswith("pg-") or name == "baseline") and name != "pg-record":
             assert unique_params_formula(preset.model) < 17_100_000, name
 
 

@@ -605,3 +605,22 @@ def test_a_minified_code_form_without_the_minifier_fails_before_training(officia
     err = capsys.readouterr().err
     assert "python-minifier" in err and "loopgolf[submit]" in err and "Traceback" not in err
     assert not (out / "log.jsonl").exists()  # nothing trained
+
+
+def test_the_record_recipe_preset_makes_a_submission_that_reproduces_its_run(official_layout, tmp_path):
+    """cpu-record (every record option: architecture, optimizer, EMA, int6 GPTQ export), shrunk
+    to a few steps: its generated script trains, exports and scores the same numbers, and the
+    records folder is written."""
+    data = official_layout / "data" / "datasets" / "fineweb10B_sp1024"
+    ref = tmp_path / "ref"
+    shrink = ["--dim", "64", "--heads", "2", "--kv-heads", "1", "--steps", "6", "--train", "time_budget=null", "--train", "seq_len=32", "--train", "batch_tokens=256"]
+    assert main(["run", "--preset", "cpu-record", *shrink, "--data", str(data), "--out", str(ref), "--seed", str(SEED), "--json"]) == 0
+    config = RunDir(ref).read_config()
+    assert config.model.xsa and config.model.smear_gate and config.train.ema_decay == 0.97 and config.export.quant.startswith("int6")
+    script = tmp_path / "train_gpt.py"
+    script.write_text(render_script(config), encoding="utf-8")
+    proc = run_script(script, official_layout, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert_reproduces(ref, tmp_path / "out")
+    sub = write_records([ref], tmp_path / "records", info=SubmissionInfo(author="a", github_id="b"))
+    assert sub["seed_results"][str(SEED)]["val_bpb_roundtrip"] == json.loads((ref / "summary.json").read_text())["val_bpb_post"]
