@@ -47,7 +47,17 @@ model = { model_dim = 48, num_heads = 2, num_kv_heads = 1 }
 
 def test_builtin_ledgers_load_and_resolve():
     names = builtin_ledgers()
-    assert {"cpu-seed", "pg-seed"} <= set(names)
+    assert {"cpu-seed", "pg-seed", "calibration", "record-recipe"} <= set(names)
+    # every built-in ledger loads and every variant resolves (presets, overrides, budgets)
+    for name in names:
+        ledger = load_ledger(name)
+        for v in ledger.variants:
+            resolve(ledger, v)
+    from loopgolf.cli import main
+
+    with pytest.raises(SystemExit), redirect_stdout(io.StringIO()) as out:
+        main(["sweep", "--help"])
+    assert all(name in " ".join(out.getvalue().split()) for name in names)  # the help names each one
     cpu = load_ledger("cpu-seed")
     assert cpu.baseline == "vanilla" and cpu.variant("vanilla").seeds == (1, 2, 3)
     want = {"vanilla", "shared", "shared-scales", "shared-depth", "shared-lora4", "shared-lora16", "mlp-share", "attn-share", "k1", "k3", "mini-loop", "wide"}

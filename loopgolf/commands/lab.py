@@ -189,7 +189,7 @@ def _fit(p: argparse.ArgumentParser, store_help: str) -> None:
 
 def _sweep(p: argparse.ArgumentParser, store_help: str) -> None:
     p.description = (
-        "Run every (variant, seed) of LEDGER (a TOML file or a built-in name: cpu-seed, pg-seed) as a normal "
+        "Run every (variant, seed) of LEDGER (a TOML file or a built-in name: calibration, cpu-seed, pg-seed, record-recipe) as a normal "
         "run directory OUT/<variant>/seed<N>. Finished runs are skipped; failed or killed ones are redone. Runs go in "
         "parallel worker processes, each pinned to its own cores, never more jobs x threads than cores."
     )
