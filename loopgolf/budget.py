@@ -64,12 +64,22 @@ MEASURE_LIMIT_SECONDS = 2.0
 
 UNCALIBRATED: dict[str, str] = {
     "gptq": "GPTQ codes are predicted with round-to-nearest rates; GPTQ's compressed size was not measured",
+    "sigma": "sigma clips are predicted with the percentile clip's rates (an overestimate: their codes are fewer); not measured",
+    "lqer": "LQER (quantized low-rank factors, lqer_top) is predicted as float16 factors on every low-rank tensor; not measured",
+    "layout": "layout=grouped is predicted as the plain layout (measured 0.5-3% smaller on one trained model, docs/export.md)",
 }
 
 
 def uncalibrated(policy: QuantPolicy) -> list[str]:
     """The keys of :data:`UNCALIBRATED` that apply to ``policy`` (empty: fully calibrated)."""
-    return ["gptq"] if policy.gptq else []
+    keys = ["gptq"] if policy.gptq else []
+    if policy.clip == "sigma":
+        keys.append("sigma")
+    if policy.lowrank_rank and (policy.quantized_lowrank or policy.lqer_top):
+        keys.append("lqer")
+    if policy.layout != "plain":
+        keys.append("layout")
+    return keys
 
 
 def default_family() -> str:
@@ -121,9 +131,10 @@ def _tensor_bytes(table: dict, codec: str, scheme: str, shape: tuple[int, ...], 
         return numel * table[scheme][codec]
     rows, cols = shape
     bits = scheme_bits(scheme)
-    rate = coded_rate(table, codec, policy.clip, bits, cols)
+    clip = policy.clip if policy.clip in table["coded"] else "percentile"  # unmeasured clips: see uncalibrated()
+    rate = coded_rate(table, codec, clip, bits, cols)
     if weights == "trained":
-        rate *= trained_factor(table, codec, policy.clip, bits)
+        rate *= trained_factor(table, codec, clip, bits)
     n = numel * rate
     if policy.outlier_topk:
         k = min(policy.outlier_topk, numel)

@@ -298,7 +298,7 @@ CORRUPTIONS = {
     "trailing bytes": (lambda b: b + b"\x00", "trailing"),
     "flipped payload byte": (lambda b: b[:60] + bytes([b[60] ^ 1]) + b[61:], "checksum"),
     "flipped checksum byte": (lambda b: b[:-1] + bytes([b[-1] ^ 0x80]), "checksum"),
-    "future version": (lambda b: b[:8] + struct.pack("<H", 3) + b[10:], "unsupported artifact format version 3"),
+    "future version": (lambda b: b[:8] + struct.pack("<H", 4) + b[10:], "unsupported artifact format version 4"),
 }
 
 
@@ -577,9 +577,9 @@ def test_version_1_files_cannot_use_version_2_features(kwargs, message):
         read_artifact(v1_file(**kwargs))
 
 
-@pytest.mark.parametrize("version", [0, 3, 65535])
+@pytest.mark.parametrize("version", [0, 4, 65535])
 def test_wrong_versions_are_rejected_clearly(version):
-    with pytest.raises(ArtifactError, match=f"unsupported artifact format version {version}; this reader supports 1, 2"):
+    with pytest.raises(ArtifactError, match=f"unsupported artifact format version {version}; this reader supports 1, 2, 3"):
         read_artifact(container(b"{}", version=version))
 
 

@@ -110,6 +110,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     keep: Tensor | None = None,
+    code_range: tuple[int, int] | None = None,
 ) -> Tensor:
     """int8 codes of ``w`` (out, in) on the grid of the fp16 row scales ``scale16`` for inputs
     with Hessian ``H`` (in, in).
@@ -117,16 +118,23 @@ def gptq_quantize(
     ``keep`` is an optional boolean mask of entries stored elsewhere at their original value in
     fp16 (outliers): they get code 0, and the difference between that stored value and the entry
     as GPTQ has updated it is pushed onto the columns not yet rounded, like any rounding error. ``act_order`` processes columns by decreasing Hessian diagonal (the most sensitive
-    first), which the output order undoes."""
+    first), which the output order undoes.
+
+    ``scale16`` may also hold one scale per entry (out, in) (group scales, expanded: the
+    quantized low-rank factors of LQER), and ``code_range`` (lowest, highest) replaces the
+    symmetric [-qmax, qmax] of ``bits``."""
     if w.dim() != 2 or H.shape != (w.shape[1], w.shape[1]):
         raise CalibrationError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(w.shape)} and {tuple(H.shape)}")
-    if scale16.shape != (w.shape[0],):
-        raise CalibrationError(f"GPTQ needs one scale per row of W ({w.shape[0]}), got shape {tuple(scale16.shape)}")
+    if scale16.shape not in ((w.shape[0],), tuple(w.shape)):
+        raise CalibrationError(f"GPTQ needs one scale per row of W ({w.shape[0]}) or per entry, got shape {tuple(scale16.shape)}")
     if not bool(torch.isfinite(H).all()):
         raise CalibrationError("GPTQ: the Hessian has non-finite entries")
     qmax = qmax_for_bits(bits)
+    lo, hi = (-qmax, qmax) if code_range is None else code_range
     W = w.detach().to(torch.float32).clone()
+    # One scale per entry either way, so columns can be permuted with the weights.
     s = scale16.to(torch.float32)
+    s = s[:, None].expand_as(W) if s.dim() == 1 else s
     H = H.detach().to(torch.float32).clone()
     keep_m = torch.zeros_like(W, dtype=torch.bool) if keep is None else keep.clone()
     # Inputs that never fire: their weights do not matter; zero them so they cost nothing.
@@ -134,7 +142,7 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
-    W, H, keep_m = W[:, perm], H[perm][:, perm], keep_m[:, perm]
+    W, H, keep_m, s = W[:, perm], H[perm][:, perm], keep_m[:, perm], s[:, perm]
     original = W.to(torch.float16).to(torch.float32)  # what a kept entry dequantizes to: stored in fp16
     U = _inverse_cholesky(H, damp)
     Q = torch.zeros_like(W)
@@ -147,8 +155,9 @@ def gptq_quantize(
         for j in range(i2 - i1):
             col = W1[:, j]
             kept = keep_m[:, i1 + j]
-            q = torch.clamp(torch.round(col / s), -qmax, qmax)
-            deq = torch.where(kept, original[:, i1 + j], q * s)
+            sj = s[:, i1 + j]
+            q = torch.clamp(torch.round(col / sj), lo, hi)
+            deq = torch.where(kept, original[:, i1 + j], q * sj)
             Q[:, i1 + j] = torch.where(kept, torch.zeros_like(q), q)
             err = (col - deq) / U1[j, j]
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]

@@ -28,6 +28,7 @@ from loopgolf.export.artifact import (
     build_payload,
     compress,
     container_overhead,
+    payload_version,
     read_artifact,
     seal,
 )
@@ -70,19 +71,20 @@ class CapReport:
 # ---------------------------------------------------------------------------------- packing
 
 
-def tensor_shares(payload: bytes, spans: list[tuple[int, int]], codec: str, compressed_len: int) -> list[int]:
-    """Each span's share of the compressed payload: its bytes compressed alone with ``codec``,
-    scaled so that the shares of all spans plus the header's sum to ``compressed_len``.
+def tensor_shares(payload: bytes, spans: list[list[tuple[int, int]]], codec: str, compressed_len: int) -> list[int]:
+    """Each tensor's share of the compressed payload: its bytes (the segments of ``spans``,
+    joined) compressed alone with ``codec``, scaled so that the shares of all tensors plus the
+    header's sum to ``compressed_len``.
 
     One stream holds all tensors, so no tensor has bytes of its own; compressing each alone is an
     honest measure of what it costs, and the scaling removes the (small) difference between the
     sum of the parts and the whole."""
-    head_end = min([a for a, b in spans if b > a], default=len(payload))
+    head_end = min([a for segs in spans for a, b in segs if b > a], default=len(payload))
 
     def alone(chunk: bytes) -> int:
         return min(len(chunk), len(compress(chunk, codec))) if chunk else 0
 
-    sizes = [alone(payload[a:b]) for a, b in spans]
+    sizes = [alone(b"".join(payload[a:b] for a, b in segs)) for segs in spans]
     total = sum(sizes) + alone(payload[:head_end])
     if total == 0:
         return [0] * len(spans)
@@ -97,12 +99,14 @@ def pack_quantized(
     names: list[str] | None = None,
     codec: str = "auto",
     meta: dict | None = None,
+    layout: str = "plain",
 ) -> tuple[bytes, ArtifactInfo]:
     """Artifact bytes for tensors that are already quantized, and their accounting (with each
     tensor's share of the compressed bytes).
 
     `aliases` maps extra names to the stored name they repeat; `names` gives the table order
-    (default: qstate's order followed by the aliases).
+    (default: qstate's order followed by the aliases); `layout` how the tensor data is ordered
+    (see :func:`loopgolf.export.artifact.build_payload`; "grouped" needs format version 3).
     """
     if codec != "auto" and codec not in CODECS:
         raise ArtifactError(f"unknown codec {codec!r}; valid: auto, {', '.join(CODECS)}")
@@ -112,8 +116,8 @@ def pack_quantized(
     missing = [n for n in names if n not in qstate and n not in aliases]
     if missing or len(set(names)) != len(names):
         raise ArtifactError(f"table names must be unique and all known; unknown: {missing}")
-    payload, rows, spans = build_payload(model_config, names, qstate, aliases, {} if meta is None else meta)
-    used, blob = seal(payload, codec)
+    payload, rows, spans = build_payload(model_config, names, qstate, aliases, {} if meta is None else meta, layout=layout)
+    used, blob = seal(payload, codec, payload_version({n: qstate[n] for n in names if n not in aliases}, layout))
     comp_len = len(blob) - container_overhead(used)
     shares = {row["name"]: n for row, n in zip(rows, tensor_shares(payload, spans, used, comp_len))}
     return blob, ArtifactInfo(None, len(blob), used, len(payload), rows, shares)
@@ -186,6 +190,7 @@ def export_model(
         names=list(state),
         codec=codec,
         meta={**(meta or {}), "quant": policy.to_dict()},
+        layout=policy.layout,
     )
     return write_blob(path, blob, info, cap_bytes=cap_bytes, extra_bytes=code_bytes)
 

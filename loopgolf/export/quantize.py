@@ -17,7 +17,11 @@ Per tensor (:func:`encode_tensor`): control tensors stay float32 (or float16); s
 2. row scales by the policy's clip search (percentile or MSE);
 3. codes by round-to-nearest, or by GPTQ with the layer's calibration Hessian;
 4. optional low-rank correction: the top singular directions of the remaining error (weighted by
-   the Hessian when there is one), stored as two fp16 factors.
+   the Hessian when there is one), stored as two fp16 factors, or (LQER) as quantized factors
+   with group scales, and optionally only on the few tensors where it removes the most error.
+
+Row clips (step 2) come from a percentile of |w|, an MSE search, or (``clip=sigma``, the
+Parameter Golf record's rule) K standard deviations of the row, with K per role.
 
 A tensor that appears under two names (tied embeddings) is encoded once. Shared blocks are one
 tensor by construction, and LoRA factors are separate tensors that are never merged into them.
@@ -33,11 +37,15 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from loopgolf.export.artifact import (
+    FLOAT_SCHEMES,
+    LAYOUTS,
     MAX_BITS,
     MIN_BITS,
     ArtifactError,
     QuantizedTensor,
+    dequantize_factor,
     dequantize_tensor,
+    factor_code_range,
     find_aliases,
     int_row_scheme,
     qmax_for_bits,
@@ -70,10 +78,31 @@ def tensor_role(name: str) -> str:
 
 # ----------------------------------------------------------------------------------- policy
 
-CLIP_METHODS: tuple[str, ...] = ("percentile", "mse")
+CLIP_METHODS: tuple[str, ...] = ("percentile", "mse", "sigma")
 FLOAT16_BITS = 16  # a role's bits set to 16 means: keep it as float16
 DEFAULT_FLOAT_MAX_NUMEL = 65536
 DEFAULT_CLIP_PERCENTILE = 99.99984
+CODED_ROLES: tuple[str, ...] = ("embed", "attn", "mlp", "lora")
+MAX_CLIP_SIGMAS = 1000.0  # a row of n values has max|w| <= sqrt(n) std, so K beyond this clips nothing
+MAX_LOWRANK_RANK = 1 << 16
+MAX_LQER_GROUP = 1 << 20
+MAX_LQER_TOP = 1 << 20
+LQER_SELECT: tuple[str, ...] = ("gain", "norm")
+# Fields added after artifacts already recorded policies: to_dict leaves them out at their
+# defaults, so the meta (and so the bytes) of an artifact under any older policy is unchanged.
+_LATER_FIELDS: tuple[str, ...] = (
+    "embed_sigmas",
+    "attn_sigmas",
+    "mlp_sigmas",
+    "lora_sigmas",
+    "lowrank_roles",
+    "lqer_ubits",
+    "lqer_vbits",
+    "lqer_group",
+    "lqer_top",
+    "lqer_select",
+    "layout",
+)
 
 
 @dataclass(frozen=True)
@@ -84,13 +113,32 @@ class QuantPolicy:
     lora_bits: int = 8
     float_max_numel: int = DEFAULT_FLOAT_MAX_NUMEL  # tensors this small (or not 2-D) stay float16
     control_fp32: bool = True  # control tensors as float32 (else float16); they are never coded
-    clip: str = "percentile"  # percentile | mse: how each row's clip (and so its scale) is chosen
+    clip: str = "percentile"  # percentile | mse | sigma: how each row's clip (and so its scale) is chosen
     clip_percentile: float = DEFAULT_CLIP_PERCENTILE
     gptq: bool = False  # GPTQ on attn/mlp matrices (needs calibration Hessians)
     gptq_damp: float = 0.01  # GPTQ dampening, a fraction of the Hessian's mean diagonal
     gptq_block: int = 128  # GPTQ lazy-update block size (columns)
     outlier_topk: int = 0  # per coded tensor, the k largest |w| kept exactly in float16
-    lowrank_rank: int = 0  # rank of the quantization-error correction on attn/mlp matrices (0 = off)
+    lowrank_rank: int = 0  # rank of the quantization-error correction (0 = off)
+    # clip="sigma": a row's clip is K x the row's standard deviation, with K per role. The defaults
+    # are the Parameter Golf record's (PR #1855: MLP 11.5, attention 13, embedding 14; 12.85, its
+    # value for any other matrix, for LoRA factors).
+    embed_sigmas: float = 14.0
+    attn_sigmas: float = 13.0
+    mlp_sigmas: float = 11.5
+    lora_sigmas: float = 12.85
+    lowrank_roles: str = "attn+mlp"  # roles whose matrices get the low-rank correction, "+"-joined
+    # LQER (quantized low-rank factors, format version 3): bits of u and of v (16 = float16, the
+    # plain low-rank correction when both are 16), the group size of their scales, how many
+    # tensors get a correction (0 = every one where it helps) and how they are ranked.
+    lqer_ubits: int = FLOAT16_BITS
+    lqer_vbits: int = FLOAT16_BITS
+    lqer_group: int = 64
+    lqer_top: int = 0
+    lqer_select: str = "gain"  # gain: error removed per stored byte | norm: largest error (the record's rule)
+    # How the artifact orders the stored tensors for the entropy coder (not how they are coded):
+    # plain (table order) | grouped (codes of like matrices together, column by column; format 3).
+    layout: str = "plain"
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -103,7 +151,7 @@ class QuantPolicy:
             raise PolicyError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
         if not 0.0 < self.clip_percentile <= 100.0:
             raise PolicyError(f"clip_percentile must be in (0, 100], got {self.clip_percentile}")
-        for name in ("float_max_numel", "outlier_topk", "lowrank_rank"):
+        for name in ("float_max_numel", "outlier_topk", "lowrank_rank", "lqer_top"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise PolicyError(f"{name} must be a non-negative integer, got {v!r}")
@@ -111,6 +159,46 @@ class QuantPolicy:
             raise PolicyError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
         if isinstance(self.gptq_block, bool) or not isinstance(self.gptq_block, int) or self.gptq_block < 1:
             raise PolicyError(f"gptq_block must be a positive integer, got {self.gptq_block!r}")
+        if self.layout not in LAYOUTS:
+            raise PolicyError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        self._check_sigma_clip()
+        self._check_lowrank()
+
+    def _check_sigma_clip(self) -> None:
+        default = QuantPolicy.__dataclass_fields__
+        for role in CODED_ROLES:
+            k = getattr(self, f"{role}_sigmas")
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or not (math.isfinite(k) and 0.0 < k <= MAX_CLIP_SIGMAS):
+                raise PolicyError(f"{role}_sigmas must be a finite number in (0, {MAX_CLIP_SIGMAS:g}], got {k!r}")
+            if self.clip != "sigma" and k != default[f"{role}_sigmas"].default:
+                raise PolicyError(f"{role}_sigmas={k:g} only applies with clip=sigma (the clip is {self.clip!r})")
+
+    def _check_lowrank(self) -> None:
+        if self.lowrank_rank > MAX_LOWRANK_RANK:
+            raise PolicyError(f"lowrank_rank must be at most {MAX_LOWRANK_RANK}, got {self.lowrank_rank}")
+        roles = self.lowrank_roles.split("+") if isinstance(self.lowrank_roles, str) else None
+        if not roles or any(r not in CODED_ROLES for r in roles) or len(set(roles)) != len(roles):
+            raise PolicyError(f"lowrank_roles must be distinct roles from {', '.join(CODED_ROLES)} joined by '+', got {self.lowrank_roles!r}")
+        # One spelling per set of roles, so equal policies compare (and describe) equal.
+        object.__setattr__(self, "lowrank_roles", "+".join(r for r in CODED_ROLES if r in roles))
+        for name in ("lqer_ubits", "lqer_vbits"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, int) or not (MIN_BITS <= b <= MAX_BITS or b == FLOAT16_BITS):
+                raise PolicyError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}] or {FLOAT16_BITS} (float16), got {b!r}")
+        g = self.lqer_group
+        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_LQER_GROUP:
+            raise PolicyError(f"lqer_group must be an integer in [1, {MAX_LQER_GROUP}], got {g!r}")
+        if self.lqer_top > MAX_LQER_TOP:
+            raise PolicyError(f"lqer_top must be at most {MAX_LQER_TOP}, got {self.lqer_top}")
+        if self.lqer_select not in LQER_SELECT:
+            raise PolicyError(f"lqer_select must be one of {', '.join(LQER_SELECT)}, got {self.lqer_select!r}")
+        # Settings that would silently do nothing are refused, so a typo'd policy cannot pass for another.
+        default = QuantPolicy.__dataclass_fields__
+        changed = [n for n in ("lowrank_roles", "lqer_ubits", "lqer_vbits", "lqer_group", "lqer_top", "lqer_select") if getattr(self, n) != default[n].default]
+        if changed and self.lowrank_rank == 0:
+            raise PolicyError(f"{', '.join(changed)} need a low-rank correction: set lowrank=R (R >= 1)")
+        if self.lqer_group != default["lqer_group"].default and not self.quantized_lowrank:
+            raise PolicyError("lqer_group only applies to quantized factors: set lqer_bits=N (or lqer_ubits/lqer_vbits)")
 
     @classmethod
     def uniform(cls, bits: int, **kw) -> QuantPolicy:
@@ -127,10 +215,26 @@ class QuantPolicy:
         return self.gptq and role in ("attn", "mlp")
 
     def uses_lowrank(self, role: str) -> bool:
-        return self.lowrank_rank > 0 and role in ("attn", "mlp")
+        return self.lowrank_rank > 0 and role in self.lowrank_roles.split("+")
+
+    @property
+    def quantized_lowrank(self) -> bool:
+        """Whether the low-rank factors are stored quantized (LQER) rather than as float16."""
+        return self.lqer_ubits != FLOAT16_BITS or self.lqer_vbits != FLOAT16_BITS
+
+    def sigmas_for(self, role: str) -> float:
+        """K of the sigma clip of a coded role (clip = K x the row's standard deviation)."""
+        if role not in CODED_ROLES:
+            raise PolicyError(f"no clip sigmas for role {role!r}; coded roles: {', '.join(CODED_ROLES)}")
+        return getattr(self, f"{role}_sigmas")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        default = QuantPolicy.__dataclass_fields__
+        for name in _LATER_FIELDS:
+            if d[name] == default[name].default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantPolicy:
@@ -160,7 +264,33 @@ _SCALAR_KEYS = {  # policy-string key -> field (bit widths are handled separatel
     "block": "gptq_block",
     "outliers": "outlier_topk",
     "lowrank": "lowrank_rank",
+    "embed_sigmas": "embed_sigmas",
+    "attn_sigmas": "attn_sigmas",
+    "mlp_sigmas": "mlp_sigmas",
+    "lora_sigmas": "lora_sigmas",
+    "lowrank_roles": "lowrank_roles",
+    "lqer_ubits": "lqer_ubits",
+    "lqer_vbits": "lqer_vbits",
+    "lqer_group": "lqer_group",
+    "lqer_top": "lqer_top",
+    "lqer_select": "lqer_select",
+    "layout": "layout",
 }
+# Keys that set several fields at once (like all=N for the bit widths).
+_MULTI_KEYS = {
+    "sigmas": tuple(f"{r}_sigmas" for r in CODED_ROLES),
+    "lqer_bits": ("lqer_ubits", "lqer_vbits"),
+}
+
+
+# The export of the Parameter Golf record (openai/parameter-golf PR #1855) in this syntax: GPTQ
+# int6 matrices, an int7 embedding, sigma clips per role, and LQER rank 4 on the 3 tensors that
+# gain most, u at 2 bits and v at 4 bits in groups of 64 (its LQER_ASYM layout). The record's
+# int8 attention gates and its lrzip/ZPAQ coder have no counterpart here.
+RECORD_POLICY = (
+    "int6,embed=7,gptq,clip=sigma,embed_sigmas=14,attn_sigmas=13,mlp_sigmas=11.5,"
+    "lowrank=4,lowrank_roles=embed+attn+mlp,lqer_ubits=2,lqer_vbits=4,lqer_group=64,lqer_top=3,lqer_select=norm"
+)
 
 
 def _format_value(value: object) -> str:
@@ -181,6 +311,8 @@ def _parse_bits(key: str, text: str) -> int:
 
 def _parse_scalar(key: str, name: str, text: str) -> object:
     t = text.strip().lower()
+    if name in ("lqer_ubits", "lqer_vbits"):
+        return _parse_bits(key, text)
     try:
         if name == "control_fp32":
             if t not in ("fp32", "fp16", "1", "0"):
@@ -190,9 +322,9 @@ def _parse_scalar(key: str, name: str, text: str) -> object:
             if t not in ("1", "0", "on", "off", "true", "false"):
                 raise ValueError
             return t in ("1", "on", "true")
-        if name == "clip":
+        if name in ("clip", "lowrank_roles", "lqer_select", "layout"):
             return t
-        if name in ("clip_percentile", "gptq_damp"):
+        if name in ("clip_percentile", "gptq_damp") or name.endswith("_sigmas"):
             return float(t)
         return int(t)
     except ValueError:
@@ -210,15 +342,28 @@ def parse_policy(text: str | None) -> QuantPolicy:
     - ``embed=N``, ``attn=N``, ``mlp=N``, ``lora=N``: one role; N may be ``fp16`` to store that
       role as float16;
     - ``gptq`` (or ``gptq=0|1``): GPTQ for attention and MLP matrices (needs calibration tokens);
-    - ``clip=percentile|mse`` and ``percentile=P``: how each row's clip is chosen;
+    - ``clip=percentile|mse|sigma`` and ``percentile=P``: how each row's clip is chosen;
+    - ``sigmas=K`` (every role) or ``embed_sigmas=K``, ``attn_sigmas=K``, ``mlp_sigmas=K``,
+      ``lora_sigmas=K``: with ``clip=sigma``, each row is clipped at K standard deviations
+      (defaults: the record's 14, 13, 11.5, 12.85);
     - ``outliers=K``: keep the K largest |w| of each coded tensor exactly, in float16;
     - ``lowrank=R``: rank-R correction of the quantization error on attention and MLP matrices;
+      ``lowrank_roles=attn+mlp+embed`` (any of embed, attn, mlp, lora joined by ``+``): which roles;
+    - LQER, quantized low-rank factors (needs ``lowrank=R``): ``lqer_bits=N`` (both factors, N in
+      2..8, or fp16), ``lqer_ubits=N``, ``lqer_vbits=N`` (one factor), ``lqer_group=G`` (entries
+      per fp16 scale, along each rank component; default 64), ``lqer_top=K`` (only the K tensors
+      ranked first; 0 = every one where it helps), ``lqer_select=gain|norm`` (ranked by error
+      removed per stored byte, or by error size as the record does);
+    - ``layout=plain|grouped``: how the artifact orders the stored tensors for the entropy coder
+      (grouped: codes of like matrices together, column by column; artifact format version 3);
     - ``fp16max=N``: tensors of at most N elements stay float (default 65536);
     - ``control=fp32|fp16``: storage of the control tensors (default fp32);
     - ``damp=F``, ``block=N``: GPTQ dampening and block size.
 
-    Examples: ``int6``; ``attn=6,mlp=5,embed=8,gptq``; ``int5,embed=7,clip=mse,outliers=64``.
-    An empty string (or None) is the default policy.
+    Examples: ``int6``; ``attn=6,mlp=5,embed=8,gptq``; ``int5,embed=7,clip=mse,outliers=64``;
+    the Parameter Golf record's export: :data:`RECORD_POLICY`.
+    An empty string (or None) is the default policy. Items that would do nothing (sigmas without
+    ``clip=sigma``, LQER items without ``lowrank``) are errors.
     """
     policy = QuantPolicy()
     if text is None or not text.strip():
@@ -244,8 +389,11 @@ def parse_policy(text: str | None) -> QuantPolicy:
             changes[f"{key}_bits"] = _parse_bits(key, value)
         elif key in _SCALAR_KEYS and sep:
             changes[_SCALAR_KEYS[key]] = _parse_scalar(key, _SCALAR_KEYS[key], value)
+        elif key in _MULTI_KEYS and sep:
+            names = _MULTI_KEYS[key]
+            changes.update(dict.fromkeys(names, _parse_scalar(key, names[0], value)))
         else:
-            valid = "intN, all=N, " + ", ".join(f"{r}=N" for r in coded) + ", gptq, " + ", ".join(f"{k}=..." for k in _SCALAR_KEYS)
+            valid = "intN, all=N, " + ", ".join(f"{r}=N" for r in coded) + ", gptq, " + ", ".join(f"{k}=..." for k in (*_SCALAR_KEYS, *_MULTI_KEYS))
             raise PolicyError(f"unknown policy item {item!r} in {text!r}; valid items: {valid}")
     try:
         return replace(policy, **changes)
@@ -332,14 +480,32 @@ def row_sq_error(w: torch.Tensor, scale16: torch.Tensor, qmax: int) -> torch.Ten
     return (deq - w).square().sum(dim=1)
 
 
-def choose_scales(w: torch.Tensor, bits: int, method: str = "percentile", percentile: float = DEFAULT_CLIP_PERCENTILE) -> torch.Tensor:
+def sigma_clip(w: torch.Tensor, sigmas: float) -> torch.Tensor:
+    """Per-row clip ``sigmas`` x the row's standard deviation (unbiased, as torch.std), the
+    Parameter Golf record's rule (PR #1855, ``gptq_quantize_weight``: scale = K std / qmax).
+
+    It is not capped at the row's max |w|: at the record's K (11.5-14) the clip is usually
+    above the max, so codes never reach +-qmax and the step is a fixed fraction of the row's
+    spread (K / qmax std; 0.37 std for int6 at 11.5) -- fewer distinct codes, which is what the
+    entropy coder then pays for. A constant row (std 0) falls back to its max |w|, so its value
+    is still representable (the record would divide by a zero scale there)."""
+    if w.shape[1] < 2:  # no spread to measure: the max is the only sensible clip
+        return w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+    clip = sigmas * w.std(dim=1)
+    return torch.where(clip > 0, clip, w.abs().amax(dim=1))
+
+
+def choose_scales(
+    w: torch.Tensor, bits: int, method: str = "percentile", percentile: float = DEFAULT_CLIP_PERCENTILE, sigmas: float | None = None
+) -> torch.Tensor:
     """fp16 per-row scales of a (rows, cols) float32 matrix, exactly as stored:
 
     - ``percentile``: clip each row at a percentile (0-100] of its |w| (the baseline's 99.99984th,
       about the max);
     - ``mse``: try clips from half the row max to the full max and keep, per row, the one whose
       reconstruction has the least squared error (clipping a few large values buys a finer grid
-      for all the others)."""
+      for all the others);
+    - ``sigma``: clip each row at ``sigmas`` x its standard deviation (:func:`sigma_clip`)."""
     if w.dim() != 2:
         raise QuantError(f"row scales need a 2-D matrix, got shape {tuple(w.shape)}")
     qmax = qmax_for_bits(bits)
@@ -347,6 +513,10 @@ def choose_scales(w: torch.Tensor, bits: int, method: str = "percentile", percen
         if not 0.0 < percentile <= 100.0:
             raise QuantError(f"clip percentile must be in (0, 100], got {percentile}")
         return fp16_scale(row_quantile(w.abs(), percentile / 100.0) / qmax)
+    if method == "sigma":
+        if sigmas is None or not (math.isfinite(sigmas) and sigmas > 0):
+            raise QuantError(f"the sigma clip needs a finite positive number of standard deviations, got {sigmas!r}")
+        return fp16_scale(sigma_clip(w, sigmas) / qmax)
     if method != "mse":
         raise QuantError(f"unknown clip method {method!r}; valid: {', '.join(CLIP_METHODS)}")
     row_max = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
@@ -396,6 +566,217 @@ def lowrank_correction(residual: torch.Tensor, rank: int, hessian: torch.Tensor 
     return to_fp16_checked("lowrank_u", u / g), to_fp16_checked("lowrank_v", v * g[:, None])
 
 
+# ------------------------------------------------------- LQER: quantized low-rank factors
+
+
+def quantize_factor(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, fp16 scales (r, ceil(n / group))) of an (r, n) float32 factor, groups of
+    ``group`` consecutive entries along each row (the last one possibly shorter).
+
+    Codes use the full two's-complement range [-2^(b-1), 2^(b-1) - 1] and a group's largest |x|
+    sits at 2^(b-1) - 0.5 steps (the record's max/7.5 at 4 bits, max/1.5 at 2 bits): the
+    positive extreme rounds to 2^(b-1) and is clamped back by one step, the negative one lands on
+    -2^(b-1) exactly. Every entry is therefore within half a step of its code: the scale is
+    rounded UP to fp16 where rounding to nearest would make the step too small for that."""
+    lo, hi = factor_code_range(bits)
+    r, n = x.shape
+    ngroups = -(-n // group)
+    padded = torch.nn.functional.pad(x.abs(), (0, ngroups * group - n)).reshape(r, ngroups, group)
+    amax = padded.amax(dim=2)
+    steps = hi + 0.5
+    if amax.numel() and float(amax.max()) / steps > FP16_MAX:
+        raise QuantError(f"a low-rank factor value of {float(amax.max()):.4g} is beyond the fp16 range of its scale")
+    s16 = (amax / steps).to(torch.float16)
+    short = s16.to(torch.float32) * steps < amax  # exact in float32: an fp16 times a half-integer
+    s16 = torch.where(short, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    s16 = torch.where(s16 == 0, torch.ones_like(s16), s16).contiguous()  # an all-zero group: codes 0
+    which = torch.div(torch.arange(n), group, rounding_mode="floor")
+    codes = torch.round(x / s16.to(torch.float32)[:, which]).clamp_(lo, hi).to(torch.int8).contiguous()
+    return codes, s16
+
+
+@dataclass
+class LowRank:
+    """A low-rank correction ``u @ v`` as stored: u (rows, r) and v (r, cols), float16 values, or
+    int8 codes with fp16 group scales (``bits`` = (u bits, v bits), 16 = float16 factor). With
+    ``bits`` None both are float16 (the plain correction, format version 2)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    us: torch.Tensor | None = None
+    vs: torch.Tensor | None = None
+    bits: tuple[int, int] | None = None
+    group: int | None = None
+
+    def attach(self, q: QuantizedTensor) -> None:
+        q.lowrank_u, q.lowrank_v, q.lowrank_us, q.lowrank_vs = self.u, self.v, self.us, self.vs
+        q.lowrank_bits, q.lowrank_group = self.bits, self.group
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes the correction adds to the artifact."""
+        return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.us, self.vs) if t is not None)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (u, v) exactly as the reader dequantizes them."""
+        if self.bits is None:
+            return self.u.to(torch.float32), self.v.to(torch.float32)
+        u = self.u.to(torch.float32) if self.bits[0] == FLOAT16_BITS else dequantize_factor(self.u.T, self.us, self.group).T
+        v = self.v.to(torch.float32) if self.bits[1] == FLOAT16_BITS else dequantize_factor(self.v, self.vs, self.group)
+        return u, v
+
+    def product(self) -> torch.Tensor:
+        u, v = self.factors()
+        return u @ v
+
+
+def _store_factor(
+    name: str, x: torch.Tensor, bits: int, group: int, hessian: torch.Tensor | None = None, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(stored values or codes, scales or None, float32 dequantized) of an (r, n) factor; with
+    the inputs' Hessian (n, n) its codes are chosen by GPTQ on the group scales, not rounded."""
+    if bits == FLOAT16_BITS:
+        stored = to_fp16_checked(name, x)
+        return stored, None, stored.to(torch.float32)
+    codes, scales = quantize_factor(x, bits, group)
+    if hessian is not None:
+        which = torch.div(torch.arange(x.shape[1]), group, rounding_mode="floor")
+        try:
+            codes = gptq_quantize(x, hessian, bits, scales[:, which], damp=damp, code_range=factor_code_range(bits))
+        except CalibrationError as e:
+            raise QuantError(f"{name}: {e}") from None
+    return codes, scales, dequantize_factor(codes, scales, group)
+
+
+def squared_error(m: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
+    """``||M||_F^2``, or with the inputs' Hessian H the summed squared output error
+    ``tr(M H M^T)`` of a linear layer whose weight is off by M (float64: gains are differences
+    of nearly equal numbers)."""
+    m = m.to(torch.float64)
+    if hessian is None:
+        return float(m.square().sum())
+    return float(((m @ hessian.to(torch.float64)) * m).sum())
+
+
+def lqer_correction(
+    residual: torch.Tensor,
+    rank: int,
+    hessian: torch.Tensor | None = None,
+    damp: float = 0.01,
+    *,
+    bits: tuple[int, int] = (4, 4),
+    group: int = 64,
+    refit: bool = True,
+    placements: tuple[str, ...] = ("u", "v"),
+    hessian_rounding: bool = True,
+) -> LowRank:
+    """LQER (Zhang et al. 2024, arXiv 2402.02446; the Parameter Golf record's PR #1797 form): a
+    rank-``rank`` approximation of the quantization error ``residual`` (Hessian-weighted when H
+    is given, like :func:`lowrank_correction`) stored with quantized factors (``bits`` of u and
+    v, 16 = float16; groups of ``group`` along each rank component, see :func:`quantize_factor`).
+
+    With ``E ~ U S V`` (truncated SVD), the record stores u = U S and v = V. Two choices here
+    improve on that at no byte cost: the singular values go to u or to v, whichever
+    reconstructs better after quantization (``placements``; a per-group scale on a factor that
+    holds S must cover columns of very different sizes, so S usually fares better in v), and
+    after u is quantized, v is refitted to it by least squares (``refit``): ``v = pinv(u_q) E``,
+    which is the best v for that u_q in the plain AND the Hessian-weighted error (``(E - u_q v) L``
+    is minimised by ``v L = pinv(u_q) E L``), so the correction before v's own rounding never
+    adds error. With a Hessian, v's codes are chosen by GPTQ (``hessian_rounding``): v multiplies
+    the layer's inputs just as W does, and rounding it to nearest in plain terms was measured to
+    undo the whole weighted gain on layers with a few dominant input directions."""
+    if bits == (FLOAT16_BITS, FLOAT16_BITS):
+        raise QuantError("lqer_correction quantizes at least one factor; use lowrank_correction for float16 factors")
+    r = min(rank, *residual.shape)
+    if hessian is None:
+        U, S, V = torch.linalg.svd(residual, full_matrices=False)
+        V = V[:r]
+    else:
+        n = hessian.shape[0]
+        H = hessian.to(torch.float32) + torch.eye(n) * damp * max(float(torch.diag(hessian).mean()), 1e-12)
+        L = torch.linalg.cholesky(H)
+        U, S, Vh = torch.linalg.svd(residual @ L, full_matrices=False)
+        V = torch.linalg.solve_triangular(L.T, Vh[:r].T, upper=True).T  # V L = Vh_r
+    best: tuple[float, LowRank] | None = None
+    for place in placements:
+        if place not in ("u", "v"):
+            raise QuantError(f"unknown singular-value placement {place!r}; valid: u, v")
+        u0 = U[:, :r] * S[:r] if place == "u" else U[:, :r]
+        u_st, us, u_q = _store_factor("lowrank_u", u0.T.contiguous(), bits[0], group)
+        if refit:
+            v0 = torch.linalg.lstsq(u_q.T.to(torch.float64), residual.to(torch.float64), driver="gelsd").solution.to(torch.float32)
+        else:
+            v0 = V if place == "u" else S[:r, None] * V
+        v_st, vs, _ = _store_factor("lowrank_v", v0.contiguous(), bits[1], group, hessian if hessian_rounding else None, damp)
+        cand = LowRank(u_st.T.contiguous(), v_st, us, vs, bits, group)
+        err = squared_error(residual - cand.product(), hessian)
+        if best is None or err < best[0]:
+            best = (err, cand)
+    assert best is not None, "placements must not be empty"
+    return best[1]
+
+
+@dataclass
+class LowRankCandidate:
+    """A tensor's low-rank correction and what it does: squared reconstruction error before and
+    after it, plain and (with a Hessian) weighted by the layer's inputs."""
+
+    name: str
+    correction: LowRank
+    plain: tuple[float, float]
+    weighted: tuple[float, float] | None
+
+    def gain(self, weighted: bool) -> float:
+        before, after = self.weighted if weighted and self.weighted is not None else self.plain
+        return before - after
+
+    @property
+    def own_gain(self) -> float:
+        """Error removed in the tensor's own best measure (weighted when it has a Hessian)."""
+        return self.gain(self.weighted is not None)
+
+
+def lowrank_candidate(name: str, w: torch.Tensor, q: QuantizedTensor, policy: QuantPolicy, hessian: torch.Tensor | None = None) -> LowRankCandidate:
+    """The correction ``policy`` would give the coded tensor ``q`` of the float32 weight ``w``."""
+    residual = w - dequantize_tensor(q, name)  # zero at outliers: they are exact already
+    rank = policy.lowrank_rank
+    try:
+        if policy.quantized_lowrank:
+            bits = (policy.lqer_ubits, policy.lqer_vbits)
+            corr = lqer_correction(residual, rank, hessian, policy.gptq_damp, bits=bits, group=policy.lqer_group)
+        else:
+            corr = LowRank(*lowrank_correction(residual, rank, hessian, policy.gptq_damp))
+    except (QuantError, ArtifactError) as e:
+        raise QuantError(f"{name}: {e}") from None
+    product = corr.product()
+    if q.outlier_idx is not None:  # the reader puts the exact outliers back over the correction
+        product.view(-1)[q.outlier_idx.long()] = 0.0
+    after = residual - product
+    weighted = None if hessian is None else (squared_error(residual, hessian), squared_error(after, hessian))
+    return LowRankCandidate(name, corr, (squared_error(residual), squared_error(after)), weighted)
+
+
+def select_lowrank(candidates: list[LowRankCandidate], top: int, how: str = "gain") -> list[LowRankCandidate]:
+    """The ``top`` candidates (0 = all) that get their correction, among those it helps.
+
+    ``gain`` ranks by error removed per stored byte; ``norm`` by the size of the error before
+    correction, the Parameter Golf record's rule (PR #1797: the top-k tensors by ||W - Q||_F,
+    plain). Gains are Hessian-weighted only when every candidate has a Hessian: weighted and
+    plain errors are in different units and cannot be ranked together."""
+    if how not in LQER_SELECT:
+        raise PolicyError(f"lqer_select must be one of {', '.join(LQER_SELECT)}, got {how!r}")
+    weighted = bool(candidates) and all(c.weighted is not None for c in candidates)
+    # Useful in the tensor's own best measure: a correction that lowers the plain error but
+    # raises the output error of a layer with a Hessian is not stored, whatever the ranking.
+    useful = [c for c in candidates if c.own_gain > 0 and c.gain(weighted) > 0]
+    if how == "gain":
+        key = lambda c: c.gain(weighted) / max(1, c.correction.nbytes)
+    else:
+        key = lambda c: c.plain[0]
+    ranked = sorted(useful, key=lambda c: (-key(c), c.name))
+    return ranked if top == 0 else ranked[:top]
+
+
 # ---------------------------------------------------------------------------------- encoder
 
 
@@ -411,8 +792,12 @@ def stored_scheme(name: str, shape: tuple[int, ...], policy: QuantPolicy) -> str
     return int_row_scheme(bits)
 
 
-def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: torch.Tensor | None = None) -> QuantizedTensor:
-    """One state-dict tensor as stored under ``policy`` (see the module docstring)."""
+def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: torch.Tensor | None = None, lowrank: bool = True) -> QuantizedTensor:
+    """One state-dict tensor as stored under ``policy`` (see the module docstring).
+
+    With ``lowrank=False`` no low-rank correction is added (:func:`encode_state` adds them itself
+    when ``policy.lqer_top`` picks which tensors get one). A quantized (LQER) correction is kept
+    only where it reduces the error; a float16 one always (as before LQER existed)."""
     w = as_cpu_float32(name, t)
     shape = tuple(int(s) for s in w.shape)
     role = tensor_role(name)
@@ -426,7 +811,7 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
     keep = None if picked is None else picked[1]
     w_coded = w if keep is None else w.masked_fill(keep, 0.0)
     try:
-        scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile)
+        scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile, policy.sigmas_for(role))
         if policy.uses_gptq(role):
             if hessian is None:
                 raise QuantError("the policy asks for GPTQ but there is no calibration Hessian for it (pass calibration tokens to export_model)")
@@ -439,17 +824,34 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
     if picked is not None:
         q.outlier_idx = picked[0].to(torch.int32).contiguous()
         q.outlier_val = to_fp16_checked(name, w.reshape(-1)[picked[0]]).contiguous()
-    if policy.uses_lowrank(role):
-        residual = w - dequantize_tensor(q, name)  # zero at outliers: they are exact already
-        q.lowrank_u, q.lowrank_v = lowrank_correction(residual, policy.lowrank_rank, hessian, policy.gptq_damp)
+    if lowrank and policy.uses_lowrank(role):
+        if policy.quantized_lowrank:
+            cand = lowrank_candidate(name, w, q, policy, hessian)
+            if cand.own_gain > 0:
+                cand.correction.attach(q)
+        else:
+            residual = w - dequantize_tensor(q, name)  # zero at outliers: they are exact already
+            q.lowrank_u, q.lowrank_v = lowrank_correction(residual, policy.lowrank_rank, hessian, policy.gptq_damp)
     return q
 
 
 def encode_state(
     state: dict[str, torch.Tensor], policy: QuantPolicy, *, hessians: dict[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, QuantizedTensor], dict[str, str]]:
-    """(stored tensors by name, aliases {name: the earlier name it repeats}) for a state dict."""
+    """(stored tensors by name, aliases {name: the earlier name it repeats}) for a state dict.
+
+    With ``policy.lqer_top`` = K > 0, the low-rank correction goes to the K tensors that
+    :func:`select_lowrank` ranks first (by ``policy.lqer_select``) rather than to every one."""
     aliases = find_aliases(state)
     hessians = hessians or {}
-    qstate = {name: encode_tensor(name, t, policy, hessian=hessians.get(name)) for name, t in state.items() if name not in aliases}
+    pick = policy.lqer_top > 0
+    qstate = {name: encode_tensor(name, t, policy, hessian=hessians.get(name), lowrank=not pick) for name, t in state.items() if name not in aliases}
+    if pick:
+        candidates = [
+            lowrank_candidate(name, as_cpu_float32(name, state[name]), q, policy, hessians.get(name))
+            for name, q in qstate.items()
+            if q.scheme not in FLOAT_SCHEMES and policy.uses_lowrank(tensor_role(name))
+        ]
+        for cand in select_lowrank(candidates, policy.lqer_top, policy.lqer_select):
+            cand.correction.attach(qstate[cand.name])
     return qstate, aliases
