@@ -400,9 +400,8 @@ class RunConfig:
 
     @classmethod
     def from_preset(cls, preset: Preset) -> RunConfig:
-        evaluation = replace(preset.eval, batch_size=preset.eval_batch_size) if preset.eval is not None else EvalConfig(batch_size=preset.eval_batch_size)
-        export = replace(preset.export, qat=replace(preset.export.qat)) if preset.export is not None else ExportConfig()
-        return cls(preset.name, preset.model, preset.train, export=export, eval=evaluation)
+        export = ExportConfig(quant=preset.export_quant) if preset.export_quant is not None else ExportConfig()
+        return cls(preset.name, preset.model, preset.train, export=export, eval=EvalConfig(batch_size=preset.eval_batch_size, **preset.eval_settings))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in the layout ``config.json`` holds."""
@@ -501,10 +500,12 @@ class Preset:
     model: ModelConfig
     train: TrainConfig
     eval_batch_size: int = 8
-    # The export and evaluation a preset's runs use (None: the defaults: the int8 baseline
-    # export, plain evaluation); the record presets carry the record's.
-    export: ExportConfig | None = None
-    eval: EvalConfig | None = None
+    # The export policy and evaluation settings a preset's runs use (None / empty: the int8
+    # baseline export, plain evaluation); the record presets carry the record's. Kept as plain
+    # values and made into configs only when a run is built: checking a policy or a TTT spec
+    # loads the encoders and the TTT code, which `import loopgolf.config` must not.
+    export_quant: str | None = None
+    eval_settings: dict[str, Any] = field(default_factory=dict)
 
 
 # The default run stops at a fixed step count, not a wallclock budget, so its score does not
@@ -701,8 +702,13 @@ RECORD_OPTIM: dict[str, Any] = dict(
     adam_weight_decay=0.02,
 )
 RECORD_TRAIN: dict[str, Any] = dict(warmdown_frac=0.85, min_lr_frac=0.1, grad_clip=0.3)
-# int6 GPTQ matrices, int7 embedding (loopgolf.export.quantize.parse_policy).
-RECORD_QUANT = "int6,embed=7,gptq"
+# The record's export (loopgolf.export.quantize.parse_policy syntax; docs/export.md): GPTQ int6
+# matrices, an int7 embedding, sigma clips per role, LQER rank 4 (u 2 bits, v 4 bits in groups of
+# 64) on the 3 tensors with the largest errors. loopgolf.export.quantize.RECORD_POLICY is this.
+RECORD_QUANT = (
+    "int6,embed=7,gptq,clip=sigma,embed_sigmas=14,attn_sigmas=13,mlp_sigmas=11.5,"
+    "lowrank=4,lowrank_roles=embed+attn+mlp,lqer_ubits=2,lqer_vbits=4,lqer_group=64,lqer_top=3,lqer_select=norm"
+)
 
 
 def _record_presets() -> list[Preset]:
@@ -714,9 +720,7 @@ def _record_presets() -> list[Preset]:
         "pg-record",
         "the Parameter Golf record's recipe (PR #1855): 11 x 512, 8/4 heads, MLP 4x LeakyReLU(0.5)^2, layers 3-5 run 3x from 35%, "
         "XSA, partial RoPE, gates, SmearGate, Polar-Express Muon, EMA; SP8192 data (loopgolf data fineweb --variant sp8192), 600 s on one GPU",
-        ModelConfig(
-            vocab_size=8192, max_seq_len=2048, plan=PlanSpec("mini-loop", layers=11, loops=2, loop_start=3, loop_end=5), **RECORD_ARCH
-        ),
+        ModelConfig(vocab_size=8192, max_seq_len=2048, plan=PlanSpec("mini-loop", layers=11, loops=2, loop_start=3, loop_end=5), **RECORD_ARCH),
         _pg_train(
             seq_len=2048,
             batch_tokens=786_432,
@@ -726,8 +730,8 @@ def _record_presets() -> list[Preset]:
             **RECORD_TRAIN,
         ),
         eval_batch_size=8,
-        export=ExportConfig(quant=RECORD_QUANT),
-        eval=EvalConfig(ttt="rank=80,lr=0.0001,chunk=48,reset=doc", eval_time=480.0),
+        export_quant=RECORD_QUANT,
+        eval_settings=dict(ttt="rank=80,lr=0.0001,chunk=48,reset=doc", eval_time=480.0),
     )
     # At the cpu family's scale (about 300-600 steps in 600 s) the record's EMA (an average over
     # ~286 of its 4,931 steps) would average in the early, poor weights: 0.97 averages over ~33
@@ -745,7 +749,7 @@ def _record_presets() -> list[Preset]:
             optim=OptimizerConfig(**RECORD_OPTIM, muon_momentum_warmup_steps=100),
             **RECORD_TRAIN,
         ),
-        export=ExportConfig(quant=RECORD_QUANT),
+        export_quant=RECORD_QUANT,
     )
     return [pg, cpu]
 
@@ -801,6 +805,6 @@ def get_preset(name: str) -> Preset:
         ModelConfig.from_dict(p.model.to_dict()),
         replace(p.train, optim=replace(p.train.optim)),
         p.eval_batch_size,
-        None if p.export is None else replace(p.export, qat=replace(p.export.qat)),
-        None if p.eval is None else replace(p.eval),
+        p.export_quant,
+        dict(p.eval_settings),
     )

@@ -234,7 +234,11 @@ def test_a_checkpoint_from_before_the_options_still_resumes():
     from loopgolf.train.checkpoint import check_resumable
 
     cfg = tiny_config(plan=CYCLE).to_dict()
-    old = {k: v for k, v in cfg.items() if k not in ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id")}
+    old = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id")
+    }
     check_resumable({"config": {"model": old}}, cfg, {})
     with pytest.raises(ValueError, match="xsa"):
         check_resumable({"config": {"model": old}}, {**cfg, "xsa": True}, {})

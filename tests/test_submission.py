@@ -20,6 +20,7 @@ from helpers import synthetic_documents
 
 from loopgolf.cli import main
 from loopgolf.codebytes import COMPRESSORS, FORMS, Bundle, render_script
+from loopgolf.export.quantize import RECORD_POLICY
 from loopgolf.rundir import RunDir
 from loopgolf.submit.entry import OFFICIAL_ENV, _field_default, options_from_env
 from loopgolf.submit.records import SubmissionInfo, first_difference, write_records
@@ -613,10 +614,25 @@ def test_the_record_recipe_preset_makes_a_submission_that_reproduces_its_run(off
     records folder is written."""
     data = official_layout / "data" / "datasets" / "fineweb10B_sp1024"
     ref = tmp_path / "ref"
-    shrink = ["--dim", "64", "--heads", "2", "--kv-heads", "1", "--steps", "6", "--train", "time_budget=null", "--train", "seq_len=32", "--train", "batch_tokens=256"]
+    shrink = [
+        "--dim",
+        "64",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--steps",
+        "6",
+        "--train",
+        "time_budget=null",
+        "--train",
+        "seq_len=32",
+        "--train",
+        "batch_tokens=256",
+    ]
     assert main(["run", "--preset", "cpu-record", *shrink, "--data", str(data), "--out", str(ref), "--seed", str(SEED), "--json"]) == 0
     config = RunDir(ref).read_config()
-    assert config.model.xsa and config.model.smear_gate and config.train.ema_decay == 0.97 and config.export.quant.startswith("int6")
+    assert config.model.xsa and config.model.smear_gate and config.train.ema_decay == 0.97 and config.export.quant == RECORD_POLICY
     script = tmp_path / "train_gpt.py"
     script.write_text(render_script(config), encoding="utf-8")
     proc = run_script(script, official_layout, tmp_path / "out")

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
+from loopgolf.config import RECORD_QUANT
 from loopgolf.export.artifact import (
     FLOAT_SCHEMES,
     LAYOUTS,
@@ -287,10 +288,7 @@ _MULTI_KEYS = {
 # int6 matrices, an int7 embedding, sigma clips per role, and LQER rank 4 on the 3 tensors that
 # gain most, u at 2 bits and v at 4 bits in groups of 64 (its LQER_ASYM layout). The record's
 # int8 attention gates and its lrzip/ZPAQ coder have no counterpart here.
-RECORD_POLICY = (
-    "int6,embed=7,gptq,clip=sigma,embed_sigmas=14,attn_sigmas=13,mlp_sigmas=11.5,"
-    "lowrank=4,lowrank_roles=embed+attn+mlp,lqer_ubits=2,lqer_vbits=4,lqer_group=64,lqer_top=3,lqer_select=norm"
-)
+RECORD_POLICY = RECORD_QUANT  # spelled out in loopgolf.config, where the record presets use it
 
 
 def _format_value(value: object) -> str:

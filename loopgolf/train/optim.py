@@ -149,7 +149,13 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
     decay = cfg.embed_weight_decay > 0 or cfg.adam_weight_decay > 0
     adam_groups: list[dict] = []
     if roles["embed"]:
-        adam_groups.append({"params": [p for _, p in roles["embed"]], "lr": cfg.embed_lr if tied else cfg.untied_embed_lr, **({"weight_decay": cfg.embed_weight_decay} if decay else {})})
+        adam_groups.append(
+            {
+                "params": [p for _, p in roles["embed"]],
+                "lr": cfg.embed_lr if tied else cfg.untied_embed_lr,
+                **({"weight_decay": cfg.embed_weight_decay} if decay else {}),
+            }
+        )
     if roles["head"]:
         adam_groups.append({"params": [p for _, p in roles["head"]], "lr": cfg.head_lr, **({"weight_decay": cfg.adam_weight_decay} if decay else {})})
     if roles["scalar"]:
@@ -159,7 +165,11 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, tied: bool) -> list
         muon_groups.append({"params": [p for _, p in roles["matrix"]], "lr": cfg.matrix_lr})
     if roles["adapter"]:
         # adapter_lr applies under either optimizer: under Muon the adapters are their own group.
-        adapters = {"params": [p for _, p in roles["adapter"]], "lr": cfg.adapter_lr, **({"weight_decay": 0.0} if decay and cfg.adapter_optimizer == "adam" else {})}
+        adapters = {
+            "params": [p for _, p in roles["adapter"]],
+            "lr": cfg.adapter_lr,
+            **({"weight_decay": 0.0} if decay and cfg.adapter_optimizer == "adam" else {}),
+        }
         (adam_groups if cfg.adapter_optimizer == "adam" else muon_groups).append(adapters)
     adam = torch.optim.AdamW if decay else torch.optim.Adam
     optimizers: list[torch.optim.Optimizer] = [adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)]
