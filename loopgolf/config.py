@@ -30,6 +30,7 @@ import numpy as np
 from loopgolf.checks import ADDED_LATER, check_range, check_types, from_dict
 from loopgolf.export.artifact import CODECS
 from loopgolf.export.pack import DEFAULT_CAP_BYTES
+from loopgolf.export.policies import RECORD_POLICY
 from loopgolf.model.gpt import MAX_SEQ_LEN, ModelConfig, unique_params_formula
 from loopgolf.model.plan import PlanSpec, build_plan
 
@@ -702,13 +703,8 @@ RECORD_OPTIM: dict[str, Any] = dict(
     adam_weight_decay=0.02,
 )
 RECORD_TRAIN: dict[str, Any] = dict(warmdown_frac=0.85, min_lr_frac=0.1, grad_clip=0.3)
-# The record's export (loopgolf.export.quantize.parse_policy syntax; docs/export.md): GPTQ int6
-# matrices, an int7 embedding, sigma clips per role, LQER rank 4 (u 2 bits, v 4 bits in groups of
-# 64) on the 3 tensors with the largest errors. loopgolf.export.quantize.RECORD_POLICY is this.
-RECORD_QUANT = (
-    "int6,embed=7,gptq,clip=sigma,embed_sigmas=14,attn_sigmas=13,mlp_sigmas=11.5,"
-    "lowrank=4,lowrank_roles=embed+attn+mlp,lqer_ubits=2,lqer_vbits=4,lqer_group=64,lqer_top=3,lqer_select=norm"
-)
+# The record's export (docs/export.md): GPTQ int6, int7 embedding, sigma clips, LQER.
+RECORD_QUANT = RECORD_POLICY
 
 
 def _record_presets() -> list[Preset]:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from loopgolf.config import RECORD_QUANT
+from loopgolf.export import policies
 from loopgolf.export.artifact import (
     FLOAT_SCHEMES,
     LAYOUTS,
@@ -284,11 +284,9 @@ _MULTI_KEYS = {
 }
 
 
-# The export of the Parameter Golf record (openai/parameter-golf PR #1855) in this syntax: GPTQ
-# int6 matrices, an int7 embedding, sigma clips per role, and LQER rank 4 on the 3 tensors that
-# gain most, u at 2 bits and v at 4 bits in groups of 64 (its LQER_ASYM layout). The record's
-# int8 attention gates and its lrzip/ZPAQ coder have no counterpart here.
-RECORD_POLICY = RECORD_QUANT  # spelled out in loopgolf.config, where the record presets use it
+# The export of the Parameter Golf record, as a policy string (kept where a preset can name it
+# without loading this module).
+RECORD_POLICY = policies.RECORD_POLICY
 
 
 def _format_value(value: object) -> str:
