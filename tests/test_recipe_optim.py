@@ -422,11 +422,13 @@ def test_ema_state_is_strict_and_exported_state_keeps_dtypes():
 def old_cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps: int) -> str:
     """steptime.cache_key before the options, verbatim (with the optimizer as it was)."""
     train = asdict(train_cfg)
-    train["optim"] = {k: v for k, v in train["optim"].items() if k != "muon_ns"}
+    new_optim = ("muon_ns", "muon_weight_decay", "muon_row_normalize", "embed_weight_decay", "adam_weight_decay")
+    train["optim"] = {k: v for k, v in train["optim"].items() if k not in new_optim}
     shape = {k: train[k] for k in ("seq_len", "batch_tokens", "micro_batch_tokens", "optim", "grad_clip", "recurrence_stages", "compile")}
+    new_model = ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id")
     blob = {
         "format": steptime.STEPTIME_FORMAT,
-        "model": model_cfg.to_dict(),
+        "model": {k: v for k, v in model_cfg.to_dict().items() if k not in new_model},
         "train": shape,
         "device": steptime.device_key(device),
         "torch": torch.__version__,
@@ -447,6 +449,9 @@ def test_step_time_key_and_measurement_follow_the_options(monkeypatch):
     assert key(replace(base, ema_decay=0.9)) != key(base)
     assert key(replace(base, ema_decay=0.9)) == key(replace(base, ema_decay=0.99))  # the decay does not change the time
     assert key(replace(base, min_lr_frac=0.1)) == key(base)  # nor does the schedule
+    assert key(replace(base, optim=OptimizerConfig(muon_weight_decay=0.1))) != key(base)
+    xsa = ModelConfig.from_dict({**model_cfg.to_dict(), "xsa": True})
+    assert steptime.cache_key(xsa, base, CPU, 2) != key(base)  # a new model option re-measures
 
     updates = []
     monkeypatch.setattr(WeightEMA, "update", lambda self: updates.append(self.decay))

@@ -77,9 +77,12 @@ def cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.devi
     shape["optim"] = {k: v for k, v in shape["optim"].items() if k not in added or v != added[k]}
     if train_cfg.ema_decay is not None:  # the average's update is part of the step; its decay does not change the time
         shape["ema"] = True
+    # Likewise model fields added later (the record's architecture options), at their defaults.
+    added_model = {f.name: f.default for f in fields(ModelConfig) if f.metadata.get("added_later")}
+    model = {k: v for k, v in model_cfg.to_dict().items() if k not in added_model or v != added_model[k]}
     blob = {
         "format": STEPTIME_FORMAT,
-        "model": model_cfg.to_dict(),
+        "model": model,
         "train": shape,
         "device": device_key(device),
         "torch": torch.__version__,
