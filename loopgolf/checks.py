@@ -99,6 +99,23 @@ def check_range(where: str, name: str, value: float | int, lo: float | None = No
 ADDED_LATER = {"added_later": True}
 
 
+def added_later_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls``'s fields marked :data:`ADDED_LATER`: what a file written before
+    those fields existed meant by leaving them out."""
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("added_later")
+    }
+
+
+def without_added_defaults(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``values`` (a dict of ``cls``'s fields) less the fields added later that hold their
+    defaults: the dict as it was before those fields existed."""
+    added = added_later_defaults(cls)
+    return {k: v for k, v in values.items() if k not in added or v != added[k]}
+
+
 def required_fields(cls: type) -> set[str]:
     """The fields a strict read of ``cls`` needs: all but those marked :data:`ADDED_LATER`."""
     return {f.name for f in dataclasses.fields(cls) if not f.metadata.get("added_later")}

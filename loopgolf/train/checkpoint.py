@@ -35,7 +35,7 @@ import random
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from loopgolf.checks import added_later_defaults
 from loopgolf.config import OptimizerConfig, TrainConfig, may_change_on_resume
 from loopgolf.data.shards import TokenLoader
 from loopgolf.model.gpt import ModelConfig
@@ -286,8 +287,8 @@ def check_resumable(ckpt: dict[str, Any], model_config: dict[str, Any], train_co
     if ckpt.get("weights_only"):
         raise ValueError("this checkpoint holds start weights only (from `loopgolf convert`): train from it with --init-from DIR, it has no run to resume")
     saved = ckpt.get("config") or {}
-    saved_model = {**_added_defaults(ModelConfig), **saved["model"]} if isinstance(saved.get("model"), dict) else saved.get("model")
-    model_config = {**_added_defaults(ModelConfig), **model_config}
+    saved_model = {**added_later_defaults(ModelConfig), **saved["model"]} if isinstance(saved.get("model"), dict) else saved.get("model")
+    model_config = {**added_later_defaults(ModelConfig), **model_config}
     if "model" in saved and saved_model != model_config:
         diff = sorted(k for k in set(saved_model) | set(model_config) if saved_model.get(k) != model_config.get(k))
         raise ValueError(f"checkpoint was written for a different model (fields {diff} differ)")
@@ -298,24 +299,15 @@ def check_resumable(ckpt: dict[str, Any], model_config: dict[str, Any], train_co
             raise ValueError(f"checkpoint was written with different training settings {diff}; only {', '.join(RESUMABLE_TRAIN_CHANGES)} may change on resume")
 
 
-def _added_defaults(cls: type) -> dict[str, Any]:
-    """The defaults of ``cls``'s fields marked as added later (loopgolf.checks.ADDED_LATER)."""
-    return {
-        f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        for f in fields(cls)
-        if f.metadata.get("added_later")
-    }
-
-
 def _with_added_defaults(train: Any) -> Any:
     """A stored train config (a dict) with the fields added to TrainConfig and OptimizerConfig
     since it was written filled in with their defaults, which mean the behaviour it ran with: a
     checkpoint from before a field existed still resumes."""
     if not isinstance(train, dict):
         return train
-    out = {**_added_defaults(TrainConfig), **train}
+    out = {**added_later_defaults(TrainConfig), **train}
     if isinstance(out.get("optim"), dict):
-        out["optim"] = {**_added_defaults(OptimizerConfig), **out["optim"]}
+        out["optim"] = {**added_later_defaults(OptimizerConfig), **out["optim"]}
     return out
 
 

@@ -21,11 +21,12 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from loopgolf.checks import without_added_defaults
 from loopgolf.config import OptimizerConfig, TrainConfig
 from loopgolf.model.gpt import GPT, ModelConfig
 from loopgolf.train.ema import WeightEMA
@@ -71,18 +72,14 @@ def device_key(device: torch.device) -> str:
 def cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps: int) -> str:
     train = asdict(train_cfg)
     shape = {k: train[k] for k in ("seq_len", "batch_tokens", "micro_batch_tokens", "optim", "grad_clip", "recurrence_stages", "compile")}
-    # Optimizer fields added later are left out at their defaults (which time as before), so
-    # the entries measured before them keep their keys.
-    added = {f.name: f.default for f in fields(OptimizerConfig) if f.metadata.get("added_later")}
-    shape["optim"] = {k: v for k, v in shape["optim"].items() if k not in added or v != added[k]}
+    # Optimizer and model fields added later are left out at their defaults (which time as
+    # before), so the entries measured before them keep their keys.
+    shape["optim"] = without_added_defaults(shape["optim"], OptimizerConfig)
     if train_cfg.ema_decay is not None:  # the average's update is part of the step; its decay does not change the time
         shape["ema"] = True
-    # Likewise model fields added later (the record's architecture options), at their defaults.
-    added_model = {f.name: f.default for f in fields(ModelConfig) if f.metadata.get("added_later")}
-    model = {k: v for k, v in model_cfg.to_dict().items() if k not in added_model or v != added_model[k]}
     blob = {
         "format": STEPTIME_FORMAT,
-        "model": model,
+        "model": without_added_defaults(model_cfg.to_dict(), ModelConfig),
         "train": shape,
         "device": device_key(device),
         "torch": torch.__version__,
