@@ -40,19 +40,23 @@ class ShardError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _as_token_array(tokens: np.ndarray | Sequence[int], where: str) -> np.ndarray:
-    """Validate ids (integers, 1-D, within uint16) before any narrowing cast can wrap them."""
-    arr = np.asarray(tokens)
+def as_uint16_body(
+    values: np.ndarray | Sequence[int], where: str, *, items: str = "tokens", item: str = "token id", body: str = "shard", error: type[ValueError] = ShardError
+) -> np.ndarray:
+    """Validate the values of a uint16 file body (integers, 1-D, within [0, 65535]) before any
+    narrowing cast can wrap them: a shard's token ids, or (named by ``items``, ``item``, ``body``
+    and raising ``error``) a byte sidecar's counts."""
+    arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ShardError(f"{where}: tokens must be a 1-D sequence, got shape {arr.shape}")
+        raise error(f"{where}: {items} must be a 1-D sequence, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=_TOKEN_DTYPE)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise ShardError(f"{where}: token ids must be integers, got dtype {arr.dtype}")
+        raise error(f"{where}: {item}s must be integers, got dtype {arr.dtype}")
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi > MAX_TOKEN_ID:
         bad = lo if lo < 0 else hi
-        raise ShardError(f"{where}: token id {bad} is outside [0, {MAX_TOKEN_ID}] (the shard body is uint16)")
+        raise error(f"{where}: {item} {bad} is outside [0, {MAX_TOKEN_ID}] (the {body} body is uint16)")
     return arr.astype(_TOKEN_DTYPE, copy=False)
 
 
@@ -63,7 +67,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int], voc
     training time, far from the cause.
     """
     path = Path(path)
-    arr = _as_token_array(tokens, f"shard {path}")
+    arr = as_uint16_body(tokens, f"shard {path}")
     if vocab_size is not None and arr.size and int(arr.max()) >= vocab_size:
         raise ShardError(f"shard {path}: token id {int(arr.max())} >= vocab_size {vocab_size}; the tokenizer and the declared vocabulary do not match")
     header = np.zeros(HEADER_INTS, dtype=_HEADER_DTYPE)

@@ -26,8 +26,8 @@ import numpy as np
 import sentencepiece as spm
 
 from loopgolf.data.caseops import TextTransform, TransformError, utf8_lengths
+from loopgolf.data.shards import as_uint16_body
 from loopgolf.data.sidecar import (
-    BODY_DTYPE,
     DECLARATION_FORMAT,
     DECLARATION_VERSION,
     HEADER_DTYPE,
@@ -53,24 +53,10 @@ LOSSLESS_TRAINER_SETTINGS: dict = {
 }
 
 
-def _as_counts(counts: np.ndarray | Sequence[int], where: str) -> np.ndarray:
-    arr = np.asarray(counts)
-    if arr.ndim != 1:
-        raise SidecarError(f"{where}: byte counts must be a 1-D sequence, got shape {arr.shape}")
-    if arr.size == 0:
-        return np.zeros(0, dtype=BODY_DTYPE)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise SidecarError(f"{where}: byte counts must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > MAX_TOKEN_BYTES:
-        raise SidecarError(f"{where}: byte count {lo if lo < 0 else hi} is outside [0, {MAX_TOKEN_BYTES}] (the sidecar body is uint16)")
-    return arr.astype(BODY_DTYPE, copy=False)
-
-
 def write_sidecar(path: str | os.PathLike, counts: np.ndarray | Sequence[int], transform: TextTransform) -> None:
     """Write the per-token byte `counts` of one shard as a sidecar at `path`, atomically."""
     path = Path(path)
-    body = _as_counts(counts, f"sidecar {path}")
+    body = as_uint16_body(counts, f"sidecar {path}", items="byte counts", item="byte count", body="sidecar", error=SidecarError)
     header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
     header[0], header[1], header[2], header[3] = SIDECAR_MAGIC, SIDECAR_VERSION, body.size, transform.id
     header[4:6] = np.array([int(body.sum(dtype=np.int64))], dtype="<i8").view(HEADER_DTYPE)
