@@ -233,3 +233,28 @@ def fake_summary(**values) -> dict:
     s["model_bytes"] = s["artifact_bytes"] - s["code_bytes"]
     s["headroom_bytes"] = s["cap_bytes"] - s["artifact_bytes"]
     return s
+
+
+def lookback_model(vocab: int, seed: int = 0):
+    """A causal, context-dependent model: logits at position t are A[x_t] + B[x_{t-1}] +
+    C[x_{t-3}], where a position before the start of the window reads an extra "absent" row. Its
+    score for a target therefore depends on where the window starts: a wrong window changes the
+    loss. (torch is imported here, not at the top, so that importing helpers stays light.)"""
+    import torch
+    from torch import nn
+
+    class Lookback(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.vocab = vocab
+            self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+            self.b = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
+            self.c = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
+
+        def forward(self, x):
+            t = x.size(1)
+            xp = torch.cat([torch.full((x.size(0), 3), self.vocab, dtype=x.dtype), x], dim=1)  # xp[:, i + 3] = x[:, i]
+            return self.a[x] + self.b[xp[:, 2 : 2 + t]] + self.c[xp[:, :t]]
+
+    return Lookback()

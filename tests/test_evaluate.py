@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import lookback_model, tiny_model
 from torch import nn
 
 from loopgolf.data.shards import load_shard
@@ -25,25 +25,6 @@ class Bigram(nn.Module):
 
     def forward(self, x):
         return self.table[x]
-
-
-class Lookback(nn.Module):
-    """Causal, context-dependent model: logits at position t are A[x_t] + B[x_{t-1}] + C[x_{t-3}],
-    where a position before the start of the window reads an extra "absent" row. Its score for a
-    target therefore depends on where the window starts: a wrong window changes the loss."""
-
-    def __init__(self, vocab: int, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.vocab = vocab
-        self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
-        self.b = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
-        self.c = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
-
-    def forward(self, x):
-        t = x.size(1)
-        xp = torch.cat([torch.full((x.size(0), 3), self.vocab, dtype=x.dtype), x], dim=1)  # xp[:, i + 3] = x[:, i]
-        return self.a[x] + self.b[xp[:, 2 : 2 + t]] + self.c[xp[:, :t]]
 
 
 def tiny_gpt(seed: int = 0) -> nn.Module:
@@ -80,7 +61,7 @@ def reference_nll(model: nn.Module, tokens: np.ndarray, seq_len: int, stride: in
     return total, targets
 
 
-@pytest.mark.parametrize("make_model", [lambda: Lookback(1024, seed=7), lambda: tiny_gpt(seed=2)], ids=["lookback", "gpt"])
+@pytest.mark.parametrize("make_model", [lambda: lookback_model(1024, seed=7), lambda: tiny_gpt(seed=2)], ids=["lookback", "gpt"])
 def test_sliding_window_matches_bruteforce_with_context_model(golden, make_model):
     g, tables, tokens = golden
     model = make_model()

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import one_line_error, random_model, synthetic_documents
+from helpers import lookback_model, one_line_error, random_model, synthetic_documents
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from loopgolf.data.caseops import (
     ALLCAPS,
@@ -119,21 +118,6 @@ def _stream(encoded: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     tokens = np.concatenate([np.concatenate([[1], ids]) for ids, _ in encoded]).astype(np.uint16)
     counts = np.concatenate([np.concatenate([[0], c]) for _, c in encoded]).astype(np.int64)
     return tokens, counts
-
-
-class Lookback(nn.Module):
-    """Causal model whose logits depend on the current and previous token (its score depends on the window)."""
-
-    def __init__(self, vocab: int, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.vocab = vocab
-        self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
-        self.b = nn.Parameter(torch.randn(vocab + 1, vocab, generator=g))
-
-    def forward(self, x):
-        prev = torch.cat([torch.full((x.size(0), 1), self.vocab, dtype=x.dtype), x[:, :-1]], dim=1)
-        return self.a[x] + self.b[prev]
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,7 +319,7 @@ def test_identity_sidecar_bpb_equals_the_plain_bpb_exactly(stride, max_tokens):
     tokens, counts = _stream(encode_documents(texts, sp, IDENTITY))
     tables = build_byte_tables(sp)
     side = SidecarTables(tables, counts.astype(np.uint16), "identity", "test data")
-    model = Lookback(tables.vocab_size)
+    model = lookback_model(tables.vocab_size)
     plain = evaluate_bpb(model, tokens, tables, 16, stride=stride, batch_size=3, max_tokens=max_tokens)
     with_sidecar = evaluate_bpb(model, tokens, side, 16, stride=stride, batch_size=3, max_tokens=max_tokens)
     assert with_sidecar == plain
@@ -360,12 +344,18 @@ def test_caseops_sidecar_counts_the_original_text_per_document(caseops_tokenizer
     assert count_target_bytes(tokens, build_byte_tables(sp))[1] > total
 
 
-def test_caseops_evaluation_divides_by_the_original_text_bytes(caseops_tokenizer):
+def _caseops_scoring(caseops_tokenizer):
+    """CASEOPS_TEXTS through the caseops tokenizer: (tokens, byte counts, byte tables, the
+    tables with the counts as a sidecar)."""
     sp = load_tokenizer(caseops_tokenizer)
     tokens, counts = _stream(encode_documents(CASEOPS_TEXTS, sp, CASEOPS))
     tables = build_byte_tables(sp)
-    side = SidecarTables(tables, counts.astype(np.uint16), "caseops", "test data")
-    r = evaluate_bpb(Lookback(tables.vocab_size), tokens, side, 32, stride=8, batch_size=4)  # sliding: every target scored
+    return tokens, counts, tables, SidecarTables(tables, counts.astype(np.uint16), "caseops", "test data")
+
+
+def test_caseops_evaluation_divides_by_the_original_text_bytes(caseops_tokenizer):
+    tokens, counts, tables, side = _caseops_scoring(caseops_tokenizer)
+    r = evaluate_bpb(lookback_model(tables.vocab_size), tokens, side, 32, stride=8, batch_size=4)  # sliding: every target scored
     assert r.num_targets == len(tokens) - 1
     assert r.target_bytes == sum(len(t.encode("utf-8")) for t in CASEOPS_TEXTS)
 
@@ -374,10 +364,7 @@ def test_ttt_reads_the_sidecar_too(caseops_tokenizer):
     from loopgolf.model.plan import parse_plan
     from loopgolf.ttt import TTTSpec, evaluate_ttt
 
-    sp = load_tokenizer(caseops_tokenizer)
-    tokens, counts = _stream(encode_documents(CASEOPS_TEXTS, sp, CASEOPS))
-    tables = build_byte_tables(sp)
-    side = SidecarTables(tables, counts.astype(np.uint16), "caseops", "test data")
+    tokens, counts, tables, side = _caseops_scoring(caseops_tokenizer)
     model = random_model(parse_plan("cycle:1x2"), seed=1, vocab_size=tables.vocab_size)
     plain = evaluate_bpb(model, tokens, side, 16, stride=16, batch_size=2)
     r = evaluate_ttt(model, tokens, side, 16, TTTSpec(rank=2, lr=0.0), batch_size=2)
@@ -392,10 +379,7 @@ def test_early_exit_scoring_refuses_sidecar_data(caseops_tokenizer):
     from loopgolf.serve.exits import parse_criterion
     from loopgolf.serve.scoring import evaluate_early_exit
 
-    sp = load_tokenizer(caseops_tokenizer)
-    tokens, counts = _stream(encode_documents(CASEOPS_TEXTS, sp, CASEOPS))
-    tables = build_byte_tables(sp)
-    side = SidecarTables(tables, counts.astype(np.uint16), "caseops", "test data")
+    tokens, counts, tables, side = _caseops_scoring(caseops_tokenizer)
     model = random_model(parse_plan("cycle:1x2"), seed=1, vocab_size=tables.vocab_size)
     with pytest.raises(SidecarError, match="counts bytes from token pieces"):
         evaluate_early_exit(model, tokens, side, 8, parse_criterion("never"), max_tokens=40)
@@ -435,7 +419,7 @@ def test_piece_byte_paths_refuse_sidecar_tables():
     with pytest.raises(SidecarError, match="stream positions"):
         tally.add(torch.zeros(y.shape), x, y, np.ones(y.shape, dtype=bool), "here")
     with pytest.raises(SidecarError, match=r"100 validation tokens given, but the byte sidecar of the test data covers 138"):
-        evaluate_bpb(Lookback(1024), tokens[:100], side, 16)
+        evaluate_bpb(lookback_model(1024), tokens[:100], side, 16)
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,7 +454,7 @@ def test_dataset_with_an_identity_sidecar_scores_as_without_one(tmp_path):
     (plain_dir / "tokenizer.transform.json").unlink()
     plain = Dataset.open(plain_dir)
     assert not isinstance(plain.tables, SidecarTables)
-    model = Lookback(1024)
+    model = lookback_model(1024)
     a = evaluate_bpb(model, with_side.val_tokens(), with_side.tables, 16, stride=4)
     b = evaluate_bpb(model, plain.val_tokens(), plain.tables, 16, stride=4)
     assert a == b
@@ -539,7 +523,7 @@ def test_cli_builds_a_caseops_dataset_scored_on_original_bytes(tmp_path, capsys)
     ds = Dataset.open(out)
     assert isinstance(ds.tables, SidecarTables)
     assert int(ds.tables.target_bytes.sum()) == manifest["splits"]["val"]["text_bytes"]
-    r = evaluate_bpb(Lookback(ds.vocab_size), ds.val_tokens(), ds.tables, 16, stride=4)
+    r = evaluate_bpb(lookback_model(ds.vocab_size), ds.val_tokens(), ds.tables, 16, stride=4)
     assert r.target_bytes == manifest["splits"]["val"]["text_bytes"]
 
     rc = main(["data", "build", "--input", str(src), "--out", str(tmp_path / "o2"), "--transform", "caseops", "--no-byte-fallback"])
