@@ -12,7 +12,8 @@ fixed bytes are added exactly. The rates were measured with round-to-nearest cod
 with GPTQ is predicted with them too, and its prediction is marked ``uncalibrated``.
 
 Search (:func:`search`): for each preset of a family (and optional other layer/loop counts), the
-widest width (a multiple of ``width_step``, head size and query/KV ratio kept from the preset)
+widest width (a multiple of ``width_step``; the query/KV ratio kept from the preset, the head size
+too unless ``head_dim`` is given)
 whose predicted artifact, code bytes included, fits the cap. Candidates are ranked widest first,
 then deepest (virtual layers), then most loops, and each carries the ``loopgolf run`` arguments
 that build exactly it, its forward FLOPs per token, and the preset's tokens per step, from which
@@ -346,6 +347,7 @@ def search(
     layers: list[int] | None = None,
     loops: list[int] | None = None,
     width_step: int | None = None,
+    head_dim: int | None = None,
     max_width: int = 8192,
     weights: str = "trained",
     keep_configs: bool = False,
@@ -354,7 +356,7 @@ def search(
 
     For each preset (with ``overrides`` applied, e.g. ``{"per_layer_controls": True}``) and each
     plan variant (``layers`` / ``loops`` replace the plan's unique-layer and loop counts; default:
-    the preset's own), the widest width that fits. ``code_bytes``: the code counted beside the
+    the preset's own), the widest width that fits (heads of ``head_dim``, default the preset's). ``code_bytes``: the code counted beside the
     model (a run counts its generated ``train_gpt.py``, :mod:`loopgolf.codebytes`). Each candidate: ``{"preset", "overrides", "predicted_bytes" (model + code),
     "predicted_model_bytes", "code_bytes", "cap_bytes", "headroom_bytes", "codec", "quant",
     "model_dim", "num_heads", "num_kv_heads", "plan", "virtual_layers", "loops",
@@ -371,11 +373,12 @@ def search(
     for name in family_presets(preset_family):
         preset = get_preset(name)
         base = ModelConfig.from_dict({**preset.model.to_dict(), **(overrides or {})})
-        head_dim, kv_ratio = base.head_dim, base.num_heads // base.num_kv_heads
-        step = width_step or head_dim * kv_ratio
+        kv_ratio = base.num_heads // base.num_kv_heads
+        head = head_dim or base.head_dim
+        step = width_step or head * kv_ratio
         for spec in _plan_variants(base.plan, layers, loops):
             cfg0 = ModelConfig.from_dict({**base.to_dict(), "plan": spec.to_dict()})
-            best = _widest_fitting(cfg0, budget, policy, codec, step, head_dim, kv_ratio, max_width, weights)
+            best = _widest_fitting(cfg0, budget, policy, codec, step, head, kv_ratio, max_width, weights)
             if best is None:
                 continue
             cfg, pred = best
@@ -502,6 +505,7 @@ def budget_report(
     layers: list[int] | None = None,
     loops: list[int] | None = None,
     width_step: int | None = None,
+    head_dim: int | None = None,
     top: int = 10,
     matmul_flops: float | None = None,
     step_time: str | None = None,
@@ -547,6 +551,7 @@ def budget_report(
             layers=layers,
             loops=loops,
             width_step=width_step,
+            head_dim=head_dim,
             weights=weights,
             keep_configs=True,
         )  # fmt: skip

@@ -48,6 +48,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         layers=args.layers,
         loops=args.loops,
         width_step=args.width_step,
+        head_dim=args.head_dim,
         top=args.top,
         matmul_flops=args.matmul_flops,
         step_time=args.step_time,
@@ -88,6 +89,9 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=int_list, help="also try these loop counts, e.g. 2,3,4")
     p.add_argument("--width-step", type=positive_int, help="width granularity (default: head size x query/KV ratio)")
+    p.add_argument(
+        "--head-dim", type=positive_int, help="head size of the searched widths (default: the preset's); a smaller one reaches narrower widths"
+    )
     p.add_argument("--top", type=positive_int, default=10, help="candidates to list (default 10)")
     p.add_argument("--matmul-flops", type=positive_float, help="FLOP/s to estimate step times with (default: measured here in well under a second)")
     p.add_argument(

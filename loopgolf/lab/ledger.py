@@ -19,6 +19,14 @@ A ledger is a TOML file (or the name of a built-in one in ``loopgolf/lab/ledgers
     model = { model_dim = 256 } # optional ModelConfig overrides
     train = { seq_len = 128 }   # optional TrainConfig overrides
     budget = { steps = 200 }    # optional: replaces the ledger's budget for this variant
+    family = "vanilla"          # optional: a frontier ledger's design family ...
+    model_cap_bytes = 400000    # ... and the model-byte cap the variant was sized for
+
+A frontier ledger gives every variant a ``family`` and a ``model_cap_bytes``; its report draws
+val_bpb against the cap, one line per family, and tests each cap's best family against the
+baseline's family at that cap (:mod:`loopgolf.lab.frontier`). The runs themselves are held to the
+ledger's ``cap_bytes`` (model and code); ``model_cap_bytes`` is checked in the report against
+each run's model bytes, so a variant that outgrew its cap is named there, not silently counted.
 
 A ``flops`` or ``tokens`` budget becomes a step count per variant (rounded to the nearest step, at
 least 1), so variants of different cost train on the same compute or the same tokens. FLOPs count
@@ -39,7 +47,7 @@ import tomllib
 
 BUDGET_KINDS = ("steps", "tokens", "seconds", "flops")
 _TOP_KEYS = {"name", "description", "baseline", "seeds", "cap_bytes", "data", "budget", "variant"}
-_VARIANT_KEYS = {"name", "preset", "seeds", "model", "train", "description", "budget"}
+_VARIANT_KEYS = {"name", "preset", "seeds", "model", "train", "description", "budget", "family", "model_cap_bytes"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -56,6 +64,8 @@ class Variant:
     train: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     budget: tuple[str, float] | None = None  # (kind, amount) replacing the ledger's
+    family: str = ""  # a frontier ledger's design family (vanilla, shared, ...)
+    model_cap_bytes: int | None = None  # the model-byte cap a frontier variant was sized for
 
 
 @dataclass(frozen=True)
@@ -198,9 +208,31 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
             raise fail("must be a string", "description", "variant", i)
         for sub, key, valid in _unknown_overrides(v.get("model", {}), v.get("train", {})):
             raise fail(f"unknown {sub.replace('.', ' ')} field; valid: {', '.join(valid)}", key, "variant", i, sub=sub)
+        if "family" in v and (not isinstance(v["family"], str) or not _NAME.match(v["family"])):
+            raise fail("must be a name of letters, digits, '.', '_' or '-'", "family", "variant", i)
+        model_cap = v.get("model_cap_bytes")
+        if model_cap is not None and (isinstance(model_cap, bool) or not isinstance(model_cap, int) or model_cap <= 0):
+            raise fail(f"must be a positive integer, got {model_cap!r:.80}", "model_cap_bytes", "variant", i)
+        if ("family" in v) != (model_cap is not None):
+            raise fail("a frontier variant needs both family and model_cap_bytes", "family" if "family" in v else "model_cap_bytes", "variant", i)
         seeds = _seeds(v["seeds"], lambda m: fail(m, "seeds", "variant", i)) if "seeds" in v else default_seeds
         own_budget = read_budget(v["budget"], lambda m, k: fail(m, k, "variant", i, sub=None if k == "budget" else "budget")) if "budget" in v else None
-        variants.append(Variant(v["name"], v["preset"], seeds, dict(v.get("model", {})), dict(v.get("train", {})), str(v.get("description", "")), own_budget))
+        variants.append(
+            Variant(
+                v["name"],
+                v["preset"],
+                seeds,
+                dict(v.get("model", {})),
+                dict(v.get("train", {})),
+                str(v.get("description", "")),
+                own_budget,
+                v.get("family", ""),
+                model_cap,
+            )  # fmt: skip
+        )
+    unplaced = [v.name for v in variants if not v.family]
+    if len(unplaced) not in (0, len(variants)):
+        raise LedgerError(f"{source}: a frontier ledger places every variant: {', '.join(unplaced)} have no family and model_cap_bytes")
     if doc["baseline"] not in {v.name for v in variants}:
         raise fail(f"names no variant (variants: {', '.join(v.name for v in variants)})", "baseline")
     ledger = Ledger(name, str(doc.get("description", "")), doc["baseline"], cap, kind, amount, tuple(variants), data, source)
