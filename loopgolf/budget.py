@@ -26,6 +26,7 @@ import bisect
 import functools
 import json
 import math
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,19 @@ def run_overrides(preset_model: ModelConfig, cfg: ModelConfig) -> list[str]:
     return args
 
 
+def stages_for(train: Any, plan: Any) -> tuple[Any, list[str]]:
+    """The preset's training config for a plan of another loop count, and the ``loopgolf run``
+    arguments that make it: progressive recurrence needs one start per extra pass, so a preset
+    that grows its depth during training switches every extra pass of the new plan on at its
+    first start (as the Parameter Golf record does: layers 3-5 run 3 times from 35%); a plan
+    without loops trains at full depth."""
+    stages = train.recurrence_stages
+    want = [] if plan.num_loops == 1 else [stages[0]] * (plan.num_loops - 1) if stages else []
+    if want == list(stages):
+        return train, []
+    return replace(train, recurrence_stages=want), ["--train", f"recurrence_stages={json.dumps(want, separators=(',', ':'))}"]
+
+
 def _with_width(cfg: ModelConfig, width: int, head_dim: int, kv_ratio: int) -> ModelConfig | None:
     heads = width // head_dim
     if heads < 1 or width % head_dim or heads % kv_ratio:
@@ -385,10 +399,11 @@ def search(
             plan = build_plan(cfg.plan)
             with torch.device("meta"):
                 n_eff = effective_params(GPT(cfg))
+            train, train_args = stages_for(preset.train, plan)
             candidates.append(
                 {
                     "preset": name,
-                    "overrides": run_overrides(preset.model, cfg),
+                    "overrides": run_overrides(preset.model, cfg) + train_args,
                     "predicted_bytes": pred["model_bytes"] + code_bytes,
                     "predicted_model_bytes": pred["model_bytes"],
                     "code_bytes": code_bytes,
@@ -411,7 +426,7 @@ def search(
                 }
             )
             if keep_configs:  # for measuring its step time; not part of the report
-                candidates[-1]["_configs"] = (cfg, preset.train)
+                candidates[-1]["_configs"] = (cfg, train)
     candidates.sort(key=lambda c: (-c["model_dim"], -c["virtual_layers"], -c["loops"], -c["predicted_bytes"], c["preset"]))
     return candidates
 
@@ -496,7 +511,7 @@ def budget_report(
     *,
     preset: str | None,
     family: str | None,
-    policy: QuantPolicy,
+    policy: QuantPolicy | list[QuantPolicy],
     codec: str,
     weights: str,
     code_bytes: int | None,
@@ -510,17 +525,33 @@ def budget_report(
     matmul_flops: float | None = None,
     step_time: str | None = None,
     time_budget: float | None = None,
+    steps_budget: int | None = None,
+    flops_budget: float | None = None,
     progress: bool = False,
     fit: Any = None,
 ) -> dict[str, Any]:
     """What ``loopgolf budget`` prints: ``preset``'s predicted bytes (with ``overrides``), and the
     widest configurations of ``family`` (default: ``preset``, else the family that suits this
-    machine) fitting ``cap``, each with its forward FLOPs per token and an estimated step time."""
+    machine) fitting ``cap``, each with its forward FLOPs per token and an estimated step time.
+
+    ``policy`` may be a list: the search runs for each policy and lists them together. ``fit``
+    is one loss fit for every policy, or ``{policy.describe(): fit}`` (a policy without one gets
+    no prediction: a fit is made on runs of one policy)."""
     from loopgolf.config import get_preset
 
+    policies = policy if isinstance(policy, list) else [policy]
+    if not policies:
+        raise PlanError("no quantization policy to plan for")
+    policy = policies[0]  # the one --preset's own prediction uses
+    fits: dict[str, Any] = fit if isinstance(fit, dict) else ({p.describe(): fit for p in policies} if fit is not None else {})
     fam = family or ([preset] if preset else default_family())  # a list: that preset, not its family
     n_code = script_code_bytes(preset or family_presets(fam)[0], code_form) if code_bytes is None else code_bytes
-    out: dict[str, Any] = {"cap_bytes": cap, "code_bytes": n_code, "code_form": None if code_bytes is not None else code_form, "quant": policy.describe()}
+    out: dict[str, Any] = {
+        "cap_bytes": cap,
+        "code_bytes": n_code,
+        "code_form": None if code_bytes is not None else code_form,
+        "quant": " | ".join(p.describe() for p in policies),
+    }
     if preset:
         base = get_preset(preset)
         cfg = ModelConfig.from_dict({**base.model.to_dict(), **overrides})
@@ -541,24 +572,36 @@ def budget_report(
         }
     search_overrides = {k: v for k, v in overrides.items() if k not in ("model_dim", "num_heads", "num_kv_heads")}
     candidates = _dedupe(
-        search(
-            cap,
-            fam,
-            policy,
-            codec=codec,
-            code_bytes=n_code,
-            overrides=search_overrides,
-            layers=layers,
-            loops=loops,
-            width_step=width_step,
-            head_dim=head_dim,
-            weights=weights,
-            keep_configs=True,
-        )  # fmt: skip
+        [
+            c
+            for pol in policies
+            for c in search(
+                cap,
+                fam,
+                pol,
+                codec=codec,
+                code_bytes=n_code,
+                overrides=search_overrides,
+                layers=layers,
+                loops=loops,
+                width_step=width_step,
+                head_dim=head_dim,
+                weights=weights,
+                keep_configs=True,
+            )
+        ]
     )
-    # With a loss fit and a time budget the ranking is by predicted val_bpb, so every candidate
-    # is timed and predicted before the top are kept; otherwise the widest are kept first.
-    ranked = fit is not None and time_budget is not None
+    given = [(k, v) for k, v in (("seconds", time_budget), ("steps", steps_budget), ("flops", flops_budget)) if v is not None]
+    if len(given) > 1:
+        raise PlanError("give one training budget: --time, --steps or --flops")
+    budget_kind = given[0][0] if given else None
+    if steps_budget is not None and (isinstance(steps_budget, bool) or not isinstance(steps_budget, int) or steps_budget < 1):
+        raise PlanError(f"--steps must be a positive whole number of steps, got {steps_budget!r}")
+    if flops_budget is not None and not (isinstance(flops_budget, (int, float)) and math.isfinite(flops_budget) and flops_budget > 0):
+        raise PlanError(f"--flops must be a positive number of training FLOPs, got {flops_budget!r}")
+    # With a loss fit and a training budget the ranking is by predicted val_bpb, so every
+    # candidate is timed and predicted before the top are kept; otherwise the widest first.
+    ranked = bool(fits) and budget_kind is not None
     if not ranked:
         candidates = candidates[:top]
     rate, measured = (matmul_flops, "given by --matmul-flops") if matmul_flops else measure_matmul_rate()
@@ -582,7 +625,7 @@ def budget_report(
 
             st = measured_step_time(model_cfg, train_cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
             c["step_seconds"], c["step_stage_seconds"], c["step_time"] = st.mean_seconds(), st.stage_seconds, "cached" if st.cached else "measured"
-            if time_budget is not None:
+            if budget_kind == "seconds":
                 c["steps_in_budget"] = st.steps_in(time_budget)
             if bar is not None:
                 bar.update(1)
@@ -590,12 +633,21 @@ def budget_report(
             if bar is not None:
                 bar.update(1)
             c["step_seconds"], c["step_time"] = c["est_step_seconds"], "estimate"
-            if time_budget is not None:
+            if budget_kind == "seconds":
                 c["steps_in_budget"] = int(time_budget / c["est_step_seconds"])
-        if time_budget is not None:
-            if train_cfg.time_budget is not None and train_cfg.max_steps is not None:  # `run --time` keeps such a preset's step cap
+        if budget_kind == "steps":
+            c["steps_in_budget"] = steps_budget
+        elif budget_kind == "flops":  # training FLOPs as ledgers count them: 3 x forward FLOPs/token x tokens
+            c["steps_in_budget"] = int(flops_budget // (3.0 * c["forward_flops_per_token"] * c["tokens_per_step"]))
+        if budget_kind is not None:
+            if (
+                budget_kind == "seconds" and train_cfg.time_budget is not None and train_cfg.max_steps is not None
+            ):  # `run --time` keeps such a preset's step cap
                 c["steps_in_budget"] = min(c["steps_in_budget"], train_cfg.max_steps)
             c["tokens_in_budget"] = c["steps_in_budget"] * c["tokens_per_step"]
+            fit = fits.get(c["quant"])
+            if fit is None and fits:
+                c["predicted_bpb"], c["predicted_bpb_interval"] = None, None  # no fit for this policy
             if fit is not None:
                 if c["tokens_in_budget"] < 1:
                     c["predicted_bpb"], c["predicted_bpb_interval"] = None, None
@@ -603,6 +655,7 @@ def budget_report(
                     pred = fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
                     c["predicted_bpb"], c["predicted_bpb_interval"] = pred, [pred - fit.loo_mae, pred + fit.loo_mae]
                     c["extrapolated"] = fit.outside(c["unique_params"], c["tokens_in_budget"])
+                    c["epochs"] = fit.epochs(c["tokens_in_budget"])  # passes over the fit's dataset (None: its size unknown)
     if bar is not None:
         bar.close()
     if ranked:
@@ -611,12 +664,27 @@ def budget_report(
     out["matmul_flops"] = {"flops_per_second": rate, "measured": measured}
     out["step_time"] = step_time
     out["time_budget"] = time_budget
-    out["fit"] = None if fit is None else {"dataset": fit.dataset, "quant": fit.quant, "runs": len(fit.runs), "loo_mae": fit.loo_mae, "params": fit.params}
-    if fit is not None:
-        if parse_policy(fit.quant).describe() != policy.describe():
-            out["fit_warning"] = f"the loss fit was made on runs with quant {fit.quant or 'int8'!r}; this plan asks for {policy.describe()}"
+    out["train_budget"] = None if budget_kind is None else {"kind": budget_kind, "amount": given[0][1]}
+    summaries = {q: {"dataset": f.dataset, "quant": f.quant, "runs": len(f.runs), "loo_mae": f.loo_mae, "params": f.params} for q, f in fits.items()}
+    out["fit"] = next(iter(summaries.values()), None)  # the first policy's (one policy: the fit)
+    out["fits"] = summaries
+    warnings = [
+        f"the loss fit was made on runs with quant {f.quant or 'int8'!r}; this plan asks for {q}"
+        for q, f in fits.items()
+        if parse_policy(f.quant).describe() != q
+    ]
+    if warnings:
+        out["fit_warning"] = warnings[0] if len(warnings) == 1 else "; ".join(dict.fromkeys(warnings))
     out["candidates"] = candidates
     return out
+
+
+_DEFAULT_QUANT = QuantPolicy().describe()
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    kind, amount = budget["kind"], budget["amount"]
+    return {"seconds": f"{amount:g} s", "steps": f"{amount:,} steps", "flops": f"{amount:.3g} training FLOPs"}[kind]
 
 
 def format_budget_report(out: dict[str, Any]) -> str:
@@ -633,14 +701,15 @@ def format_budget_report(out: dict[str, Any]) -> str:
         lines.append(
             f"  predicted{mark} {c['predicted_model_bytes']:,} model ({c['codec']}) + {n_code:,}{code_note} = {c['predicted_bytes']:,} of {cap:,}: {verdict}"
         )
-    ranked = out.get("fit") is not None and out.get("time_budget") is not None
-    order = f"best predicted val_bpb in {out['time_budget']:g} s first" if ranked else "widest, deepest, most loops first"
+    budget = out.get("train_budget")
+    ranked = out.get("fit") is not None and budget is not None
+    order = f"best predicted val_bpb in {_budget_text(budget)} first" if ranked else "widest, deepest, most loops first"
     lines.append(f"candidates of family {out['family']} fitting {cap:,} bytes with quant {out['quant']} ({order}):")
     if not candidates:
         lines.append("  none: lower the bits, or raise the cap")
     else:
         step_head = "step s" if out.get("step_time") == "measure" else "~step s"
-        steps_head = f"  {'steps':>7}" if out.get("time_budget") is not None else ""
+        steps_head = f"  {'steps':>7}" if budget is not None else ""
         steps_head += f"  {'val_bpb (+-)':>15}" if ranked else ""
         lines.append(f"  {'bytes':>12}  {'d':<5} {'V':<3} {'loops':<5} {'unique':>11}  {'fwd FLOPs/tok':>13}  {step_head:>8}{steps_head}  command")
     for c in candidates:
@@ -649,13 +718,16 @@ def format_budget_report(out: dict[str, Any]) -> str:
         if ranked:
             pred = c.get("predicted_bpb")
             far = "!" if c.get("extrapolated") else " "
-            steps += f"  {pred:>7.4f}{far}+-{out['fit']['loo_mae']:.3f}" if pred is not None else f"  {'-':>15}"
-        time_flag = f" --time {out['time_budget']:g}" if out.get("time_budget") is not None else ""
+            mae = out.get("fits", {}).get(c["quant"], out["fit"])["loo_mae"] if pred is not None else 0.0
+            steps += f"  {pred:>7.4f}{far}+-{mae:.3f}" if pred is not None else f"  {'-':>15}"
+        run_flags = "" if c["quant"] == _DEFAULT_QUANT else f" --quant {shlex.quote(c['quant'])}"  # the run exports as planned
+        if budget is not None:  # the run that trains what the row predicts: the same wallclock, or its steps
+            run_flags += f" --time {budget['amount']:g}" if budget["kind"] == "seconds" else f" --steps {c['steps_in_budget']} --train time_budget=null"
         lines.append(
             f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
             f"{c['forward_flops_per_token']:>13.3g}  {c['step_seconds']:>8.3g}{steps}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
             + form_flag
-            + time_flag
+            + run_flags
         )
     if candidates and out.get("step_time") == "measure":
         lines.append(
@@ -674,8 +746,10 @@ def format_budget_report(out: dict[str, Any]) -> str:
             f"  ~step s: an estimate of one training step here, 3 x forward FLOPs/token x tokens/step / {rate / 1e9:,.1f} GFLOP/s "
             f"({measured}); real steps are slower (elementwise work, optimizer, data)"
         )
-    if candidates and out.get("time_budget") is not None:
-        lines.append(f"  steps: optimizer steps each candidate gets in {out['time_budget']:g} s of training on this machine")
+    if candidates and budget is not None:
+        lines.append(
+            f"  steps: optimizer steps each candidate gets in {_budget_text(budget)}" + (" of training on this machine" if budget["kind"] == "seconds" else "")
+        )
         if ranked:
             f = out["fit"]
             lines.append(

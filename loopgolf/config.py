@@ -363,6 +363,16 @@ class DataRef:
         check_types(self, "data")
 
 
+def check_recurrence_stages(stages: list[float], plan: Any) -> None:
+    """Progressive recurrence switches on one extra pass at each start fraction: a plan with L
+    loops needs L - 1 of them (or none, to train at full depth throughout)."""
+    if stages and len(stages) != plan.num_loops - 1:
+        raise ValueError(
+            f"recurrence_stages has {len(stages)} start fractions but the plan has {plan.num_loops - 1} extra pass(es) to switch on "
+            f"({plan.describe()}); give one start per extra pass, e.g. recurrence_stages={[stages[0]] * max(plan.num_loops - 1, 1)}, or []"
+        )
+
+
 @dataclass
 class RunConfig:
     """Everything that decides what a run computes (see the module docstring)."""
@@ -391,6 +401,7 @@ class RunConfig:
                 setattr(self, name, from_dict(cls, value, where, required=name in ("data",)))
         check_types(self, "run config")
         check_range("run config", "checkpoint_every", self.checkpoint_every, 0)
+        check_recurrence_stages(self.train.recurrence_stages, self.model.depth_plan)  # here, not hours into a sweep
         # Loop counts other than the trained one need a plan with loops (refused here, before a run starts).
         if self.train.loop_sampling is not None:
             self.model.depth_plan.schedule(LoopSampler.parse(self.train.loop_sampling).high)

@@ -1,15 +1,27 @@
 """A parametric model of roundtrip val_bpb, fitted on finished runs of one dataset.
 
-    bpb(N, M, D) = E + A / P^alpha + B / D^beta,   P = N^(1 - gamma) * M^gamma
+    bpb(N, M, D) = E + A / P^alpha + B / D'^beta,   P = N^(1 - gamma) * M^gamma
 
 N is the stored (unique) parameter count, M the effective one (every virtual layer counted, so a
 block run three times counts three times), D the training tokens. ``gamma`` in [0, 1] says what
 reuse is worth: 0, a loop adds nothing over its stored parameters; 1, a looped parameter is worth
 as much as a unique one. The form is the Chinchilla fit (Hoffmann et al., 2022,
 https://arxiv.org/abs/2203.15556: an irreducible loss plus power laws in parameters and data),
-with one more exponent for reuse, which is the question sharing asks. Quantization is not a term:
-the fit is on roundtrip bpb of runs that share one export policy (the planner predicts for that
-policy), and the fit file records which policy that was.
+with one more exponent for reuse, which is the question sharing asks.
+
+Repeated data counts for less. When the fit knows the dataset's unique training tokens U and
+some run saw more than U tokens, the data term uses the effective tokens of data-constrained
+scaling (Muennighoff et al., 2023, https://arxiv.org/abs/2305.16264, their equation 5):
+
+    D' = U + U * R* * (1 - exp(-R / R*)),   R = max(D / U - 1, 0) (the repeats)
+
+so the first pass counts in full and each further epoch counts less, with ``R_star`` (fitted) the
+number of repeats after which more data is worth about nothing more. At CPU scale this is most of
+the question: a 2 x 128 model trains 19 epochs of the embedded corpus in 600 s. Without U (or
+with no run past one epoch) D' = D and ``R_star`` is not fitted (saved as null).
+
+Quantization is not a term: the fit is on roundtrip bpb of runs that share one export policy
+(the planner predicts for that policy), and the fit file records which policy that was.
 
 Fitted with scipy's bounded least squares on log-scaled amplitudes, from several starting points
 (the surface has shallow valleys), keeping the best. The file holds the parameters, each run's
@@ -31,9 +43,9 @@ import numpy as np
 
 from loopgolf.util import cache_dir
 
-FIT_FORMAT = 1
-PARAMS = ("E", "A", "alpha", "B", "beta", "gamma")
-MIN_RUNS = 7  # six parameters, and at least one run left over
+FIT_FORMAT = 2  # 2: R_star and unique_tokens (format 1 files, without them, still load)
+PARAMS = ("E", "A", "alpha", "B", "beta", "gamma")  # always fitted; R_star only with repeated data
+MIN_RUNS = 7  # six parameters, and at least one run left over (eight with R_star)
 
 
 class FitError(ValueError):
@@ -51,46 +63,83 @@ class Point:
     name: str = ""
 
 
-def predict(params: dict[str, float], unique_params: float, effective_params: float, train_tokens: float) -> float:
+def effective_tokens(train_tokens: float, unique_tokens: float | None, r_star: float | None) -> float:
+    """D' of data-constrained scaling: the tokens ``train_tokens`` are worth when the data has
+    ``unique_tokens`` (None: unknown, every token counts)."""
+    if unique_tokens is None or r_star is None or train_tokens <= unique_tokens:
+        return train_tokens
+    repeats = train_tokens / unique_tokens - 1
+    return unique_tokens * (1 + r_star * -math.expm1(-repeats / r_star))
+
+
+def predict(params: dict[str, float | None], unique_params: float, effective_params: float, train_tokens: float, unique_tokens: float | None = None) -> float:
     p = unique_params ** (1 - params["gamma"]) * effective_params ** params["gamma"]
-    return params["E"] + params["A"] / p ** params["alpha"] + params["B"] / train_tokens ** params["beta"]
+    d = effective_tokens(train_tokens, unique_tokens, params.get("R_star"))
+    return params["E"] + params["A"] / p ** params["alpha"] + params["B"] / d ** params["beta"]
 
 
-def _vector_predict(x: np.ndarray, n: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
-    e, log_a, alpha, log_b, beta, gamma = x
+def _vector_predict(x: np.ndarray, n: np.ndarray, m: np.ndarray, d: np.ndarray, u: float | None) -> np.ndarray:
+    e, log_a, alpha, log_b, beta, gamma = x[:6]
     log_p = (1 - gamma) * np.log(n) + gamma * np.log(m)
+    if u is not None and len(x) > 6:
+        r_star = np.exp(x[6])
+        d = np.where(d > u, u * (1 + r_star * -np.expm1(-np.maximum(d / u - 1, 0) / r_star)), d)
     return e + np.exp(log_a - alpha * log_p) + np.exp(log_b - beta * np.log(d))
 
 
-def _fit_arrays(points: list[Point]) -> dict[str, float]:
+def repeats_data(points: list[Point], unique_tokens: float | None) -> bool:
+    """Whether the fit has a repetition term: the unique tokens are known and a run went past them."""
+    return unique_tokens is not None and any(p.train_tokens > unique_tokens for p in points)
+
+
+R_STAR_BOUNDS = (0.05, 500.0)  # repeats: from "a second epoch is worth almost nothing" to "never saturates here"
+
+
+def _fit_arrays(points: list[Point], unique_tokens: float | None = None) -> dict[str, float | None]:
     from scipy.optimize import least_squares
 
     n = np.array([p.unique_params for p in points], dtype=float)
     m = np.array([p.effective_params for p in points], dtype=float)
     d = np.array([p.train_tokens for p in points], dtype=float)
     y = np.array([p.bpb for p in points], dtype=float)
-    lower = [0.0, -20.0, 0.01, -20.0, 0.01, 0.0]
-    upper = [float(y.min()), 60.0, 2.0, 60.0, 2.0, 1.0]
+    repeated = repeats_data(points, unique_tokens)
+    lower = [0.0, -20.0, 0.01, -20.0, 0.01, 0.0] + ([math.log(R_STAR_BOUNDS[0])] if repeated else [])
+    upper = [float(y.min()), 60.0, 2.0, 60.0, 2.0, 1.0] + ([math.log(R_STAR_BOUNDS[1])] if repeated else [])
+    u = unique_tokens if repeated else None
     best = None
-    for e0 in (0.5 * y.min(), 0.9 * y.min()):
-        for alpha0, beta0 in ((0.3, 0.3), (0.6, 0.3), (0.3, 0.6)):
-            for gamma0 in (0.2, 0.8):
-                # Start the amplitudes where each term carries half the excess over E at the median run.
-                excess = max(float(np.median(y)) - e0, 1e-3) / 2
-                x0 = [
-                    e0,
-                    math.log(excess) + alpha0 * float(np.median(np.log(n))),
-                    alpha0,
-                    math.log(excess) + beta0 * float(np.median(np.log(d))),
-                    beta0,
-                    gamma0,
-                ]
-                x0 = [min(max(v, lo + 1e-9), hi - 1e-9) for v, lo, hi in zip(x0, lower, upper)]
-                r = least_squares(lambda x: _vector_predict(x, n, m, d) - y, x0, bounds=(lower, upper), method="trf", max_nfev=4000)
-                if best is None or r.cost < best.cost:
-                    best = r
-    e, log_a, alpha, log_b, beta, gamma = best.x
-    return {"E": float(e), "A": math.exp(log_a), "alpha": float(alpha), "B": math.exp(log_b), "beta": float(beta), "gamma": float(gamma)}
+    # Several starting points (the surface has shallow valleys); the best fit wins.
+    starts = [
+        (e0, alpha0, beta0, gamma0, r0)
+        for e0 in (0.5 * y.min(), 0.9 * y.min())
+        for alpha0, beta0 in ((0.3, 0.3), (0.6, 0.3), (0.3, 0.6))
+        for gamma0 in (0.2, 0.8)
+        for r0 in ((1.0, 15.0) if repeated else (None,))
+    ]
+    for e0, alpha0, beta0, gamma0, r0 in starts:
+        # Start the amplitudes where each term carries half the excess over E at the median run.
+        excess = max(float(np.median(y)) - e0, 1e-3) / 2
+        x0 = [
+            e0,
+            math.log(excess) + alpha0 * float(np.median(np.log(n))),
+            alpha0,
+            math.log(excess) + beta0 * float(np.median(np.log(d))),
+            beta0,
+            gamma0,
+        ] + ([] if r0 is None else [math.log(r0)])
+        x0 = [min(max(v, lo + 1e-9), hi - 1e-9) for v, lo, hi in zip(x0, lower, upper)]
+        r = least_squares(lambda x: _vector_predict(x, n, m, d, u) - y, x0, bounds=(lower, upper), method="trf", max_nfev=4000)
+        if best is None or r.cost < best.cost:
+            best = r
+    e, log_a, alpha, log_b, beta, gamma = best.x[:6]
+    return {
+        "E": float(e),
+        "A": math.exp(log_a),
+        "alpha": float(alpha),
+        "B": math.exp(log_b),
+        "beta": float(beta),
+        "gamma": float(gamma),
+        "R_star": math.exp(best.x[6]) if repeated else None,
+    }
 
 
 @dataclass
@@ -99,15 +148,20 @@ class LossFit:
 
     dataset: str
     quant: str
-    params: dict[str, float]
+    params: dict[str, float | None]  # PARAMS, and R_star (None: no repetition term)
     runs: list[dict[str, Any]] = field(default_factory=list)  # name, inputs, bpb, predicted, residual, left-out prediction
     rmse: float = 0.0  # in-fit root mean square residual
     loo_mae: float = 0.0  # mean absolute error on runs left out of the fit
     loo_max: float = 0.0
+    unique_tokens: float | None = None  # the dataset's training tokens (None: unknown)
     format: int = FIT_FORMAT
 
     def predict(self, unique_params: float, effective_params: float, train_tokens: float) -> float:
-        return predict(self.params, unique_params, effective_params, train_tokens)
+        return predict(self.params, unique_params, effective_params, train_tokens, self.unique_tokens)
+
+    def epochs(self, train_tokens: float) -> float | None:
+        """Passes over the dataset's training tokens that ``train_tokens`` make (None: unknown)."""
+        return None if not self.unique_tokens else train_tokens / self.unique_tokens
 
     def outside(self, unique_params: float, train_tokens: float) -> list[str]:
         """What puts a prediction outside the runs the fit saw (stored parameters or tokens beyond
@@ -125,43 +179,54 @@ class LossFit:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "fit") -> LossFit:
-        if not isinstance(d, dict) or d.get("format") != FIT_FORMAT:
-            raise FitError(f"{where}: not a loopgolf loss fit (format {FIT_FORMAT})")
+        if not isinstance(d, dict) or d.get("format") not in (1, FIT_FORMAT):
+            raise FitError(f"{where}: not a loopgolf loss fit (format 1 or {FIT_FORMAT})")
         params = d.get("params")
-        if (
-            not isinstance(params, dict)
-            or set(params) != set(PARAMS)
-            or not all(isinstance(params[k], (int, float)) and math.isfinite(params[k]) for k in PARAMS)
-        ):
-            raise FitError(f"{where}: params must hold finite numbers for {', '.join(PARAMS)}")
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not isinstance(params, dict) or set(params) - {"R_star"} != set(PARAMS) or not all(number(params[k]) for k in PARAMS):
+            raise FitError(f"{where}: params must hold finite numbers for {', '.join(PARAMS)} (and R_star, a positive number or null)")
+        r_star, unique = params.get("R_star"), d.get("unique_tokens")
+        if r_star is not None and not (number(r_star) and r_star > 0):
+            raise FitError(f"{where}: R_star must be a positive number or null, got {r_star!r:.40}")
+        if unique is not None and not (number(unique) and unique > 0):
+            raise FitError(f"{where}: unique_tokens must be a positive number or null, got {unique!r:.40}")
         try:
             return cls(
                 dataset=str(d["dataset"]),
                 quant=str(d.get("quant", "")),
-                params={k: float(params[k]) for k in PARAMS},
+                params={**{k: float(params[k]) for k in PARAMS}, "R_star": None if r_star is None else float(r_star)},
                 runs=list(d.get("runs", [])),
                 rmse=float(d.get("rmse", 0.0)),
                 loo_mae=float(d["loo_mae"]),
                 loo_max=float(d.get("loo_max", 0.0)),
+                unique_tokens=None if unique is None else float(unique),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FitError(f"{where}: {e}") from None
 
 
-def fit(points: list[Point], *, dataset: str, quant: str = "") -> LossFit:
-    """Fit ``points`` (one dataset, one export policy); FitError with fewer than :data:`MIN_RUNS`
-    or with values no power law can take (non-positive sizes, non-finite bpb)."""
-    if len(points) < MIN_RUNS:
-        raise FitError(f"a loss fit needs at least {MIN_RUNS} finished runs of the dataset, got {len(points)}")
+def fit(points: list[Point], *, dataset: str, quant: str = "", unique_tokens: float | None = None) -> LossFit:
+    """Fit ``points`` (one dataset, one export policy; ``unique_tokens``: the dataset's training
+    tokens, which adds the repetition term when a run went past them); FitError with fewer than
+    :data:`MIN_RUNS` (one more with the repetition term) or with values no power law can take
+    (non-positive sizes, non-finite bpb)."""
+    if unique_tokens is not None and not (math.isfinite(unique_tokens) and unique_tokens > 0):
+        raise FitError(f"unique tokens must be a positive number, got {unique_tokens!r}")
+    need = MIN_RUNS + repeats_data(points, unique_tokens)
+    if len(points) < need:
+        raise FitError(f"a loss fit needs at least {need} finished runs of the dataset, got {len(points)}")
     for p in points:
         if not (p.unique_params > 0 and p.effective_params >= p.unique_params and p.train_tokens > 0 and math.isfinite(p.bpb) and p.bpb > 0):
             raise FitError(f"run {p.name or '?'}: unusable for a fit (params {p.unique_params}/{p.effective_params}, tokens {p.train_tokens}, bpb {p.bpb})")
-    params = _fit_arrays(points)
+    params = _fit_arrays(points, unique_tokens)
     runs, errors = [], []
     for i, p in enumerate(points):
         others = points[:i] + points[i + 1 :]
-        left_out = predict(_fit_arrays(others), p.unique_params, p.effective_params, p.train_tokens)
-        predicted = predict(params, p.unique_params, p.effective_params, p.train_tokens)
+        left_out = predict(_fit_arrays(others, unique_tokens), p.unique_params, p.effective_params, p.train_tokens, unique_tokens)
+        predicted = predict(params, p.unique_params, p.effective_params, p.train_tokens, unique_tokens)
         errors.append(abs(left_out - p.bpb))
         runs.append(
             {
@@ -176,14 +241,22 @@ def fit(points: list[Point], *, dataset: str, quant: str = "") -> LossFit:
             }
         )
     rmse = math.sqrt(sum(r["residual"] ** 2 for r in runs) / len(runs))
-    return LossFit(dataset, quant, params, runs, rmse, float(np.mean(errors)), float(np.max(errors)))
+    return LossFit(dataset, quant, params, runs, rmse, float(np.mean(errors)), float(np.max(errors)), unique_tokens)
 
 
-def fit_path(dataset: str) -> Path:
+def fit_path(dataset: str, quant: str = "") -> Path:
     """Where ``loopgolf fit`` keeps a dataset's fit and ``loopgolf budget --time`` looks for it:
-    ``<cache>/fits/<dataset>.json`` (the name made file-safe)."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_") or "dataset"
-    return cache_dir() / "fits" / f"{slug}.json"
+    ``<cache>/fits/<dataset>.json`` for the int8 baseline's runs, ``<dataset>@<policy>.json`` for
+    another policy's (the names made file-safe; the policy as ``QuantPolicy.describe`` writes it,
+    so "int6" and "attn=6,mlp=6,embed=6" share one file)."""
+    from loopgolf.export.quantize import QuantPolicy, parse_policy
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text).strip("_") or "dataset"
+
+    policy = parse_policy(quant).describe()
+    suffix = "" if policy == QuantPolicy().describe() else "@" + slug(policy)
+    return cache_dir() / "fits" / f"{slug(dataset)}{suffix}.json"
 
 
 def load_fit(path: str | Path) -> LossFit:

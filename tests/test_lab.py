@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -47,7 +48,7 @@ model = { model_dim = 48, num_heads = 2, num_kv_heads = 1 }
 
 def test_builtin_ledgers_load_and_resolve():
     names = builtin_ledgers()
-    assert {"cpu-seed", "pg-seed", "calibration", "record-recipe"} <= set(names)
+    assert {"cpu-seed", "pg-seed", "calibration", "record-recipe", "record-ablation", "frontier"} <= set(names)
     # every built-in ledger loads and every variant resolves (presets, overrides, budgets)
     for name in names:
         ledger = load_ledger(name)
@@ -139,7 +140,7 @@ def test_pareto_frontier():
 # ---------------------------------------------------------------- results store
 
 
-def _fake_run(root: Path, name: str, *, bpb: float, seed: int, artifact: int = 1000, steps: int = 5, dim: int = 32) -> Path:
+def _fake_run(root: Path, name: str, *, bpb: float, seed: int, artifact: int = 1000, steps: int = 5, dim: int = 32, **summary_values) -> Path:
     from loopgolf.config import RunConfig
 
     d = root / name
@@ -168,6 +169,7 @@ def _fake_run(root: Path, name: str, *, bpb: float, seed: int, artifact: int = 1
         seed=seed,
         data="synthetic",
         preset="debug",
+        **summary_values,
     )
     (d / "config.json").write_text(json.dumps(config))
     (d / "summary.json").write_text(json.dumps(summary))
@@ -253,6 +255,136 @@ def test_report_on_a_fake_store(tmp_path):
         img = imread(tmp_path / "rep" / png)
         assert img.shape[:2] == (550, 800), png
         assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+FRONTIER = """\
+name = "front"
+baseline = "v-small"
+seeds = [1, 2, 3]
+
+[budget]
+steps = 3
+
+[[variant]]
+name = "v-small"
+preset = "debug"
+family = "vanilla"
+model_cap_bytes = 2000
+
+[[variant]]
+name = "s-small"
+preset = "debug"
+family = "shared"
+model_cap_bytes = 2000
+
+[[variant]]
+name = "v-big"
+preset = "debug"
+family = "vanilla"
+model_cap_bytes = 9000
+
+[[variant]]
+name = "v-big-deep"
+preset = "debug"
+family = "vanilla"
+model_cap_bytes = 9000
+
+[[variant]]
+name = "s-big"
+preset = "debug"
+family = "shared"
+model_cap_bytes = 9000
+"""
+
+
+def test_frontier_report_takes_each_familys_best_per_cap_and_tests_it(tmp_path):
+    from matplotlib.image import imread
+
+    from loopgolf.lab.frontier import frontier
+
+    ledger = parse_ledger(FRONTIER)
+    # At 2 kB sharing wins clearly; at 9 kB the deeper vanilla (the family's best there) and
+    # sharing tie. One s-big seed stored more than its cap: it must not count.
+    bpbs = {
+        "v-small": [2.60, 2.61, 2.62],
+        "s-small": [2.50, 2.51, 2.49],
+        "v-big": [2.40, 2.41, 2.42],
+        "v-big-deep": [2.30, 2.35, 2.32],
+        "s-big": [2.33, 2.31, 1.00],
+    }
+    with Store(tmp_path / "s.sqlite") as store:
+        for name, values in bpbs.items():
+            for seed, bpb in enumerate(values, 1):
+                model_bytes = 9500 if (name, seed) == ("s-big", 3) else 1500
+                d = _fake_run(tmp_path / "runs", f"{name}{seed}", bpb=bpb, seed=seed, model_bytes=model_bytes)
+                store.add(d, ledger="front", variant=name)
+        rows = store.rows("front")
+    groups = variant_stats(ledger, rows)
+    small, big = frontier(ledger, groups)
+    assert (small.cap, big.cap) == (2000, 9000)
+    assert small.best["shared"].name == "s-small" and small.winner() == "shared"
+    assert big.best["vanilla"].name == "v-big-deep"  # the family's better candidate
+    assert sorted(big.best["shared"].bpb) == [1, 2] and big.best["shared"].over_cap  # seed 3 over its cap
+    assert big.winner() is None and "fewer than 3 seeds" in big.verdict()
+    text = write_report(ledger, rows, tmp_path / "rep").read_text()
+    assert "## The frontier" in text and "| 2 kB | 2.5000 ± 0.0100 (s-small, n=3) | 2.6100 ± 0.0100 (v-small, n=3) |" in text
+    assert "`s-big` seed 3 stored 9,500 model bytes, over its cap of 9,000" in text
+    assert "Crossover: another family beats the reference significantly at 2 kB (shared)." in text
+    img = imread(tmp_path / "rep" / "bpb_vs_cap.png")
+    assert img.shape[:2] == (550, 800) and img[..., :3].std() > 0.01
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda t: t.replace('family = "shared"\nmodel_cap_bytes = 2000\n', 'family = "shared"\n'), "needs both family and model_cap_bytes"),
+        (lambda t: t.replace("model_cap_bytes = 2000", "model_cap_bytes = -5", 1), "positive integer"),
+        (lambda t: t.replace("model_cap_bytes = 2000", "model_cap_bytes = 2.5e3", 1), "positive integer"),
+        (lambda t: t.replace('family = "vanilla"', 'family = "a b"', 1), "family"),
+        (lambda t: t.replace('family = "vanilla"\nmodel_cap_bytes = 2000\n', "", 1), "places every variant"),
+    ],
+)
+def test_frontier_ledger_keys_are_checked(edit, needle):
+    with pytest.raises(LedgerError, match=needle):
+        parse_ledger(edit(FRONTIER), source="front.toml")
+
+
+def test_ledger_variants_may_set_the_export_policy_and_null_fields(tmp_path):
+    text = TINY.replace(
+        'name = "b"\npreset = "debug"',
+        'name = "b"\npreset = "debug"\nquant = "int6,gptq"\ntrain = { ema_decay = "null", optim = { muon_ns = "polar_express" } }',
+    )
+    ledger = parse_ledger(text)
+    b = ledger.variant("b")
+    assert b.quant == "int6,gptq" and b.train == {"ema_decay": None, "optim": {"muon_ns": "polar_express"}}
+    assert ledger.variant("a").quant is None
+    [run] = plan_runs(ledger, tmp_path, variants=["b"])
+    assert run.options["quant"] == "int6,gptq" and run.options["train_overrides"]["ema_decay"] is None
+    for bad, needle in (('quant = "int99"', "variant[1].quant"), ("quant = 6", "policy string")):
+        with pytest.raises(LedgerError, match=re.escape(needle)):
+            parse_ledger(text.replace('quant = "int6,gptq"', bad), source="q.toml")
+
+
+def test_the_ablation_ledger_toggles_one_component_per_variant():
+    """Each `on-X` differs from `base` and each `off-X` from `record`, and each pair names the
+    same component: the built configurations show it."""
+    from loopgolf.run import RunOptions, build_config
+
+    ledger = load_ledger("record-ablation")
+
+    def built(name: str) -> dict:
+        v = ledger.variant(name)
+        c = build_config(RunOptions(preset=v.preset, model_overrides=v.model, train_overrides=v.train, quant=v.quant, progress=False)).to_dict()
+        return {"model": c["model"], "train": c["train"], "quant": c["export"]["quant"]}
+
+    base, record = built("base"), built("record")
+    names = {v.name for v in ledger.variants}
+    parts = sorted(n[3:] for n in names if n.startswith("on-"))
+    assert len(parts) == 13 and {f"off-{p}" for p in parts} <= names and len(names) == 2 + 2 * len(parts)
+    for part in parts:
+        assert built(f"on-{part}") != base, part
+        assert built(f"off-{part}") != record, part
+    assert built("off-ema")["train"]["ema_decay"] is None and built("off-rope16")["model"]["rope_dims"] is None
 
 
 def test_report_without_runs_says_what_to_do(tmp_path):

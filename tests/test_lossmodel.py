@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from loopgolf.lossmodel import MIN_RUNS, FitError, LossFit, Point, fit, predict
+from loopgolf.lossmodel import MIN_RUNS, FitError, LossFit, Point, effective_tokens, fit, predict
 
 TRUE = {"E": 1.2, "A": 40.0, "alpha": 0.35, "B": 300.0, "beta": 0.45, "gamma": 0.4}
 
@@ -65,7 +65,89 @@ def test_fit_files_round_trip_and_bad_inputs_are_refused():
             LossFit.from_dict(text)
 
 
-def _run_dir(root, name: str, point: Point, *, data: str = "synthetic", quant: str = "", uptrain=None):
+REPEATED = {**TRUE, "R_star": 4.0}
+UNIQUE = 1e6
+
+
+def repeated_runs() -> list[Point]:
+    """Runs on a dataset of UNIQUE tokens, several of them many epochs long."""
+    return [
+        Point(n, n * reuse, d, predict(REPEATED, n, n * reuse, d, UNIQUE), f"n{n:g}-r{reuse}-d{d:g}")
+        for n in (5e4, 2e5, 8e5, 3e6)
+        for reuse in (1, 3)
+        for d in (2e5, 1e6, 5e6, 2e7)
+    ]
+
+
+def test_repeated_tokens_count_for_less():
+    assert effective_tokens(5e5, UNIQUE, 4.0) == 5e5  # the first epoch counts in full
+    assert effective_tokens(5e6, None, 4.0) == 5e6 and effective_tokens(5e6, UNIQUE, None) == 5e6  # no term without both
+    worth = [effective_tokens(d, UNIQUE, 4.0) for d in (1e6, 2e6, 5e6, 2e7, 1e9)]
+    assert worth == sorted(worth) and worth[0] == UNIQUE
+    assert worth[1] == pytest.approx(UNIQUE * (1 + 4.0 * (1 - math.exp(-1 / 4.0))))  # one repeat
+    assert worth[-1] == pytest.approx(UNIQUE * 5.0, rel=1e-6)  # saturates at U (1 + R*)
+
+
+def test_fit_recovers_the_repetition_term():
+    points = repeated_runs()
+    got = fit(points, dataset="synthetic", unique_tokens=UNIQUE)
+    assert got.params["R_star"] == pytest.approx(4.0, rel=0.05) and got.unique_tokens == UNIQUE
+    assert got.rmse < 1e-3 and got.epochs(2e7) == 20
+    assert got.predict(1e6, 1e6, 8e7) == pytest.approx(predict(REPEATED, 1e6, 1e6, 8e7, UNIQUE), abs=2e-3)
+    # Without the dataset's size the fit cannot tell repeated tokens from fresh ones, and misses.
+    blind = fit(points, dataset="synthetic")
+    assert blind.params["R_star"] is None and blind.loo_mae > 5 * got.loo_mae
+    # A dataset no run went past fits without the term (and needs no extra run).
+    fresh = fit(synthetic(), dataset="synthetic", unique_tokens=1e9)
+    assert fresh.params["R_star"] is None and fresh.unique_tokens == 1e9
+    with pytest.raises(FitError, match="unique tokens"):
+        fit(points, dataset="x", unique_tokens=-5)
+    with pytest.raises(FitError, match=f"at least {MIN_RUNS + 1}"):
+        fit([p for p in points if p.train_tokens > UNIQUE][:MIN_RUNS], dataset="x", unique_tokens=UNIQUE)
+
+
+def test_fit_files_of_both_formats_load_and_bad_terms_are_refused():
+    got = fit(repeated_runs(), dataset="synthetic", unique_tokens=UNIQUE)
+    back = LossFit.from_dict(json.loads(json.dumps(got.to_dict())))
+    assert back.params == got.params and back.unique_tokens == UNIQUE and back.predict(1e5, 1e5, 1e7) == got.predict(1e5, 1e5, 1e7)
+    old = {"format": 1, "dataset": "x", "params": TRUE, "loo_mae": 0.02}  # written before the repetition term
+    first = LossFit.from_dict(old)
+    assert first.params["R_star"] is None and first.predict(1e5, 1e5, 1e7) == predict(TRUE, 1e5, 1e5, 1e7)
+    for bad in (
+        {"params": {**TRUE, "R_star": -1}},
+        {"params": {**TRUE, "R_star": math.nan}},
+        {"unique_tokens": "many"},
+        {"unique_tokens": True},
+        {"format": 3},
+    ):
+        with pytest.raises(FitError):
+            LossFit.from_dict({**old, "format": 2, **bad})
+
+
+def test_fit_reads_the_datasets_unique_tokens_from_its_manifest(tmp_path, text_dataset, capsys, monkeypatch):
+    from loopgolf.cli import main
+    from loopgolf.data.dataset import load_manifest
+    from loopgolf.lab.store import Store
+
+    monkeypatch.setenv("LOOPGOLF_CACHE", str(tmp_path / "cache"))
+    tokens = load_manifest(text_dataset)["splits"]["train"]["tokens"]
+    scale = tokens / UNIQUE
+    store = tmp_path / "store.sqlite"
+    with Store(store) as s:
+        for i, p in enumerate(repeated_runs()):
+            q = Point(p.unique_params, p.effective_params, p.train_tokens * scale, p.bpb)
+            s.add(_run_dir(tmp_path, f"r{i}", q, data_dir=str(text_dataset)))
+    assert main(["fit", "--store", str(store), "--data", "synthetic", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unique_tokens"] == tokens and out["params"]["R_star"] == pytest.approx(4.0, rel=0.05)
+    assert str(text_dataset) in out["unique_tokens_from"]
+    assert main(["fit", "--store", str(store), "--data", "synthetic", "--unique-tokens", "1e12"]) == 0
+    assert "no run went past the 1,000,000,000,000 unique tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--store", str(store), "--data", "synthetic", "--unique-tokens", "nan"])
+
+
+def _run_dir(root, name: str, point: Point, *, data: str = "synthetic", quant: str = "", uptrain=None, data_dir: str = "/nowhere"):
     """A finished run directory as the store reads it, with ``point``'s numbers."""
     from helpers import fake_summary
 
@@ -73,7 +155,7 @@ def _run_dir(root, name: str, point: Point, *, data: str = "synthetic", quant: s
 
     d = root / name
     d.mkdir(parents=True)
-    config = RunConfig.from_preset(get_preset("debug")).with_changes({"data": {"name": data, "dir": "/nowhere"}, "export.quant": quant}).to_dict()
+    config = RunConfig.from_preset(get_preset("debug")).with_changes({"data": {"name": data, "dir": data_dir}, "export.quant": quant}).to_dict()
     summary = fake_summary(
         val_bpb_post=point.bpb,
         unique_params=int(point.unique_params),
@@ -160,3 +242,43 @@ def test_predictions_outside_the_fitted_range_are_flagged():
     assert got.outside(5e4 / 1.05, 5e6 * 1.05) == []  # within 10% of its edges
     far = got.outside(1e8, 1e9)
     assert len(far) == 2 and "stored parameters" in far[0] and "training tokens" in far[1]
+
+
+def test_budget_searches_several_policies_each_with_its_own_fit(tmp_path, monkeypatch, capsys):
+    """`--quant A --quant B`: both policies' candidates in one list, each listed command exports
+    with its policy, each predicted by its policy's fit; a policy without a fit says so."""
+    from loopgolf.cli import main
+    from loopgolf.export.quantize import parse_policy
+    from loopgolf.lossmodel import fit_path
+    from loopgolf.util import atomic_write_json
+
+    monkeypatch.setenv("LOOPGOLF_CACHE", str(tmp_path))
+    int8 = fit(synthetic(), dataset="synthetic")
+    int6 = fit([Point(p.unique_params, p.effective_params, p.train_tokens, p.bpb + 0.1, p.name) for p in synthetic()], dataset="synthetic", quant="int6")
+    assert fit_path("synthetic", "int6") != fit_path("synthetic") == fit_path("synthetic", "int8")
+    six = parse_policy("int6").describe()
+    assert fit_path("synthetic", "int6") == fit_path("synthetic", six)  # one file per policy, however written
+    atomic_write_json(fit_path("synthetic"), int8.to_dict())
+    common = ["budget", "--cap", "600000", "--family", "cpu-vanilla", "--layers", "1,2", "--code-bytes", "0", "--head-dim", "32"]
+    common += ["--matmul-flops", "1e10", "--steps", "300", "--data", "synthetic", "--top", "20"]
+    assert main([*common, "--quant", "int8", "--quant", "int6", "--quant", "int8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_quant = {}
+    for c in out["candidates"]:
+        by_quant.setdefault(c["quant"], []).append(c)
+    assert len(by_quant) == 2  # int8 given twice counts once
+    assert all(c["predicted_bpb"] is None for c in by_quant[six]) and "with quant" in out["fit_missing"]
+    assert [c["predicted_bpb"] is None for c in out["candidates"]] == sorted(c["predicted_bpb"] is None for c in out["candidates"])  # predicted first
+    # int6 stores fewer bits: its widest candidates are at least as wide
+    assert max(c["model_dim"] for c in by_quant[six]) >= max(c["model_dim"] for q, cs in by_quant.items() if q != six for c in cs)
+    atomic_write_json(fit_path("synthetic", "int6"), int6.to_dict())
+    assert main([*common, "--quant", "int8", "--quant", "int6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "fit_missing" not in out and set(out["fits"]) == {c["quant"] for c in out["candidates"]}
+    for c in out["candidates"]:
+        want = (int6 if c["quant"] == six else int8).predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
+        assert c["predicted_bpb"] == pytest.approx(want)
+    assert main([*common, "--quant", "int8", "--quant", "int6"]) == 0
+    text = capsys.readouterr().out
+    assert f"--quant {six} --steps 300 --train time_budget=null" in text
+    assert "--quant embed=8" not in text  # the default policy needs no flag

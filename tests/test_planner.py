@@ -110,6 +110,41 @@ def test_search_over_depths_and_loops_emits_plans_that_run_rebuilds():
     assert cands[0] == max(at_width, key=lambda c: (c["virtual_layers"], c["loops"]))
 
 
+def run_config(command: str):
+    """What the listed `loopgolf run ...` command builds (its whole configuration)."""
+    import shlex
+
+    from loopgolf.commands import run as run_command
+    from loopgolf.run import build_config
+
+    parser = argparse.ArgumentParser()
+    run_command.register("run", parser.add_subparsers(dest="command").add_parser("run"))
+    args = parser.parse_args(shlex.split(command)[1:])
+    return build_config(run_command.run_options(args))
+
+
+def test_loop_counts_a_growing_preset_was_not_made_for_get_a_start_per_extra_pass(capsys):
+    """cpu-mini-loop switches its one extra pass on at 35%; a plan with more loops needs a start
+    per pass, and the listed command must train (measured: the frontier ledger's mini-loop runs
+    failed at their first step with the preset's single start)."""
+    parser = plan_parser()
+    args = parser.parse_args(
+        ["plan", "--cap", "800000", "--code-bytes", "0", "--family", "cpu-mini-loop", "--layers", "3,4", "--loops", "1,2,3", "--head-dim", "32"]
+        + ["--matmul-flops", "1e10", "--top", "30"]
+    )
+    assert args.func(args) == 0
+    commands = [line.split("  ")[-1] for line in capsys.readouterr().out.splitlines() if "loopgolf run" in line]
+    loops_seen = set()
+    for command in commands:
+        config = run_config(command.strip())
+        extra = config.model.depth_plan.num_loops - 1
+        loops_seen.add(extra)
+        assert config.train.recurrence_stages == [0.35] * extra, command
+    assert loops_seen == {1, 2, 3}
+    with pytest.raises(ValueError, match="recurrence_stages has 1 start fractions but the plan has 3 extra"):
+        run_config("run --preset cpu-mini-loop --plan mini-loop:4:1-2x3")
+
+
 def test_plan_to_cli_roundtrips_every_preset_plan():
     for name, preset in PRESETS.items():
         text = plan_to_cli(preset.model.plan)
@@ -317,6 +352,48 @@ def test_budget_time_lists_the_steps_each_candidate_gets(capsys, monkeypatch, tm
     for bad in ("0", "nan", "-5"):
         with pytest.raises(SystemExit):
             parser.parse_args([*common, "--time", bad])
+
+
+def test_budget_steps_and_flops_give_each_candidate_its_steps(capsys):
+    """`--steps N`: every candidate trains N steps; `--flops F`: each gets the steps F training
+    FLOPs buy at its own cost (as ledgers count them); the rows' commands train exactly that."""
+    parser = plan_parser()
+    common = ["plan", "--cap", "1000000", "--family", "cpu-vanilla,cpu-shared", "--code-bytes", "50000", "--top", "3", "--matmul-flops", "2e10"]
+    args = parser.parse_args([*common, "--steps", "250", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_budget"] == {"kind": "steps", "amount": 250} and out["time_budget"] is None
+    assert {c["steps_in_budget"] for c in out["candidates"]} == {250}
+    args = parser.parse_args([*common, "--flops", "5e13", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    steps = [c["steps_in_budget"] for c in out["candidates"]]
+    for c in out["candidates"]:
+        assert c["steps_in_budget"] == int(5e13 // (3 * c["forward_flops_per_token"] * c["tokens_per_step"]))
+        assert c["tokens_in_budget"] == c["steps_in_budget"] * c["tokens_per_step"]
+    assert len(set(steps)) > 1  # costlier candidates get fewer steps
+    args = parser.parse_args([*common, "--flops", "5e13"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert f"--steps {steps[0]} --train time_budget=null" in text and "steps each candidate gets in 5e+13 training FLOPs" in text
+    for bad in (
+        ["--steps", "0"],
+        ["--steps", "2.5"],
+        ["--flops", "nan"],
+        ["--flops", "-1"],
+        ["--steps", "5", "--time", "60"],
+        ["--steps", "5", "--flops", "1e12"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*common, *bad])
+    from loopgolf.budget import PlanError, budget_report
+    from loopgolf.export.quantize import QuantPolicy
+
+    kw = dict(preset=None, family="cpu-vanilla", policy=QuantPolicy(), codec="auto", weights="trained", code_bytes=0, overrides={}, matmul_flops=1e10)
+    with pytest.raises(PlanError, match="one training budget"):
+        budget_report(10**6, time_budget=60.0, steps_budget=5, **kw)
+    with pytest.raises(PlanError, match="whole number"):
+        budget_report(10**6, steps_budget=True, **kw)
 
 
 def test_budget_does_not_time_steps_too_slow_to_measure(monkeypatch, capsys):

@@ -21,17 +21,27 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from loopgolf.budget import budget_report, format_budget_report
     from loopgolf.export.quantize import parse_policy
 
-    fit, fit_missing = None, None
-    if args.time is not None or args.fit is not None:
+    policies = list({p.describe(): p for p in (parse_policy(q) for q in (args.quant or [""]))}.values())  # each policy once
+    # A fit per policy: the one --fit names for all, else each policy's own fit for --data.
+    fits, fit_missing = {}, []
+    if args.time is not None or args.steps is not None or args.flops is not None or args.fit is not None:
         from loopgolf.lossmodel import fit_path, load_fit
 
-        path = Path(args.fit) if args.fit else fit_path(args.data)
-        if args.fit or path.is_file():
-            fit = load_fit(path)  # a named file must be readable; a default one that is missing is a note
-        else:
-            fit_missing = (
-                f"no loss fit for dataset {args.data!r} (looked for {path}); make one with `loopgolf sweep calibration` then `loopgolf fit --data {args.data}`"
-            )
+        if args.fit:
+            fits = dict.fromkeys((p.describe() for p in policies), load_fit(Path(args.fit)))  # a named file must be readable
+        for p in policies if not args.fit else []:
+            path = fit_path(args.data, p.describe())
+            if path.is_file():
+                fits[p.describe()] = load_fit(path)
+            elif p.describe() == parse_policy("").describe():
+                fit_missing.append(
+                    f"no loss fit for dataset {args.data!r} (looked for {path}); make one with `loopgolf sweep calibration` then `loopgolf fit --data {args.data}`"
+                )
+            else:
+                fit_missing.append(
+                    f"no loss fit for dataset {args.data!r} with quant {p.describe()} (looked for {path}); a fit is made on runs exported with "
+                    f"that policy (`loopgolf run --quant ...`, then `loopgolf runs add`): `loopgolf fit --data {args.data} --quant {p.describe()}`"
+                )
     if args.code_bytes is not None and args.code_form is not None:
         raise ValueError("--code-bytes gives the code's size outright; --code-form counts a generated script's form: give one")
 
@@ -39,7 +49,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         args.cap,
         preset=args.preset,
         family=args.family,
-        policy=parse_policy(args.quant),
+        policy=policies,
         codec=args.codec,
         weights=args.weights,
         code_bytes=args.code_bytes,
@@ -53,11 +63,13 @@ def cmd_budget(args: argparse.Namespace) -> int:
         matmul_flops=args.matmul_flops,
         step_time=args.step_time,
         time_budget=args.time,
+        steps_budget=args.steps,
+        flops_budget=args.flops,
         progress=not args.json,
-        fit=fit,
+        fit=fits or None,
     )
     if fit_missing:
-        out["fit_missing"] = fit_missing
+        out["fit_missing"] = "; ".join(fit_missing)
     print(json.dumps(out, indent=2) if args.json else format_budget_report(out))
     return 0
 
@@ -76,7 +88,11 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help="search these presets instead: cpu, pg, all, or names separated by commas "
         "(default: --preset, else the family that suits this machine: pg with CUDA, cpu without)",
     )
-    p.add_argument("--quant", default="", help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8)")
+    p.add_argument(
+        "--quant",
+        action="append",
+        help="quantization policy, e.g. int6 or attn=6,mlp=5,embed=8,gptq (default int8); give it more than once to search several policies together",
+    )
     p.add_argument("--codec", default="auto", choices=("auto", *CODECS), help="auto (smallest, default), " + ", ".join(CODECS))
     p.add_argument(
         "--weights",
@@ -89,9 +105,7 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int_list, help="also try these unique-layer counts (the plan's `layers`), e.g. 2,3,4")
     p.add_argument("--loops", type=int_list, help="also try these loop counts, e.g. 2,3,4")
     p.add_argument("--width-step", type=positive_int, help="width granularity (default: head size x query/KV ratio)")
-    p.add_argument(
-        "--head-dim", type=positive_int, help="head size of the searched widths (default: the preset's); a smaller one reaches narrower widths"
-    )
+    p.add_argument("--head-dim", type=positive_int, help="head size of the searched widths (default: the preset's); a smaller one reaches narrower widths")
     p.add_argument("--top", type=positive_int, default=10, help="candidates to list (default 10)")
     p.add_argument("--matmul-flops", type=positive_float, help="FLOP/s to estimate step times with (default: measured here in well under a second)")
     p.add_argument(
@@ -100,12 +114,20 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
         help="measure: time a few real training steps of each candidate here (cached per device, the default); "
         "estimate: 3 x forward FLOPs / a matmul rate, instant (the default when --matmul-flops is given)",
     )
-    p.add_argument(
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
         "--time",
         type=positive_float,
         metavar="S",
         help="training seconds: list the optimizer steps each candidate gets in S seconds here and, with a loss fit for --data, "
         "its predicted val_bpb, best first",
+    )
+    budget.add_argument("--steps", type=positive_int, metavar="N", help="as --time, but every candidate trains N optimizer steps")
+    budget.add_argument(
+        "--flops",
+        type=positive_float,
+        metavar="F",
+        help="as --time, but every candidate trains on F training FLOPs (3 x forward FLOPs per token x tokens, as ledgers count them)",
     )
     p.add_argument(
         "--data",

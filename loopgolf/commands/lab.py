@@ -138,18 +138,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     with Store(store_path(args.store), readonly=True) as store:
         rows = store.rows(args.ledger) if args.ledger else store.rows()
-    result = fit_store(rows, args.data, args.quant)
-    out = Path(args.out) if args.out else fit_path(args.data)
+    result, tokens_from = fit_store(rows, args.data, args.quant, args.unique_tokens)
+    out = Path(args.out) if args.out else fit_path(args.data, args.quant)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result.to_dict())
     if args.json:
-        print(json.dumps({**result.to_dict(), "path": str(out)}, indent=2))
+        print(json.dumps({**result.to_dict(), "path": str(out), "unique_tokens_from": tokens_from}, indent=2))
         return 0
     p = result.params
+    if p.get("R_star") is not None:
+        data = f"D' (D repeated: U = {result.unique_tokens:,.0f} unique tokens ({tokens_from}), R* = {p['R_star']:.3g} repeats)"
+    elif result.unique_tokens:
+        data = f"D (no run went past the {result.unique_tokens:,.0f} unique tokens: no repetition term)"
+    else:
+        data = f"D (unique tokens unknown: {tokens_from}; no repetition term; give --unique-tokens)"
     print(
         f"loopgolf fit: {out}\n  dataset {result.dataset}, quant {result.quant or 'int8'}, {len(result.runs)} runs\n"
         f"  val_bpb = {p['E']:.4f} + {p['A']:.4g} / P^{p['alpha']:.3f} + {p['B']:.4g} / D^{p['beta']:.3f},  "
-        f"P = N^{1 - p['gamma']:.3f} x M^{p['gamma']:.3f}  (N stored, M effective params, D tokens)\n"
+        f"P = N^{1 - p['gamma']:.3f} x M^{p['gamma']:.3f}  (N stored, M effective params)\n"
+        f"  tokens: {data}\n"
         f"  in-fit RMSE {result.rmse:.4f}; left-out error: mean {result.loo_mae:.4f}, max {result.loo_max:.4f} bpb"
     )
     for r in sorted(result.runs, key=lambda r: -abs(r["bpb"] - r["left_out_predicted"]))[:5]:
@@ -170,11 +177,13 @@ def register(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def _fit(p: argparse.ArgumentParser, store_help: str) -> None:
+    from loopgolf.commands.args import positive_float
     from loopgolf.data.default_corpus import DEFAULT_DATA_NAME
 
     p.description = (
-        "Fit val_bpb = E + A / P^alpha + B / D^beta, P = N^(1-gamma) M^gamma (N stored and M effective parameters, D training "
-        "tokens) on the finished runs of one dataset in the results store (roundtrip bpb, one quantization policy), and save "
+        "Fit val_bpb = E + A / P^alpha + B / D'^beta, P = N^(1-gamma) M^gamma (N stored and M effective parameters, D' the "
+        "training tokens with repeated ones counted for less, as in data-constrained scaling) on the finished runs of one "
+        "dataset in the results store (roundtrip bpb, one quantization policy), and save "
         "it as JSON with each run's residual and the error on runs left out of the fit; `loopgolf budget --time S` predicts "
         "with it. Needs scipy (the lab extra)."
     )
@@ -182,14 +191,21 @@ def _fit(p: argparse.ArgumentParser, store_help: str) -> None:
     p.add_argument("--data", default=DEFAULT_DATA_NAME, help="the dataset's name as runs record it (default: the embedded corpus)")
     p.add_argument("--quant", default="", help="the runs' quantization policy (default: the int8 baseline)")
     p.add_argument("--ledger", help="only runs of this ledger (default: every run of the dataset)")
+    p.add_argument(
+        "--unique-tokens",
+        type=positive_float,
+        help="the dataset's training tokens, for the repetition term (default: from the manifest in the runs' data directory)",
+    )
     p.add_argument("--out", help="fit file (default: the loopgolf cache's fits/<dataset>.json, where budget looks)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
 
 
 def _sweep(p: argparse.ArgumentParser, store_help: str) -> None:
+    from loopgolf.lab.ledger import builtin_ledgers
+
     p.description = (
-        "Run every (variant, seed) of LEDGER (a TOML file or a built-in name: calibration, cpu-seed, pg-seed, record-recipe) as a normal "
+        f"Run every (variant, seed) of LEDGER (a TOML file or a built-in name: {', '.join(sorted(builtin_ledgers()))}) as a normal "
         "run directory OUT/<variant>/seed<N>. Finished runs are skipped; failed or killed ones are redone. Runs go in "
         "parallel worker processes, each pinned to its own cores, never more jobs x threads than cores."
     )

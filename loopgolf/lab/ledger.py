@@ -19,6 +19,7 @@ A ledger is a TOML file (or the name of a built-in one in ``loopgolf/lab/ledgers
     model = { model_dim = 256 } # optional ModelConfig overrides
     train = { seq_len = 128 }   # optional TrainConfig overrides
     budget = { steps = 200 }    # optional: replaces the ledger's budget for this variant
+    quant = "int6,gptq"         # optional: the export policy (default: the preset's)
     family = "vanilla"          # optional: a frontier ledger's design family ...
     model_cap_bytes = 400000    # ... and the model-byte cap the variant was sized for
 
@@ -27,6 +28,9 @@ val_bpb against the cap, one line per family, and tests each cap's best family a
 baseline's family at that cap (:mod:`loopgolf.lab.frontier`). The runs themselves are held to the
 ledger's ``cap_bytes`` (model and code); ``model_cap_bytes`` is checked in the report against
 each run's model bytes, so a variant that outgrew its cap is named there, not silently counted.
+
+TOML has no null: an override written as the string ``"null"`` sets the field to None (``train =
+{ ema_decay = "null" }`` turns a preset's weight average off).
 
 A ``flops`` or ``tokens`` budget becomes a step count per variant (rounded to the nearest step, at
 least 1), so variants of different cost train on the same compute or the same tokens. FLOPs count
@@ -47,7 +51,7 @@ import tomllib
 
 BUDGET_KINDS = ("steps", "tokens", "seconds", "flops")
 _TOP_KEYS = {"name", "description", "baseline", "seeds", "cap_bytes", "data", "budget", "variant"}
-_VARIANT_KEYS = {"name", "preset", "seeds", "model", "train", "description", "budget", "family", "model_cap_bytes"}
+_VARIANT_KEYS = {"name", "preset", "seeds", "model", "train", "description", "budget", "family", "model_cap_bytes", "quant"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -66,6 +70,7 @@ class Variant:
     budget: tuple[str, float] | None = None  # (kind, amount) replacing the ledger's
     family: str = ""  # a frontier ledger's design family (vanilla, shared, ...)
     model_cap_bytes: int | None = None  # the model-byte cap a frontier variant was sized for
+    quant: str | None = None  # export policy (parse_policy syntax); None: the preset's
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,15 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
                 raise fail("must be a table of overrides", k, "variant", i)
         if not isinstance(v.get("description", ""), str):
             raise fail("must be a string", "description", "variant", i)
+        if "quant" in v:
+            from loopgolf.export.quantize import parse_policy
+
+            if not isinstance(v["quant"], str):
+                raise fail(f'must be a policy string such as "int6,gptq", got {type(v["quant"]).__name__}', "quant", "variant", i)
+            try:
+                parse_policy(v["quant"])
+            except ValueError as e:
+                raise fail(str(e), "quant", "variant", i) from None
         for sub, key, valid in _unknown_overrides(v.get("model", {}), v.get("train", {})):
             raise fail(f"unknown {sub.replace('.', ' ')} field; valid: {', '.join(valid)}", key, "variant", i, sub=sub)
         if "family" in v and (not isinstance(v["family"], str) or not _NAME.match(v["family"])):
@@ -222,13 +236,14 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
                 v["name"],
                 v["preset"],
                 seeds,
-                dict(v.get("model", {})),
-                dict(v.get("train", {})),
+                _nulls(v.get("model", {})),
+                _nulls(v.get("train", {})),
                 str(v.get("description", "")),
                 own_budget,
                 v.get("family", ""),
                 model_cap,
-            )  # fmt: skip
+                v.get("quant"),
+            )
         )
     unplaced = [v.name for v in variants if not v.family]
     if len(unplaced) not in (0, len(variants)):
@@ -244,6 +259,11 @@ def parse_ledger(text: str, source: str = "<ledger>") -> Ledger:
         except RecursionError:
             raise fail("does not build: its overrides are nested too deeply", "preset", "variant", i) from None
     return ledger
+
+
+def _nulls(table: dict[str, Any]) -> dict[str, Any]:
+    """Overrides with each ``"null"`` string (TOML has no null) made None, in nested tables too."""
+    return {k: None if v == "null" else _nulls(v) if isinstance(v, dict) else v for k, v in table.items()}
 
 
 def _unknown_overrides(model: dict[str, Any], train: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
@@ -294,7 +314,7 @@ def resolve(ledger: Ledger, variant: Variant) -> ResolvedVariant:
     from loopgolf.model.gpt import forward_flops_per_token
     from loopgolf.run import RunOptions, build_config
 
-    preset = build_config(RunOptions(preset=variant.preset, model_overrides=variant.model, train_overrides=variant.train, progress=False))
+    preset = build_config(RunOptions(preset=variant.preset, model_overrides=variant.model, train_overrides=variant.train, quant=variant.quant, progress=False))
     fwd = forward_flops_per_token(preset.model, preset.train.seq_len)
     batch = preset.train.batch_tokens
     steps: int | None = None

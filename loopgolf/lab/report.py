@@ -23,14 +23,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from loopgolf.lab.frontier import frontier, is_frontier, plot_frontier, render_frontier
 from loopgolf.lab.ledger import Ledger
-from loopgolf.lab.significance import Paired, Welch, margin_p, mean_std, paired, welch
+from loopgolf.lab.significance import MIN_SEEDS, SIGNIFICANCE, Paired, Welch, margin_p, mean_std, paired, welch
 from loopgolf.lab.store import RunRow
 from loopgolf.rundir import RunDir
 
-SIGNIFICANCE = 0.01  # Parameter Golf's bar for a new record
-RECORD_MARGIN_NATS = 0.005  # ... and the margin a new record must beat the old one by, in nats of val_loss
-MIN_SEEDS = 3  # fewer seeds (or pairs) than this: a test means little, and the report gives no verdict
+RECORD_MARGIN_NATS = 0.005  # the margin a new record must beat the old one by, in nats of val_loss
 # The summary numbers a report uses: each must be a finite number for a run to count.
 _NUMBERS = ("val_bpb_post", "val_loss_post", "artifact_bytes", "unique_params", "effective_params", "tokens_per_second", "steps", "train_tokens")
 
@@ -404,6 +403,8 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
             )
     while lines[-1] == "":
         lines.pop()
+    if is_frontier(ledger):
+        lines += ["", *render_frontier(frontier(ledger, groups))]
     lines += [
         "",
         "## Verdict",
@@ -464,6 +465,8 @@ def write_report(ledger: Ledger, rows: list[RunRow], out: Path, command: str | N
     groups = variant_stats(ledger, rows)
     out.mkdir(parents=True, exist_ok=True)
     make_plots(groups, out, f"ledger {ledger.name}")
+    if is_frontier(ledger):
+        plot_frontier(frontier(ledger, groups), out, f"ledger {ledger.name}")
     path = out / "report.md"
     path.write_text(render_markdown(ledger, groups, rows, command), encoding="utf-8")
     return path

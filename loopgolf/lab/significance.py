@@ -7,6 +7,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+SIGNIFICANCE = 0.01  # Parameter Golf's bar for a new record, and the reports' bar for a verdict
+MIN_SEEDS = 3  # fewer seeds (or pairs) than this: a test means little, and a report gives no verdict
+
 
 @dataclass(frozen=True)
 class Welch:

@@ -85,6 +85,7 @@ def plan_runs(
                         "cap_bytes": ledger.cap_bytes,
                         "seed": seed,
                         "model_overrides": v.model,
+                        "quant": v.quant,
                         "train_overrides": train,
                         "device": device,
                         "progress": False,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loopgolf.config import LoopSampler, TrainConfig
+from loopgolf.config import LoopSampler, TrainConfig, check_recurrence_stages
 from loopgolf.data.shards import TokenLoader
 from loopgolf.train.checkpoint import CheckpointPolicy, TrainState, restore_checkpoint, restore_ema, save_checkpoint
 from loopgolf.train.distributed import all_reduce_gradients, all_reduce_mean, broadcast_parameters, current_world
@@ -254,13 +254,7 @@ def train(
     main = rank == 0
     model.train()
     staged = bool(cfg.recurrence_stages)
-    if staged:
-        loops = model.plan.num_loops
-        if len(cfg.recurrence_stages) != loops - 1:
-            raise ValueError(
-                f"recurrence_stages has {len(cfg.recurrence_stages)} start fractions but the plan has "
-                f"{loops - 1} extra pass(es) to switch on ({model.plan.describe()})"
-            )
+    check_recurrence_stages(cfg.recurrence_stages, model.plan)
     sampler = None if cfg.loop_sampling is None else LoopSampler.parse(cfg.loop_sampling)
     if sampler is not None:
         model.plan.schedule(sampler.high)  # a plan without loops is refused here, before any step
