@@ -227,7 +227,9 @@ def test_fit_command_fits_a_datasets_runs_and_budget_predicts_with_it(tmp_path, 
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "best predicted val_bpb in 120 s first" in text and "+-" in text
-    assert main([*args, "--quant", "int6"]) == 0
+    assert main([*args, "--quant", "int6"]) == 0  # the dataset's fit is for int8 runs: none for int6
+    assert "no loss fit for dataset 'synthetic' with quant" in capsys.readouterr().out
+    assert main([*args, "--quant", "int6", "--fit", str(fit_path("synthetic"))]) == 0  # a file named outright is used, with a warning
     assert "warning: the loss fit was made on runs with quant 'int8'" in capsys.readouterr().out
     # A named fit file must be readable.
     bad = tmp_path / "bad.json"
@@ -281,4 +283,4 @@ def test_budget_searches_several_policies_each_with_its_own_fit(tmp_path, monkey
     assert main([*common, "--quant", "int8", "--quant", "int6"]) == 0
     text = capsys.readouterr().out
     assert f"--quant {six} --steps 300 --train time_budget=null" in text
-    assert "--quant embed=8" not in text  # the default policy needs no flag
+    assert f"--quant {parse_policy('').describe()}" not in text  # the default policy needs no flag

@@ -119,7 +119,8 @@ def run_config(command: str):
 
     parser = argparse.ArgumentParser()
     run_command.register("run", parser.add_subparsers(dest="command").add_parser("run"))
-    args = parser.parse_args(shlex.split(command)[1:])
+    words = shlex.split(command)
+    args = parser.parse_args(words[1:] if words[0] == "loopgolf" else words)
     return build_config(run_command.run_options(args))
 
 
@@ -358,7 +359,7 @@ def test_budget_steps_and_flops_give_each_candidate_its_steps(capsys):
     """`--steps N`: every candidate trains N steps; `--flops F`: each gets the steps F training
     FLOPs buy at its own cost (as ledgers count them); the rows' commands train exactly that."""
     parser = plan_parser()
-    common = ["plan", "--cap", "1000000", "--family", "cpu-vanilla,cpu-shared", "--code-bytes", "50000", "--top", "3", "--matmul-flops", "2e10"]
+    common = ["plan", "--cap", "1000000", "--family", "cpu-vanilla", "--layers", "1,2,4", "--code-bytes", "50000", "--top", "10", "--matmul-flops", "2e10"]
     args = parser.parse_args([*common, "--steps", "250", "--json"])
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -371,7 +372,8 @@ def test_budget_steps_and_flops_give_each_candidate_its_steps(capsys):
     for c in out["candidates"]:
         assert c["steps_in_budget"] == int(5e13 // (3 * c["forward_flops_per_token"] * c["tokens_per_step"]))
         assert c["tokens_in_budget"] == c["steps_in_budget"] * c["tokens_per_step"]
-    assert len(set(steps)) > 1  # costlier candidates get fewer steps
+    costs = sorted((c["forward_flops_per_token"], c["steps_in_budget"]) for c in out["candidates"])
+    assert len({f for f, _ in costs}) > 1 and [n for _, n in costs] == sorted((n for _, n in costs), reverse=True)  # costlier: fewer steps
     args = parser.parse_args([*common, "--flops", "5e13"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
