@@ -539,6 +539,18 @@ def budget_report(
     no prediction: a fit is made on runs of one policy)."""
     from loopgolf.config import get_preset
 
+    given = [(k, v) for k, v in (("seconds", time_budget), ("steps", steps_budget), ("flops", flops_budget)) if v is not None]
+    if len(given) > 1:
+        raise PlanError("give one training budget: --time, --steps or --flops")
+    budget_kind = given[0][0] if given else None
+    if steps_budget is not None and (isinstance(steps_budget, bool) or not isinstance(steps_budget, int) or steps_budget < 1):
+        raise PlanError(f"--steps must be a positive whole number of steps, got {steps_budget!r}")
+    if flops_budget is not None and (
+        isinstance(flops_budget, bool) or not (isinstance(flops_budget, (int, float)) and math.isfinite(flops_budget) and flops_budget > 0)
+    ):
+        raise PlanError(f"--flops must be a positive number of training FLOPs, got {flops_budget!r}")
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise PlanError(f"--time must be a positive number of seconds, got {time_budget!r}")
     policies = policy if isinstance(policy, list) else [policy]
     if not policies:
         raise PlanError("no quantization policy to plan for")
@@ -591,14 +603,6 @@ def budget_report(
             )
         ]
     )
-    given = [(k, v) for k, v in (("seconds", time_budget), ("steps", steps_budget), ("flops", flops_budget)) if v is not None]
-    if len(given) > 1:
-        raise PlanError("give one training budget: --time, --steps or --flops")
-    budget_kind = given[0][0] if given else None
-    if steps_budget is not None and (isinstance(steps_budget, bool) or not isinstance(steps_budget, int) or steps_budget < 1):
-        raise PlanError(f"--steps must be a positive whole number of steps, got {steps_budget!r}")
-    if flops_budget is not None and not (isinstance(flops_budget, (int, float)) and math.isfinite(flops_budget) and flops_budget > 0):
-        raise PlanError(f"--flops must be a positive number of training FLOPs, got {flops_budget!r}")
     # With a loss fit and a training budget the ranking is by predicted val_bpb, so every
     # candidate is timed and predicted before the top are kept; otherwise the widest first.
     ranked = bool(fits) and budget_kind is not None
@@ -610,8 +614,6 @@ def budget_report(
     step_time = step_time or ("estimate" if matmul_flops else "measure")
     if step_time not in STEP_TIME_SOURCES:
         raise PlanError(f"unknown step time source {step_time!r}; valid: {', '.join(STEP_TIME_SOURCES)}")
-    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
-        raise PlanError(f"--time must be a positive number of seconds, got {time_budget!r}")
     bar = None
     if step_time == "measure" and candidates and progress:
         from tqdm.auto import tqdm
@@ -645,17 +647,14 @@ def budget_report(
             ):  # `run --time` keeps such a preset's step cap
                 c["steps_in_budget"] = min(c["steps_in_budget"], train_cfg.max_steps)
             c["tokens_in_budget"] = c["steps_in_budget"] * c["tokens_per_step"]
-            fit = fits.get(c["quant"])
-            if fit is None and fits:
-                c["predicted_bpb"], c["predicted_bpb_interval"] = None, None  # no fit for this policy
-            if fit is not None:
-                if c["tokens_in_budget"] < 1:
-                    c["predicted_bpb"], c["predicted_bpb_interval"] = None, None
-                else:
-                    pred = fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
-                    c["predicted_bpb"], c["predicted_bpb_interval"] = pred, [pred - fit.loo_mae, pred + fit.loo_mae]
-                    c["extrapolated"] = fit.outside(c["unique_params"], c["tokens_in_budget"])
-                    c["epochs"] = fit.epochs(c["tokens_in_budget"])  # passes over the fit's dataset (None: its size unknown)
+            own_fit = fits.get(c["quant"])  # each policy's candidates by that policy's fit
+            if fits and (own_fit is None or c["tokens_in_budget"] < 1):
+                c["predicted_bpb"], c["predicted_bpb_interval"] = None, None
+            elif own_fit is not None:
+                pred = own_fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
+                c["predicted_bpb"], c["predicted_bpb_interval"] = pred, [pred - own_fit.loo_mae, pred + own_fit.loo_mae]
+                c["extrapolated"] = own_fit.outside(c["unique_params"], c["tokens_in_budget"])
+                c["epochs"] = own_fit.epochs(c["tokens_in_budget"])  # passes over the fit's dataset (None: its size unknown)
     if bar is not None:
         bar.close()
     if ranked:
@@ -680,6 +679,15 @@ def budget_report(
 
 
 _DEFAULT_QUANT = QuantPolicy().describe()
+
+
+def fit_file(dataset: str, quant: str = "") -> Path:
+    """The loss fit file of ``dataset``'s runs exported with ``quant`` (any spelling of a policy:
+    "int6" and "embed=8,attn=6,mlp=6,lora=6" are one file; the int8 default keeps the plain name)."""
+    from loopgolf.lossmodel import fit_path
+
+    policy = parse_policy(quant).describe()
+    return fit_path(dataset, None if policy == _DEFAULT_QUANT else policy)
 
 
 def _budget_text(budget: dict[str, Any]) -> str:

@@ -244,19 +244,17 @@ def fit(points: list[Point], *, dataset: str, quant: str = "", unique_tokens: fl
     return LossFit(dataset, quant, params, runs, rmse, float(np.mean(errors)), float(np.max(errors)), unique_tokens)
 
 
-def fit_path(dataset: str, quant: str = "") -> Path:
-    """Where ``loopgolf fit`` keeps a dataset's fit and ``loopgolf budget --time`` looks for it:
-    ``<cache>/fits/<dataset>.json`` for the int8 baseline's runs, ``<dataset>@<policy>.json`` for
-    another policy's (the names made file-safe; the policy as ``QuantPolicy.describe`` writes it,
-    so "int6" and "attn=6,mlp=6,embed=6" share one file)."""
-    from loopgolf.export.quantize import QuantPolicy, parse_policy
+def fit_path(dataset: str, policy: str | None = None) -> Path:
+    """Where ``loopgolf fit`` keeps a dataset's fit and ``loopgolf budget`` looks for it:
+    ``<cache>/fits/<dataset>.json`` for the int8 baseline's runs (``policy`` None),
+    ``<dataset>@<policy>.json`` for another policy's (``policy`` as ``QuantPolicy.describe``
+    writes it, so that every spelling of one policy shares a file: :func:`loopgolf.budget.fit_file`
+    normalises it); the names made file-safe."""
 
     def slug(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text).strip("_") or "dataset"
 
-    policy = parse_policy(quant).describe()
-    suffix = "" if policy == QuantPolicy().describe() else "@" + slug(policy)
-    return cache_dir() / "fits" / f"{slug(dataset)}{suffix}.json"
+    return cache_dir() / "fits" / f"{slug(dataset)}{'' if policy is None else '@' + slug(policy)}.json"
 
 
 def load_fit(path: str | Path) -> LossFit:

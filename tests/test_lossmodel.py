@@ -249,9 +249,9 @@ def test_predictions_outside_the_fitted_range_are_flagged():
 def test_budget_searches_several_policies_each_with_its_own_fit(tmp_path, monkeypatch, capsys):
     """`--quant A --quant B`: both policies' candidates in one list, each listed command exports
     with its policy, each predicted by its policy's fit; a policy without a fit says so."""
+    from loopgolf.budget import fit_file as fit_path
     from loopgolf.cli import main
     from loopgolf.export.quantize import parse_policy
-    from loopgolf.lossmodel import fit_path
     from loopgolf.util import atomic_write_json
 
     monkeypatch.setenv("LOOPGOLF_CACHE", str(tmp_path))

@@ -25,12 +25,13 @@ def cmd_budget(args: argparse.Namespace) -> int:
     # A fit per policy: the one --fit names for all, else each policy's own fit for --data.
     fits, fit_missing = {}, []
     if args.time is not None or args.steps is not None or args.flops is not None or args.fit is not None:
-        from loopgolf.lossmodel import fit_path, load_fit
+        from loopgolf.budget import fit_file
+        from loopgolf.lossmodel import load_fit
 
         if args.fit:
             fits = dict.fromkeys((p.describe() for p in policies), load_fit(Path(args.fit)))  # a named file must be readable
         for p in policies if not args.fit else []:
-            path = fit_path(args.data, p.describe())
+            path = fit_file(args.data, p.describe())
             if path.is_file():
                 fits[p.describe()] = load_fit(path)
             elif p.describe() == parse_policy("").describe():

@@ -125,21 +125,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     with Store(store_path(args.store), readonly=True) as store:
         rows = store.rows(args.store_ledger or ledger.name)
     command = args.command_note or ("loopgolf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else None)
+    from loopgolf.lab.frontier import is_frontier
+
     path = write_report(ledger, rows, Path(args.out), command=command)
-    print(f"loopgolf report: {path} (+ bpb_vs_bytes.png, bpb_vs_flops.png, loss_curves.png)")
+    plots = "bpb_vs_bytes.png, bpb_vs_flops.png, loss_curves.png" + (", bpb_vs_cap.png" if is_frontier(ledger) else "")
+    print(f"loopgolf report: {path} (+ {plots})")
     return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from loopgolf.budget import fit_file
     from loopgolf.lab.lossfit import fit_store
     from loopgolf.lab.store import Store
-    from loopgolf.lossmodel import fit_path
     from loopgolf.util import atomic_write_json
 
     with Store(store_path(args.store), readonly=True) as store:
         rows = store.rows(args.ledger) if args.ledger else store.rows()
     result, tokens_from = fit_store(rows, args.data, args.quant, args.unique_tokens)
-    out = Path(args.out) if args.out else fit_path(args.data, args.quant)
+    out = Path(args.out) if args.out else fit_file(args.data, args.quant)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result.to_dict())
     if args.json:
