@@ -15,8 +15,8 @@ scaling (Muennighoff et al., 2023, https://arxiv.org/abs/2305.16264, their equat
 
     D' = U + U * R* * (1 - exp(-R / R*)),   R = max(D / U - 1, 0) (the repeats)
 
-so the first pass counts in full and each further epoch counts less, with ``R_star`` (fitted) the
-number of repeats after which more data is worth about nothing more. At CPU scale this is most of
+so the first pass counts in full and each further epoch counts less: after R* repeats
+(``R_star``, fitted) one more epoch is worth 1/e of a fresh one, and D' never exceeds U (1 + R*). At CPU scale this is most of
 the question: a 2 x 128 model trains 19 epochs of the embedded corpus in 600 s. Without U (or
 with no run past one epoch) D' = D and ``R_star`` is not fitted (saved as null).
 
