@@ -673,7 +673,7 @@ def budget_report(
         if parse_policy(f.quant).describe() != q
     ]
     if warnings:
-        out["fit_warning"] = warnings[0] if len(warnings) == 1 else "; ".join(dict.fromkeys(warnings))
+        out["fit_warning"] = "; ".join(warnings)
     out["candidates"] = candidates
     return out
 
@@ -726,8 +726,7 @@ def format_budget_report(out: dict[str, Any]) -> str:
         if ranked:
             pred = c.get("predicted_bpb")
             far = "!" if c.get("extrapolated") else " "
-            mae = out.get("fits", {}).get(c["quant"], out["fit"])["loo_mae"] if pred is not None else 0.0
-            steps += f"  {pred:>7.4f}{far}+-{mae:.3f}" if pred is not None else f"  {'-':>15}"
+            steps += f"  {pred:>7.4f}{far}+-{out['fits'][c['quant']]['loo_mae']:.3f}" if pred is not None else f"  {'-':>15}"  # its policy's fit
         run_flags = "" if c["quant"] == _DEFAULT_QUANT else f" --quant {shlex.quote(c['quant'])}"  # the run exports as planned
         if budget is not None:  # the run that trains what the row predicts: the same wallclock, or its steps
             run_flags += f" --time {budget['amount']:g}" if budget["kind"] == "seconds" else f" --steps {c['steps_in_budget']} --train time_budget=null"

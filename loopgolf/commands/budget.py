@@ -22,27 +22,30 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from loopgolf.export.quantize import parse_policy
 
     policies = list({p.describe(): p for p in (parse_policy(q) for q in (args.quant or [""]))}.values())  # each policy once
-    # A fit per policy: the one --fit names for all, else each policy's own fit for --data.
-    fits, fit_missing = {}, []
+    # A loss fit: the one --fit names, for every policy; else each policy's own fit for --data.
+    fit, fit_missing = None, []
     if args.time is not None or args.steps is not None or args.flops is not None or args.fit is not None:
         from loopgolf.budget import fit_file
         from loopgolf.lossmodel import load_fit
 
         if args.fit:
-            fits = dict.fromkeys((p.describe() for p in policies), load_fit(Path(args.fit)))  # a named file must be readable
-        for p in policies if not args.fit else []:
-            path = fit_file(args.data, p.describe())
-            if path.is_file():
-                fits[p.describe()] = load_fit(path)
-            elif p.describe() == parse_policy("").describe():
-                fit_missing.append(
-                    f"no loss fit for dataset {args.data!r} (looked for {path}); make one with `loopgolf sweep calibration` then `loopgolf fit --data {args.data}`"
-                )
-            else:
-                fit_missing.append(
-                    f"no loss fit for dataset {args.data!r} with quant {p.describe()} (looked for {path}); a fit is made on runs exported with "
-                    f"that policy (`loopgolf run --quant ...`, then `loopgolf runs add`): `loopgolf fit --data {args.data} --quant {p.describe()}`"
-                )
+            fit = load_fit(Path(args.fit))  # a named file must be readable
+        else:
+            fits, default = {}, parse_policy("").describe()
+            for p in policies:
+                path = fit_file(args.data, p.describe())
+                if path.is_file():
+                    fits[p.describe()] = load_fit(path)
+                elif p.describe() == default:
+                    fit_missing.append(
+                        f"no loss fit for dataset {args.data!r} (looked for {path}); make one with `loopgolf sweep calibration` then `loopgolf fit --data {args.data}`"
+                    )
+                else:
+                    fit_missing.append(
+                        f"no loss fit for dataset {args.data!r} with quant {p.describe()} (looked for {path}); a fit is made on runs exported with "
+                        f"that policy (`loopgolf run --quant ...`, then `loopgolf runs add`): `loopgolf fit --data {args.data} --quant {p.describe()}`"
+                    )
+            fit = fits or None
     if args.code_bytes is not None and args.code_form is not None:
         raise ValueError("--code-bytes gives the code's size outright; --code-form counts a generated script's form: give one")
 
@@ -67,7 +70,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         steps_budget=args.steps,
         flops_budget=args.flops,
         progress=not args.json,
-        fit=fits or None,
+        fit=fit,
     )
     if fit_missing:
         out["fit_missing"] = "; ".join(fit_missing)

@@ -117,6 +117,7 @@ def _cell(value: object) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from loopgolf.lab.frontier import is_frontier
     from loopgolf.lab.ledger import load_ledger
     from loopgolf.lab.report import write_report
     from loopgolf.lab.store import Store
@@ -125,8 +126,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     with Store(store_path(args.store), readonly=True) as store:
         rows = store.rows(args.store_ledger or ledger.name)
     command = args.command_note or ("loopgolf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else None)
-    from loopgolf.lab.frontier import is_frontier
-
     path = write_report(ledger, rows, Path(args.out), command=command)
     plots = "bpb_vs_bytes.png, bpb_vs_flops.png, loss_curves.png" + (", bpb_vs_cap.png" if is_frontier(ledger) else "")
     print(f"loopgolf report: {path} (+ {plots})")

@@ -5,8 +5,8 @@ the matmuls: attention's softmax, norms, Muon's Newton-Schulz, per-layer control
 small CPU model those are most of the step. :func:`step_time` builds the model, runs the real
 optimizers on synthetic tokens for ``warmup`` steps and ``steps`` timed steps at each progressive-
 recurrence stage (each stage runs at its own depth), and keeps the median per stage. It sets up
-the allocator as training does (:func:`loopgolf.train.trainer.keep_freed_memory`): without it a
-CPU step measured 20-35% slower than the same step in a run.
+the allocator as training does (:func:`loopgolf.train.trainer.keep_freed_memory`): without that
+and with one warm-up step, a CPU step measured 12-36% slower than the same step in a run.
 
 Results are cached as JSON under ``<cache>/steptime/`` (``$LOOPGOLF_CACHE``, else
 ``~/.cache/loopgolf``), keyed by everything that changes the time: the model configuration, the
@@ -100,7 +100,7 @@ def measure(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     if device.type != "cuda":
-        keep_freed_memory()  # as training does: without it each CPU step faults its activations in again (measured 20-35% slower)
+        keep_freed_memory()  # as training does: without it each CPU step faults its activations in again (measured 8-11% slower)
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     model.train()
