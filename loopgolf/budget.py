@@ -730,11 +730,12 @@ def format_budget_report(out: dict[str, Any]) -> str:
         run_flags = "" if c["quant"] == _DEFAULT_QUANT else f" --quant {shlex.quote(c['quant'])}"  # the run exports as planned
         if budget is not None:  # the run that trains what the row predicts: the same wallclock, or its steps
             run_flags += f" --time {budget['amount']:g}" if budget["kind"] == "seconds" else f" --steps {c['steps_in_budget']} --train time_budget=null"
+        command = f"loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip() + form_flag + run_flags
+        if c.get("steps_in_budget") == 0:  # `run` refuses --steps 0, and a run of no step predicts nothing
+            command = f"(the budget buys no step of this model: {_budget_text(budget)})"
         lines.append(
             f"  {c['predicted_bytes']:>11,}{mark}  {c['model_dim']:<5} {c['virtual_layers']:<3} {c['loops']:<5} {c['unique_params']:>11,}  "
-            f"{c['forward_flops_per_token']:>13.3g}  {c['step_seconds']:>8.3g}{steps}  loopgolf run --preset {c['preset']} {' '.join(c['overrides'])}".rstrip()
-            + form_flag
-            + run_flags
+            f"{c['forward_flops_per_token']:>13.3g}  {c['step_seconds']:>8.3g}{steps}  {command}"
         )
     if candidates and out.get("step_time") == "measure":
         lines.append(

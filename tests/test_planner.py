@@ -378,6 +378,11 @@ def test_budget_steps_and_flops_give_each_candidate_its_steps(capsys):
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert f"--steps {steps[0]} --train time_budget=null" in text and "steps each candidate gets in 5e+13 training FLOPs" in text
+    # A budget too small for one step of a candidate lists no command that `run` would refuse.
+    args = parser.parse_args([*common, "--flops", "1e6"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "--steps 0" not in text and "the budget buys no step of this model: 1e+06 training FLOPs" in text
     for bad in (
         ["--steps", "0"],
         ["--steps", "2.5"],

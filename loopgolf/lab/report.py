@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from loopgolf.lab.frontier import frontier, is_frontier, plot_frontier, render_frontier
+from loopgolf.lab.frontier import CapResult, frontier, is_frontier, plot_frontier, render_frontier
 from loopgolf.lab.ledger import Ledger
 from loopgolf.lab.significance import MIN_SEEDS, SIGNIFICANCE, Paired, Welch, margin_p, mean_std, paired, welch
 from loopgolf.lab.store import RunRow
@@ -301,7 +301,8 @@ def margin_bpb(groups: list[VariantStats]) -> float | None:
     return RECORD_MARGIN_NATS / math.log(2) * (sum(ratios) / len(ratios)) if ratios else None
 
 
-def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRow], command: str | None = None) -> str:
+def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRow], command: str | None = None, caps: list[CapResult] | None = None) -> str:
+    """The report's markdown (``caps``: the frontier of a frontier ledger, when the caller has it already)."""
     base = next((g for g in groups if g.name == ledger.baseline), None)
     sel = select_rows(rows)
     counted = [r for g in groups for r in g.rows]
@@ -404,7 +405,7 @@ def render_markdown(ledger: Ledger, groups: list[VariantStats], rows: list[RunRo
     while lines[-1] == "":
         lines.pop()
     if is_frontier(ledger):
-        lines += ["", *render_frontier(frontier(ledger, groups))]
+        lines += ["", *render_frontier(caps if caps is not None else frontier(ledger, groups))]
     lines += [
         "",
         "## Verdict",
@@ -465,8 +466,9 @@ def write_report(ledger: Ledger, rows: list[RunRow], out: Path, command: str | N
     groups = variant_stats(ledger, rows)
     out.mkdir(parents=True, exist_ok=True)
     make_plots(groups, out, f"ledger {ledger.name}")
-    if is_frontier(ledger):
-        plot_frontier(frontier(ledger, groups), out, f"ledger {ledger.name}")
+    caps = frontier(ledger, groups) if is_frontier(ledger) else None
+    if caps is not None:
+        plot_frontier(caps, out, f"ledger {ledger.name}")
     path = out / "report.md"
-    path.write_text(render_markdown(ledger, groups, rows, command), encoding="utf-8")
+    path.write_text(render_markdown(ledger, groups, rows, command, caps), encoding="utf-8")
     return path
