@@ -8,7 +8,7 @@ from helpers import output_error, tiny_model
 from loopgolf.data.shards import load_tokens, write_shard
 from loopgolf.export.artifact import dequantize_tensor
 from loopgolf.export.gptq import CalibrationError, calibration_tokens, collect_hessians, gptq_quantize
-from loopgolf.export.quantize import QuantPolicy, choose_scales, encode_tensor, round_codes
+from loopgolf.export.quantize import PolicyError, QuantPolicy, choose_scales, encode_tensor, parse_policy, round_codes
 from loopgolf.model.gpt import GPT
 from loopgolf.model.plan import PlanSpec
 
@@ -201,3 +201,72 @@ def test_calibration_from_a_shard_reads_only_its_windows(tmp_path):
     assert calib.shape == (32, 128)
     # The whole stream as int64 would be 40 MB (and loading it 10 MB more); the windows are 32 KB.
     assert peak < 8 * n / 100, peak
+
+
+# ---------------------------------------------------------------- GPTQ on the output layer
+
+
+def _output_layer_problem(tie: bool):
+    model = tiny_model(seed=2, tie_embeddings=tie)
+    if not tie:  # the untied head starts at zero: give it something to code
+        torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+    tokens = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(1))
+    return model, collect_hessians(model, tokens, include_embedding=True)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gptq_on_the_output_layer_uses_the_final_hidden_states_hessian(tie):
+    model, H = _output_layer_problem(tie)
+    name = "tok_emb.weight" if tie else "lm_head.weight"
+    X = model.hidden(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(1))).reshape(-1, 32)
+    torch.testing.assert_close(H[name], X.T @ X / X.shape[0])
+    assert ("lm_head.weight" in H) != tie and ("tok_emb.weight" in H) == tie  # an untied input embedding has no Hessian
+    W = model.state_dict()[name]
+    rounded = encode_tensor(name, W, parse_policy("int5,embed=5,gptq,fp16max=0"), hessian=H[name])
+    coded = encode_tensor(name, W, parse_policy("int5,embed=5,gptq,gptq_roles=embed+attn+mlp,fp16max=0"), hessian=H[name])
+    assert torch.equal(rounded.scale, coded.scale) and not torch.equal(rounded.data, coded.data)  # same grid, other codes
+    assert output_error(W, dequantize_tensor(coded), H[name]) < 0.9 * output_error(W, dequantize_tensor(rounded), H[name])
+
+
+def test_gptq_on_the_embedding_needs_the_output_layers_hessian_and_leaves_a_lookup_table_rounded(tmp_path):
+    from loopgolf.export.pack import export_model, load_model
+    from loopgolf.export.quantize import QuantError, encode_state
+
+    policy = parse_policy("int6,gptq,gptq_roles=embed+attn+mlp,fp16max=0")
+    model, H = _output_layer_problem(True)
+    without = {k: v for k, v in H.items() if k != "tok_emb.weight"}
+    with pytest.raises(QuantError, match="no output layer has a Hessian"):
+        encode_state(model.state_dict(), policy, hessians=without)
+    # Untied: the head is GPTQ'd, the input embedding (no Hessian) is rounded to nearest, as without embed.
+    untied, Hu = _output_layer_problem(False)
+    state = untied.state_dict()
+    qstate, _ = encode_state(state, policy, hessians=Hu)
+    plain, _ = encode_state(state, parse_policy("int6,gptq,fp16max=0"), hessians=Hu)
+    assert torch.equal(qstate["tok_emb.weight"].data, plain["tok_emb.weight"].data)
+    assert not torch.equal(qstate["lm_head.weight"].data, plain["lm_head.weight"].data)
+    # export_model gathers the output layer's Hessian itself when the policy asks for it.
+    calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    export_model(model, tmp_path / "e.lgz", policy=policy, codec="lzma", calibration=calib)
+    _, loaded = load_model(tmp_path / "e.lgz")
+    assert QuantPolicy.from_dict(loaded.meta["quant"]) == policy
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("gptq_roles=embed+attn", "only applies with GPTQ on"),
+        ("gptq,gptq_roles=lora", "gptq_roles must be distinct roles from embed, attn, mlp"),
+        ("gptq,gptq_roles=attn+attn", "gptq_roles must be distinct"),
+        ("gptq,gptq_roles=", "gptq_roles must be distinct"),
+    ],
+)
+def test_bad_gptq_roles_are_refused(text, message):
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(text)
+
+
+def test_gptq_roles_spellings_and_the_default_policy_unchanged():
+    a, b = parse_policy("gptq,gptq_roles=mlp+embed+attn"), parse_policy("gptq,gptq_roles=embed+attn+mlp")
+    assert a == b and a.gptq_roles == "embed+attn+mlp" and parse_policy(a.describe()) == a
+    assert "gptq_roles" not in parse_policy("int6,gptq").to_dict()  # older policies record (and so store) the same bytes
+    assert a.uses_gptq("embed") and not parse_policy("gptq").uses_gptq("embed")

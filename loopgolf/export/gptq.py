@@ -39,8 +39,9 @@ class CalibrationError(ValueError):
 def collect_hessians(model: nn.Module, tokens: Tensor, *, batch_size: int = 8, include_embedding: bool = False) -> dict[str, Tensor]:
     """``H = mean x x^T`` (float32, in x in) of every shared linear layer's inputs over ``tokens``
     (LongTensor (N, T)), gathered with forward hooks; a layer that several virtual layers run
-    accumulates over all its uses. With ``include_embedding`` and tied embeddings, the embedding
-    also gets the Hessian of its use as the output layer (the final hidden states)."""
+    accumulates over all its uses. With ``include_embedding`` the output layer gets the Hessian
+    of its inputs, the final hidden states: under ``tok_emb.weight`` when the embedding is tied
+    (its use as the output layer), under ``lm_head.weight`` when the head is its own matrix."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise CalibrationError("calibration tokens must be an integer tensor of shape (N, T)")
     if tokens.numel() == 0:
@@ -48,6 +49,8 @@ def collect_hessians(model: nn.Module, tokens: Tensor, *, batch_size: int = 8, i
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab})")
+    if include_embedding and not hasattr(model, "hidden"):
+        raise CalibrationError("the output layer's Hessian needs the model's final hidden states (a loopgolf GPT's hidden())")
     targets = shared_matrices(model)
     if not targets:
         raise CalibrationError("the model has no shared attention/MLP linear layers to calibrate")
@@ -70,9 +73,9 @@ def collect_hessians(model: nn.Module, tokens: Tensor, *, batch_size: int = 8, i
     try:
         for chunk in tokens.split(batch_size):
             h = model.hidden(chunk.to(device)) if hasattr(model, "hidden") else model(chunk.to(device))
-            if include_embedding and getattr(model, "lm_head", 1) is None:
+            if include_embedding:
                 x = h.reshape(-1, h.shape[-1]).float()
-                name = "tok_emb.weight"
+                name = "tok_emb.weight" if getattr(model, "lm_head", None) is None else "lm_head.weight"
                 sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
                 counts[name] = counts.get(name, 0) + x.shape[0]
     finally:

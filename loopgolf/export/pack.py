@@ -176,7 +176,7 @@ def export_model(
     if hessians is None and calibration is not None and (policy.gptq or policy.lowrank_rank):
         from loopgolf.export.gptq import collect_hessians
 
-        hessians = collect_hessians(model, calibration)
+        hessians = collect_hessians(model, calibration, include_embedding=policy.uses_gptq("embed"))
     if policy.gptq and hessians is None:
         raise ArtifactError("the policy uses GPTQ, which needs calibration tokens (export.gptq.calibration_tokens) or hessians")
     try:

@@ -103,7 +103,9 @@ _LATER_FIELDS: tuple[str, ...] = (
     "lqer_top",
     "lqer_select",
     "layout",
+    "gptq_roles",
 )
+GPTQ_ROLES: tuple[str, ...] = ("embed", "attn", "mlp")  # roles with a Hessian (the embedding: its use as the output layer)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,11 @@ class QuantPolicy:
     # How the artifact orders the stored tensors for the entropy coder (not how they are coded):
     # plain (table order) | grouped (codes of like matrices together, column by column; format 3).
     layout: str = "plain"
+    # Roles GPTQ codes ("+"-joined, from GPTQ_ROLES). "embed" codes the output layer (the tied
+    # embedding, or an untied head) against the Hessian of the final hidden states, as the
+    # Parameter Golf record does; an untied input embedding and a position table have no such
+    # Hessian and stay rounded to nearest.
+    gptq_roles: str = "attn+mlp"
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -164,6 +171,12 @@ class QuantPolicy:
             raise PolicyError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         self._check_sigma_clip()
         self._check_lowrank()
+        roles = self.gptq_roles.split("+") if isinstance(self.gptq_roles, str) else None
+        if not roles or any(r not in GPTQ_ROLES for r in roles) or len(set(roles)) != len(roles):
+            raise PolicyError(f"gptq_roles must be distinct roles from {', '.join(GPTQ_ROLES)} joined by '+', got {self.gptq_roles!r}")
+        object.__setattr__(self, "gptq_roles", "+".join(r for r in GPTQ_ROLES if r in roles))  # one spelling per set
+        if self.gptq_roles != QuantPolicy.__dataclass_fields__["gptq_roles"].default and not self.gptq:
+            raise PolicyError("gptq_roles only applies with GPTQ on: add the item gptq")
 
     def _check_sigma_clip(self) -> None:
         default = QuantPolicy.__dataclass_fields__
@@ -213,7 +226,7 @@ class QuantPolicy:
         return None if role == "control" else getattr(self, f"{role}_bits")
 
     def uses_gptq(self, role: str) -> bool:
-        return self.gptq and role in ("attn", "mlp")
+        return self.gptq and role in self.gptq_roles.split("+")
 
     def uses_lowrank(self, role: str) -> bool:
         return self.lowrank_rank > 0 and role in self.lowrank_roles.split("+")
@@ -276,6 +289,7 @@ _SCALAR_KEYS = {  # policy-string key -> field (bit widths are handled separatel
     "lqer_top": "lqer_top",
     "lqer_select": "lqer_select",
     "layout": "layout",
+    "gptq_roles": "gptq_roles",
 }
 # Keys that set several fields at once (like all=N for the bit widths).
 _MULTI_KEYS = {
@@ -318,7 +332,7 @@ def _parse_scalar(key: str, name: str, text: str) -> object:
             if t not in ("1", "0", "on", "off", "true", "false"):
                 raise ValueError
             return t in ("1", "on", "true")
-        if name in ("clip", "lowrank_roles", "lqer_select", "layout"):
+        if name in ("clip", "lowrank_roles", "lqer_select", "layout", "gptq_roles"):
             return t
         if name in ("clip_percentile", "gptq_damp") or name.endswith("_sigmas"):
             return float(t)
@@ -338,6 +352,8 @@ def parse_policy(text: str | None) -> QuantPolicy:
     - ``embed=N``, ``attn=N``, ``mlp=N``, ``lora=N``: one role; N may be ``fp16`` to store that
       role as float16;
     - ``gptq`` (or ``gptq=0|1``): GPTQ for attention and MLP matrices (needs calibration tokens);
+      ``gptq_roles=embed+attn+mlp`` (any of them joined by ``+``): which roles, ``embed`` being the
+      output layer (the tied embedding) coded against the final hidden states' Hessian;
     - ``clip=percentile|mse|sigma`` and ``percentile=P``: how each row's clip is chosen;
     - ``sigmas=K`` (every role) or ``embed_sigmas=K``, ``attn_sigmas=K``, ``mlp_sigmas=K``,
       ``lora_sigmas=K``: with ``clip=sigma``, each row is clipped at K standard deviations
@@ -808,7 +824,7 @@ def encode_tensor(name: str, t: torch.Tensor, policy: QuantPolicy, *, hessian: t
     w_coded = w if keep is None else w.masked_fill(keep, 0.0)
     try:
         scale = choose_scales(w_coded, bits, policy.clip, policy.clip_percentile, policy.sigmas_for(role))
-        if policy.uses_gptq(role):
+        if policy.uses_gptq(role) and not (role == "embed" and hessian is None):  # an embedding never used as the output layer has no Hessian
             if hessian is None:
                 raise QuantError("the policy asks for GPTQ but there is no calibration Hessian for it (pass calibration tokens to export_model)")
             codes = gptq_quantize(w, hessian, bits, scale, block_size=policy.gptq_block, damp=policy.gptq_damp, keep=keep)
@@ -840,6 +856,8 @@ def encode_state(
     :func:`select_lowrank` ranks first (by ``policy.lqer_select``) rather than to every one."""
     aliases = find_aliases(state)
     hessians = hessians or {}
+    if policy.uses_gptq("embed") and not any(tensor_role(name) == "embed" and name in hessians for name in state):
+        raise QuantError("gptq_roles includes embed, but no output layer has a Hessian (collect_hessians(..., include_embedding=True) gathers it)")
     pick = policy.lqer_top > 0
     qstate = {name: encode_tensor(name, t, policy, hessian=hessians.get(name), lowrank=not pick) for name, t in state.items() if name not in aliases}
     if pick:
