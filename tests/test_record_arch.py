@@ -16,14 +16,34 @@ from loopgolf.model.gpt import GPT, ModelConfig, apply_rotary, exclude_own_value
 from loopgolf.model.plan import PlanSpec
 from loopgolf.model.roles import parameter_roles
 
-RECORD = dict(mlp_act="leaky_relu2", ln_scale=True, rope_dims=4, xsa=True, attn_gate=True, attn_gate_scale=0.5, gate_window=8, skip_gates=True, smear_gate=True)
+RECORD = dict(
+    mlp_act="leaky_relu2",
+    ln_scale=True,
+    rope_dims=4,
+    xsa=True,
+    attn_gate=True,
+    attn_gate_scale=0.5,
+    gate_window=8,
+    skip_gates=True,
+    smear_gate=True,
+    parallel_from=1,
+)
 CYCLE = PlanSpec("cycle", layers=2, loops=2)
 
 
 def test_options_off_add_no_parameters_and_change_nothing():
     base = tiny_model(plan=CYCLE)
     off = tiny_model(
-        plan=CYCLE, ln_scale=False, rope_dims=None, xsa=False, attn_gate=False, attn_gate_scale=0.5, gate_window=8, skip_gates=False, smear_gate=False
+        plan=CYCLE,
+        ln_scale=False,
+        rope_dims=None,
+        xsa=False,
+        attn_gate=False,
+        attn_gate_scale=0.5,
+        gate_window=8,
+        skip_gates=False,
+        smear_gate=False,
+        parallel_from=None,
     )
     assert list(base.state_dict()) == list(off.state_dict())
     idx = torch.randint(0, 64, (2, 12))
@@ -140,6 +160,28 @@ def test_ln_scale_follows_the_virtual_layer_not_the_stored_block():
             assert torch.allclose(model.layer(v, x, x0, cos, sin), want, atol=1e-5), v
 
 
+def test_parallel_residual_follows_the_stored_mlp_in_every_pass():
+    """cycle:2x2 with parallel_from=1: virtual layers 1 and 3 run stored MLP 1, which reads the
+    layer's input as attention does (GPT-J: x + a * A(n(x)) + m * M(n(x))); layers 0 and 2 run
+    MLP 0, which reads the attention's output. Checked against the layers written out."""
+    model = random_model(CYCLE, parallel_from=1)
+    x, x0 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    cos, sin = model.rotary(5)
+    with torch.no_grad():
+        for v in range(4):
+            b, m = model.plan.attn_of[v], model.plan.mlp_of[v]
+            mix = model.resid_mix[b]
+            h = mix[0] * x + mix[1] * x0
+            a = model.attn[b](rms_norm(h), model.q_gain[b], cos, sin)
+            after = h + model.attn_scale[b] * a
+            want = after + model.mlp_scale[m] * model.mlps[m](rms_norm(h if m >= 1 else after))
+            assert torch.allclose(model.layer(v, x, x0, cos, sin), want, atol=1e-5), v
+    sequential = random_model(CYCLE)
+    idx = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(model(idx), sequential(idx))  # the same weights (same seed), another model
+
+
 def test_rows_at_different_depths_equal_each_row_alone_with_every_option():
     """The serving path (one virtual layer per batch row) gives each row its own ln_scale factor
     and gate rows, as the training path does for the whole batch."""
@@ -215,6 +257,9 @@ def test_record_options_train_a_step_and_their_gates_get_gradients():
         (dict(smear_gate=True, smear_bos_id=-1), "smear_bos_id"),
         (dict(xsa="yes"), "xsa"),
         (dict(mlp_act="leaky"), "mlp_act"),
+        (dict(parallel_from=2), r"parallel_from must be a stored MLP index in \[0, 1\]"),
+        (dict(parallel_from=-1), "parallel_from"),
+        (dict(parallel_from=1.5), "parallel_from"),
     ],
 )
 def test_bad_record_options_are_one_line_errors(changes, needle):

@@ -41,6 +41,8 @@ PLANS = {
         PlanSpec("mini-loop", layers=4, loops=2, loop_start=1, loop_end=2),
         dict(mlp_act="leaky_relu2", ln_scale=True, rope_dims=4, xsa=True, attn_gate=True, attn_gate_scale=0.5, gate_window=8, skip_gates=True, smear_gate=True),
     ),
+    # The GPT-J parallel residual on a block that runs in every pass.
+    "parallel-residual": (PlanSpec("cycle", layers=2, loops=2), dict(parallel_from=1)),
 }
 
 

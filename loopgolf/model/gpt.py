@@ -101,6 +101,9 @@ class ModelConfig:
     skip_gates: bool = field(default=False, metadata=ADDED_LATER)  # U-Net skips mix by a learned sigmoid gate (lerp) instead of adding
     smear_gate: bool = field(default=False, metadata=ADDED_LATER)  # e_t += lam * sigmoid(w . e_t[:gate_window]) * e_{t-1}, never across a BOS
     smear_bos_id: int = field(default=1, metadata=ADDED_LATER)  # the token that starts a document (the official shards' BOS)
+    # GPT-J parallel residual: the stored MLPs from this index on read the layer's input, as its
+    # attention does, instead of the attention's output (None: every MLP reads the attention's output).
+    parallel_from: int | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
@@ -178,6 +181,10 @@ class ModelConfig:
         check_range("model", "attn_gate_scale", self.attn_gate_scale, -1e4, 1e4)
         if self.smear_gate:
             check_range("model", "smear_bos_id", self.smear_bos_id, 0, self.vocab_size - 1)
+        if self.parallel_from is not None:
+            n_mlp = build_plan(self.plan).num_mlp
+            if not 0 <= self.parallel_from < n_mlp:
+                raise ValueError(f"parallel_from must be a stored MLP index in [0, {n_mlp - 1}] (the plan stores {n_mlp}), got {self.parallel_from}")
 
     @property
     def head_dim(self) -> int:
@@ -639,8 +646,9 @@ class GPT(nn.Module):
         sel, x, adapt = self._enter(v, x, x0)
         gate = None if self.attn_gate is None else sel.attn.rows(self.attn_gate)
         attn = self.attn[sel.attn_of](sel.scaled(self.norm(x, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt, attend, gate)
-        x = x + sel.attn(self.attn_scale, x.dtype) * attn
-        return x + sel.mlp(self.mlp_scale, x.dtype) * self.mlps[sel.mlp_of](sel.scaled(self.norm(x, "mlp_norm", sel.mlp)), adapt)
+        h = x + sel.attn(self.attn_scale, x.dtype) * attn
+        parallel = self.config.parallel_from is not None and sel.mlp_of >= self.config.parallel_from  # the MLP reads what attention read
+        return h + sel.mlp(self.mlp_scale, x.dtype) * self.mlps[sel.mlp_of](sel.scaled(self.norm(x if parallel else h, "mlp_norm", sel.mlp)), adapt)
 
     def layer_kv(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
         """The keys and values virtual layer(s) ``v`` (as in :meth:`layer`) would cache for
