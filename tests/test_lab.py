@@ -48,7 +48,7 @@ model = { model_dim = 48, num_heads = 2, num_kv_heads = 1 }
 
 def test_builtin_ledgers_load_and_resolve():
     names = builtin_ledgers()
-    assert {"cpu-seed", "pg-seed", "calibration", "record-recipe", "record-ablation", "frontier"} <= set(names)
+    assert {"cpu-seed", "pg-seed", "calibration", "record-recipe", "record-ablation", "frontier", "frontier-long", "planner-grid"} <= set(names)
     # every built-in ledger loads and every variant resolves (presets, overrides, budgets)
     for name in names:
         ledger = load_ledger(name)
@@ -296,6 +296,41 @@ model_cap_bytes = 9000
 """
 
 
+def test_frontier_long_runs_the_frontier_ledgers_middle_cap_models_for_longer():
+    """Seed by seed comparable with `frontier`: the same models, the same seeds, only the clock differs."""
+    short, long = load_ledger("frontier"), load_ledger("frontier-long")
+    assert (short.budget_kind, short.budget, long.budget_kind, long.budget) == ("seconds", 300, "seconds", 1800)
+    assert long.baseline == short.baseline and {v.name for v in long.variants} == {v.name for v in short.variants if v.model_cap_bytes == 400000}
+    for v in long.variants:
+        twin = short.variant(v.name)
+        assert (v.preset, v.model, v.train, v.quant, v.family, v.seeds) == (twin.preset, twin.model, twin.train, twin.quant, twin.family, twin.seeds)
+
+
+def test_planner_grid_holds_every_vanilla_shape_that_fits_its_cap():
+    """For each width, the grid has exactly the depths (1-6) whose predicted model bytes fit
+    1,000,000, so the planner's vanilla pick at that cap is always one of its shapes."""
+    from loopgolf.budget import predict_bytes
+    from loopgolf.export.quantize import parse_policy
+    from loopgolf.run import RunOptions, build_config
+
+    ledger = load_ledger("planner-grid")
+    assert (ledger.budget_kind, ledger.budget, ledger.variant(ledger.baseline).seeds) == ("seconds", 600, (1, 2, 3))
+    have = {(v.model["model_dim"], v.model["plan"]["layers"]) for v in ledger.variants}
+    for width in (64, 128, 192, 256):
+        fits = set()
+        for layers in range(1, 7):
+            model = {
+                "model_dim": width,
+                "num_heads": width // 32,
+                "num_kv_heads": max(1, width // 64),
+                "plan": {"kind": "vanilla", "layers": layers, "loops": 1},
+            }
+            cfg = build_config(RunOptions(preset="cpu-vanilla", model_overrides=model, progress=False))
+            if predict_bytes(cfg.model, parse_policy(cfg.export.quant), cfg.export.codec)["model_bytes"] <= 1_000_000:
+                fits.add((width, layers))
+        assert {s for s in have if s[0] == width} == fits, width
+
+
 def test_frontier_report_takes_each_familys_best_per_cap_and_tests_it(tmp_path):
     from matplotlib.image import imread
 
@@ -379,10 +414,12 @@ def test_the_ablation_ledger_toggles_one_component_per_variant():
     base, record = built("base"), built("record")
     names = {v.name for v in ledger.variants}
     parts = sorted(n[3:] for n in names if n.startswith("on-"))
-    assert len(parts) == 13 and {f"off-{p}" for p in parts} <= names and len(names) == 2 + 2 * len(parts)
+    # The parallel residual is not in the recipe's preset: its record-side variant adds it (plus-).
+    assert len(parts) == 14 and {f"off-{p}" for p in parts if p != "parallel"} | {"plus-parallel"} <= names and len(names) == 2 + 2 * len(parts)
     for part in parts:
         assert built(f"on-{part}") != base, part
-        assert built(f"off-{part}") != record, part
+        assert built(f"off-{part}" if part != "parallel" else "plus-parallel") != record, part
+    assert built("on-parallel")["model"]["parallel_from"] == 1 and built("plus-parallel")["model"]["parallel_from"] == 1
     assert built("off-ema")["train"]["ema_decay"] is None and built("off-rope16")["model"]["rope_dims"] is None
 
 
