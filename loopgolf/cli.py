@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from loopgolf.commands.args import EXIT_BAD_INPUT
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program its pipe's reader closed
 
 # command -> module of loopgolf.commands that implements it, in the order `--help` lists them.
 COMMANDS: dict[str, str] = {
@@ -57,9 +61,25 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, except that it never breaks a line inside a hyphenated name (a preset,
+    a ledger, an option such as ``record-ablation``), so help text can be searched for them."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """Argument errors as one line on stderr and exit 2, like every other bad input (argparse
     would print the whole usage first); ``--help`` shows the usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)  # subcommands' parsers are Parsers too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -105,7 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not in the exit's flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (`loopgolf runs | head`): stop as a killed-by-SIGPIPE program does,
+        # quietly, with stdout pointed at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (ValueError, OSError, FloatingPointError) as e:
         # User mistakes and bad inputs (bad values and files, a diverged run, a full or read-only
         # disk): one clear line, no traceback; --debug shows it.

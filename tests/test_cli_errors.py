@@ -122,3 +122,15 @@ def test_over_cap_run_writes_its_report_and_exits_3(text_dataset, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 3 and "over the 1,000-byte cap" in err
     assert json.loads((run_dir / "summary.json").read_text())["fits"] is False
+
+
+def test_a_closed_output_pipe_stops_quietly():
+    """`loopgolf presets | head -1`: the reader closes the pipe; loopgolf stops as a program
+    killed by SIGPIPE does (status 141), with no traceback and no error line."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "loopgolf", "presets"], stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 141 and proc.stderr == ""
