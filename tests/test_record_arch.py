@@ -33,18 +33,9 @@ CYCLE = PlanSpec("cycle", layers=2, loops=2)
 
 def test_options_off_add_no_parameters_and_change_nothing():
     base = tiny_model(plan=CYCLE)
-    off = tiny_model(
-        plan=CYCLE,
-        ln_scale=False,
-        rope_dims=None,
-        xsa=False,
-        attn_gate=False,
-        attn_gate_scale=0.5,
-        gate_window=8,
-        skip_gates=False,
-        smear_gate=False,
-        parallel_from=None,
-    )
+    # Every option at its default (off), but the gate's scale and window set: unused, they change nothing.
+    off = {name: ModelConfig.__dataclass_fields__[name].default for name in RECORD}
+    off = tiny_model(plan=CYCLE, **{**off, "attn_gate_scale": 0.5, "gate_window": 8})
     assert list(base.state_dict()) == list(off.state_dict())
     idx = torch.randint(0, 64, (2, 12))
     assert torch.equal(base(idx), off(idx))
