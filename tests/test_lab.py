@@ -329,6 +329,30 @@ def test_planner_grid_holds_every_vanilla_shape_that_fits_its_cap():
             if predict_bytes(cfg.model, parse_policy(cfg.export.quant), cfg.export.codec)["model_bytes"] <= 1_000_000:
                 fits.add((width, layers))
         assert {s for s in have if s[0] == width} == fits, width
+    # The planner's own vanilla candidates at this cap are grid shapes.
+    from loopgolf.cli import main
+
+    argv = [
+        "budget",
+        "--cap",
+        "1000000",
+        "--code-bytes",
+        "0",
+        "--head-dim",
+        "32",
+        "--family",
+        "cpu-vanilla",
+        "--layers",
+        "1,2,3,4,5,6",
+        "--top",
+        "20",
+        "--matmul-flops",
+        "2e10",
+    ]
+    with redirect_stdout(io.StringIO()) as out:
+        assert main([*argv, "--json"]) == 0
+    picks = {(c["model_dim"], c["virtual_layers"]) for c in json.loads(out.getvalue())["candidates"]}
+    assert len(picks) == 6 and picks <= have
 
 
 def test_frontier_report_takes_each_familys_best_per_cap_and_tests_it(tmp_path):
