@@ -392,6 +392,24 @@ def test_frontier_report_takes_each_familys_best_per_cap_and_tests_it(tmp_path):
     assert img.shape[:2] == (550, 800) and img[..., :3].std() > 0.01
 
 
+def test_frontier_verdict_names_a_family_ahead_seed_by_seed(tmp_path):
+    """Seeds that differ far more than the designs do: Welch's test sees noise, the paired test
+    (same seed on both sides) sees the reference ahead in every seed, and the verdict says so
+    without calling it a win."""
+    from loopgolf.lab.frontier import frontier
+
+    ledger = parse_ledger(FRONTIER)
+    bpbs = {"v-small": [2.30, 2.40, 2.50], "s-small": [2.311, 2.409, 2.512]}
+    with Store(tmp_path / "s.sqlite") as store:
+        for name, values in bpbs.items():
+            for seed, bpb in enumerate(values, 1):
+                store.add(_fake_run(tmp_path / "runs", f"{name}{seed}", bpb=bpb, seed=seed, artifact=1600), ledger="front", variant=name)
+        rows = store.rows("front")
+    small = frontier(ledger, variant_stats(ledger, rows))[0]
+    assert small.test.p > 0.5 and small.paired.p < 0.01 and small.winner() is None
+    assert "not significant by Welch's test at p < 0.01, but `vanilla` is ahead seed by seed (paired)" in small.verdict()
+
+
 @pytest.mark.parametrize(
     "edit, needle",
     [

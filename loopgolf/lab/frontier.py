@@ -88,7 +88,14 @@ class CapResult:
         if min(len(c.bpb), len(ref.bpb)) < MIN_SEEDS:
             return f"{who}, {p_text}; fewer than {MIN_SEEDS} seeds a side: no verdict"
         winner = self.winner()
-        return f"{who}, {p_text}: " + (f"**{winner} wins**" if winner else f"no significant difference at p < {SIGNIFICANCE}")
+        if winner:
+            return f"{who}, {p_text}: **{winner} wins**"
+        pd = self.paired
+        if pd is not None and pd.n >= MIN_SEEDS and math.isfinite(pd.p) and pd.p < SIGNIFICANCE:
+            # Welch's test counts each seed's own luck as noise; with the same seeds on both sides the paired test removes it.
+            ahead = c.family if pd.diff < 0 else self.reference
+            return f"{who}, {p_text}: not significant by Welch's test at p < {SIGNIFICANCE}, but `{ahead}` is ahead seed by seed (paired)"
+        return f"{who}, {p_text}: no significant difference at p < {SIGNIFICANCE}"
 
 
 def is_frontier(ledger: Ledger) -> bool:
