@@ -6,7 +6,7 @@ from __future__ import annotations
 
 # The export of the Parameter Golf record (openai/parameter-golf PR #1855) in loopgolf's syntax:
 # GPTQ int6 matrices and an int7 embedding, GPTQ'd too as the output layer (measured: it closed
-# two thirds of the record recipe's quantization gap at 2 x 128), sigma clips per role, and LQER
+# half to two thirds of the record recipe's quantization gap at 2 x 128), sigma clips per role, and LQER
 # rank 4 on the 3 tensors with the largest errors, u at 2 bits and v at 4 bits in groups of 64
 # (its LQER_ASYM layout). The record's int8 attention gates and its lrzip/ZPAQ coder have no
 # counterpart here.
