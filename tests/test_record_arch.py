@@ -273,8 +273,10 @@ def test_a_checkpoint_from_before_the_options_still_resumes():
     old = {
         k: v
         for k, v in cfg.items()
-        if k not in ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id")
+        if k not in ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id", "parallel_from")
     }
     check_resumable({"config": {"model": old}}, cfg, {})
     with pytest.raises(ValueError, match="xsa"):
         check_resumable({"config": {"model": old}}, {**cfg, "xsa": True}, {})
+    with pytest.raises(ValueError, match="parallel_from"):
+        check_resumable({"config": {"model": old}}, {**cfg, "parallel_from": 1}, {})
