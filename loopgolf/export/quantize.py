@@ -171,12 +171,18 @@ class QuantPolicy:
             raise PolicyError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         self._check_sigma_clip()
         self._check_lowrank()
-        roles = self.gptq_roles.split("+") if isinstance(self.gptq_roles, str) else None
-        if not roles or any(r not in GPTQ_ROLES for r in roles) or len(set(roles)) != len(roles):
-            raise PolicyError(f"gptq_roles must be distinct roles from {', '.join(GPTQ_ROLES)} joined by '+', got {self.gptq_roles!r}")
-        object.__setattr__(self, "gptq_roles", "+".join(r for r in GPTQ_ROLES if r in roles))  # one spelling per set
+        self._canonical_roles("gptq_roles", GPTQ_ROLES)
         if self.gptq_roles != QuantPolicy.__dataclass_fields__["gptq_roles"].default and not self.gptq:
             raise PolicyError("gptq_roles only applies with GPTQ on: add the item gptq")
+
+    def _canonical_roles(self, name: str, valid: tuple[str, ...]) -> None:
+        """Check the "+"-joined role set in field ``name`` and rewrite it in ``valid``'s order: one
+        spelling per set of roles, so equal policies compare (and describe) equal."""
+        value = getattr(self, name)
+        roles = value.split("+") if isinstance(value, str) else None
+        if not roles or any(r not in valid for r in roles) or len(set(roles)) != len(roles):
+            raise PolicyError(f"{name} must be distinct roles from {', '.join(valid)} joined by '+', got {value!r}")
+        object.__setattr__(self, name, "+".join(r for r in valid if r in roles))
 
     def _check_sigma_clip(self) -> None:
         default = QuantPolicy.__dataclass_fields__
@@ -190,11 +196,7 @@ class QuantPolicy:
     def _check_lowrank(self) -> None:
         if self.lowrank_rank > MAX_LOWRANK_RANK:
             raise PolicyError(f"lowrank_rank must be at most {MAX_LOWRANK_RANK}, got {self.lowrank_rank}")
-        roles = self.lowrank_roles.split("+") if isinstance(self.lowrank_roles, str) else None
-        if not roles or any(r not in CODED_ROLES for r in roles) or len(set(roles)) != len(roles):
-            raise PolicyError(f"lowrank_roles must be distinct roles from {', '.join(CODED_ROLES)} joined by '+', got {self.lowrank_roles!r}")
-        # One spelling per set of roles, so equal policies compare (and describe) equal.
-        object.__setattr__(self, "lowrank_roles", "+".join(r for r in CODED_ROLES if r in roles))
+        self._canonical_roles("lowrank_roles", CODED_ROLES)
         for name in ("lqer_ubits", "lqer_vbits"):
             b = getattr(self, name)
             if isinstance(b, bool) or not isinstance(b, int) or not (MIN_BITS <= b <= MAX_BITS or b == FLOAT16_BITS):
