@@ -284,3 +284,49 @@ def test_budget_searches_several_policies_each_with_its_own_fit(tmp_path, monkey
     text = capsys.readouterr().out
     assert f"--quant {six} --steps 300 --train time_budget=null" in text
     assert f"--quant {parse_policy('').describe()}" not in text  # the default policy needs no flag
+
+
+def test_fit_includes_the_runs_of_earlier_fit_files(tmp_path, monkeypatch, capsys):
+    """`fit --include FILE`: a saved fit's runs join the store's (a run counted once however often
+    it is included), alone when there is no store; a file of another dataset or policy, or with a
+    run a fit cannot take, is refused whole, with nothing written."""
+    from loopgolf.cli import main
+    from loopgolf.lab.store import Store
+    from loopgolf.lossmodel import load_fit
+    from loopgolf.util import atomic_write_json
+
+    monkeypatch.setenv("LOOPGOLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOOPGOLF_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no store at the default path
+    points = synthetic()
+    earlier = tmp_path / "earlier.json"
+    atomic_write_json(earlier, fit(points[:12], dataset="synthetic", unique_tokens=1e12).to_dict())
+    store = tmp_path / "store.sqlite"
+    with Store(store) as s:
+        for i, p in enumerate(points[12:]):
+            s.add(_run_dir(tmp_path, f"r{i}", p))
+    out = tmp_path / "both.json"
+    assert main(["fit", "--store", str(store), "--data", "synthetic", "--include", str(earlier), "--include", str(earlier), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    both = load_fit(out)
+    assert len(both.runs) == len(points) and both.params["gamma"] == pytest.approx(TRUE["gamma"], abs=0.02)
+    assert {r["name"] for r in both.runs} >= {p.name for p in points[:12]}
+    # The store's runs name no manifest: the dataset's size comes from the included file.
+    assert both.unique_tokens == 1e12 and report["unique_tokens_from"] == "the included fit files"
+    # No store: the included runs alone.
+    alone = tmp_path / "alone.json"
+    assert main(["fit", "--data", "synthetic", "--include", str(earlier), "--out", str(alone)]) == 0
+    assert "12 runs" in capsys.readouterr().out and len(load_fit(alone).runs) == 12
+    # Refused, nothing written: another dataset, another policy, a damaged run, no such file.
+    damaged = json.loads(earlier.read_text())
+    damaged["runs"][3]["bpb"] = math.nan
+    (tmp_path / "damaged.json").write_text(json.dumps(damaged).replace("NaN", "null"))
+    for args, message in (
+        (["--data", "other"], "a fit of dataset 'synthetic'"),
+        (["--quant", "int6"], "with quant 'int8'"),
+        (["--include", str(tmp_path / "damaged.json")], "run 3 must hold finite numbers"),
+        (["--include", str(tmp_path / "missing.json")], "cannot read a loss fit"),
+    ):
+        target = tmp_path / "refused.json"
+        assert main(["fit", "--data", "synthetic", "--include", str(earlier), *args, "--out", str(target)]) == 2, args
+        assert message in capsys.readouterr().err and not target.exists()

@@ -136,11 +136,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from loopgolf.budget import fit_file
     from loopgolf.lab.lossfit import fit_store
     from loopgolf.lab.store import Store
+    from loopgolf.lossmodel import load_fit
     from loopgolf.util import atomic_write_json
 
-    with Store(store_path(args.store), readonly=True) as store:
-        rows = store.rows(args.ledger) if args.ledger else store.rows()
-    result, tokens_from = fit_store(rows, args.data, args.quant, args.unique_tokens)
+    include = [(path, load_fit(path)) for path in args.include or []]
+    path = store_path(args.store)
+    if include and args.store is None and not path.exists():
+        rows = []  # only the included files' runs: no store named, and none at the default path
+    else:
+        with Store(path, readonly=True) as store:
+            rows = store.rows(args.ledger) if args.ledger else store.rows()
+    result, tokens_from = fit_store(rows, args.data, args.quant, args.unique_tokens, include)
     out = Path(args.out) if args.out else fit_file(args.data, args.quant)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result.to_dict())
@@ -197,6 +203,13 @@ def _fit(p: argparse.ArgumentParser, store_help: str) -> None:
         "--unique-tokens",
         type=positive_float,
         help="the dataset's training tokens, for the repetition term (default: from the manifest in the runs' data directory)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="FIT",
+        help="an earlier fit file (same dataset and quant) whose runs join the store's; repeatable. Without --store and "
+        "with no store at the default path, the fit is of the included runs alone",
     )
     p.add_argument("--out", help="fit file (default: the loopgolf cache's fits/<dataset>.json, where budget looks)")
     p.add_argument("--json", action="store_true")

@@ -4,9 +4,16 @@ A run counts for a dataset's fit when it finished (status ``done``), trained on 
 (``config.data.name``: ``embedded:python-docs`` for the default corpus, the directory for
 ``--data DIR``), exported with the fit's quantization policy, and did not start from another
 model (uptraining or conversion change what the tokens bought). Each seed is one point.
+
+Runs of earlier fit files can join them (``loopgolf fit --include FILE``): a fit file holds every
+run's inputs and score, so one saved beside published results keeps them fittable after the store
+that made it is gone.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 from loopgolf.lab.store import RunRow
 from loopgolf.lossmodel import MIN_RUNS, FitError, LossFit, Point, fit
@@ -35,6 +42,26 @@ def points(rows: list[RunRow], dataset: str, quant: str = "") -> list[Point]:
     return out
 
 
+def included_points(included: LossFit, dataset: str, quant: str, where: str) -> list[Point]:
+    """The runs an earlier fit file holds, as points: how a fit made elsewhere (a colleague's, or
+    one committed with published results whose store is gone) joins the store's runs. The file must
+    be for the same dataset and policy; FitError names a run whose numbers a fit cannot take."""
+    if included.dataset != dataset or included.quant != quant:
+        raise FitError(
+            f"{where}: a fit of dataset {included.dataset!r} with quant {included.quant or 'int8'!r}; "
+            f"this fit is of {dataset!r} with quant {quant or 'int8'!r} (--data and --quant choose it)"
+        )
+    out = []
+    for i, run in enumerate(included.runs):
+        keys = ("unique_params", "effective_params", "train_tokens", "bpb")
+        values = [run.get(k) for k in keys] if isinstance(run, dict) else [None]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise FitError(f"{where}: run {i} must hold finite numbers for {', '.join(keys)}")
+        name = run.get("name")
+        out.append(Point(*(float(v) for v in values), name=str(name) if name else f"{where}#{i}"))
+    return out
+
+
 def unique_tokens(rows: list[RunRow], dataset: str) -> tuple[float | None, str]:
     """The dataset's training tokens from its manifest, and where they came from (or why not)."""
     from loopgolf.data.dataset import CorpusError, load_manifest
@@ -56,10 +83,19 @@ def unique_tokens(rows: list[RunRow], dataset: str) -> tuple[float | None, str]:
     return None, "no readable manifest in the runs' data directories" if dirs else "the runs name no data directory"
 
 
-def fit_store(rows: list[RunRow], dataset: str, quant: str = "", tokens: float | None = None) -> tuple[LossFit, str]:
+def fit_store(
+    rows: list[RunRow], dataset: str, quant: str = "", tokens: float | None = None, include: Sequence[tuple[str, LossFit]] = ()
+) -> tuple[LossFit, str]:
     """The fit of ``dataset``'s runs, and a note on where its unique tokens came from
-    (``tokens``: the count given by the user)."""
+    (``tokens``: the count given by the user). ``include``: (where, fit) pairs whose runs join the
+    store's; a run named like one already counted (the store's first) is counted once."""
     found = points(rows, dataset, quant)
+    seen = {p.name for p in found}
+    for where, extra in include:
+        for p in included_points(extra, dataset, quant, where):
+            if p.name not in seen:
+                seen.add(p.name)
+                found.append(p)
     if len(found) < MIN_RUNS:
         have = ", ".join(f"{k} ({v})" for k, v in datasets(rows).items()) or "none"
         raise FitError(
@@ -69,4 +105,10 @@ def fit_store(rows: list[RunRow], dataset: str, quant: str = "", tokens: float |
     note = "given"
     if tokens is None:
         tokens, note = unique_tokens(rows, dataset)
+    if tokens is None and include:
+        # The store's runs name no readable manifest (or there are none): the included files
+        # say what the dataset's unique tokens were when they were made, if they agree.
+        counts = {extra.unique_tokens for _, extra in include}
+        if len(counts) == 1 and None not in counts:
+            tokens, note = counts.pop(), f"the included fit file{'s' if len(include) > 1 else ''}"
     return fit(found, dataset=dataset, quant=quant, unique_tokens=tokens), note
