@@ -92,6 +92,22 @@ def test_loopgolf_run_dir_and_artifact_sources_convert_exactly(tmp_path):
         assert (logits_of(cfg, state) - art.model()(TOKENS)).abs().max() <= 1e-4
 
 
+def test_a_source_with_the_records_options_converts_exactly_and_a_parallel_one_is_refused():
+    """The record's gates (attention head gate per layer, skip gates, smear gate) are copied like
+    the other controls, so full-rank conversion stays exact; a parallel residual names a stored
+    layer, which a shared plan renumbers, so it is refused."""
+    record = dict(mlp_act="leaky_relu2", ln_scale=True, rope_dims=4, xsa=True, attn_gate=True, gate_window=8, skip_gates=True, smear_gate=True)
+    model = randomized_vanilla(per_layer_controls=True, **record)
+    with torch.no_grad():
+        ref = model(TOKENS)
+    cfg, state, _ = convert(model.config, model.state_dict(), parse_plan("cycle:3x2"), "average", full_ranks(model.config))
+    assert (logits_of(cfg, state) - ref).abs().max() <= 1e-4
+    for extra in (dict(parallel_from=2), dict(parallel_from=2, parallel_lanes=True)):
+        source = randomized_vanilla(**extra)
+        with pytest.raises(ConversionError, match="from stored layer 2"):
+            convert(source.config, source.state_dict(), parse_plan("cycle:3x2"), "stepwise")
+
+
 def test_svd_factors_leave_the_eckart_young_tail():
     g = torch.Generator().manual_seed(3)
     u, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))

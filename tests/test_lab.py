@@ -456,12 +456,14 @@ def test_the_ablation_ledger_toggles_one_component_per_variant():
     base, record = built("base"), built("record")
     names = {v.name for v in ledger.variants}
     parts = sorted(n[3:] for n in names if n.startswith("on-"))
-    # The parallel residual is not in the recipe's preset: its record-side variant adds it (plus-).
-    assert len(parts) == 14 and {f"off-{p}" for p in parts if p != "parallel"} | {"plus-parallel"} <= names and len(names) == 2 + 2 * len(parts)
+    # The parallel residual and the lanes are not in the cpu recipe's preset: their record-side variants add them (plus-).
+    added = {"parallel", "lanes"}
+    assert len(parts) == 15 and {f"off-{p}" for p in parts if p not in added} | {f"plus-{p}" for p in added} <= names and len(names) == 2 + 2 * len(parts)
     for part in parts:
         assert built(f"on-{part}") != base, part
-        assert built(f"off-{part}" if part != "parallel" else "plus-parallel") != record, part
+        assert built(f"{'plus' if part in added else 'off'}-{part}") != record, part
     assert built("on-parallel")["model"]["parallel_from"] == 1 and built("plus-parallel")["model"]["parallel_from"] == 1
+    assert built("on-lanes")["model"]["parallel_lanes"] is True and built("plus-lanes")["model"]["parallel_lanes"] is True
     assert built("off-ema")["train"]["ema_decay"] is None and built("off-rope16")["model"]["rope_dims"] is None
 
 

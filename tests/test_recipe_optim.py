@@ -425,7 +425,19 @@ def old_cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.
     new_optim = ("muon_ns", "muon_weight_decay", "muon_row_normalize", "embed_weight_decay", "adam_weight_decay")
     train["optim"] = {k: v for k, v in train["optim"].items() if k not in new_optim}
     shape = {k: train[k] for k in ("seq_len", "batch_tokens", "micro_batch_tokens", "optim", "grad_clip", "recurrence_stages", "compile")}
-    new_model = ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id", "parallel_from")
+    new_model = (
+        "ln_scale",
+        "rope_dims",
+        "xsa",
+        "attn_gate",
+        "attn_gate_scale",
+        "gate_window",
+        "skip_gates",
+        "smear_gate",
+        "smear_bos_id",
+        "parallel_from",
+        "parallel_lanes",
+    )
     blob = {
         "format": steptime.STEPTIME_FORMAT,
         "model": {k: v for k, v in model_cfg.to_dict().items() if k not in new_model},

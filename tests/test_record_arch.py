@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import random_model, tiny_config, tiny_model
 
-from loopgolf.model.gpt import GPT, ModelConfig, apply_rotary, exclude_own_value, rms_norm
+from loopgolf.model.gpt import GPT, ModelConfig, apply_rotary, exclude_own_value, rms_norm, unique_params, unique_params_formula
 from loopgolf.model.plan import PlanSpec
 from loopgolf.model.roles import parameter_roles
 
@@ -27,6 +27,7 @@ RECORD = dict(
     skip_gates=True,
     smear_gate=True,
     parallel_from=1,
+    parallel_lanes=True,
 )
 CYCLE = PlanSpec("cycle", layers=2, loops=2)
 
@@ -44,8 +45,11 @@ def test_options_off_add_no_parameters_and_change_nothing():
 def test_every_new_parameter_has_a_role():
     model = random_model(CYCLE, **RECORD)
     roles = parameter_roles(model)
-    for name in ("attn_gate", "skip_gate", "smear_gate", "smear_lambda"):
+    for name in ("attn_gate", "skip_gate", "smear_gate", "smear_lambda", "lane_resid", "lane_post", "lane_merge"):
         assert roles[name] == "control"
+    for per_layer in (False, True):
+        cfg = tiny_config(plan=CYCLE, per_layer_controls=per_layer, **RECORD)
+        assert unique_params(GPT(cfg)) == unique_params_formula(cfg), per_layer
 
 
 def test_leaky_relu_squared_mlp_matches_its_definition():
@@ -173,6 +177,61 @@ def test_parallel_residual_follows_the_stored_mlp_in_every_pass():
         assert not torch.allclose(model(idx), sequential(idx))  # the same weights (same seed), another model
 
 
+def _lane_step(model, b, m, a_lane, m_lane, x0, cos, sin):
+    """One two-lane layer over stored attention b and MLP m, written from the record's
+    ``_parallel_block``: attention reads its lane mixed with x0, the MLP reads its own lane, each
+    lane keeps lane_resid of itself and takes lane_post[src, lane] of each output."""
+    mix = model.resid_mix[b]
+    read = mix[0] * a_lane + mix[1] * x0
+    att = model.attn_scale[b] * model.attn[b](rms_norm(read), model.q_gain[b], cos, sin)
+    out = model.mlp_scale[m] * model.mlps[m](rms_norm(m_lane))
+    keep, post = model.lane_resid[m], model.lane_post[m]
+    return keep[0] * a_lane + post[0, 0] * att + post[1, 0] * out, keep[1] * m_lane + post[0, 1] * att + post[1, 1] * out
+
+
+def test_two_lane_decoder_matches_the_records_definition():
+    """vanilla:3 with parallel_from=1 and two lanes: layer 0 is an ordinary layer; at layer 1 its
+    output becomes both lanes and the U-Net skip (layer 0 -> 1) joins the attention lane only; the
+    final norm reads lane_merge * attention lane + (1 - lane_merge) * MLP lane. The whole forward
+    written out."""
+    model = random_model(PlanSpec("vanilla", layers=3), parallel_from=1, parallel_lanes=True)
+    idx = torch.randint(0, 64, (2, 7))
+    cos, sin = model.rotary(7)
+    with torch.no_grad():
+        x0 = model.embed(idx)
+        mix = model.resid_mix[0]
+        h = mix[0] * x0 + mix[1] * x0
+        h = h + model.attn_scale[0] * model.attn[0](rms_norm(h), model.q_gain[0], cos, sin)
+        out0 = h + model.mlp_scale[0] * model.mlps[0](rms_norm(h))
+        row, enc = model.skip_from[1]
+        assert enc == 0
+        a, m = _lane_step(model, 1, 1, out0 + model.skip_weight[row] * out0, out0, x0, cos, sin)
+        a, m = _lane_step(model, 2, 2, a, m, x0, cos, sin)
+        merged = model.lane_merge * a + (1 - model.lane_merge) * m
+        assert torch.allclose(model.hidden(idx), rms_norm(merged), atol=1e-5)
+        # Layer by layer: a one-stream input to a two-lane layer is the same as both lanes equal.
+        x = torch.randn(2, 7, 32)
+        assert torch.allclose(model.layer(1, x, x0, cos, sin), model.layer(1, torch.cat((x, x), -1), x0, cos, sin), atol=1e-6)
+        assert model.layer(1, x, x0, cos, sin).shape == (2, 7, 64)
+
+
+def test_lanes_merge_before_a_one_stream_layer_and_rows_at_different_depths_agree():
+    """A mini-loop whose looped pair mixes a two-lane block (stored MLP 2) with an ordinary one
+    (1): virtual layers 0, 1, 2, 1, 2, 1, 2, 3; lanes leaving layer 2 merge entering layer 3 (stored 1).
+    The serving path's rows at different depths equal each row alone."""
+    plan = PlanSpec("mini-loop", layers=4, loops=2, loop_start=1, loop_end=2)
+    model = random_model(plan, parallel_from=2, parallel_lanes=True, per_layer_controls=True)
+    assert [model.two_lanes(v) for v in range(8)] == [False, False, True, False, True, False, True, True]
+    cos, sin = model.rotary(1)
+    lanes, x0 = torch.randn(3, 1, 64), torch.randn(3, 1, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.layer(3, lanes, x0, cos, sin), model.layer(3, model.merge_lanes(lanes), x0, cos, sin))
+        vs = [2, 2, 4]  # layers 2 and 4 run stored block 2
+        together = model.layer(vs, lanes, x0, cos, sin)
+        alone = torch.cat([model.layer(v, lanes[i : i + 1], x0[i : i + 1], cos, sin) for i, v in enumerate(vs)])
+        assert torch.allclose(together, alone, atol=1e-6)
+
+
 def test_rows_at_different_depths_equal_each_row_alone_with_every_option():
     """The serving path (one virtual layer per batch row) gives each row its own ln_scale factor
     and gate rows, as the training path does for the whole batch."""
@@ -251,6 +310,8 @@ def test_record_options_train_a_step_and_their_gates_get_gradients():
         (dict(parallel_from=2), r"parallel_from must be a stored MLP index in \[0, 1\]"),
         (dict(parallel_from=-1), "parallel_from"),
         (dict(parallel_from=1.5), "parallel_from"),
+        (dict(parallel_lanes=True), "parallel_lanes needs parallel_from"),
+        (dict(parallel_lanes="yes", parallel_from=1), "parallel_lanes"),
     ],
 )
 def test_bad_record_options_are_one_line_errors(changes, needle):
@@ -273,7 +334,20 @@ def test_a_checkpoint_from_before_the_options_still_resumes():
     old = {
         k: v
         for k, v in cfg.items()
-        if k not in ("ln_scale", "rope_dims", "xsa", "attn_gate", "attn_gate_scale", "gate_window", "skip_gates", "smear_gate", "smear_bos_id", "parallel_from")
+        if k
+        not in (
+            "ln_scale",
+            "rope_dims",
+            "xsa",
+            "attn_gate",
+            "attn_gate_scale",
+            "gate_window",
+            "skip_gates",
+            "smear_gate",
+            "smear_bos_id",
+            "parallel_from",
+            "parallel_lanes",
+        )
     }
     check_resumable({"config": {"model": old}}, cfg, {})
     with pytest.raises(ValueError, match="xsa"):

@@ -43,6 +43,11 @@ PLANS = {
     ),
     # The GPT-J parallel residual on a block that runs in every pass.
     "parallel-residual": (PlanSpec("cycle", layers=2, loops=2), dict(parallel_from=1)),
+    # Two lanes: merging into a one-stream layer and splitting again (the looped pair mixes a
+    # two-lane block with an ordinary one), and every layer two-lane on a cycle (a stored block's
+    # rows arrive as one stream at its first pass and as lanes at its second).
+    "two-lanes-mixed": (PlanSpec("mini-loop", layers=4, loops=2, loop_start=1, loop_end=2), dict(parallel_from=2, parallel_lanes=True, skip_gates=True)),
+    "two-lanes-cycle": (PlanSpec("cycle", layers=2, loops=2), dict(parallel_from=0, parallel_lanes=True, per_layer_controls=True, depth_embeddings=True)),
 }
 
 

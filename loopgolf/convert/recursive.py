@@ -56,8 +56,23 @@ TARGET_WEIGHTS = {
     "mlp_out": ("mlps", "proj"),
 }
 # Tensors with one row per attention / MLP control index (per stored block or per virtual layer).
-ATTN_CONTROLS = ("attn_scale", "resid_mix", "q_gain", "attn_norm", "attn_norm_bias")
-MLP_CONTROLS = ("mlp_scale", "mlp_norm", "mlp_norm_bias")
+ATTN_CONTROLS = ("attn_scale", "resid_mix", "q_gain", "attn_norm", "attn_norm_bias", "attn_gate")
+MLP_CONTROLS = ("mlp_scale", "mlp_norm", "mlp_norm_bias", "lane_resid", "lane_post")
+# Model-wide tensors (embeddings, head, per-virtual-layer or per-skip-pair vectors, the smear
+# gate, the lane mix): the same in the source and the converted model, so copied.
+MODEL_WIDE = (
+    "tok_emb.weight",
+    "pos_emb.weight",
+    "lm_head.weight",
+    "final_norm",
+    "final_norm_bias",
+    "skip_weight",
+    "skip_gate",
+    "depth_emb",
+    "smear_gate",
+    "smear_lambda",
+    "lane_merge",
+)
 
 
 def stepwise_layers(num_layers: int, num_blocks: int) -> list[int]:
@@ -165,6 +180,12 @@ def convert(
         raise ConversionError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     if source_cfg.plan.kind != "vanilla":
         raise ConversionError(f"the source must have a vanilla plan, not {source_cfg.plan.kind}")
+    if source_cfg.parallel_from is not None:
+        # parallel_from names a stored MLP: in a shared plan it would pick other layers.
+        raise ConversionError(
+            f"the source runs a parallel residual{' (two lanes)' if source_cfg.parallel_lanes else ''} from stored layer {source_cfg.parallel_from}; "
+            "a shared plan stores other blocks, so conversion cannot keep which layers run it"
+        )
     for name, t in source_state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ConversionError(f"source tensor {name!r} has non-finite values (NaN or inf); refusing to convert it")
@@ -202,7 +223,7 @@ def convert(
                 if layers:
                     state[name][j] = src[name][layers].mean(0)
     # Model-wide tensors are copied.
-    for name in ("tok_emb.weight", "pos_emb.weight", "lm_head.weight", "final_norm", "final_norm_bias", "skip_weight", "depth_emb"):
+    for name in MODEL_WIDE:
         if name in src:
             state[name] = src[name].clone()
 

@@ -104,6 +104,10 @@ class ModelConfig:
     # GPT-J parallel residual: the stored MLPs from this index on read the layer's input, as its
     # attention does, instead of the attention's output (None: every MLP reads the attention's output).
     parallel_from: int | None = field(default=None, metadata=ADDED_LATER)
+    # The record's 2-lane decoder (openai/parameter-golf #1204, #1530): from parallel_from on the
+    # residual is two lanes, attention reading one and the MLP the other, each sublayer writing
+    # into both by learned weights; the lanes merge by a learned mix where one stream is needed.
+    parallel_lanes: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
@@ -181,6 +185,8 @@ class ModelConfig:
         check_range("model", "attn_gate_scale", self.attn_gate_scale, -1e4, 1e4)
         if self.smear_gate:
             check_range("model", "smear_bos_id", self.smear_bos_id, 0, self.vocab_size - 1)
+        if self.parallel_lanes and self.parallel_from is None:
+            raise ValueError("parallel_lanes needs parallel_from (the first stored MLP whose layers run two lanes)")
         if self.parallel_from is not None:
             n_mlp = build_plan(self.plan).num_mlp
             if not 0 <= self.parallel_from < n_mlp:
@@ -340,6 +346,7 @@ class LayerRows:
     def __init__(self, model: GPT, v: int | Sequence[int], x: Tensor) -> None:
         plan, per_layer = model.plan, model.config.per_layer_controls
         if isinstance(v, int):
+            self.first = v
             self.attn_of, self.mlp_of = plan.attn_of[v], plan.mlp_of[v]
             self.depth = Rows(v)
             self.attn, self.mlp = (self.depth, self.depth) if per_layer else (Rows(self.attn_of), Rows(self.mlp_of))
@@ -347,6 +354,7 @@ class LayerRows:
             self.ln = _ln_factor(v) if model.config.ln_scale else None
             return
         vs = [int(u) for u in v]
+        self.first = vs[0]  # a layer of the call: every row's stored sublayers are its
         if len(vs) != x.size(0):
             raise ValueError(f"{len(vs)} virtual layers given for a batch of {x.size(0)} rows")
         self.attn_of, self.mlp_of = plan.attn_of[vs[0]], plan.mlp_of[vs[0]]
@@ -541,6 +549,12 @@ class GPT(nn.Module):
         self.smear_gate = nn.Parameter(torch.zeros(cfg.gate_window)) if cfg.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if cfg.smear_gate else None
         self.depth_emb = nn.Parameter(torch.zeros(v_layers, d)) if cfg.depth_embeddings else None
+        # Two lanes: per MLP control row, how much each lane keeps of itself (lane_resid, the
+        # record's 1.1) and how much attention and the MLP write into each lane (lane_post[src,
+        # lane], 1); one learned mix of the lanes (lane_merge, 1/2: their mean, as the record's).
+        self.lane_resid = nn.Parameter(torch.full((n_mlp_ctrl, 2), 1.1)) if cfg.parallel_lanes else None
+        self.lane_post = nn.Parameter(torch.ones(n_mlp_ctrl, 2, 2)) if cfg.parallel_lanes else None
+        self.lane_merge = nn.Parameter(torch.full((1,), 0.5)) if cfg.parallel_lanes else None
         self.lora = nn.ModuleDict(
             {t: LoRABank(v_layers, *cfg.lora_shape(t), cfg.lora_ranks[t], cfg.lora_scale(t)) for t in LORA_TARGETS if t in cfg.lora_ranks}
         )
@@ -624,17 +638,46 @@ class GPT(nn.Module):
             w = 1.0 + w
         return F.rms_norm(x, shape, w, eps=cfg.norm_eps) if rows.single else F.rms_norm(x, shape, eps=cfg.norm_eps) * w
 
-    def _enter(self, v: int | Sequence[int], x: Tensor, x0: Tensor) -> tuple[LayerRows, Tensor, Callable[[str, Tensor, Tensor], Tensor]]:
+    def two_lanes(self, v: int) -> bool:
+        """Whether virtual layer ``v`` runs two lanes (``parallel_lanes``: its stored MLP is at
+        ``parallel_from`` or later, in every pass that runs it)."""
+        cfg = self.config
+        return cfg.parallel_lanes and self.plan.mlp_of[v] >= cfg.parallel_from
+
+    def lane_state(self, v: int, x: Tensor) -> Tensor:
+        """The residual ``x`` as virtual layer ``v`` takes it: both lanes side by side, (..., 2D),
+        at a two-lane layer (one stream entering the first such layer becomes both lanes, as in
+        the record), one stream elsewhere (lanes leaving for a one-stream layer merge first:
+        :meth:`merge_lanes`)."""
+        d, two = self.config.model_dim, self.two_lanes(v)
+        if two and x.size(-1) == d:
+            return torch.cat((x, x), dim=-1)
+        return x if two else self.merge_lanes(x)
+
+    def merge_lanes(self, x: Tensor) -> Tensor:
+        """One stream from a residual that may hold two lanes: ``m * attention lane + (1 - m) *
+        MLP lane``, ``m`` the learned ``lane_merge``; a one-stream residual as it is."""
+        d = self.config.model_dim
+        if x.size(-1) == d:
+            return x
+        m = self.lane_merge.to(x.dtype)
+        return torch.lerp(x[..., d:], x[..., :d], m)
+
+    def _enter(self, v: int | Sequence[int], x: Tensor, x0: Tensor) -> tuple[LayerRows, Tensor, Tensor, Callable[[str, Tensor, Tensor], Tensor]]:
         """What virtual layer(s) ``v`` do before attention: (their :class:`LayerRows`, the residual
-        with the depth embedding added and mixed with x0, their adapters)."""
+        in the layer's form (:meth:`lane_state`) with the depth embedding added, attention's input
+        before its norm (the residual, or its attention lane, mixed with x0), their adapters)."""
         sel = LayerRows(self, v, x)
+        two = self.two_lanes(sel.first)
+        x = self.lane_state(sel.first, x)
         if self.depth_emb is not None:
-            x = x + sel.depth(self.depth_emb, x.dtype)
+            e = sel.depth(self.depth_emb, x.dtype)
+            x = x + (torch.cat((e, e), dim=-1) if two else e)  # both lanes get the layer's vector
         mix = sel.attn(self.resid_mix, x.dtype)  # (2, D), or (B, 1, 2, D) with a row per batch row
-        x = mix[..., 0, :] * x + mix[..., 1, :] * x0
+        read = mix[..., 0, :] * (x[..., : self.config.model_dim] if two else x) + mix[..., 1, :] * x0
         attached = self.__dict__.get("attached_lora")
         adapt = Adapters(self.lora, self.bias, sel, attached) if len(self.lora) or len(self.bias) or attached else _no_adapter
-        return sel, x, adapt
+        return sel, x, read, adapt
 
     def layer(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None, attend=None) -> Tensor:
         """Run virtual layer ``v`` over the batch, or with a sequence ``v`` (one virtual layer per
@@ -642,20 +685,37 @@ class GPT(nn.Module):
         its own depth: the shared projections run once over every row and each row gets its own
         controls, norm gains, biases and adapters (:class:`LayerRows`). An int ``v`` is the case
         where every row is at the same layer. ``attend`` replaces causal attention (see
-        :meth:`Attention.forward`)."""
-        sel, x, adapt = self._enter(v, x, x0)
+        :meth:`Attention.forward`). ``x`` may hold one stream or two lanes; the output is in the
+        layer's own form (:meth:`lane_state`)."""
+        sel, x, read, adapt = self._enter(v, x, x0)
         gate = None if self.attn_gate is None else sel.attn.rows(self.attn_gate)
-        attn = self.attn[sel.attn_of](sel.scaled(self.norm(x, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt, attend, gate)
-        h = x + sel.attn(self.attn_scale, x.dtype) * attn
+        attn = self.attn[sel.attn_of](sel.scaled(self.norm(read, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt, attend, gate)
+        attn = sel.attn(self.attn_scale, x.dtype) * attn
+        mlp = self.mlps[sel.mlp_of]
+        if self.two_lanes(sel.first):
+            return self._lane_update(sel, x, attn, mlp, adapt)
+        h = read + attn
         parallel = self.config.parallel_from is not None and sel.mlp_of >= self.config.parallel_from  # the MLP reads what attention read
-        return h + sel.mlp(self.mlp_scale, x.dtype) * self.mlps[sel.mlp_of](sel.scaled(self.norm(x if parallel else h, "mlp_norm", sel.mlp)), adapt)
+        return h + sel.mlp(self.mlp_scale, x.dtype) * mlp(sel.scaled(self.norm(read if parallel else h, "mlp_norm", sel.mlp)), adapt)
+
+    def _lane_update(self, sel: LayerRows, x: Tensor, attn: Tensor, mlp: MLP, adapt: Callable[[str, Tensor, Tensor], Tensor]) -> Tensor:
+        """A two-lane layer after attention (openai/parameter-golf #1530, the record's
+        ``_parallel_block``): the MLP reads the MLP lane; then each lane keeps ``lane_resid`` of
+        itself and takes ``lane_post[src, lane]`` of each sublayer's (scaled) output."""
+        d = self.config.model_dim
+        a, m = x[..., :d], x[..., d:]
+        out = sel.mlp(self.mlp_scale, x.dtype) * mlp(sel.scaled(self.norm(m, "mlp_norm", sel.mlp)), adapt)
+        keep, post = sel.mlp(self.lane_resid, x.dtype), sel.mlp(self.lane_post, x.dtype)  # (2,) / (2, 2), or per row (B, 1, ...)
+        a = keep[..., 0:1] * a + post[..., 0, 0:1] * attn + post[..., 1, 0:1] * out
+        m = keep[..., 1:2] * m + post[..., 0, 1:2] * attn + post[..., 1, 1:2] * out
+        return torch.cat((a, m), dim=-1)
 
     def layer_kv(self, v: int | Sequence[int], x: Tensor, x0: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
         """The keys and values virtual layer(s) ``v`` (as in :meth:`layer`) would cache for
         residual ``x``, without running attention or the MLP: what a token that exited early
         leaves for deeper layers."""
-        sel, x, adapt = self._enter(v, x, x0)
-        _, k, val = self.attn[sel.attn_of].project(sel.scaled(self.norm(x, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt)
+        sel, _, read, adapt = self._enter(v, x, x0)
+        _, k, val = self.attn[sel.attn_of].project(sel.scaled(self.norm(read, "attn_norm", sel.attn)), sel.attn.rows(self.q_gain), cos, sin, adapt)
         return k, val
 
     def skip_in(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> Tensor:
@@ -664,18 +724,23 @@ class GPT(nn.Module):
         changed loop count a layer run twice adds its skip once, the first time, from its encoder
         layer's latest output (``skip_out`` overwrites)."""
         row, enc = self.skip_from.get(v, (None, None))
-        if enc in saved:
-            skip = self.skip_weight[row].to(x.dtype) * saved.pop(enc)
-            if self.skip_gate is None:
-                return x + skip
+        if enc not in saved:
+            return x
+        d = self.config.model_dim
+        stream, rest = (x, None) if x.size(-1) == d else (x[..., :d], x[..., d:])  # two lanes: the skip joins the attention lane (the record's)
+        skip = self.skip_weight[row].to(x.dtype) * saved.pop(enc)
+        if self.skip_gate is None:
+            stream = stream + skip
+        else:
             # Gated skip (openai/parameter-golf #289): g * x + (1 - g) * skip, g = sigmoid(gate).
-            return torch.lerp(skip, x, torch.sigmoid(self.skip_gate[row].to(x.dtype)))
-        return x
+            stream = torch.lerp(skip, stream, torch.sigmoid(self.skip_gate[row].to(x.dtype)))
+        return stream if rest is None else torch.cat((stream, rest), dim=-1)
 
     def skip_out(self, v: int, x: Tensor, saved: dict[int, Tensor]) -> None:
-        """Keep ``x``, virtual layer ``v``'s output, in ``saved`` if v is a U-Net skip source."""
+        """Keep ``x``, virtual layer ``v``'s output (its lanes merged), in ``saved`` if v is a U-Net
+        skip source."""
         if v in self.skip_sources:
-            saved[v] = x
+            saved[v] = self.merge_lanes(x)
 
     def embed(self, idx: Tensor, positions: Tensor | None = None, previous: Tensor | None = None) -> Tensor:
         """The input of the first virtual layer (also kept as x0 for the residual mixes).
@@ -718,11 +783,11 @@ class GPT(nn.Module):
         x = self.embed(idx)
         x0, outputs, states = x, {}, []
         for j, v in enumerate(self.active_layers):
-            x = self.layer(v, self.skip_in(v, x, outputs), x0, cos, sin)
+            x = self.layer(v, self.skip_in(v, self.lane_state(v, x), outputs), x0, cos, sin)
             self.skip_out(v, x, outputs)
             if j in exits:
-                states.append(self.norm(x, "final_norm"))
-        states.append(self.norm(x, "final_norm"))
+                states.append(self.norm(self.merge_lanes(x), "final_norm"))
+        states.append(self.norm(self.merge_lanes(x), "final_norm"))
         return states
 
     def hidden(self, idx: Tensor) -> Tensor:
@@ -777,6 +842,7 @@ def _control_params(cfg: ModelConfig, n_attn: int, n_mlp: int) -> int:
     d = cfg.model_dim
     per_attn, per_mlp = 3 * d + cfg.num_heads, d
     per_attn += cfg.num_heads * cfg.gate_window if cfg.attn_gate else 0
+    per_mlp += 6 if cfg.parallel_lanes else 0  # lane_resid (2) and lane_post (2 x 2)
     norm_vectors = {"rms": 0, "rms_scaled": 1, "rms_offset": 1, "layer": 2}[cfg.norm]
     per_attn += norm_vectors * d
     per_mlp += norm_vectors * d
@@ -787,7 +853,8 @@ def _control_params(cfg: ModelConfig, n_attn: int, n_mlp: int) -> int:
 
 
 def _model_wide_params(cfg: ModelConfig) -> int:
-    """Embeddings, positions, head, skips (and their gates), depth embeddings, the smear gate."""
+    """Embeddings, positions, head, skips (and their gates), depth embeddings, the smear gate,
+    the lane mix."""
     d, v_layers = cfg.model_dim, cfg.depth_plan.num_virtual
     total = cfg.vocab_size * d
     total += cfg.max_seq_len * d if cfg.pos_emb == "learned" else 0
@@ -795,6 +862,7 @@ def _model_wide_params(cfg: ModelConfig) -> int:
     total += (v_layers // 2) * d * (2 if cfg.skip_gates else 1) if cfg.unet_skips else 0
     total += cfg.gate_window + 1 if cfg.smear_gate else 0
     total += v_layers * d if cfg.depth_embeddings else 0
+    total += 1 if cfg.parallel_lanes else 0
     return total
 
 

@@ -14,7 +14,7 @@ Roles:
 - ``pos``: a learned position table;
 - ``control``: per-sublayer or per-virtual-layer vectors (attn/mlp scales, residual mixes, q gains,
   norm gains and biases, projection biases, the record recipe's attention gates), the U-Net skip
-  weights and gates, and the smear gate;
+  weights and gates, the smear gate, and the two-lane decoder's lane weights and mix;
 - ``depth``: per-virtual-layer depth embeddings.
 """
 
@@ -43,6 +43,9 @@ _CONTROL_NAMES = (
     "attn_gate",
     "smear_gate",
     "smear_lambda",
+    "lane_resid",
+    "lane_post",
+    "lane_merge",
 )
 _ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("embed", re.compile(r"^tok_emb\.weight$")),

@@ -215,10 +215,12 @@ class LayerRunner:
         for group in groups.values():
             group.sort(key=lambda t: self.layers[t.layer])  # rows of one virtual layer contiguous
             vs = [self.layers[t.layer] for t in group]
-            if self.has_skips:  # each token's own U-Net skips
-                x = torch.stack([model.skip_in(v, t.x, t.skips) for t, v in zip(group, vs)])
+            # Each token's residual in its layer's form (one stream or two lanes: rows of one
+            # stored block can arrive in either), then its own U-Net skips.
+            if self.has_skips:
+                x = torch.stack([model.skip_in(v, model.lane_state(v, t.x), t.skips) for t, v in zip(group, vs)])
             else:
-                x = torch.stack([t.x for t in group])
+                x = torch.stack([model.lane_state(v, t.x) for t, v in zip(group, vs)])
             x0 = torch.stack([t.x0 for t in group])
             v_idx, s_idx, p_idx = self._index([t.layer for t in group] + [t.slot for t in group] + [t.pos for t in group]).view(3, -1)
             cos, sin = self._rotary(p_idx)
@@ -250,7 +252,7 @@ class LayerRunner:
         heads = [t for t in ending if t.emit] + probing
         if heads:
             t0 = time.perf_counter()
-            logits = self.model.head(self.model.norm(torch.stack([t.x for t in heads]), "final_norm"))[:, 0]
+            logits = self.model.head(self.model.norm(torch.stack([self.model.merge_lanes(t.x) for t in heads]), "final_norm"))[:, 0]
             self.seconds["heads"] += time.perf_counter() - t0
             for t, row in zip(heads, logits.unbind(0)):
                 t.logits = row
@@ -311,7 +313,7 @@ class LayerRunner:
         for group in groups.values():
             group.sort(key=lambda e: e[0])  # rows of one virtual layer contiguous (adapters)
             vs = [v for v, _, _ in group]
-            x = torch.stack([t.x for _, _, t in group])
+            x = torch.stack([self.model.lane_state(v, t.x) for v, _, t in group])
             x0 = torch.stack([t.x0 for _, _, t in group])
             s_idx, p_idx = self._index([t.slot for _, _, t in group]), self._index([t.pos for _, _, t in group])
             cos, sin = self._rotary(p_idx)
