@@ -64,6 +64,12 @@ def test_the_cache_is_keyed_by_shape_and_device_and_survives_damage(monkeypatch,
         assert not step_time(cfg, train, CPU).cached and len(calls) == 4
     finally:
         torch.set_num_threads(threads)
+    # A CPU with other vector instructions (a VM that names its CPU only by vendor) is another machine.
+    capability = torch.backends.cpu.get_cpu_capability
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_TEST")
+    assert "AVX512_TEST" in steptime.device_key(CPU)
+    assert not step_time(cfg, train, CPU).cached and len(calls) == 5
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", capability)
     [entry] = [p for p in (tmp_path / "steptime").iterdir() if json.loads(p.read_text())["stage_seconds"] == [0.1]]
     for damage in ("{not json", json.dumps({"stage_seconds": [-1.0], "device": "x"}), json.dumps({"stage_seconds": "fast"})):
         entry.write_text(damage)

@@ -11,7 +11,7 @@ and with one warm-up step, a CPU step measured 12-36% slower than the same step 
 Results are cached as JSON under ``<cache>/steptime/`` (``$LOOPGOLF_CACHE``, else
 ``~/.cache/loopgolf``), keyed by everything that changes the time: the model configuration, the
 training shape and optimizer (and whether a weight average is kept: its update is part of each
-step), the device (CPU model and thread count, or the GPU's name), and the
+step), the device (CPU model, vector instruction set and thread count, or the GPU's name), and the
 torch version. A second plan of the same candidates is instant; a shape change measures anew.
 """
 
@@ -64,11 +64,27 @@ class StepTime:
         return 1.0 / steps
 
 
+def cpu_name() -> str:
+    """The CPU's model name: Linux's /proc/cpuinfo, else what ``platform`` knows (on Linux
+    ``platform.processor()`` is often empty, which left only "x86_64")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_key(device: torch.device) -> str:
-    """What makes one machine's step times another's: the CPU model and thread count, or the GPU."""
+    """What makes one machine's step times another's: the CPU model, the vector instructions
+    torch runs on it and the thread count, or the GPU. A virtual machine may name its CPU only
+    by vendor ("AMD EPYC"): two such boxes, one with AVX-512 and one without, measured a 1.8-2.2x
+    apart in step time on the same models, and the instruction set tells them apart."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()} threads"
+    return f"cpu:{cpu_name()}:{torch.backends.cpu.get_cpu_capability()}:{torch.get_num_threads()} threads"
 
 
 def cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, steps: int) -> str:
