@@ -651,7 +651,7 @@ def budget_report(
             if fits and (own_fit is None or c["tokens_in_budget"] < 1):
                 c["predicted_bpb"], c["predicted_bpb_interval"] = None, None
             elif own_fit is not None:
-                pred = own_fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"])
+                pred = own_fit.predict(c["unique_params"], c["effective_params"], c["tokens_in_budget"], c["virtual_layers"])
                 c["predicted_bpb"], c["predicted_bpb_interval"] = pred, [pred - own_fit.loo_mae, pred + own_fit.loo_mae]
                 c["extrapolated"] = own_fit.outside(c["unique_params"], c["tokens_in_budget"])
                 c["epochs"] = own_fit.epochs(c["tokens_in_budget"])  # passes over the fit's dataset (None: its size unknown)

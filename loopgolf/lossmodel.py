@@ -20,6 +20,14 @@ so the first pass counts in full and each further epoch counts less: after R* re
 the question: a 2 x 128 model trains 19 epochs of the embedded corpus in 600 s. Without U (or
 with no run past one epoch) D' = D and ``R_star`` is not fitted (saved as null).
 
+One-layer models pay a fitted penalty ``C`` (``+ C`` when the model runs a single virtual layer):
+induction heads need two layers of attention (Olsson et al., 2022, https://arxiv.org/abs/2209.11895),
+and Kaplan et al. (2020, https://arxiv.org/abs/2001.08361) saw one-layer models fall off their
+parameter law. Measured here on 47 python-docs runs, every one-layer model of a 13-shape grid
+scored worse than a fit without the term predicted and every deeper one better; with it the
+left-out error fell from 0.0235 to 0.0216 (docs/results/frontier.md). ``C`` is fitted only when
+the runs hold both one-layer and deeper models whose layer counts are known (else saved as null).
+
 Quantization is not a term: the fit is on roundtrip bpb of runs that share one export policy
 (the planner predicts for that policy), and the fit file records which policy that was.
 
@@ -43,9 +51,11 @@ import numpy as np
 
 from loopgolf.util import cache_dir
 
-FIT_FORMAT = 2  # 2: R_star and unique_tokens (format 1 files, without them, still load)
-PARAMS = ("E", "A", "alpha", "B", "beta", "gamma")  # always fitted; R_star only with repeated data
-MIN_RUNS = 7  # six parameters, and at least one run left over (eight with R_star)
+FIT_FORMAT = 3  # 2: R_star and unique_tokens; 3: C and each run's virtual layers (format 1 and 2 files still load)
+FORMATS = (1, 2, FIT_FORMAT)
+PARAMS = ("E", "A", "alpha", "B", "beta", "gamma")  # always fitted; R_star only with repeated data, C only with one-layer and deeper runs
+OPTIONAL = ("R_star", "C")
+MIN_RUNS = 7  # six parameters, and at least one run left over (one more for each of R_star and C)
 
 
 class FitError(ValueError):
@@ -61,6 +71,7 @@ class Point:
     train_tokens: float
     bpb: float
     name: str = ""
+    virtual_layers: int | None = None  # None: unknown (a run from a format 1-2 fit file)
 
 
 def effective_tokens(train_tokens: float, unique_tokens: float | None, r_star: float | None) -> float:
@@ -72,19 +83,30 @@ def effective_tokens(train_tokens: float, unique_tokens: float | None, r_star: f
     return unique_tokens * (1 + r_star * -math.expm1(-repeats / r_star))
 
 
-def predict(params: dict[str, float | None], unique_params: float, effective_params: float, train_tokens: float, unique_tokens: float | None = None) -> float:
+def predict(
+    params: dict[str, float | None],
+    unique_params: float,
+    effective_params: float,
+    train_tokens: float,
+    unique_tokens: float | None = None,
+    virtual_layers: int | None = None,
+) -> float:
     p = unique_params ** (1 - params["gamma"]) * effective_params ** params["gamma"]
     d = effective_tokens(train_tokens, unique_tokens, params.get("R_star"))
-    return params["E"] + params["A"] / p ** params["alpha"] + params["B"] / d ** params["beta"]
+    one_layer = params.get("C") if virtual_layers == 1 else None
+    return params["E"] + params["A"] / p ** params["alpha"] + params["B"] / d ** params["beta"] + (one_layer or 0.0)
 
 
-def _vector_predict(x: np.ndarray, n: np.ndarray, m: np.ndarray, d: np.ndarray, u: float | None) -> np.ndarray:
+def _vector_predict(x: np.ndarray, n: np.ndarray, m: np.ndarray, d: np.ndarray, u: float | None, one: np.ndarray | None = None) -> np.ndarray:
+    """The model over arrays; ``x`` = the six PARAMS (amplitudes as logs), then log R_star when
+    ``u`` is given, then C when ``one`` (1.0 for one-layer runs, else 0.0) is given."""
     e, log_a, alpha, log_b, beta, gamma = x[:6]
     log_p = (1 - gamma) * np.log(n) + gamma * np.log(m)
-    if u is not None and len(x) > 6:
+    if u is not None:
         r_star = np.exp(x[6])
         d = np.where(d > u, u * (1 + r_star * -np.expm1(-np.maximum(d / u - 1, 0) / r_star)), d)
-    return e + np.exp(log_a - alpha * log_p) + np.exp(log_b - beta * np.log(d))
+    penalty = 0.0 if one is None else x[-1] * one
+    return e + np.exp(log_a - alpha * log_p) + np.exp(log_b - beta * np.log(d)) + penalty
 
 
 def repeats_data(points: list[Point], unique_tokens: float | None) -> bool:
@@ -93,6 +115,14 @@ def repeats_data(points: list[Point], unique_tokens: float | None) -> bool:
 
 
 R_STAR_BOUNDS = (0.05, 500.0)  # repeats: from "a second epoch is worth almost nothing" to "never saturates here"
+C_BOUNDS = (-0.5, 0.5)  # bpb: a one-layer model may be better or worse than the law says, never by half a bit
+
+
+def one_layer_term(points: list[Point]) -> bool:
+    """Whether the fit has the one-layer term: its runs hold one-layer and deeper models (every
+    run's layer count known)."""
+    layers = [p.virtual_layers for p in points]
+    return None not in layers and 1 in layers and any(v > 1 for v in layers)  # type: ignore[operator]
 
 
 def _fit_arrays(points: list[Point], unique_tokens: float | None = None) -> dict[str, float | None]:
@@ -102,10 +132,11 @@ def _fit_arrays(points: list[Point], unique_tokens: float | None = None) -> dict
     m = np.array([p.effective_params for p in points], dtype=float)
     d = np.array([p.train_tokens for p in points], dtype=float)
     y = np.array([p.bpb for p in points], dtype=float)
-    repeated = repeats_data(points, unique_tokens)
-    lower = [0.0, -20.0, 0.01, -20.0, 0.01, 0.0] + ([math.log(R_STAR_BOUNDS[0])] if repeated else [])
-    upper = [float(y.min()), 60.0, 2.0, 60.0, 2.0, 1.0] + ([math.log(R_STAR_BOUNDS[1])] if repeated else [])
+    repeated, depth = repeats_data(points, unique_tokens), one_layer_term(points)
+    lower = [0.0, -20.0, 0.01, -20.0, 0.01, 0.0] + ([math.log(R_STAR_BOUNDS[0])] if repeated else []) + ([C_BOUNDS[0]] if depth else [])
+    upper = [float(y.min()), 60.0, 2.0, 60.0, 2.0, 1.0] + ([math.log(R_STAR_BOUNDS[1])] if repeated else []) + ([C_BOUNDS[1]] if depth else [])
     u = unique_tokens if repeated else None
+    one = np.array([1.0 if p.virtual_layers == 1 else 0.0 for p in points]) if depth else None
     best = None
     # Several starting points (the surface has shallow valleys); the best fit wins.
     starts = [
@@ -118,16 +149,20 @@ def _fit_arrays(points: list[Point], unique_tokens: float | None = None) -> dict
     for e0, alpha0, beta0, gamma0, r0 in starts:
         # Start the amplitudes where each term carries half the excess over E at the median run.
         excess = max(float(np.median(y)) - e0, 1e-3) / 2
-        x0 = [
-            e0,
-            math.log(excess) + alpha0 * float(np.median(np.log(n))),
-            alpha0,
-            math.log(excess) + beta0 * float(np.median(np.log(d))),
-            beta0,
-            gamma0,
-        ] + ([] if r0 is None else [math.log(r0)])
+        x0 = (
+            [
+                e0,
+                math.log(excess) + alpha0 * float(np.median(np.log(n))),
+                alpha0,
+                math.log(excess) + beta0 * float(np.median(np.log(d))),
+                beta0,
+                gamma0,
+            ]
+            + ([] if r0 is None else [math.log(r0)])
+            + ([0.0] if depth else [])
+        )
         x0 = [min(max(v, lo + 1e-9), hi - 1e-9) for v, lo, hi in zip(x0, lower, upper)]
-        r = least_squares(lambda x: _vector_predict(x, n, m, d, u) - y, x0, bounds=(lower, upper), method="trf", max_nfev=4000)
+        r = least_squares(lambda x: _vector_predict(x, n, m, d, u, one) - y, x0, bounds=(lower, upper), method="trf", max_nfev=4000)
         if best is None or r.cost < best.cost:
             best = r
     e, log_a, alpha, log_b, beta, gamma = best.x[:6]
@@ -139,6 +174,7 @@ def _fit_arrays(points: list[Point], unique_tokens: float | None = None) -> dict
         "beta": float(beta),
         "gamma": float(gamma),
         "R_star": math.exp(best.x[6]) if repeated else None,
+        "C": float(best.x[-1]) if depth else None,
     }
 
 
@@ -148,7 +184,7 @@ class LossFit:
 
     dataset: str
     quant: str
-    params: dict[str, float | None]  # PARAMS, and R_star (None: no repetition term)
+    params: dict[str, float | None]  # PARAMS, R_star (None: no repetition term) and C (None: no one-layer term)
     runs: list[dict[str, Any]] = field(default_factory=list)  # name, inputs, bpb, predicted, residual, left-out prediction
     rmse: float = 0.0  # in-fit root mean square residual
     loo_mae: float = 0.0  # mean absolute error on runs left out of the fit
@@ -156,8 +192,8 @@ class LossFit:
     unique_tokens: float | None = None  # the dataset's training tokens (None: unknown)
     format: int = FIT_FORMAT
 
-    def predict(self, unique_params: float, effective_params: float, train_tokens: float) -> float:
-        return predict(self.params, unique_params, effective_params, train_tokens, self.unique_tokens)
+    def predict(self, unique_params: float, effective_params: float, train_tokens: float, virtual_layers: int | None = None) -> float:
+        return predict(self.params, unique_params, effective_params, train_tokens, self.unique_tokens, virtual_layers)
 
     def epochs(self, train_tokens: float) -> float | None:
         """Passes over the dataset's training tokens that ``train_tokens`` make (None: unknown)."""
@@ -179,25 +215,27 @@ class LossFit:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "fit") -> LossFit:
-        if not isinstance(d, dict) or d.get("format") not in (1, FIT_FORMAT):
-            raise FitError(f"{where}: not a loopgolf loss fit (format 1 or {FIT_FORMAT})")
+        if not isinstance(d, dict) or d.get("format") not in FORMATS:
+            raise FitError(f"{where}: not a loopgolf loss fit (format {', '.join(map(str, FORMATS))})")
         params = d.get("params")
 
         def number(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not isinstance(params, dict) or set(params) - {"R_star"} != set(PARAMS) or not all(number(params[k]) for k in PARAMS):
-            raise FitError(f"{where}: params must hold finite numbers for {', '.join(PARAMS)} (and R_star, a positive number or null)")
-        r_star, unique = params.get("R_star"), d.get("unique_tokens")
+        if not isinstance(params, dict) or set(params) - set(OPTIONAL) != set(PARAMS) or not all(number(params[k]) for k in PARAMS):
+            raise FitError(f"{where}: params must hold finite numbers for {', '.join(PARAMS)} (and R_star, a positive number or null; C, a number or null)")
+        r_star, c, unique = params.get("R_star"), params.get("C"), d.get("unique_tokens")
         if r_star is not None and not (number(r_star) and r_star > 0):
             raise FitError(f"{where}: R_star must be a positive number or null, got {r_star!r:.40}")
+        if c is not None and not number(c):
+            raise FitError(f"{where}: C must be a finite number or null, got {c!r:.40}")
         if unique is not None and not (number(unique) and unique > 0):
             raise FitError(f"{where}: unique_tokens must be a positive number or null, got {unique!r:.40}")
         try:
             return cls(
                 dataset=str(d["dataset"]),
                 quant=str(d.get("quant", "")),
-                params={**{k: float(params[k]) for k in PARAMS}, "R_star": None if r_star is None else float(r_star)},
+                params={**{k: float(params[k]) for k in PARAMS}, "R_star": None if r_star is None else float(r_star), "C": None if c is None else float(c)},
                 runs=list(d.get("runs", [])),
                 rmse=float(d.get("rmse", 0.0)),
                 loo_mae=float(d["loo_mae"]),
@@ -215,18 +253,20 @@ def fit(points: list[Point], *, dataset: str, quant: str = "", unique_tokens: fl
     (non-positive sizes, non-finite bpb)."""
     if unique_tokens is not None and not (math.isfinite(unique_tokens) and unique_tokens > 0):
         raise FitError(f"unique tokens must be a positive number, got {unique_tokens!r}")
-    need = MIN_RUNS + repeats_data(points, unique_tokens)
+    need = MIN_RUNS + repeats_data(points, unique_tokens) + one_layer_term(points)
     if len(points) < need:
         raise FitError(f"a loss fit needs at least {need} finished runs of the dataset, got {len(points)}")
     for p in points:
         if not (p.unique_params > 0 and p.effective_params >= p.unique_params and p.train_tokens > 0 and math.isfinite(p.bpb) and p.bpb > 0):
             raise FitError(f"run {p.name or '?'}: unusable for a fit (params {p.unique_params}/{p.effective_params}, tokens {p.train_tokens}, bpb {p.bpb})")
+        if p.virtual_layers is not None and not (isinstance(p.virtual_layers, int) and p.virtual_layers >= 1):
+            raise FitError(f"run {p.name or '?'}: virtual layers must be a positive integer, got {p.virtual_layers!r}")
     params = _fit_arrays(points, unique_tokens)
     runs, errors = [], []
     for i, p in enumerate(points):
         others = points[:i] + points[i + 1 :]
-        left_out = predict(_fit_arrays(others, unique_tokens), p.unique_params, p.effective_params, p.train_tokens, unique_tokens)
-        predicted = predict(params, p.unique_params, p.effective_params, p.train_tokens, unique_tokens)
+        left_out = predict(_fit_arrays(others, unique_tokens), p.unique_params, p.effective_params, p.train_tokens, unique_tokens, p.virtual_layers)
+        predicted = predict(params, p.unique_params, p.effective_params, p.train_tokens, unique_tokens, p.virtual_layers)
         errors.append(abs(left_out - p.bpb))
         runs.append(
             {
@@ -234,6 +274,7 @@ def fit(points: list[Point], *, dataset: str, quant: str = "", unique_tokens: fl
                 "unique_params": p.unique_params,
                 "effective_params": p.effective_params,
                 "train_tokens": p.train_tokens,
+                "virtual_layers": p.virtual_layers,
                 "bpb": p.bpb,
                 "predicted": predicted,
                 "residual": p.bpb - predicted,

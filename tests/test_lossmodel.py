@@ -118,7 +118,7 @@ def test_fit_files_of_both_formats_load_and_bad_terms_are_refused():
         {"params": {**TRUE, "R_star": math.nan}},
         {"unique_tokens": "many"},
         {"unique_tokens": True},
-        {"format": 3},
+        {"format": 4},
     ):
         with pytest.raises(FitError):
             LossFit.from_dict({**old, "format": 2, **bad})
@@ -330,3 +330,40 @@ def test_fit_includes_the_runs_of_earlier_fit_files(tmp_path, monkeypatch, capsy
         target = tmp_path / "refused.json"
         assert main(["fit", "--data", "synthetic", "--include", str(earlier), *args, "--out", str(target)]) == 2, args
         assert message in capsys.readouterr().err and not target.exists()
+
+
+def test_fit_recovers_the_one_layer_penalty():
+    """Runs of one and of three virtual layers, the one-layer ones 0.05 bpb worse than the law:
+    the fit finds C, predicts with it only for one-layer models, and without the layer counts
+    (or without both kinds of run) has no such term."""
+    with_c = {**TRUE, "C": 0.05}
+    points = [
+        Point(
+            p.unique_params,
+            p.effective_params,
+            p.train_tokens,
+            predict(with_c, p.unique_params, p.effective_params, p.train_tokens, None, v),
+            p.name + f"-L{v}",
+            v,
+        )
+        for p in synthetic()
+        for v in (1, 3)
+    ]
+    got = fit(points, dataset="synthetic")
+    assert got.params["C"] == pytest.approx(0.05, abs=2e-3) and got.rmse < 1e-3
+    assert got.predict(1e6, 1e6, 3e6, 1) - got.predict(1e6, 1e6, 3e6, 2) == pytest.approx(got.params["C"])
+    assert got.predict(1e6, 1e6, 3e6) == got.predict(1e6, 1e6, 3e6, 4)  # unknown depth: no penalty
+    assert {r["virtual_layers"] for r in got.runs} == {1, 3}
+    back = LossFit.from_dict(json.loads(json.dumps(got.to_dict())))
+    assert back.params["C"] == got.params["C"] and back.predict(1e5, 1e5, 1e6, 1) == got.predict(1e5, 1e5, 1e6, 1)
+    # A run of unknown depth, or only deep runs: no term.
+    assert fit([*points[:-1], Point(1e5, 1e5, 1e6, 2.0, "unknown")], dataset="s").params["C"] is None
+    assert fit([p for p in points if p.virtual_layers == 3], dataset="s").params["C"] is None
+    with pytest.raises(FitError, match="virtual layers must be a positive integer"):
+        fit([*points, Point(1e5, 1e5, 1e6, 2.0, "zero-depth", 0)], dataset="s")
+    # A format 2 file (before the term) loads with no penalty; a damaged C is refused.
+    old = {"format": 2, "dataset": "x", "params": {**TRUE, "R_star": None}, "loo_mae": 0.02}
+    assert LossFit.from_dict(old).params["C"] is None
+    for bad in (math.nan, "big", True):
+        with pytest.raises(FitError, match="C must be"):
+            LossFit.from_dict({**old, "format": 3, "params": {**TRUE, "C": bad}})

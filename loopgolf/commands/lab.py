@@ -160,11 +160,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         data = f"D (no run went past the {result.unique_tokens:,.0f} unique tokens: no repetition term)"
     else:
         data = f"D (unique tokens unknown: {tokens_from}; no repetition term; give --unique-tokens)"
+    if p.get("C") is None:
+        one_layer = "no term (the runs are not both one-layer and deeper models, or a run's layer count is unknown)"
+    else:
+        one_layer = f"+ {p['C']:.4f} bpb (C) for a model of one virtual layer"
     print(
         f"loopgolf fit: {out}\n  dataset {result.dataset}, quant {result.quant or 'int8'}, {len(result.runs)} runs\n"
         f"  val_bpb = {p['E']:.4f} + {p['A']:.4g} / P^{p['alpha']:.3f} + {p['B']:.4g} / D^{p['beta']:.3f},  "
         f"P = N^{1 - p['gamma']:.3f} x M^{p['gamma']:.3f}  (N stored, M effective params)\n"
         f"  tokens: {data}\n"
+        f"  one-layer models: {one_layer}\n"
         f"  in-fit RMSE {result.rmse:.4f}; left-out error: mean {result.loo_mae:.4f}, max {result.loo_max:.4f} bpb"
     )
     for r in sorted(result.runs, key=lambda r: -abs(r["bpb"] - r["left_out_predicted"]))[:5]:
@@ -189,8 +194,9 @@ def _fit(p: argparse.ArgumentParser, store_help: str) -> None:
     from loopgolf.data.default_corpus import DEFAULT_DATA_NAME
 
     p.description = (
-        "Fit val_bpb = E + A / P^alpha + B / D'^beta, P = N^(1-gamma) M^gamma (N stored and M effective parameters, D' the "
-        "training tokens with repeated ones counted for less, as in data-constrained scaling) on the finished runs of one "
+        "Fit val_bpb = E + A / P^alpha + B / D'^beta (+ C for one-layer models), P = N^(1-gamma) M^gamma (N stored and M "
+        "effective parameters, D' the training tokens with repeated ones counted for less, as in data-constrained scaling) "
+        "on the finished runs of one "
         "dataset in the results store (roundtrip bpb, one quantization policy), and save "
         "it as JSON with each run's residual and the error on runs left out of the fit; `loopgolf budget --time S` predicts "
         "with it. Needs scipy (the lab extra)."

@@ -38,7 +38,10 @@ def points(rows: list[RunRow], dataset: str, quant: str = "") -> list[Point]:
             continue
         s = row.summary
         name = f"{row.ledger or '-'}/{row.variant or '-'}/seed{row.seed}" if row.ledger else row.run_dir
-        out.append(Point(float(s["unique_params"]), float(s["effective_params"]), float(s["train_tokens"]), float(s["val_bpb_post"]), name))
+        plan = s.get("plan")
+        layers = plan.get("virtual_layers") if isinstance(plan, dict) else None
+        layers = layers if isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1 else None
+        out.append(Point(float(s["unique_params"]), float(s["effective_params"]), float(s["train_tokens"]), float(s["val_bpb_post"]), name, layers))
     return out
 
 
@@ -57,8 +60,10 @@ def included_points(included: LossFit, dataset: str, quant: str, where: str) -> 
         values = [run.get(k) for k in keys] if isinstance(run, dict) else [None]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise FitError(f"{where}: run {i} must hold finite numbers for {', '.join(keys)}")
-        name = run.get("name")
-        out.append(Point(*(float(v) for v in values), name=str(name) if name else f"{where}#{i}"))
+        name, layers = run.get("name"), run.get("virtual_layers")
+        if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1):
+            raise FitError(f"{where}: run {i}: virtual_layers must be a positive integer or null, got {layers!r:.40}")
+        out.append(Point(*(float(v) for v in values), name=str(name) if name else f"{where}#{i}", virtual_layers=layers))
     return out
 
 
