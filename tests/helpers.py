@@ -258,3 +258,20 @@ def lookback_model(vocab: int, seed: int = 0):
             return self.a[x] + self.b[xp[:, 2 : 2 + t]] + self.c[xp[:, :t]]
 
     return Lookback()
+
+
+# The model fields the Parameter Golf record's architecture options added (each marked
+# ADDED_LATER): what a config written before them lacks.
+RECORD_MODEL_FIELDS = (
+    "ln_scale",
+    "rope_dims",
+    "xsa",
+    "attn_gate",
+    "attn_gate_scale",
+    "gate_window",
+    "skip_gates",
+    "smear_gate",
+    "smear_bos_id",
+    "parallel_from",
+    "parallel_lanes",
+)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import markov_tokens, one_line_error, tiny_config
+from helpers import RECORD_MODEL_FIELDS, markov_tokens, one_line_error, tiny_config
 
 from loopgolf.cli import main
 from loopgolf.config import MUON_NS_SCHEDULES, OptimizerConfig, RunConfig, TrainConfig, get_preset
@@ -425,19 +425,7 @@ def old_cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.
     new_optim = ("muon_ns", "muon_weight_decay", "muon_row_normalize", "embed_weight_decay", "adam_weight_decay")
     train["optim"] = {k: v for k, v in train["optim"].items() if k not in new_optim}
     shape = {k: train[k] for k in ("seq_len", "batch_tokens", "micro_batch_tokens", "optim", "grad_clip", "recurrence_stages", "compile")}
-    new_model = (
-        "ln_scale",
-        "rope_dims",
-        "xsa",
-        "attn_gate",
-        "attn_gate_scale",
-        "gate_window",
-        "skip_gates",
-        "smear_gate",
-        "smear_bos_id",
-        "parallel_from",
-        "parallel_lanes",
-    )
+    new_model = RECORD_MODEL_FIELDS
     blob = {
         "format": steptime.STEPTIME_FORMAT,
         "model": {k: v for k, v in model_cfg.to_dict().items() if k not in new_model},

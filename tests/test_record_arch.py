@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_model, tiny_config, tiny_model
+from helpers import RECORD_MODEL_FIELDS, random_model, tiny_config, tiny_model
 
 from loopgolf.model.gpt import GPT, ModelConfig, apply_rotary, exclude_own_value, rms_norm, unique_params, unique_params_formula
 from loopgolf.model.plan import PlanSpec
@@ -331,24 +331,7 @@ def test_a_checkpoint_from_before_the_options_still_resumes():
     from loopgolf.train.checkpoint import check_resumable
 
     cfg = tiny_config(plan=CYCLE).to_dict()
-    old = {
-        k: v
-        for k, v in cfg.items()
-        if k
-        not in (
-            "ln_scale",
-            "rope_dims",
-            "xsa",
-            "attn_gate",
-            "attn_gate_scale",
-            "gate_window",
-            "skip_gates",
-            "smear_gate",
-            "smear_bos_id",
-            "parallel_from",
-            "parallel_lanes",
-        )
-    }
+    old = {k: v for k, v in cfg.items() if k not in RECORD_MODEL_FIELDS}
     check_resumable({"config": {"model": old}}, cfg, {})
     with pytest.raises(ValueError, match="xsa"):
         check_resumable({"config": {"model": old}}, {**cfg, "xsa": True}, {})
