@@ -80,8 +80,9 @@ def cpu_name() -> str:
 def device_key(device: torch.device) -> str:
     """What makes one machine's step times another's: the CPU model, the vector instructions
     torch runs on it and the thread count, or the GPU. A virtual machine may name its CPU only
-    by vendor ("AMD EPYC"): two such boxes, one with AVX-512 and one without, measured a 1.8-2.2x
-    apart in step time on the same models, and the instruction set tells them apart."""
+    by vendor ("AMD EPYC"), and two 2-core boxes that both reported "x86_64" here ran the same
+    models 1.8-2.2x apart in step time (the slower one has AVX2 and no AVX-512); the model name
+    and instruction set are what a cache key can see of that."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{cpu_name()}:{torch.backends.cpu.get_cpu_capability()}:{torch.get_num_threads()} threads"
