@@ -58,6 +58,16 @@ OPTIONAL = ("R_star", "C")
 MIN_RUNS = 7  # six parameters, and at least one run left over (one more for each of R_star and C)
 
 
+def finite_number(v: Any) -> bool:
+    """A finite int or float (JSON's true and false are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(v: Any) -> bool:
+    """A layer count: an int of at least 1 (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 class FitError(ValueError):
     """Too few or unusable runs to fit, or a fit file that cannot be read."""
 
@@ -219,17 +229,14 @@ class LossFit:
             raise FitError(f"{where}: not a loopgolf loss fit (format {', '.join(map(str, FORMATS))})")
         params = d.get("params")
 
-        def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not isinstance(params, dict) or set(params) - set(OPTIONAL) != set(PARAMS) or not all(number(params[k]) for k in PARAMS):
+        if not isinstance(params, dict) or set(params) - set(OPTIONAL) != set(PARAMS) or not all(finite_number(params[k]) for k in PARAMS):
             raise FitError(f"{where}: params must hold finite numbers for {', '.join(PARAMS)} (and R_star, a positive number or null; C, a number or null)")
         r_star, c, unique = params.get("R_star"), params.get("C"), d.get("unique_tokens")
-        if r_star is not None and not (number(r_star) and r_star > 0):
+        if r_star is not None and not (finite_number(r_star) and r_star > 0):
             raise FitError(f"{where}: R_star must be a positive number or null, got {r_star!r:.40}")
-        if c is not None and not number(c):
+        if c is not None and not finite_number(c):
             raise FitError(f"{where}: C must be a finite number or null, got {c!r:.40}")
-        if unique is not None and not (number(unique) and unique > 0):
+        if unique is not None and not (finite_number(unique) and unique > 0):
             raise FitError(f"{where}: unique_tokens must be a positive number or null, got {unique!r:.40}")
         try:
             return cls(
@@ -259,7 +266,7 @@ def fit(points: list[Point], *, dataset: str, quant: str = "", unique_tokens: fl
     for p in points:
         if not (p.unique_params > 0 and p.effective_params >= p.unique_params and p.train_tokens > 0 and math.isfinite(p.bpb) and p.bpb > 0):
             raise FitError(f"run {p.name or '?'}: unusable for a fit (params {p.unique_params}/{p.effective_params}, tokens {p.train_tokens}, bpb {p.bpb})")
-        if p.virtual_layers is not None and not (isinstance(p.virtual_layers, int) and p.virtual_layers >= 1):
+        if p.virtual_layers is not None and not positive_int(p.virtual_layers):
             raise FitError(f"run {p.name or '?'}: virtual layers must be a positive integer, got {p.virtual_layers!r}")
     params = _fit_arrays(points, unique_tokens)
     runs, errors = [], []

@@ -12,11 +12,10 @@ that made it is gone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from loopgolf.lab.store import RunRow
-from loopgolf.lossmodel import MIN_RUNS, FitError, LossFit, Point, fit
+from loopgolf.lossmodel import MIN_RUNS, FitError, LossFit, Point, finite_number, fit, positive_int
 
 
 def datasets(rows: list[RunRow]) -> dict[str, int]:
@@ -40,7 +39,7 @@ def points(rows: list[RunRow], dataset: str, quant: str = "") -> list[Point]:
         name = f"{row.ledger or '-'}/{row.variant or '-'}/seed{row.seed}" if row.ledger else row.run_dir
         plan = s.get("plan")
         layers = plan.get("virtual_layers") if isinstance(plan, dict) else None
-        layers = layers if isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1 else None
+        layers = layers if positive_int(layers) else None
         out.append(Point(float(s["unique_params"]), float(s["effective_params"]), float(s["train_tokens"]), float(s["val_bpb_post"]), name, layers))
     return out
 
@@ -58,10 +57,10 @@ def included_points(included: LossFit, dataset: str, quant: str, where: str) -> 
     for i, run in enumerate(included.runs):
         keys = ("unique_params", "effective_params", "train_tokens", "bpb")
         values = [run.get(k) for k in keys] if isinstance(run, dict) else [None]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        if not all(finite_number(v) for v in values):
             raise FitError(f"{where}: run {i} must hold finite numbers for {', '.join(keys)}")
         name, layers = run.get("name"), run.get("virtual_layers")
-        if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1):
+        if layers is not None and not positive_int(layers):
             raise FitError(f"{where}: run {i}: virtual_layers must be a positive integer or null, got {layers!r:.40}")
         out.append(Point(*(float(v) for v in values), name=str(name) if name else f"{where}#{i}", virtual_layers=layers))
     return out
